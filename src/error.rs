@@ -1,0 +1,73 @@
+//! The library's one error type. Every variant that stems from user input names the file or
+//! argument and says what to do, so the binary can print it on one line and exit with code 2.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or folder that is missing, unreadable or corrupt.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    /// A config value this implementation does not support; never silently ignored.
+    #[error("{}: unsupported config `{key}` = {value}: {hint}", file.display())]
+    UnsupportedConfig {
+        file: PathBuf,
+        key: String,
+        value: String,
+        hint: String,
+    },
+
+    /// A tensor missing from a checkpoint, or of the wrong shape.
+    #[error("{}: tensor `{name}` {problem}", file.display())]
+    Weight {
+        file: PathBuf,
+        name: String,
+        problem: String,
+    },
+
+    /// A bad argument or input value (shapes, empty prompt lists, ...).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// An internal tensor error: a bug, not bad input.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn unsupported(
+        file: impl AsRef<Path>,
+        key: &str,
+        value: impl std::fmt::Display,
+        hint: &str,
+    ) -> Self {
+        Error::UnsupportedConfig {
+            file: file.as_ref().to_path_buf(),
+            key: key.to_string(),
+            value: value.to_string(),
+            hint: hint.to_string(),
+        }
+    }
+
+    /// True when the error was caused by the user's input (exit code 2), not by a bug.
+    pub fn is_user_error(&self) -> bool {
+        !matches!(self, Error::Candle(_))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Reads and parses a JSON file, naming the file in any error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}

@@ -1,0 +1,17 @@
+//! reneg: learn, apply and evaluate negative embeddings for Stable Diffusion under the
+//! guidance of human-preference reward models (Li et al., "ReNeg", arXiv 2412.19637).
+//!
+//! Layout: [`tokenizer`] and [`models`] mirror transformers/diffusers module for module;
+//! [`nn`] holds the differentiable building blocks (no fused ops without a backward);
+//! [`scheduler`] is DDIM; [`pipeline`] ties them into guided sampling and the gradient step.
+
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod pipeline;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use pipeline::StableDiffusion;

@@ -1,0 +1,220 @@
+//! CLIP text encoder, mirroring transformers' `CLIPTextModel` (transformers 5.23):
+//! token + position embeddings, pre-LN transformer with a causal mask, final layer norm.
+//! Returns `last_hidden_state`, the tensor Stable Diffusion conditions on.
+
+use crate::error::{read_json, Result};
+use crate::nn::{attention, Activation, LayerNorm, Linear};
+use crate::weights::Vb;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The keys of transformers' `CLIPTextConfig` that shape the computation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "default_hidden")]
+    pub hidden_size: usize,
+    #[serde(default = "default_intermediate")]
+    pub intermediate_size: usize,
+    #[serde(default = "default_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(default = "default_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_vocab() -> usize {
+    49408
+}
+fn default_hidden() -> usize {
+    512
+}
+fn default_intermediate() -> usize {
+    2048
+}
+fn default_layers() -> usize {
+    12
+}
+fn default_heads() -> usize {
+    8
+}
+fn default_positions() -> usize {
+    77
+}
+fn default_act() -> Activation {
+    Activation::QuickGelu
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipTextConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg: Self = read_json(path)?;
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(crate::Error::unsupported(
+                path,
+                "num_attention_heads",
+                cfg.num_attention_heads,
+                &format!("must divide hidden_size = {}", cfg.hidden_size),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(cfg: &ClipTextConfig, vb: &Vb) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let attn = vb.pp("self_attn");
+        Ok(Self {
+            layer_norm1: LayerNorm::new(h, cfg.layer_norm_eps, &vb.pp("layer_norm1"))?,
+            q_proj: Linear::new(h, h, true, &attn.pp("q_proj"))?,
+            k_proj: Linear::new(h, h, true, &attn.pp("k_proj"))?,
+            v_proj: Linear::new(h, h, true, &attn.pp("v_proj"))?,
+            out_proj: Linear::new(h, h, true, &attn.pp("out_proj"))?,
+            layer_norm2: LayerNorm::new(h, cfg.layer_norm_eps, &vb.pp("layer_norm2"))?,
+            fc1: Linear::new(h, i, true, &vb.pp("mlp").pp("fc1"))?,
+            fc2: Linear::new(i, h, true, &vb.pp("mlp").pp("fc2"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        heads: usize,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.layer_norm1.forward(xs)?;
+        let a = attention(
+            &self.q_proj.forward(&h)?,
+            &self.k_proj.forward(&h)?,
+            &self.v_proj.forward(&h)?,
+            heads,
+            Some(mask),
+            false,
+        )?;
+        let xs = (xs + self.out_proj.forward(&a)?)?;
+        let h = self.layer_norm2.forward(&xs)?;
+        let h = self.fc2.forward(&act.forward(&self.fc1.forward(&h)?)?)?;
+        xs + h
+    }
+}
+
+/// transformers' `CLIPTextModel`.
+pub struct ClipTextModel {
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: LayerNorm,
+    cfg: ClipTextConfig,
+}
+
+impl ClipTextModel {
+    /// `vb` points at the root of the state dict: keys `text_model.*` as transformers 4 wrote
+    /// them (every SD checkpoint on the hub), or without that prefix as transformers 5 writes.
+    pub fn new(cfg: ClipTextConfig, vb: &Vb) -> Result<Self> {
+        let tm = if vb.contains("embeddings.token_embedding.weight")
+            && !vb.contains("text_model.embeddings.token_embedding.weight")
+        {
+            vb.clone()
+        } else {
+            vb.pp("text_model")
+        };
+        let emb = tm.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| EncoderLayer::new(&cfg, &tm.pp("encoder").pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: emb
+                .pp("token_embedding")
+                .get(&[cfg.vocab_size, cfg.hidden_size], "weight")?,
+            position_embedding: emb
+                .pp("position_embedding")
+                .get(&[cfg.max_position_embeddings, cfg.hidden_size], "weight")?,
+            layers,
+            final_layer_norm: LayerNorm::new(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                &tm.pp("final_layer_norm"),
+            )?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &ClipTextConfig {
+        &self.cfg
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// # Shapes
+    /// `input_ids`: `[b, n]` (u32 or i64) -> `last_hidden_state`: `[b, n, hidden]`
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, n) = input_ids.dims2()?;
+        if n > self.cfg.max_position_embeddings {
+            return Err(crate::Error::Invalid(format!(
+                "text encoder input has {n} tokens, more than max_position_embeddings = {}",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let max_id = ids.max(0)?.to_scalar::<u32>()? as usize;
+        if max_id >= self.cfg.vocab_size {
+            return Err(crate::Error::Invalid(format!(
+                "token id {max_id} is outside the text encoder's vocab_size = {}: tokenizer and text encoder do not match",
+                self.cfg.vocab_size
+            )));
+        }
+        let tok =
+            self.token_embedding
+                .index_select(&ids, 0)?
+                .reshape((b, n, self.cfg.hidden_size))?;
+        let pos = self.position_embedding.narrow(0, 0, n)?;
+        let mut xs = tok.broadcast_add(&pos)?;
+        let mask = causal_mask(n, xs.dtype(), xs.device())?;
+        for layer in &self.layers {
+            xs = layer.forward(
+                &xs,
+                &mask,
+                self.cfg.num_attention_heads,
+                self.cfg.hidden_act,
+            )?;
+        }
+        Ok(self.final_layer_norm.forward(&xs)?)
+    }
+}
+
+/// `[n, n]` additive mask: 0 on and below the diagonal, the dtype's lowest value above.
+fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let neg = match dtype {
+        DType::F16 => f32::from(half::f16::MIN),
+        DType::BF16 => f32::from(half::bf16::MIN),
+        _ => f32::MIN,
+    };
+    let data: Vec<f32> = (0..n)
+        .flat_map(|i| (0..n).map(move |j| if j > i { neg } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (n, n), device)?.to_dtype(dtype)
+}

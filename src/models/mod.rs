@@ -1,0 +1,9 @@
+//! The networks of a Stable Diffusion pipeline, one architecture per file, each loaded from
+//! the owner's config.json and state-dict key names.
+
+pub mod clip_text;
+pub mod config;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod vae;

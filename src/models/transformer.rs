@@ -1,0 +1,199 @@
+//! diffusers' `Transformer2DModel` as Stable Diffusion 1.x/2.x use it (continuous input,
+//! `BasicTransformerBlock` with self-attention, cross-attention and a GEGLU feed-forward).
+
+use crate::error::Result;
+use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::weights::Vb;
+use candle_core::Tensor;
+
+/// diffusers' `Attention` with separate to_q/to_k/to_v (no bias) and to_out.0 (bias).
+pub struct CrossAttention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    upcast: bool,
+}
+
+impl CrossAttention {
+    pub fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+        vb: &Vb,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::new(query_dim, inner, false, &vb.pp("to_q"))?,
+            to_k: Linear::new(context_dim, inner, false, &vb.pp("to_k"))?,
+            to_v: Linear::new(context_dim, inner, false, &vb.pp("to_v"))?,
+            to_out: Linear::new(inner, query_dim, true, &vb.pp("to_out").pp(0))?,
+            heads,
+            upcast,
+        })
+    }
+
+    /// # Shapes
+    /// `xs`: `[b, n, query_dim]`, `context`: `[b, m, context_dim]` (None: self-attention)
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let ctx = context.unwrap_or(xs);
+        let out = attention(
+            &self.to_q.forward(xs)?,
+            &self.to_k.forward(ctx)?,
+            &self.to_v.forward(ctx)?,
+            self.heads,
+            None,
+            self.upcast,
+        )?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// Shape parameters of one `Transformer2DModel`.
+pub struct TransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    pub groups: usize,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+}
+
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: CrossAttention,
+    norm2: LayerNorm,
+    attn2: CrossAttention,
+    norm3: LayerNorm,
+    ff_proj: Linear,
+    ff_out: Linear,
+}
+
+impl BasicTransformerBlock {
+    fn new(cfg: &TransformerConfig, vb: &Vb) -> Result<Self> {
+        let dim = cfg.heads * cfg.head_dim;
+        let ff_inner = 4 * dim;
+        Ok(Self {
+            norm1: LayerNorm::new(dim, 1e-5, &vb.pp("norm1"))?,
+            attn1: CrossAttention::new(
+                dim,
+                dim,
+                cfg.heads,
+                cfg.head_dim,
+                cfg.upcast_attention,
+                &vb.pp("attn1"),
+            )?,
+            norm2: LayerNorm::new(dim, 1e-5, &vb.pp("norm2"))?,
+            attn2: CrossAttention::new(
+                dim,
+                cfg.cross_attention_dim,
+                cfg.heads,
+                cfg.head_dim,
+                cfg.upcast_attention,
+                &vb.pp("attn2"),
+            )?,
+            norm3: LayerNorm::new(dim, 1e-5, &vb.pp("norm3"))?,
+            ff_proj: Linear::new(dim, 2 * ff_inner, true, &vb.pp("ff.net.0.proj"))?,
+            ff_out: Linear::new(ff_inner, dim, true, &vb.pp("ff.net.2"))?,
+        })
+    }
+
+    /// # Shapes
+    /// `xs`: `[b, n, dim]`, `context`: `[b, m, cross_attention_dim]` -> `[b, n, dim]`
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self
+            .attn2
+            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            + &xs)?;
+        // GEGLU: the projection's first half is the value, the second half its gate.
+        let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
+        let half = h.dim(candle_core::D::Minus1)? / 2;
+        let value = h.narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
+        let h = (value * gate.gelu_erf()?)?;
+        self.ff_out.forward(&h)? + xs
+    }
+}
+
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+impl Projection {
+    fn new(linear: bool, i: usize, o: usize, vb: &Vb) -> Result<Self> {
+        Ok(if linear {
+            Projection::Linear(Linear::new(i, o, true, vb)?)
+        } else {
+            Projection::Conv(Conv2d::new(i, o, 1, 1, 0, vb)?)
+        })
+    }
+}
+
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    pub fn new(cfg: &TransformerConfig, vb: &Vb) -> Result<Self> {
+        let inner = cfg.heads * cfg.head_dim;
+        let blocks = (0..cfg.layers)
+            .map(|i| BasicTransformerBlock::new(cfg, &vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: GroupNorm::new(cfg.groups, cfg.channels, 1e-6, &vb.pp("norm"))?,
+            proj_in: Projection::new(
+                cfg.use_linear_projection,
+                cfg.channels,
+                inner,
+                &vb.pp("proj_in"),
+            )?,
+            blocks,
+            proj_out: Projection::new(
+                cfg.use_linear_projection,
+                inner,
+                cfg.channels,
+                &vb.pp("proj_out"),
+            )?,
+        })
+    }
+
+    /// # Shapes
+    /// `xs`: `[b, c, h, w]`, `context`: `[b, m, cross_attention_dim]` -> `[b, c, h, w]`
+    pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.norm.forward(xs)?;
+        let to_tokens = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let ch = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_image = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let ch = t.dim(2)?;
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
+            Projection::Linear(lin) => to_image(&lin.forward(&tokens)?)?,
+        };
+        debug_assert_eq!(out.dim(1)?, c);
+        out + xs
+    }
+}

@@ -1,0 +1,620 @@
+//! diffusers' `UNet2DConditionModel` (diffusers 0.42.1) for the Stable Diffusion 1.x / 2.x
+//! block types, built from its config.json. Unsupported config values are rejected by name.
+
+use crate::error::{Error, Result};
+use crate::models::config::{load_with_raw, require_defaults, IntOrList};
+use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::models::transformer::{Transformer2DModel, TransformerConfig};
+use crate::nn::{upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use crate::weights::Vb;
+use candle_core::{DType, Tensor};
+use serde::Deserialize;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d_four")]
+    pub in_channels: usize,
+    #[serde(default = "d_four")]
+    pub out_channels: usize,
+    #[serde(default = "d_down")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_up")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: IntOrList,
+    #[serde(default = "d_one")]
+    pub transformer_layers_per_block: IntOrList,
+    #[serde(default = "d_cross")]
+    pub cross_attention_dim: IntOrList,
+    #[serde(default = "d_head")]
+    pub attention_head_dim: IntOrList,
+    #[serde(default)]
+    pub num_attention_heads: Option<IntOrList>,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_one_usize")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_scale")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default)]
+    pub sample_size: Option<usize>,
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+fn d_four() -> usize {
+    4
+}
+fn d_down() -> Vec<String> {
+    [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_up() -> Vec<String> {
+    [
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+fn d_channels() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> IntOrList {
+    IntOrList::Int(2)
+}
+fn d_one() -> IntOrList {
+    IntOrList::Int(1)
+}
+fn d_cross() -> IntOrList {
+    IntOrList::Int(1280)
+}
+fn d_head() -> IntOrList {
+    IntOrList::Int(8)
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_one_usize() -> usize {
+    1
+}
+fn d_scale() -> f64 {
+    1.0
+}
+fn d_true() -> bool {
+    true
+}
+
+/// The per-level settings resolved from the config, in down-block order.
+#[derive(Debug, Clone)]
+struct Levels {
+    layers: Vec<usize>,
+    transformer_layers: Vec<usize>,
+    cross_dim: Vec<usize>,
+    heads: Vec<usize>,
+    cross_attn: Vec<bool>,
+    groups: usize,
+}
+
+impl UNetConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let (mut cfg, raw): (Self, _) = load_with_raw(path)?;
+        cfg.file = path.to_path_buf();
+        require_defaults(
+            &raw,
+            path,
+            &[
+                ("act_fn", json!("silu")),
+                ("center_input_sample", json!(false)),
+                ("class_embed_type", json!(null)),
+                ("addition_embed_type", json!(null)),
+                ("addition_time_embed_dim", json!(null)),
+                ("encoder_hid_dim", json!(null)),
+                ("encoder_hid_dim_type", json!(null)),
+                ("time_cond_proj_dim", json!(null)),
+                ("time_embedding_type", json!("positional")),
+                ("time_embedding_dim", json!(null)),
+                ("time_embedding_act_fn", json!(null)),
+                ("timestep_post_act", json!(null)),
+                ("num_class_embeds", json!(null)),
+                ("projection_class_embeddings_input_dim", json!(null)),
+                ("class_embeddings_concat", json!(false)),
+                ("only_cross_attention", json!(false)),
+                ("dual_cross_attention", json!(false)),
+                ("resnet_time_scale_shift", json!("default")),
+                ("resnet_skip_time_act", json!(false)),
+                ("resnet_out_scale_factor", json!(1.0)),
+                ("conv_in_kernel", json!(3)),
+                ("conv_out_kernel", json!(3)),
+                ("mid_block_type", json!("UNetMidBlock2DCrossAttn")),
+                ("mid_block_only_cross_attention", json!(null)),
+                ("cross_attention_norm", json!(null)),
+                ("attention_type", json!("default")),
+                ("reverse_transformer_layers_per_block", json!(null)),
+            ],
+        )?;
+        if let Some(n) = &cfg.num_attention_heads {
+            // diffusers itself refuses this key for UNet2DConditionModel (naming issue).
+            return Err(Error::unsupported(
+                path,
+                "num_attention_heads",
+                format!("{n:?}"),
+                "UNet2DConditionModel takes the head count from attention_head_dim; remove the key",
+            ));
+        }
+        cfg.levels()?;
+        Ok(cfg)
+    }
+
+    fn levels(&self) -> Result<Levels> {
+        let f = &self.file;
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(Error::unsupported(
+                f,
+                "block_out_channels",
+                "[]",
+                "needs at least one level",
+            ));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
+            return Err(Error::unsupported(
+                f,
+                "down_block_types",
+                format!("{:?}", self.down_block_types),
+                "down_block_types, up_block_types and block_out_channels must have the same length",
+            ));
+        }
+        let mut cross_attn = Vec::with_capacity(n);
+        for t in &self.down_block_types {
+            cross_attn.push(match t.as_str() {
+                "CrossAttnDownBlock2D" => true,
+                "DownBlock2D" => false,
+                other => {
+                    return Err(Error::unsupported(
+                        f,
+                        "down_block_types",
+                        other,
+                        "supported: CrossAttnDownBlock2D, DownBlock2D",
+                    ))
+                }
+            });
+        }
+        for t in &self.up_block_types {
+            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+                return Err(Error::unsupported(
+                    f,
+                    "up_block_types",
+                    t,
+                    "supported: CrossAttnUpBlock2D, UpBlock2D",
+                ));
+            }
+        }
+        let groups = self.norm_num_groups.ok_or_else(|| {
+            Error::unsupported(f, "norm_num_groups", "null", "group norm is required")
+        })?;
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            if c % groups != 0 {
+                return Err(Error::unsupported(
+                    f,
+                    "norm_num_groups",
+                    groups,
+                    &format!("block_out_channels[{i}] = {c} is not divisible by it"),
+                ));
+            }
+        }
+        let heads = self
+            .attention_head_dim
+            .per_level(n, "attention_head_dim", f)?;
+        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
+            if h == 0 || c % h != 0 {
+                return Err(Error::unsupported(
+                    f,
+                    "attention_head_dim",
+                    h,
+                    &format!(
+                        "as the number of heads (diffusers' legacy meaning) it must divide block_out_channels[{i}] = {c}"
+                    ),
+                ));
+            }
+        }
+        Ok(Levels {
+            layers: self.layers_per_block.per_level(n, "layers_per_block", f)?,
+            transformer_layers: self.transformer_layers_per_block.per_level(
+                n,
+                "transformer_layers_per_block",
+                f,
+            )?,
+            cross_dim: self
+                .cross_attention_dim
+                .per_level(n, "cross_attention_dim", f)?,
+            heads,
+            cross_attn,
+            groups,
+        })
+    }
+
+    /// The width of the text embeddings the UNet attends to (the last level's, as diffusers).
+    pub fn context_dim(&self) -> usize {
+        let n = self.block_out_channels.len();
+        self.cross_attention_dim
+            .per_level(n, "cross_attention_dim", &self.file)
+            .map(|v| v[n - 1])
+            .unwrap_or(0)
+    }
+
+    /// Number of 2x downsamplings between the latents and the UNet's bottleneck.
+    pub fn downsamplings(&self) -> usize {
+        self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+/// One level of the UNet: resnets, optional cross-attention transformers, optional resampler
+/// (diffusers' CrossAttnDownBlock2D / DownBlock2D, or CrossAttnUpBlock2D / UpBlock2D).
+pub struct UNetBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    sampler: Option<Conv2d>,
+}
+
+impl UNetBlock {
+    fn layer(
+        &self,
+        j: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let xs = self.resnets[j].forward(xs, Some(temb))?;
+        match self.attentions.get(j) {
+            Some(attn) => attn.forward(&xs, ctx),
+            None => Ok(xs),
+        }
+    }
+
+    /// A down block: returns the output and the skip connections it adds, in order.
+    ///
+    /// # Shapes
+    /// `xs`: `[b, in, h, w]`, `temb`: `[b, 4 * c0]`, `ctx`: `[b, m, cross_dim]`
+    /// -> `[b, out, h / 2, w / 2]` (or `h, w` for the last level)
+    pub fn forward_down(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut skips = vec![];
+        for j in 0..self.resnets.len() {
+            xs = self.layer(j, &xs, temb, ctx)?;
+            skips.push(xs.clone());
+        }
+        if let Some(ds) = &self.sampler {
+            xs = ds.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok((xs, skips))
+    }
+
+    /// An up block: consumes one skip connection per resnet from the end of `skips`.
+    ///
+    /// # Shapes
+    /// `xs`: `[b, prev, h, w]` -> `[b, out, 2h, 2w]` (or `h, w` for the last level)
+    pub fn forward_up(
+        &self,
+        xs: &Tensor,
+        skips: &mut Vec<Tensor>,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for j in 0..self.resnets.len() {
+            let skip = skips.pop().ok_or_else(|| {
+                candle_core::Error::Msg("up block ran out of skip connections".into())
+            })?;
+            xs = Tensor::cat(&[&xs, &skip], 1)?;
+            xs = self.layer(j, &xs, temb, ctx)?;
+        }
+        if let Some(us) = &self.sampler {
+            xs = us.forward(&upsample_nearest_2x(&xs)?)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet.
+pub struct UNetMidBlock {
+    resnets: [ResnetBlock2D; 2],
+    attention: Transformer2DModel,
+}
+
+impl UNetMidBlock {
+    /// # Shapes
+    /// `xs`: `[b, c, h, w]` -> same
+    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.resnets[0].forward(xs, Some(temb))?;
+        let xs = self.attention.forward(&xs, ctx)?;
+        self.resnets[1].forward(&xs, Some(temb))
+    }
+}
+
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_linear_1: Linear,
+    time_linear_2: Linear,
+    down: Vec<UNetBlock>,
+    mid: UNetMidBlock,
+    up: Vec<UNetBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    cfg: UNetConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(cfg: UNetConfig, vb: &Vb) -> Result<Self> {
+        let lv = cfg.levels()?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb_dim = ch[0] * 4;
+        let resnet = |i: usize, o: usize, scale: f64| ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: Some(temb_dim),
+            groups: lv.groups,
+            eps: cfg.norm_eps,
+            output_scale_factor: scale,
+        };
+        let transformer = |c: usize, level: usize| TransformerConfig {
+            channels: c,
+            heads: lv.heads[level],
+            head_dim: c / lv.heads[level],
+            layers: lv.transformer_layers[level],
+            cross_attention_dim: lv.cross_dim[level],
+            groups: lv.groups,
+            use_linear_projection: cfg.use_linear_projection,
+            upcast_attention: cfg.upcast_attention,
+        };
+
+        let mut down = Vec::with_capacity(n);
+        let mut out_c = ch[0];
+        for i in 0..n {
+            let in_c = out_c;
+            out_c = ch[i];
+            let vbb = vb.pp("down_blocks").pp(i);
+            let mut resnets = vec![];
+            let mut attentions = vec![];
+            for j in 0..lv.layers[i] {
+                let rin = if j == 0 { in_c } else { out_c };
+                resnets.push(ResnetBlock2D::new(
+                    &resnet(rin, out_c, 1.0),
+                    &vbb.pp("resnets").pp(j),
+                )?);
+                if lv.cross_attn[i] {
+                    attentions.push(Transformer2DModel::new(
+                        &transformer(out_c, i),
+                        &vbb.pp("attentions").pp(j),
+                    )?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                let p = cfg.downsample_padding;
+                Some(Conv2d::new(
+                    out_c,
+                    out_c,
+                    3,
+                    2,
+                    p,
+                    &vbb.pp("downsamplers.0.conv"),
+                )?)
+            } else {
+                None
+            };
+            down.push(UNetBlock {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        let mid = vb.pp("mid_block");
+        let c = ch[n - 1];
+        let s = cfg.mid_block_scale_factor;
+        let mid = UNetMidBlock {
+            resnets: [
+                ResnetBlock2D::new(&resnet(c, c, s), &mid.pp("resnets.0"))?,
+                ResnetBlock2D::new(&resnet(c, c, s), &mid.pp("resnets.1"))?,
+            ],
+            attention: Transformer2DModel::new(&transformer(c, n - 1), &mid.pp("attentions.0"))?,
+        };
+
+        let mut up = Vec::with_capacity(n);
+        let mut out_c = ch[n - 1];
+        for i in 0..n {
+            let level = n - 1 - i;
+            let prev_c = out_c;
+            out_c = ch[level];
+            let skip_in_c = ch[level.saturating_sub(1)];
+            let is_cross = match cfg.up_block_types[i].as_str() {
+                "CrossAttnUpBlock2D" => true,
+                _ => false,
+            };
+            let vbb = vb.pp("up_blocks").pp(i);
+            let layers = lv.layers[level] + 1;
+            let mut resnets = vec![];
+            let mut attentions = vec![];
+            for j in 0..layers {
+                let skip = if j == layers - 1 { skip_in_c } else { out_c };
+                let rin = if j == 0 { prev_c } else { out_c };
+                resnets.push(ResnetBlock2D::new(
+                    &resnet(rin + skip, out_c, 1.0),
+                    &vbb.pp("resnets").pp(j),
+                )?);
+                if is_cross {
+                    attentions.push(Transformer2DModel::new(
+                        &transformer(out_c, level),
+                        &vbb.pp("attentions").pp(j),
+                    )?);
+                }
+            }
+            let sampler = if i + 1 < n {
+                Some(Conv2d::new(
+                    out_c,
+                    out_c,
+                    3,
+                    1,
+                    1,
+                    &vbb.pp("upsamplers.0.conv"),
+                )?)
+            } else {
+                None
+            };
+            up.push(UNetBlock {
+                resnets,
+                attentions,
+                sampler,
+            });
+        }
+
+        Ok(Self {
+            conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, &vb.pp("conv_in"))?,
+            time_linear_1: Linear::new(ch[0], temb_dim, true, &vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: Linear::new(
+                temb_dim,
+                temb_dim,
+                true,
+                &vb.pp("time_embedding.linear_2"),
+            )?,
+            down,
+            mid,
+            up,
+            conv_norm_out: GroupNorm::new(lv.groups, ch[0], cfg.norm_eps, &vb.pp("conv_norm_out"))?,
+            conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &vb.pp("conv_out"))?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    pub fn down_blocks(&self) -> &[UNetBlock] {
+        &self.down
+    }
+
+    pub fn mid_block(&self) -> &UNetMidBlock {
+        &self.mid
+    }
+
+    pub fn up_blocks(&self) -> &[UNetBlock] {
+        &self.up
+    }
+
+    /// The time embedding (sinusoidal features through `time_embedding`): `[b, 4 * c0]`.
+    pub fn time_embedding(
+        &self,
+        timestep: f64,
+        batch: usize,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.time_features(timestep, batch, dtype, dev)?;
+        self.time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+    }
+
+    /// Sinusoidal timestep features (diffusers' `Timesteps`), `[b]` -> `[b, dim]`.
+    fn time_features(
+        &self,
+        timestep: f64,
+        batch: usize,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let dim = self.cfg.block_out_channels[0];
+        let half = dim / 2;
+        let shift = self.cfg.freq_shift;
+        // diffusers computes the frequencies in f32; mirror that for parity.
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| {
+                let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
+                exponent.exp()
+            })
+            .collect();
+        let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
+        let sin: Vec<f32> = args.iter().map(|a| a.sin()).collect();
+        let cos: Vec<f32> = args.iter().map(|a| a.cos()).collect();
+        let mut row = if self.cfg.flip_sin_to_cos {
+            [cos, sin].concat()
+        } else {
+            [sin, cos].concat()
+        };
+        if dim % 2 == 1 {
+            row.push(0.0);
+        }
+        Tensor::from_vec(row, (1, dim), dev)?
+            .to_dtype(dtype)?
+            .broadcast_as((batch, dim))?
+            .contiguous()
+    }
+
+    /// One noise (or v) prediction.
+    ///
+    /// # Shapes
+    /// `sample`: `[b, in_channels, h, w]` with h, w divisible by 2^(levels-1);
+    /// `context`: `[b, 77, cross_attention_dim]` -> `[b, out_channels, h, w]`
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = sample.dims4()?;
+        let factor = 1usize << self.cfg.downsamplings();
+        if h % factor != 0 || w % factor != 0 {
+            return Err(Error::Invalid(format!(
+                "latent size {h}x{w} must be divisible by {factor} for this UNet; choose a height and width divisible by {}",
+                factor * 8
+            )));
+        }
+        if context.dim(0)? != b {
+            return Err(Error::Invalid(format!(
+                "UNet got {b} latents but {} text embeddings",
+                context.dim(0)?
+            )));
+        }
+        let temb = self.time_embedding(timestep, b, sample.dtype(), sample.device())?;
+        let mut xs = self.conv_in.forward(sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            let (out, s) = block.forward_down(&xs, &temb, context)?;
+            xs = out;
+            skips.extend(s);
+        }
+        xs = self.mid.forward(&xs, &temb, context)?;
+        for block in &self.up {
+            xs = block.forward_up(&xs, &mut skips, &temb, context)?;
+        }
+        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        Ok(self.conv_out.forward(&xs)?)
+    }
+}

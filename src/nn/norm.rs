@@ -1,0 +1,95 @@
+//! Layer norm and group norm written from basic ops (candle's fused layer norm has no backward
+//! and yields a wrong gradient without an error). Statistics in f32 for half-precision inputs.
+
+use crate::error::Result;
+use crate::weights::Vb;
+use candle_core::{DType, Tensor, D};
+
+/// Normalises `xs` over its last dimension to zero mean, unit variance (biased, as PyTorch).
+fn normalize_last(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let n = xs.dim(D::Minus1)? as f64;
+    let mean = (xs.sum_keepdim(D::Minus1)? / n)?;
+    let centered = xs.broadcast_sub(&mean)?;
+    let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+    centered.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+fn upcast(xs: &Tensor) -> candle_core::Result<Tensor> {
+    match xs.dtype() {
+        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
+        _ => Ok(xs.clone()),
+    }
+}
+
+/// `torch.nn.LayerNorm(dim)` with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(dim: usize, eps: f64, vb: &Vb) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(&[dim], "weight")?,
+            bias: vb.get(&[dim], "bias")?,
+            eps,
+        })
+    }
+
+    pub fn from_tensors(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
+
+    /// # Shapes
+    /// `[..., dim]` -> `[..., dim]`
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let normed = normalize_last(&upcast(xs)?, self.eps)?.to_dtype(xs.dtype())?;
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `torch.nn.GroupNorm(groups, channels)` with affine weight and bias.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: &Vb) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(crate::error::Error::Invalid(format!(
+                "{}: group norm with {channels} channels cannot use {groups} groups; fix norm_num_groups in config.json",
+                vb.file().display()
+            )));
+        }
+        Ok(Self {
+            weight: vb.get(&[channels], "weight")?,
+            bias: vb.get(&[channels], "bias")?,
+            groups,
+            eps,
+        })
+    }
+
+    /// # Shapes
+    /// `[b, c, ...]` -> same
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = xs.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let grouped = upcast(xs)?.reshape((b, self.groups, ()))?;
+        let normed = normalize_last(&grouped, self.eps)?
+            .to_dtype(xs.dtype())?
+            .reshape(dims.as_slice())?;
+        let mut wshape = vec![1usize; dims.len()];
+        wshape[1] = c;
+        normed
+            .broadcast_mul(&self.weight.reshape(wshape.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(wshape.as_slice())?)
+    }
+}

@@ -1,0 +1,262 @@
+//! A loaded Stable Diffusion 1.x/2.x text-to-image model (diffusers' `StableDiffusionPipeline`
+//! folder layout): prompt encoding, classifier-free guided DDIM sampling, decoding, and the
+//! one guided step through which ReNeg's gradient reaches the negative embedding.
+
+use crate::error::{read_json, Error, Result};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::scheduler::{DdimConfig, DdimScheduler};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{Vb, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+pub struct StableDiffusion {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: DdimScheduler,
+    pub root: PathBuf,
+    dtype: DType,
+    device: Device,
+}
+
+/// Finds a component's weights: the safetensors names diffusers and transformers write.
+fn weights_file(dir: &Path, candidates: &[&str]) -> Result<PathBuf> {
+    candidates
+        .iter()
+        .map(|c| dir.join(c))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::file(
+                dir,
+                format!(
+                    "no weights found (looked for {}); save the pipeline with safe_serialization=True",
+                    candidates.join(", ")
+                ),
+            )
+        })
+}
+
+const DIFFUSERS_WEIGHTS: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+const TRANSFORMERS_WEIGHTS: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
+
+impl StableDiffusion {
+    /// Loads a diffusers pipeline folder (with `model_index.json`).
+    pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::file(root, "model folder not found"));
+        }
+        let index = root.join("model_index.json");
+        if !index.is_file() {
+            return Err(Error::file(
+                root,
+                "not a diffusers pipeline folder (no model_index.json); pass the folder saved by save_pretrained",
+            ));
+        }
+        let _: serde_json::Value = read_json(&index)?;
+
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+
+        let te_dir = root.join("text_encoder");
+        let te_cfg = ClipTextConfig::load(&te_dir.join("config.json"))?;
+        let te_vb = Vb::new(Weights::load(
+            &weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?,
+            dtype,
+            device,
+        )?);
+        let text_encoder = ClipTextModel::new(te_cfg, &te_vb)?;
+
+        let unet_dir = root.join("unet");
+        let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
+        let unet_vb = Vb::new(Weights::load(
+            &weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?,
+            dtype,
+            device,
+        )?);
+        let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
+
+        let vae_dir = root.join("vae");
+        let vae_cfg = VaeConfig::load(&vae_dir.join("config.json"))?;
+        let vae_vb = Vb::new(Weights::load(
+            &weights_file(&vae_dir, DIFFUSERS_WEIGHTS)?,
+            dtype,
+            device,
+        )?);
+        let vae = AutoencoderKL::new(vae_cfg, &vae_vb)?;
+
+        let scheduler = DdimScheduler::new(DdimConfig::load(
+            &root.join("scheduler/scheduler_config.json"),
+        )?);
+
+        Self::from_parts(
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            root,
+            dtype,
+            device,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: DdimScheduler,
+        root: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (te, ctx) = (text_encoder.hidden_size(), unet.config().context_dim());
+        if te != ctx {
+            return Err(Error::file(
+                root,
+                format!(
+                    "text encoder width {te} does not match the UNet's cross_attention_dim {ctx}"
+                ),
+            ));
+        }
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            scheduler,
+            root: root.to_path_buf(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Width of the text embeddings (768 for SD1.x, 1024 for SD2.x).
+    pub fn embed_dim(&self) -> usize {
+        self.text_encoder.hidden_size()
+    }
+
+    /// Pixels per latent along a side.
+    pub fn vae_scale(&self) -> usize {
+        self.vae.config().downscale()
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    /// Token ids, `[1, 77]` u32.
+    pub fn tokenize(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(text);
+        Ok(Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?)
+    }
+
+    /// The text encoder's last hidden state for `text`: `[1, 77, embed_dim]`.
+    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+        self.text_encoder.forward(&self.tokenize(text)?)
+    }
+
+    /// Checks an externally supplied (e.g. learned negative) embedding against this model.
+    pub fn check_embedding(&self, emb: &Tensor) -> Result<()> {
+        let d = self.embed_dim();
+        let n = self.tokenizer.max_len();
+        match emb.dims() {
+            [1, len, width] if *len == n && *width == d => Ok(()),
+            dims => Err(Error::Invalid(format!(
+                "embedding has shape {dims:?} but this model's text encoder needs [1, {n}, {d}]"
+            ))),
+        }
+    }
+
+    /// The guided noise prediction eps = u + g (c - u) (or plain c when g <= 1, as diffusers).
+    /// Both branches run in one batch unless the negative carries a gradient, in which case
+    /// the conditional branch runs without a graph.
+    ///
+    /// # Shapes
+    /// `latents`: `[b, C, h, w]`; `cond`, `uncond`: `[b, 77, D]`
+    pub fn guided_eps(
+        &self,
+        latents: &Tensor,
+        t: usize,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
+        if guidance_scale <= 1.0 {
+            return self.unet.forward(latents, t as f64, cond);
+        }
+        let b = latents.dim(0)?;
+        let (u, c) = if uncond.is_variable() || uncond.track_op() {
+            let c = self
+                .unet
+                .forward(&latents.detach(), t as f64, &cond.detach())?
+                .detach();
+            let u = self.unet.forward(latents, t as f64, uncond)?;
+            (u, c)
+        } else {
+            let x2 = Tensor::cat(&[latents, latents], 0)?;
+            let ctx = Tensor::cat(&[uncond, cond], 0)?;
+            let out = self.unet.forward(&x2, t as f64, &ctx)?;
+            (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
+        };
+        Ok((&u + ((c - &u)? * guidance_scale)?)?)
+    }
+
+    /// Guided DDIM sampling from `latents` (already scaled noise) over the scheduler's
+    /// timesteps. Calls `on_step(i, t)` after each step. Returns the final latents.
+    pub fn sample(
+        &mut self,
+        latents: Tensor,
+        steps: usize,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f64,
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        self.scheduler.set_timesteps(steps)?;
+        let timesteps = self.scheduler.timesteps().to_vec();
+        let mut x = latents;
+        for (i, &t) in timesteps.iter().enumerate() {
+            let eps = self.guided_eps(&x, t, cond, uncond, guidance_scale)?;
+            x = self.scheduler.step(&eps, t, &x)?.prev_sample;
+            on_step(i, t);
+        }
+        Ok(x)
+    }
+
+    /// Decodes latents as sampled (divides by the VAE's scaling_factor) to raw pixels in about
+    /// [-1, 1], not clamped.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&(latents / self.vae.scaling_factor())?)
+    }
+
+    /// ReNeg's differentiable step: from `latents` at timestep `t`, one guided UNet step and
+    /// the scheduler's x0 prediction. The gradient flows to `uncond` only.
+    pub fn predict_x0(
+        &self,
+        latents: &Tensor,
+        t: usize,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f64,
+    ) -> Result<Tensor> {
+        let eps = self.guided_eps(&latents.detach(), t, cond, uncond, guidance_scale)?;
+        self.scheduler
+            .pred_original_sample(&eps, t, &latents.detach())
+    }
+}

@@ -1,0 +1,215 @@
+//! Checkpoint loading: safetensors files in f32, f16 or bf16, converted to the compute dtype,
+//! looked up with the owners' key names (`vb.pp("down_blocks").pp(0)...`), shape-checked.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// All tensors of one or more safetensors files.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+    file: PathBuf,
+    dtype: DType,
+    device: Device,
+    /// When set, missing tensors are generated from this seed (tests and benchmarks).
+    random_seed: Option<u64>,
+}
+
+impl Weights {
+    /// Deterministic random weights for any architecture: each tensor drawn from a PRNG seeded
+    /// by `seed` and its name, scaled by 1/sqrt(fan-in); 1-D norm weights near 1, biases small.
+    /// Used for tests and benchmarks of full-size configs without real checkpoints.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            file: PathBuf::from(format!("<random weights, seed {seed}>")),
+            dtype,
+            device: device.clone(),
+            random_seed: Some(seed),
+        }
+    }
+
+    fn random_tensor(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+        for b in name.bytes() {
+            state = (state ^ b as u64).wrapping_mul(0x1000_0000_01B3);
+        }
+        let mut rng = SplitMix64(state);
+        let n: usize = shape.iter().product();
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let (scale, offset) = match shape.len() {
+            1 if name.ends_with("weight") => (0.1, 1.0),
+            1 => (0.1, 0.0),
+            _ => (1.0 / (fan_in as f64).sqrt(), 0.0),
+        };
+        let data: Vec<f64> = (0..n).map(|_| offset + scale * rng.normal()).collect();
+        Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
+    }
+    /// Loads a safetensors file. A missing or corrupt file is an error naming it.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::file(path, "weights file not found"));
+        }
+        let bytes =
+            std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Self::from_bytes(&bytes, path, dtype, device)
+    }
+
+    pub fn from_bytes(bytes: &[u8], path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a valid safetensors file ({e}); re-download or re-export it"),
+            )
+        })?;
+        Ok(Self::from_tensors(raw, path, dtype, device))
+    }
+
+    /// Wraps tensors already in memory (used for checkpoints converted from other layouts).
+    pub fn from_tensors(
+        tensors: HashMap<String, Tensor>,
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        Self {
+            tensors,
+            file: path.to_path_buf(),
+            dtype,
+            device: device.clone(),
+            random_seed: None,
+        }
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.random_seed.is_some() || self.tensors.contains_key(name)
+    }
+
+    /// The tensor `name` with exactly `shape`, converted to the compute dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(seed) = self.random_seed {
+            if !self.tensors.contains_key(name) {
+                return self.random_tensor(seed, name, shape);
+            }
+        }
+        let t = self.tensors.get(name).ok_or_else(|| Error::Weight {
+            file: self.file.clone(),
+            name: name.to_string(),
+            problem: format!("is missing (expected shape {shape:?})"),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Weight {
+                file: self.file.clone(),
+                name: name.to_string(),
+                problem: format!(
+                    "has shape {:?}, expected {shape:?}: the checkpoint does not match its config.json",
+                    t.dims()
+                ),
+            });
+        }
+        let t = if t.dtype() == self.dtype {
+            t.clone()
+        } else {
+            t.to_dtype(self.dtype)?
+        };
+        Ok(t.to_device(&self.device)?)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+/// A prefixed view into [`Weights`], mirroring PyTorch module paths.
+#[derive(Clone)]
+pub struct Vb {
+    weights: Arc<Weights>,
+    prefix: String,
+}
+
+impl Vb {
+    pub fn new(weights: Weights) -> Self {
+        Self {
+            weights: Arc::new(weights),
+            prefix: String::new(),
+        }
+    }
+
+    /// A sub-path: `vb.pp("unet").pp(0)` looks up `unet.0.*`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            weights: self.weights.clone(),
+            prefix,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn get(&self, shape: &[usize], name: &str) -> Result<Tensor> {
+        self.weights.get(&self.full(name), shape)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.weights.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.weights.device()
+    }
+
+    pub fn file(&self) -> &Path {
+        self.weights.file()
+    }
+}
+
+/// A tiny, well-mixed PRNG for reproducible random weights (Steele et al. 2014).
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller.
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}

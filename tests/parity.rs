@@ -1,0 +1,284 @@
+//! Number-for-number parity with the PyTorch reference stack (torch 2.15.0, diffusers 0.42.1,
+//! transformers 5.23.0), on the case folders of `shared/docs/parity-fixtures.md`:
+//! every case under `tests/fixtures/parity/` (written by `tools/gen_parity.py`) and under each
+//! path in `RENEG_PARITY_DIRS` (colon-separated). Each stage is fed the reference's own inputs,
+//! so an error shows where it arises. Kinds not implemented yet are reported as skipped.
+
+use candle_core::{DType, Device, Tensor, Var};
+use reneg::StableDiffusion;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const FORWARD_TOL: f64 = 1e-4;
+const GRAD_TOL: f64 = 1e-3;
+
+#[derive(Deserialize)]
+struct PipelineCase {
+    prompt: String,
+    negative_prompt: String,
+    guidance_scale: f64,
+    num_inference_steps: usize,
+    grad_step_index: usize,
+}
+
+/// Case folders (those holding a `case.json`) at or below `root`, sorted.
+fn find_cases(root: &Path, depth: usize, out: &mut Vec<PathBuf>) {
+    if root.join("case.json").is_file() {
+        out.push(root.to_path_buf());
+        return;
+    }
+    if depth == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        find_cases(&d, depth - 1, out);
+    }
+}
+
+fn all_cases() -> Vec<PathBuf> {
+    let mut roots = vec![PathBuf::from("tests/fixtures/parity")];
+    if let Ok(extra) = std::env::var("RENEG_PARITY_DIRS") {
+        for p in extra.split(':').filter(|p| !p.is_empty()) {
+            assert!(
+                Path::new(p).exists(),
+                "RENEG_PARITY_DIRS names {p}, which does not exist"
+            );
+            roots.push(PathBuf::from(p));
+        }
+    }
+    let mut cases = vec![];
+    for r in roots {
+        find_cases(&r, 4, &mut cases);
+    }
+    cases
+}
+
+/// max |a - b| / max |b|, the fixture format's error measure.
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    assert_eq!(got.dims(), want.dims(), "shape mismatch");
+    let g = got.to_dtype(DType::F64).unwrap();
+    let w = want.to_dtype(DType::F64).unwrap();
+    let diff = (g - &w)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let scale = w
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    diff / scale.max(1e-30)
+}
+
+struct Report {
+    case: String,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn tensor(&mut self, name: &str, got: &Tensor, want: &Tensor, tol: f64) {
+        if got.dims() != want.dims() {
+            self.failures.push(format!(
+                "{name}: shape {:?} != {:?}",
+                got.dims(),
+                want.dims()
+            ));
+            println!("  {name:<30} SHAPE {:?} vs {:?}", got.dims(), want.dims());
+            return;
+        }
+        let e = rel_err(got, want);
+        let ok = e < tol;
+        println!(
+            "  {name:<30} max rel err {e:.3e} (tol {tol:.0e}) {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            self.failures.push(format!(
+                "{}: {name} rel err {e:.3e} >= {tol:.0e}",
+                self.case
+            ));
+        }
+    }
+
+    fn ids(&mut self, name: &str, got: &[u32], want: &Tensor) {
+        let want: Vec<u32> = want
+            .to_dtype(DType::I64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect();
+        let ok = got == want.as_slice();
+        println!("  {name:<30} {}", if ok { "exact" } else { "MISMATCH" });
+        if !ok {
+            self.failures
+                .push(format!("{}: {name} {got:?} != {want:?}", self.case));
+        }
+    }
+}
+
+fn run_pipeline_case(dir: &Path, report: &mut Report) {
+    let case: PipelineCase =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let dev = Device::Cpu;
+    let exp: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
+    let e = |n: &str| -> Tensor {
+        exp.get(n)
+            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let mut sd = StableDiffusion::load(&dir.join("pipeline"), DType::F32, &dev)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+
+    // Tokenizer and text encoder.
+    report.ids(
+        "prompt_input_ids",
+        &sd.tokenizer.encode(&case.prompt),
+        &exp["prompt_input_ids"],
+    );
+    report.ids(
+        "negative_input_ids",
+        &sd.tokenizer.encode(&case.negative_prompt),
+        &exp["negative_input_ids"],
+    );
+    let ids = exp["prompt_input_ids"].to_dtype(DType::U32).unwrap();
+    report.tensor(
+        "prompt_embeds",
+        &sd.text_encoder.forward(&ids).unwrap(),
+        &e("prompt_embeds"),
+        FORWARD_TOL,
+    );
+    let nids = exp["negative_input_ids"].to_dtype(DType::U32).unwrap();
+    report.tensor(
+        "negative_prompt_embeds",
+        &sd.text_encoder.forward(&nids).unwrap(),
+        &e("negative_prompt_embeds"),
+        FORWARD_TOL,
+    );
+
+    // Scheduler timesteps.
+    sd.scheduler
+        .set_timesteps(case.num_inference_steps)
+        .unwrap();
+    let ts: Vec<u32> = sd.scheduler.timesteps().iter().map(|&t| t as u32).collect();
+    report.ids("timesteps", &ts, &exp["timesteps"]);
+
+    // Guided sampling from the reference's noise and embeddings.
+    let (pe, ne) = (e("prompt_embeds"), e("negative_prompt_embeds"));
+    let mut x = e("init_latents");
+    let mut latents_at_grad_step = None;
+    for (i, &t) in sd.scheduler.timesteps().to_vec().iter().enumerate() {
+        if i == case.grad_step_index {
+            latents_at_grad_step = Some(x.clone());
+        }
+        let eps = sd.guided_eps(&x, t, &pe, &ne, case.guidance_scale).unwrap();
+        x = sd.scheduler.step(&eps, t, &x).unwrap().prev_sample;
+    }
+    report.tensor("final_latents", &x, &e("final_latents"), FORWARD_TOL);
+    if let Some(l) = latents_at_grad_step {
+        report.tensor("grad_latents_in", &l, &e("grad_latents_in"), FORWARD_TOL);
+    }
+    report.tensor(
+        "image",
+        &sd.decode(&e("final_latents")).unwrap(),
+        &e("image"),
+        FORWARD_TOL,
+    );
+
+    // The ReNeg gradient step: x0 from the reference's latents, linear stand-in reward.
+    let t = sd.scheduler.timesteps()[case.grad_step_index];
+    let neg = Var::from_tensor(&ne).unwrap();
+    let x0 = sd
+        .predict_x0(
+            &e("grad_latents_in"),
+            t,
+            &pe,
+            neg.as_tensor(),
+            case.guidance_scale,
+        )
+        .unwrap();
+    report.tensor("x0_pred", &x0, &e("x0_pred"), FORWARD_TOL);
+    let image = sd.decode(&x0).unwrap();
+    let loss = (image * e("reward_weight"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    report.tensor("loss", &loss, &e("loss"), FORWARD_TOL);
+    let grads = loss.backward().unwrap();
+    let grad = grads
+        .get(neg.as_tensor())
+        .expect("gradient reaches the negative embedding");
+    report.tensor(
+        "grad_negative_prompt_embeds",
+        grad,
+        &e("grad_negative_prompt_embeds"),
+        GRAD_TOL,
+    );
+}
+
+#[test]
+fn parity_cases() {
+    let cases = all_cases();
+    assert!(!cases.is_empty(), "no parity cases found");
+    let mut failures = vec![];
+    let (mut ran, mut skipped) = (0, vec![]);
+    for dir in cases {
+        let name = dir.display().to_string();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let kind = if dir.join("pipeline").is_dir() {
+            "pipeline".to_string()
+        } else {
+            meta.get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("unknown")
+                .to_string()
+        };
+        if kind != "pipeline" {
+            println!("case {name}: SKIPPED (kind `{kind}` is not implemented yet)");
+            skipped.push(name);
+            continue;
+        }
+        println!("case {name} ({kind})");
+        let mut report = Report {
+            case: name,
+            failures: vec![],
+        };
+        run_pipeline_case(&dir, &mut report);
+        failures.extend(report.failures);
+        ran += 1;
+    }
+    println!(
+        "parity: {ran} case(s) run, {} skipped: {skipped:?}",
+        skipped.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
+    assert!(ran > 0, "no pipeline case ran");
+}
