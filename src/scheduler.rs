@@ -108,7 +108,11 @@ const COMPATIBLE: &[&str] = &[
 
 impl DdimConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let raw: serde_json::Value = read_json(path)?;
+        Self::from_value(read_json(path)?, path)
+    }
+
+    /// Parses and validates a config given as JSON; `path` names it in errors.
+    pub fn from_value(raw: serde_json::Value, path: &Path) -> Result<Self> {
         let cfg: Self = serde_json::from_value(raw)
             .map_err(|e| Error::file(path, format!("invalid scheduler config: {e}")))?;
         if let Some(name) = &cfg.class_name {

@@ -57,7 +57,13 @@ fn default_eps() -> f64 {
 
 impl ClipTextConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let cfg: Self = read_json(path)?;
+        Self::from_value(read_json(path)?, path)
+    }
+
+    /// Parses and validates a config given as JSON; `path` names it in errors.
+    pub fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
+        let cfg: Self = serde_json::from_value(value)
+            .map_err(|e| crate::Error::file(path, format!("invalid config: {e}")))?;
         if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(crate::Error::unsupported(
                 path,

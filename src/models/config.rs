@@ -59,12 +59,15 @@ pub fn require_defaults(
     Ok(())
 }
 
-/// Reads a config.json as both a typed struct and its raw key map.
-pub fn load_with_raw<T: serde::de::DeserializeOwned>(
-    path: &Path,
+/// Parses a config (as read from `file`) as both a typed struct and its raw key map.
+pub fn parse_with_raw<T: serde::de::DeserializeOwned>(
+    value: Value,
+    file: &Path,
 ) -> Result<(T, Map<String, Value>)> {
-    let raw: Map<String, Value> = crate::error::read_json(path)?;
+    let Value::Object(raw) = value else {
+        return Err(Error::file(file, "a config must be a JSON object"));
+    };
     let typed: T = serde_json::from_value(Value::Object(raw.clone()))
-        .map_err(|e| Error::file(path, format!("invalid config: {e}")))?;
+        .map_err(|e| Error::file(file, format!("invalid config: {e}")))?;
     Ok((typed, raw))
 }

@@ -75,7 +75,7 @@ pub struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(cfg: &TransformerConfig, vb: &Vb) -> Result<Self> {
+    pub fn new(cfg: &TransformerConfig, vb: &Vb) -> Result<Self> {
         let dim = cfg.heads * cfg.head_dim;
         let ff_inner = 4 * dim;
         Ok(Self {
@@ -116,7 +116,7 @@ impl BasicTransformerBlock {
         let half = h.dim(candle_core::D::Minus1)? / 2;
         let value = h.narrow(candle_core::D::Minus1, 0, half)?;
         let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        let h = (value * gate.gelu_erf()?)?;
+        let h = (value * crate::nn::activation::gelu_erf(&gate)?)?;
         self.ff_out.forward(&h)? + xs
     }
 }

@@ -2,7 +2,7 @@
 //! block types, built from its config.json. Unsupported config values are rejected by name.
 
 use crate::error::{Error, Result};
-use crate::models::config::{load_with_raw, require_defaults, IntOrList};
+use crate::models::config::{parse_with_raw, require_defaults, IntOrList};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::models::transformer::{Transformer2DModel, TransformerConfig};
 use crate::nn::{upsample_nearest_2x, Conv2d, GroupNorm, Linear};
@@ -123,7 +123,12 @@ struct Levels {
 
 impl UNetConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let (mut cfg, raw): (Self, _) = load_with_raw(path)?;
+        Self::from_value(crate::error::read_json(path)?, path)
+    }
+
+    /// Parses and validates a config given as JSON; `path` names it in errors.
+    pub fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
+        let (mut cfg, raw): (Self, _) = parse_with_raw(value, path)?;
         cfg.file = path.to_path_buf();
         require_defaults(
             &raw,

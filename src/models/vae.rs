@@ -2,7 +2,7 @@
 //! decoder back to pixels, built from its config.json.
 
 use crate::error::{Error, Result};
-use crate::models::config::{load_with_raw, require_defaults};
+use crate::models::config::{parse_with_raw, require_defaults};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::nn::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
 use crate::weights::Vb;
@@ -71,7 +71,12 @@ fn d_true() -> bool {
 
 impl VaeConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let (mut cfg, raw): (Self, _) = load_with_raw(path)?;
+        Self::from_value(crate::error::read_json(path)?, path)
+    }
+
+    /// Parses and validates a config given as JSON; `path` names it in errors.
+    pub fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
+        let (mut cfg, raw): (Self, _) = parse_with_raw(value, path)?;
         cfg.file = path.to_path_buf();
         require_defaults(
             &raw,

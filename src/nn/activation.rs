@@ -21,13 +21,27 @@ pub enum Activation {
 impl Activation {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => xs.gelu_erf(),
+            Activation::Gelu => gelu_erf(xs),
             Activation::QuickGelu => xs * sigmoid(&(xs * 1.702)?)?,
-            Activation::GeluNew => xs.gelu(),
+            Activation::GeluNew => gelu_tanh(xs),
             Activation::Silu => xs.silu(),
             Activation::Relu => xs.relu(),
         }
     }
+}
+
+/// Exact GELU, x/2 (1 + erf(x / sqrt 2)), composed so that its backward is exact: candle's
+/// fused `gelu_erf` backward uses 6-digit constants (about 1e-6 relative error).
+pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    let cdf = ((xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+    (xs * 0.5)? * cdf
+}
+
+/// GELU's tanh approximation, composed for an exact backward (as [`gelu_erf`]).
+pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = ((xs + (xs.powf(3.0)? * 0.044715)?)? * k)?;
+    (xs * 0.5)? * (inner.tanh()? + 1.0)?
 }
 
 /// Logistic sigmoid from basic ops (candle_nn's is a custom op; this one's backward is plain).

@@ -58,7 +58,8 @@ pub fn attention(
     };
     let dtype = q.dtype();
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
-    let (q, k) = if upcast && dtype != candle_core::DType::F32 {
+    let half = matches!(dtype, candle_core::DType::F16 | candle_core::DType::BF16);
+    let (q, k) = if upcast && half {
         (
             q.to_dtype(candle_core::DType::F32)?,
             k.to_dtype(candle_core::DType::F32)?,

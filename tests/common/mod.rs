@@ -1,0 +1,198 @@
+//! Shared test helpers: seeded random tensors, tiny random-weight models, and the
+//! finite-difference gradient check.
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor, Var};
+use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
+use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
+use reneg::models::vae::{AutoencoderKL, VaeConfig};
+use reneg::scheduler::{DdimConfig, DdimScheduler};
+use reneg::tokenizer::ClipTokenizer;
+use reneg::weights::{Vb, Weights};
+use reneg::StableDiffusion;
+use serde_json::json;
+use std::path::Path;
+
+/// Seeded standard-normal tensor (f64), independent of candle's global RNG.
+pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (((z ^ (z >> 31)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let n: usize = shape.iter().product();
+    let data: Vec<f64> = (0..n)
+        .map(|_| {
+            let (u1, u2) = (next(), next());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+pub fn random_vb(seed: u64) -> Vb {
+    Vb::new(Weights::random(seed, DType::F64, &Device::Cpu))
+}
+
+/// A tiny SD-like UNet config (2 levels, cross-attention in the first).
+pub fn tiny_unet_config(linear_projection: bool) -> UNetConfig {
+    UNetConfig::from_value(
+        json!({
+            "block_out_channels": [8, 16],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": [2, 4],
+            "norm_num_groups": 4,
+            "cross_attention_dim": 12,
+            "use_linear_projection": linear_projection,
+            "in_channels": 4,
+            "out_channels": 4
+        }),
+        Path::new("<test unet config>"),
+    )
+    .unwrap()
+}
+
+pub fn tiny_unet(seed: u64, linear_projection: bool) -> UNet2DConditionModel {
+    UNet2DConditionModel::new(tiny_unet_config(linear_projection), &random_vb(seed)).unwrap()
+}
+
+pub fn tiny_vae(seed: u64) -> AutoencoderKL {
+    let cfg = VaeConfig::from_value(
+        json!({
+            "block_out_channels": [8, 8],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "latent_channels": 4
+        }),
+        Path::new("<test vae config>"),
+    )
+    .unwrap();
+    AutoencoderKL::new(cfg, &random_vb(seed)).unwrap()
+}
+
+/// A whole tiny random pipeline in f64 (text width 12), with the given prediction type.
+pub fn tiny_pipeline(seed: u64, prediction_type: &str) -> StableDiffusion {
+    let te_cfg = ClipTextConfig::from_value(
+        json!({"hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "hidden_act": "quick_gelu"}),
+        Path::new("<test text config>"),
+    )
+    .unwrap();
+    let text_encoder = ClipTextModel::new(te_cfg, &random_vb(seed + 1)).unwrap();
+    let sched = DdimScheduler::new(
+        DdimConfig::from_value(
+            json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                   "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
+                   "prediction_type": prediction_type}),
+            Path::new("<test scheduler config>"),
+        )
+        .unwrap(),
+    );
+    StableDiffusion::from_parts(
+        ClipTokenizer::embedded("<|endoftext|>").unwrap(),
+        text_encoder,
+        tiny_unet(seed + 2, false),
+        tiny_vae(seed + 3),
+        sched,
+        Path::new("<tiny random pipeline>"),
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Relative tolerance of the finite-difference check in f64. Richardson-extrapolated central
+/// differences agree with a correct gradient to about 1e-8; a gradient off by 0.1% fails.
+pub const FD_TOL: f64 = 1e-5;
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// L(x) = sum(R * f(x)), with a fixed random R so every output element matters.
+fn objective<F>(f: &F, x: &Tensor, seed: u64) -> Tensor
+where
+    F: Fn(&Tensor) -> Tensor,
+{
+    let y = f(x);
+    let r = randn(seed ^ 0xABCD, y.dims()).to_dtype(y.dtype()).unwrap();
+    (y * r).unwrap().sum_all().unwrap()
+}
+
+/// The analytic gradient of L at x, through candle's backward.
+pub fn analytic_grad<F>(f: &F, x: &Tensor, seed: u64) -> Tensor
+where
+    F: Fn(&Tensor) -> Tensor,
+{
+    let v = Var::from_tensor(x).unwrap();
+    let loss = objective(f, v.as_tensor(), seed);
+    let grads = loss.backward().unwrap();
+    grads
+        .get(v.as_tensor())
+        .cloned()
+        .unwrap_or_else(|| x.zeros_like().unwrap())
+}
+
+/// The worst relative disagreement between `grad` and central finite differences of L,
+/// along 3 random directions and 4 random coordinates.
+pub fn fd_error<F>(f: &F, x: &Tensor, grad: &Tensor, seed: u64) -> f64
+where
+    F: Fn(&Tensor) -> Tensor,
+{
+    let h = 1e-4;
+    let n = x.elem_count();
+    let gmax = scalar(&grad.abs().unwrap().max_all().unwrap());
+    let mut directions = vec![];
+    for k in 0..3 {
+        directions.push((randn(seed + 100 + k, x.dims()), 0.0));
+    }
+    for k in 0..4u64 {
+        let idx = ((seed + k * 7919) as usize * 2_654_435_761) % n;
+        let mut e = vec![0f64; n];
+        e[idx] = 1.0;
+        let d = Tensor::from_vec(e, x.dims(), x.device()).unwrap();
+        // Coordinates with a tiny derivative are judged relative to the gradient's scale.
+        directions.push((d, 1e-3 * gmax));
+    }
+    let mut worst: f64 = 0.0;
+    for (d, floor) in directions {
+        let central = |h: f64| {
+            let plus = scalar(&objective(f, &(x + (&d * h).unwrap()).unwrap(), seed));
+            let minus = scalar(&objective(f, &(x - (&d * h).unwrap()).unwrap(), seed));
+            (plus - minus) / (2.0 * h)
+        };
+        // Richardson extrapolation cancels the h^2 error term of central differences.
+        let fd = (4.0 * central(h / 2.0) - central(h)) / 3.0;
+        let an = scalar(&(grad * &d).unwrap().sum_all().unwrap());
+        let denom = fd.abs().max(an.abs()).max(floor).max(1e-12);
+        worst = worst.max((fd - an).abs() / denom);
+    }
+    worst
+}
+
+/// Asserts that candle's backward through `f` agrees with finite differences at `x` (f64).
+pub fn assert_gradient<F>(name: &str, f: F, x: &Tensor)
+where
+    F: Fn(&Tensor) -> Tensor,
+{
+    assert_eq!(x.dtype(), DType::F64, "gradient checks run in f64");
+    let seed = name
+        .bytes()
+        .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+    let g = analytic_grad(&f, x, seed);
+    let gmax = scalar(&g.abs().unwrap().max_all().unwrap());
+    assert!(gmax > 0.0, "{name}: the gradient is identically zero");
+    let err = fd_error(&f, x, &g, seed);
+    println!("gradcheck {name:<40} max rel err {err:.2e}");
+    assert!(
+        err < FD_TOL,
+        "{name}: gradient disagrees with finite differences: {err:.3e}"
+    );
+}

@@ -1,0 +1,355 @@
+//! Finite-difference gradient checks (f64) for every differentiable module on the path from
+//! the negative embedding to the reward: building blocks, attention, transformer and resnet
+//! blocks, the UNet's down/mid/up blocks and whole UNet, the VAE, DDIM's x0 prediction, and
+//! the full guided ReNeg step. The last tests show that the check rejects wrong gradients.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use reneg::models::resnet::{ResnetBlock2D, ResnetConfig};
+use reneg::models::transformer::{
+    BasicTransformerBlock, CrossAttention, Transformer2DModel, TransformerConfig,
+};
+use reneg::nn::{self, Activation, GroupNorm, LayerNorm};
+use reneg::scheduler::{DdimConfig, DdimScheduler};
+use serde_json::json;
+use std::path::Path;
+
+#[test]
+fn softmax_and_upsample() {
+    assert_gradient(
+        "softmax_last_dim",
+        |x| nn::softmax_last_dim(x).unwrap(),
+        &randn(1, &[3, 7]),
+    );
+    assert_gradient(
+        "upsample_nearest_2x",
+        |x| nn::upsample_nearest_2x(x).unwrap(),
+        &randn(2, &[1, 2, 3, 4]),
+    );
+}
+
+#[test]
+fn activations() {
+    for (i, act) in [
+        Activation::Gelu,
+        Activation::QuickGelu,
+        Activation::GeluNew,
+        Activation::Silu,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_gradient(
+            &format!("{act:?}"),
+            |x| act.forward(x).unwrap(),
+            &randn(10 + i as u64, &[4, 5]),
+        );
+    }
+}
+
+#[test]
+fn layer_norm_and_group_norm() {
+    let ln = LayerNorm::new(6, 1e-5, &random_vb(3)).unwrap();
+    assert_gradient(
+        "layer_norm",
+        |x| ln.forward(x).unwrap(),
+        &randn(4, &[2, 3, 6]),
+    );
+    let gn = GroupNorm::new(2, 4, 1e-6, &random_vb(5)).unwrap();
+    assert_gradient(
+        "group_norm",
+        |x| gn.forward(x).unwrap(),
+        &randn(6, &[2, 4, 3, 3]),
+    );
+}
+
+#[test]
+fn attention_self_and_cross() {
+    let attn = CrossAttention::new(8, 12, 2, 4, false, &random_vb(7)).unwrap();
+    let ctx = randn(8, &[2, 5, 12]);
+    let x = randn(9, &[2, 6, 8]);
+    assert_gradient(
+        "cross-attention wrt context",
+        |c| attn.forward(&x, Some(c)).unwrap(),
+        &ctx,
+    );
+    assert_gradient(
+        "cross-attention wrt query input",
+        |q| attn.forward(q, Some(&ctx)).unwrap(),
+        &x,
+    );
+    let self_attn = CrossAttention::new(8, 8, 2, 4, true, &random_vb(10)).unwrap();
+    assert_gradient(
+        "self-attention (upcast)",
+        |q| self_attn.forward(q, None).unwrap(),
+        &x,
+    );
+}
+
+fn transformer_cfg(linear: bool) -> TransformerConfig {
+    TransformerConfig {
+        channels: 8,
+        heads: 2,
+        head_dim: 4,
+        layers: 1,
+        cross_attention_dim: 12,
+        groups: 4,
+        use_linear_projection: linear,
+        upcast_attention: false,
+    }
+}
+
+#[test]
+fn transformer_block() {
+    let block = BasicTransformerBlock::new(&transformer_cfg(false), &random_vb(11)).unwrap();
+    let ctx = randn(12, &[1, 5, 12]);
+    let x = randn(13, &[1, 6, 8]);
+    assert_gradient(
+        "transformer block wrt context",
+        |c| block.forward(&x, c).unwrap(),
+        &ctx,
+    );
+    assert_gradient(
+        "transformer block wrt hidden",
+        |h| block.forward(h, &ctx).unwrap(),
+        &x,
+    );
+}
+
+#[test]
+fn transformer_2d_conv_and_linear_projection() {
+    let ctx = randn(14, &[1, 5, 12]);
+    let x = randn(15, &[1, 8, 3, 3]);
+    for linear in [false, true] {
+        let t = Transformer2DModel::new(&transformer_cfg(linear), &random_vb(16)).unwrap();
+        assert_gradient(
+            &format!("transformer2d (linear={linear}) wrt context"),
+            |c| t.forward(&x, c).unwrap(),
+            &ctx,
+        );
+        assert_gradient(
+            &format!("transformer2d (linear={linear}) wrt hidden"),
+            |h| t.forward(h, &ctx).unwrap(),
+            &x,
+        );
+    }
+}
+
+#[test]
+fn resnet_block() {
+    let cfg = ResnetConfig {
+        in_channels: 4,
+        out_channels: 8,
+        temb_channels: Some(6),
+        groups: 2,
+        eps: 1e-5,
+        output_scale_factor: 1.0,
+    };
+    let r = ResnetBlock2D::new(&cfg, &random_vb(17)).unwrap();
+    let temb = randn(18, &[2, 6]);
+    let x = randn(19, &[2, 4, 4, 4]);
+    assert_gradient(
+        "resnet block wrt input",
+        |h| r.forward(h, Some(&temb)).unwrap(),
+        &x,
+    );
+    assert_gradient(
+        "resnet block wrt temb",
+        |t| r.forward(&x, Some(t)).unwrap(),
+        &temb,
+    );
+}
+
+#[test]
+fn unet_down_mid_up_blocks() {
+    let unet = tiny_unet(20, false);
+    let temb = unet
+        .time_embedding(500.0, 1, DType::F64, &Device::Cpu)
+        .unwrap();
+    let ctx = randn(21, &[1, 5, 12]);
+    // Down block 0 (cross-attention, with downsampler): [1, 8, 4, 4] -> [1, 8, 2, 2].
+    let down = &unet.down_blocks()[0];
+    let x = randn(22, &[1, 8, 4, 4]);
+    let down_out = |c: &Tensor| {
+        let (out, skips) = down.forward_down(&x, &temb, c).unwrap();
+        let flat: Vec<Tensor> = std::iter::once(out)
+            .chain(skips)
+            .map(|t| t.flatten_all().unwrap())
+            .collect();
+        Tensor::cat(&flat, 0).unwrap()
+    };
+    assert_gradient("down block (cross-attn) wrt context", down_out, &ctx);
+    assert_gradient(
+        "down block (cross-attn) wrt hidden",
+        |h| down.forward_down(h, &temb, &ctx).unwrap().0,
+        &x,
+    );
+    // Mid block at the bottleneck width 16.
+    let xm = randn(23, &[1, 16, 2, 2]);
+    assert_gradient(
+        "mid block wrt context",
+        |c| unet.mid_block().forward(&xm, &temb, c).unwrap(),
+        &ctx,
+    );
+    assert_gradient(
+        "mid block wrt hidden",
+        |h| unet.mid_block().forward(h, &temb, &ctx).unwrap(),
+        &xm,
+    );
+    // Up block 1 (cross-attention, last level): hidden [1, 16, 4, 4], skips of 8 channels.
+    let up = &unet.up_blocks()[1];
+    let xu = randn(24, &[1, 16, 4, 4]);
+    let skips = vec![randn(25, &[1, 8, 4, 4]), randn(26, &[1, 8, 4, 4])];
+    assert_gradient(
+        "up block (cross-attn) wrt context",
+        |c| up.forward_up(&xu, &mut skips.clone(), &temb, c).unwrap(),
+        &ctx,
+    );
+    assert_gradient(
+        "up block (cross-attn) wrt skip",
+        |s| {
+            let mut sk = vec![s.clone(), skips[1].clone()];
+            up.forward_up(&xu, &mut sk, &temb, &ctx).unwrap()
+        },
+        &skips[0],
+    );
+    // Up block 0 (plain, with upsampler).
+    let up0 = &unet.up_blocks()[0];
+    let x0 = randn(27, &[1, 16, 2, 2]);
+    let skips0 = vec![randn(28, &[1, 8, 2, 2]), randn(29, &[1, 16, 2, 2])];
+    assert_gradient(
+        "up block (plain, upsampler) wrt hidden",
+        |h| up0.forward_up(h, &mut skips0.clone(), &temb, &ctx).unwrap(),
+        &x0,
+    );
+}
+
+#[test]
+fn whole_unet() {
+    for linear in [false, true] {
+        let unet = tiny_unet(30, linear);
+        let ctx = randn(31, &[1, 5, 12]);
+        let x = randn(32, &[1, 4, 4, 4]);
+        assert_gradient(
+            &format!("unet (linear={linear}) wrt encoder_hidden_states"),
+            |c| unet.forward(&x, 321.0, c).unwrap(),
+            &ctx,
+        );
+        assert_gradient(
+            &format!("unet (linear={linear}) wrt sample"),
+            |s| unet.forward(s, 321.0, &ctx).unwrap(),
+            &x,
+        );
+    }
+}
+
+#[test]
+fn vae_decoder_and_encoder() {
+    let vae = tiny_vae(33);
+    assert_gradient(
+        "vae decoder",
+        |z| vae.decode(z).unwrap(),
+        &randn(34, &[1, 4, 3, 3]),
+    );
+    assert_gradient(
+        "vae encoder (mean)",
+        |x| vae.encode(x).unwrap().0,
+        &randn(35, &[1, 3, 6, 6]),
+    );
+}
+
+#[test]
+fn ddim_x0_prediction() {
+    for pt in ["epsilon", "v_prediction", "sample"] {
+        let s = DdimScheduler::new(
+            DdimConfig::from_value(
+                json!({"prediction_type": pt, "clip_sample": false}),
+                Path::new("<test>"),
+            )
+            .unwrap(),
+        );
+        let sample = randn(36, &[1, 4, 2, 2]);
+        let out = randn(37, &[1, 4, 2, 2]);
+        assert_gradient(
+            &format!("x0 ({pt}) wrt model output"),
+            |m| s.pred_original_sample(m, 601, &sample).unwrap(),
+            &out,
+        );
+        if pt == "sample" {
+            continue; // x0 is the model output itself: no dependence on the sample
+        }
+        assert_gradient(
+            &format!("x0 ({pt}) wrt sample"),
+            |x| s.pred_original_sample(&out, 601, x).unwrap(),
+            &sample,
+        );
+    }
+}
+
+#[test]
+fn guided_renege_step_wrt_negative_embedding() {
+    for pt in ["epsilon", "v_prediction"] {
+        let sd = tiny_pipeline(40, pt);
+        let cond = randn(41, &[1, 77, 12]);
+        let latents = randn(42, &[1, 4, 4, 4]);
+        assert_gradient(
+            &format!("guided step + x0 + decode ({pt}) wrt negative"),
+            |u| {
+                let x0 = sd.predict_x0(&latents, 401, &cond, u, 7.5).unwrap();
+                sd.decode(&x0).unwrap()
+            },
+            &randn(43, &[1, 77, 12]),
+        );
+    }
+}
+
+// The check itself must reject wrong gradients, or it proves nothing.
+
+#[test]
+fn check_rejects_a_gradient_off_by_a_tenth_of_a_percent() {
+    let ln = LayerNorm::new(6, 1e-5, &random_vb(50)).unwrap();
+    let f = |x: &Tensor| ln.forward(x).unwrap();
+    let x = randn(51, &[2, 6]);
+    let g = analytic_grad(&f, &x, 1);
+    assert!(fd_error(&f, &x, &g, 1) < FD_TOL);
+    let wrong = (&g * 1.001).unwrap();
+    let err = fd_error(&f, &x, &wrong, 1);
+    assert!(
+        err > FD_TOL,
+        "a 0.1% error must fail the check, got {err:.3e}"
+    );
+}
+
+#[test]
+fn check_rejects_candles_fused_layer_norm_gradient() {
+    // candle_nn's fused layer norm has no backward and silently returns a wrong gradient:
+    // the reason this project writes its own. The check must catch it.
+    // The fused op runs in f32 only; its gradient is checked against finite differences of
+    // the same function (our layer norm, whose forward it matches) in f64.
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let (w, b, x) = (randn(52, &[6]), randn(53, &[6]), randn(54, &[2, 6]));
+    let fused = |x: &Tensor| candle_nn::ops::layer_norm(x, &f32(&w), &f32(&b), 1e-5).unwrap();
+    let ours = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-5);
+    let f = |x: &Tensor| ours.forward(x).unwrap();
+    let forward_diff = (fused(&f32(&x)).to_dtype(DType::F64).unwrap() - f(&x))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(forward_diff < 1e-5, "same forward: {forward_diff}");
+    let fused_grad = analytic_grad(&fused, &f32(&x), 2)
+        .to_dtype(DType::F64)
+        .unwrap();
+    let err = fd_error(&f, &x, &fused_grad, 2);
+    assert!(
+        err > FD_TOL,
+        "fused layer norm's gradient passed the check: {err:.3e}"
+    );
+    // Our gradient of the same function passes.
+    assert!(fd_error(&f, &x, &analytic_grad(&f, &x, 2), 2) < FD_TOL);
+}
