@@ -30,9 +30,16 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
-    /// An internal tensor error: a bug, not bad input.
+    /// An internal tensor error: a bug, not bad input. Not a `source`, so the message
+    /// is printed once.
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 impl Error {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;

@@ -183,7 +183,9 @@ impl StableDiffusion {
         }
     }
 
-    /// The guided noise prediction eps = u + g (c - u) (or plain c when g <= 1, as diffusers).
+    /// The guided noise prediction eps = u + g (c - u). With g = 1 that is c alone, and u is
+    /// not computed. (diffusers' pipeline skips guidance for every g <= 1; the formula is
+    /// kept for g < 1 so the negative still acts and carries a gradient.)
     /// Both branches run in one batch unless the negative carries a gradient, in which case
     /// the conditional branch runs without a graph.
     ///
@@ -197,7 +199,7 @@ impl StableDiffusion {
         uncond: &Tensor,
         guidance_scale: f64,
     ) -> Result<Tensor> {
-        if guidance_scale <= 1.0 {
+        if guidance_scale == 1.0 {
             return self.unet.forward(latents, t as f64, cond);
         }
         let b = latents.dim(0)?;

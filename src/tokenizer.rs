@@ -162,7 +162,7 @@ impl ClipTokenizer {
         let max_len = config
             .as_ref()
             .and_then(|c| c.get("model_max_length")?.as_f64())
-            .filter(|&m| m >= 2.0 && m <= 77.0)
+            .filter(|m| (2.0..=77.0).contains(m))
             .map(|m| m as usize)
             .unwrap_or(77);
 

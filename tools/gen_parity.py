@@ -28,7 +28,17 @@ What it writes (all deterministic: fixed seeds, torch.use_deterministic_algorith
     <out>/parity/<case>/case.json        prompt, negative_prompt, guidance_scale, num_inference_steps,
                                           grad_step_index, height, width
     <out>/parity/<case>/pipeline/        StableDiffusionPipeline.save_pretrained(safe_serialization=True)
-    <out>/parity/<case>/expected.safetensors   every tensor listed in parity-fixtures.md
+    <out>/parity/<case>/expected.safetensors   every tensor listed in parity-fixtures.md, plus the extra tensors below
+
+Extra tensors beyond the fixture format (in each case's expected.safetensors; for the VAE encoder's parity):
+    vae_encoder_input    [1,3,H,W] f32   tanh(randn) from its own torch.Generator seeded with case seed + 6 (drawn
+                                          after, and independently of, every other tensor, so those are unchanged);
+                                          values in (-1, 1)
+    vae_encoder_mean     [1,C,h,w] f32   vae.encode(vae_encoder_input).latent_dist.mean    (diffusers'
+    vae_encoder_logvar   [1,C,h,w] f32   vae.encode(vae_encoder_input).latent_dist.logvar   DiagonalGaussianDistribution:
+                                          quant_conv output split in two along channels, logvar clamped to [-30, 20]);
+                                          both unscaled (not multiplied by scaling_factor); for sd2-tiny computed in
+                                          f32 from the f16-rounded weights, as every other expected tensor
 
 Cases (tiny random-weight models, real 49408-token CLIP vocabulary; text hidden size D = 32 / 48 / 16):
     sd15-tiny   SD1.5-like: epsilon, "leading" spacing, steps_offset 1, int attention_head_dim, conv proj_in/out,
@@ -458,6 +468,17 @@ def reference(pipe, case, seed):
 
 
 @torch.no_grad()
+def vae_encoder_reference(vae, case, seed):
+    """Extra tensors (not in parity-fixtures.md): the VAE encoder on a fixed image in (-1, 1), drawn from its own
+    generator so that no other tensor's RNG stream changes."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.tanh(torch.randn((1, 3, case["height"], case["width"]), generator=gen, dtype=torch.float32))
+    dist = vae.encode(x).latent_dist
+    out = dict(vae_encoder_input=x, vae_encoder_mean=dist.mean, vae_encoder_logvar=dist.logvar)
+    return {k_: v.detach().contiguous() for k_, v in out.items()}
+
+
+@torch.no_grad()
 def check_forward_f64(pipe, case, exp):
     """Conditioning check: the same forward pass in float64 (differences = f32 rounding sensitivity)."""
     te = copy.deepcopy(pipe.text_encoder).double()
@@ -471,12 +492,15 @@ def check_forward_f64(pipe, case, exp):
     for t in sched.timesteps:
         lat = sched.step(guided_eps(unet, lat, t, neg, pos, case["guidance_scale"]), t, lat, eta=0.0).prev_sample
     image = vae.decode(lat / vae.config.scaling_factor).sample
+    enc = vae.encode(exp["vae_encoder_input"].double()).latent_dist
 
     def rel(a, b):
         return ((a.double() - b).abs().max() / b.abs().max()).item()
 
     r = dict(prompt_embeds=rel(exp["prompt_embeds"], pos), negative_prompt_embeds=rel(exp["negative_prompt_embeds"], neg),
-             final_latents=rel(exp["final_latents"], lat), image=rel(exp["image"], image))
+             final_latents=rel(exp["final_latents"], lat), image=rel(exp["image"], image),
+             vae_encoder_mean=rel(exp["vae_encoder_mean"], enc.mean),
+             vae_encoder_logvar=rel(exp["vae_encoder_logvar"], enc.logvar))
     print("   f32 vs f64 forward rel err: " + ", ".join(f"{k} {v:.1e}" for k, v in r.items()))
     assert max(r.values()) < 1e-5, r
 
@@ -668,6 +692,7 @@ def gen_case(name: str, spec: dict, vocab_dir: Path, out: Path) -> dict:
     assert dict(pipe.scheduler.config) == dict(DDIMScheduler(**spec["sched"]).config)
 
     exp = reference(pipe, case, seed + 5)
+    exp.update(vae_encoder_reference(pipe.vae, case, seed + 6))  # extra tensors; separate generator
     check_forward_f64(pipe, case, exp)
     check_gradient_f64(pipe, case, exp)
 
@@ -710,6 +735,12 @@ def gen_case(name: str, spec: dict, vocab_dir: Path, out: Path) -> dict:
     rel = ((lat - exp["final_latents"]).abs().max() / exp["final_latents"].abs().max()).item()
     print(f"   reload + StableDiffusionPipeline.__call__ final_latents rel err {rel:.2e}")
     assert rel < 1e-4, rel
+    with torch.no_grad():
+        re_dist = re_pipe.vae.encode(exp["vae_encoder_input"]).latent_dist
+    rel_enc = max(((a - exp[k_]).abs().max() / exp[k_].abs().max()).item()
+                  for k_, a in (("vae_encoder_mean", re_dist.mean), ("vae_encoder_logvar", re_dist.logvar)))
+    print(f"   reload + AutoencoderKL.encode mean/logvar rel err {rel_enc:.2e}")
+    assert rel_enc < 1e-5, rel_enc
     return {"name": name, "exp": exp, "size": dir_size(cdir), "dir": cdir, "files": {
         str(p.relative_to(cdir)): p.stat().st_size for p in sorted(cdir.rglob("*")) if p.is_file()}}
 

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::models::config::{parse_with_raw, require_defaults, IntOrList};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::models::transformer::{Transformer2DModel, TransformerConfig};
-use crate::nn::{upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use crate::nn::{upsample_nearest_2x, Conv2d, Downsample2D, GroupNorm, Linear};
 use crate::weights::Vb;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
@@ -284,7 +284,8 @@ impl UNetConfig {
 pub struct UNetBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
-    sampler: Option<Conv2d>,
+    downsampler: Option<Downsample2D>,
+    upsampler: Option<Conv2d>,
 }
 
 impl UNetBlock {
@@ -319,7 +320,7 @@ impl UNetBlock {
             xs = self.layer(j, &xs, temb, ctx)?;
             skips.push(xs.clone());
         }
-        if let Some(ds) = &self.sampler {
+        if let Some(ds) = &self.downsampler {
             xs = ds.forward(&xs)?;
             skips.push(xs.clone());
         }
@@ -345,7 +346,7 @@ impl UNetBlock {
             xs = Tensor::cat(&[&xs, &skip], 1)?;
             xs = self.layer(j, &xs, temb, ctx)?;
         }
-        if let Some(us) = &self.sampler {
+        if let Some(us) = &self.upsampler {
             xs = us.forward(&upsample_nearest_2x(&xs)?)?;
         }
         Ok(xs)
@@ -407,9 +408,9 @@ impl UNet2DConditionModel {
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             let in_c = out_c;
-            out_c = ch[i];
+            out_c = c;
             let vbb = vb.pp("down_blocks").pp(i);
             let mut resnets = vec![];
             let mut attentions = vec![];
@@ -426,23 +427,17 @@ impl UNet2DConditionModel {
                     )?);
                 }
             }
-            let sampler = if i + 1 < n {
+            let downsampler = if i + 1 < n {
                 let p = cfg.downsample_padding;
-                Some(Conv2d::new(
-                    out_c,
-                    out_c,
-                    3,
-                    2,
-                    p,
-                    &vbb.pp("downsamplers.0.conv"),
-                )?)
+                Some(Downsample2D::new(out_c, p, &vbb.pp("downsamplers.0"))?)
             } else {
                 None
             };
             down.push(UNetBlock {
                 resnets,
                 attentions,
-                sampler,
+                downsampler,
+                upsampler: None,
             });
         }
 
@@ -464,10 +459,7 @@ impl UNet2DConditionModel {
             let prev_c = out_c;
             out_c = ch[level];
             let skip_in_c = ch[level.saturating_sub(1)];
-            let is_cross = match cfg.up_block_types[i].as_str() {
-                "CrossAttnUpBlock2D" => true,
-                _ => false,
-            };
+            let is_cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
             let vbb = vb.pp("up_blocks").pp(i);
             let layers = lv.layers[level] + 1;
             let mut resnets = vec![];
@@ -486,7 +478,7 @@ impl UNet2DConditionModel {
                     )?);
                 }
             }
-            let sampler = if i + 1 < n {
+            let upsampler = if i + 1 < n {
                 Some(Conv2d::new(
                     out_c,
                     out_c,
@@ -501,7 +493,8 @@ impl UNet2DConditionModel {
             up.push(UNetBlock {
                 resnets,
                 attentions,
-                sampler,
+                downsampler: None,
+                upsampler,
             });
         }
 

@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::models::config::{parse_with_raw, require_defaults};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::nn::{attention, upsample_nearest_2x, Conv2d, GroupNorm, Linear};
+use crate::nn::{attention, upsample_nearest_2x, Conv2d, Downsample2D, GroupNorm, Linear};
 use crate::weights::Vb;
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -233,14 +233,19 @@ fn resnet_cfg(i: usize, o: usize, cfg: &VaeConfig) -> ResnetConfig {
     }
 }
 
-struct Level {
+struct EncoderLevel {
     resnets: Vec<ResnetBlock2D>,
-    sampler: Option<Conv2d>,
+    downsampler: Option<Downsample2D>,
+}
+
+struct DecoderLevel {
+    resnets: Vec<ResnetBlock2D>,
+    upsampler: Option<Conv2d>,
 }
 
 pub struct Encoder {
     conv_in: Conv2d,
-    down: Vec<Level>,
+    down: Vec<EncoderLevel>,
     mid: MidBlock,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -262,19 +267,15 @@ impl Encoder {
                     ResnetBlock2D::new(&resnet_cfg(rin, out_c, cfg), &vbb.pp("resnets").pp(j))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let sampler = if i + 1 < n {
-                Some(Conv2d::new(
-                    out_c,
-                    out_c,
-                    3,
-                    2,
-                    0,
-                    &vbb.pp("downsamplers.0.conv"),
-                )?)
+            let downsampler = if i + 1 < n {
+                Some(Downsample2D::new(out_c, 0, &vbb.pp("downsamplers.0"))?)
             } else {
                 None
             };
-            down.push(Level { resnets, sampler });
+            down.push(EncoderLevel {
+                resnets,
+                downsampler,
+            });
         }
         Ok(Self {
             conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, &vb.pp("conv_in"))?,
@@ -303,9 +304,8 @@ impl Encoder {
             for r in &level.resnets {
                 xs = r.forward(&xs, None)?;
             }
-            if let Some(ds) = &level.sampler {
-                // diffusers pads right and bottom by one before a stride-2, padding-0 conv.
-                xs = ds.forward(&xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+            if let Some(ds) = &level.downsampler {
+                xs = ds.forward(&xs)?;
             }
         }
         let xs = self.mid.forward(&xs)?;
@@ -316,7 +316,7 @@ impl Encoder {
 pub struct Decoder {
     conv_in: Conv2d,
     mid: MidBlock,
-    up: Vec<Level>,
+    up: Vec<DecoderLevel>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -337,7 +337,7 @@ impl Decoder {
                     ResnetBlock2D::new(&resnet_cfg(rin, out_c, cfg), &vbb.pp("resnets").pp(j))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let sampler = if i + 1 < n {
+            let upsampler = if i + 1 < n {
                 Some(Conv2d::new(
                     out_c,
                     out_c,
@@ -349,7 +349,7 @@ impl Decoder {
             } else {
                 None
             };
-            up.push(Level { resnets, sampler });
+            up.push(DecoderLevel { resnets, upsampler });
         }
         Ok(Self {
             conv_in: Conv2d::new(cfg.latent_channels, ch[n - 1], 3, 1, 1, &vb.pp("conv_in"))?,
@@ -366,7 +366,7 @@ impl Decoder {
             for r in &level.resnets {
                 xs = r.forward(&xs, None)?;
             }
-            if let Some(us) = &level.sampler {
+            if let Some(us) = &level.upsampler {
                 xs = us.forward(&upsample_nearest_2x(&xs)?)?;
             }
         }

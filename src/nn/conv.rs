@@ -41,3 +41,32 @@ impl Conv2d {
         }
     }
 }
+
+/// diffusers' `Downsample2D` with a conv: a stride-2 3x3 conv. With padding 0 (the VAE, or
+/// a UNet with `downsample_padding: 0`) the input is first padded by one on the right and
+/// bottom only, as diffusers does.
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    pad_right_bottom: bool,
+}
+
+impl Downsample2D {
+    pub fn new(channels: usize, padding: usize, vb: &Vb) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::new(channels, channels, 3, 2, padding, &vb.pp("conv"))?,
+            pad_right_bottom: padding == 0,
+        })
+    }
+
+    /// # Shapes
+    /// `[b, c, h, w]` -> `[b, c, ceil(h / 2), ceil(w / 2)]`
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad_right_bottom {
+            self.conv
+                .forward(&xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}

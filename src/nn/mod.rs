@@ -10,7 +10,7 @@ pub mod linear;
 pub mod norm;
 
 pub use activation::Activation;
-pub use conv::Conv2d;
+pub use conv::{Conv2d, Downsample2D};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
 
