@@ -184,7 +184,7 @@ impl StableDiffusion {
     }
 
     /// The guided noise prediction eps = u + g (c - u). With g = 1 that is c alone, and u is
-    /// not computed. (diffusers' pipeline skips guidance for every g <= 1; the formula is
+    /// not computed unless it carries a gradient (which is then zero). (diffusers' pipeline skips guidance for every g <= 1; the formula is
     /// kept for g < 1 so the negative still acts and carries a gradient.)
     /// Both branches run in one batch unless the negative carries a gradient, in which case
     /// the conditional branch runs without a graph.
@@ -199,11 +199,12 @@ impl StableDiffusion {
         uncond: &Tensor,
         guidance_scale: f64,
     ) -> Result<Tensor> {
-        if guidance_scale == 1.0 {
+        let needs_grad = uncond.is_variable() || uncond.track_op();
+        if guidance_scale == 1.0 && !needs_grad {
             return self.unet.forward(latents, t as f64, cond);
         }
         let b = latents.dim(0)?;
-        let (u, c) = if uncond.is_variable() || uncond.track_op() {
+        let (u, c) = if needs_grad {
             let c = self
                 .unet
                 .forward(&latents.detach(), t as f64, &cond.detach())?
