@@ -5,10 +5,13 @@
 //! [`nn`] holds the differentiable building blocks (no fused ops without a backward);
 //! [`scheduler`] is DDIM; [`pipeline`] ties them into guided sampling and the gradient step.
 
+pub mod embedding;
 pub mod error;
+pub mod io;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod prompts;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;

@@ -1,6 +1,7 @@
-//! The `reneg` binary end to end, in temporary folders.
+//! The `reneg` binary end to end, in temporary folders, on the parity pipelines.
 
-use std::path::PathBuf;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
@@ -23,11 +24,29 @@ fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-#[test]
-fn generate_writes_a_png_and_is_deterministic() {
-    let dir = tempdir("gen");
-    let out = dir.to_str().unwrap();
-    let args = [
+fn ok(args: &[&str]) {
+    let o = reneg(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+}
+
+/// Decoded RGB pixels of a PNG and its `parameters` text chunk.
+fn read_png(path: &Path) -> (Vec<u8>, u32, u32, Option<String>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    let params = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone());
+    (buf, info.width, info.height, params)
+}
+
+fn gen_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
         "generate",
         "--model",
         SD15,
@@ -44,93 +63,228 @@ fn generate_writes_a_png_and_is_deterministic() {
         "--out",
         out,
     ];
-    let o = reneg(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let png = dir.join("0000-seed5.png");
-    let first = std::fs::read(&png).unwrap();
-    let img = image::load_from_memory(&first).unwrap();
-    assert_eq!((img.width(), img.height()), (32, 32));
-    let o = reneg(&args);
-    assert!(o.status.success());
-    assert_eq!(first, std::fs::read(&png).unwrap(), "same seed, same bytes");
-    // A negative prompt changes the image.
-    let mut neg = args.to_vec();
-    neg.extend(["--negative-prompt", "blurry"]);
-    let dir2 = tempdir("gen-neg");
-    let last = neg.len() - 3;
-    neg[last] = dir2.to_str().unwrap();
-    let o = reneg(&neg);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_ne!(first, std::fs::read(dir2.join("0000-seed5.png")).unwrap());
+    v.extend_from_slice(extra);
+    v
 }
 
 #[test]
-fn bad_input_exits_2_with_one_line() {
-    let empty = tempdir("empty");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
-        (
-            vec!["generate", "--model", "no/such/dir", "--prompt", "x"],
-            "no/such/dir",
-        ),
-        (
-            vec![
-                "generate",
-                "--model",
-                empty.to_str().unwrap(),
-                "--prompt",
-                "x",
-            ],
-            "model_index.json",
-        ),
-        (
-            vec![
-                "generate", "--model", SD15, "--prompt", "x", "--height", "30",
-            ],
-            "--height",
-        ),
-        (
-            vec![
-                "generate", "--model", SD15, "--prompt", "x", "--dtype", "bf16",
-            ],
-            "bf16",
-        ),
+fn generate_writes_png_with_parameters_and_jsonl_deterministically() {
+    let dir = tempdir("gen");
+    let out = dir.to_str().unwrap();
+    ok(&gen_args(out, &[]));
+    let png = dir.join("00000-seed5.png");
+    let (pixels, w, h, params) = read_png(&png);
+    assert_eq!((w, h), (32, 32));
+    let params = params.expect("a `parameters` text chunk");
+    assert!(
+        params.starts_with("a red cube\nNegative prompt: \nSteps: 3, Sampler: DDIM"),
+        "{params}"
+    );
+    assert!(
+        params.contains("Seed: 5") && params.contains("CFG scale: 7.5"),
+        "{params}"
+    );
+    let lines = std::fs::read_to_string(dir.join("images.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["seed"], 5);
+    assert_eq!(rec["file"], "00000-seed5.png");
+    // Same seed, same image, bit for bit.
+    ok(&gen_args(out, &[]));
+    assert_eq!(read_png(&png).0, pixels);
+}
+
+#[test]
+fn batches_and_prompt_files_give_the_same_images() {
+    let dir = tempdir("batch");
+    let txt = dir.join("p.txt");
+    std::fs::write(&txt, "a red cube\n\na blue ball\n").unwrap();
+    let one = dir.join("one");
+    let two = dir.join("two");
+    let base = [
+        "generate", "--model", SD15, "--steps", "2", "--height", "32", "--width", "32",
     ];
-    for (args, needle) in cases {
-        let o = reneg(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        let err = stderr(&o);
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+    let mut a = base.to_vec();
+    a.extend([
+        "--prompts",
+        txt.to_str().unwrap(),
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    ok(&a);
+    let mut b = base.to_vec();
+    b.extend([
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue ball",
+        "--batch-size",
+        "2",
+    ]);
+    b.extend(["--out", two.to_str().unwrap()]);
+    ok(&b);
+    for f in ["00000-seed0.png", "00001-seed1.png"] {
+        let (x, ..) = read_png(&one.join(f));
+        let (y, ..) = read_png(&two.join(f));
+        let max = x.iter().zip(&y).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(max <= 1, "{f}: batched image differs by {max}");
+    }
+    // .tsv with a Prompt column and .json lists work too.
+    let tsv = dir.join("p.tsv");
+    std::fs::write(&tsv, "Prompt\tCategory\na red cube\tShapes\n").unwrap();
+    let json = dir.join("p.json");
+    std::fs::write(&json, r#"{"photo": ["a red cube"]}"#).unwrap();
+    for f in [&tsv, &json] {
+        let o = dir.join(f.extension().unwrap());
+        let mut c = base.to_vec();
+        c.extend([
+            "--prompts",
+            f.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ]);
+        ok(&c);
+        assert_eq!(
+            read_png(&o.join("00000-seed0.png")).0,
+            read_png(&one.join("00000-seed0.png")).0
+        );
     }
 }
 
 #[test]
-fn corrupt_weights_exit_2_naming_the_file() {
-    let dir = tempdir("corrupt");
-    let model = dir.join("model");
-    copy_dir(&PathBuf::from(SD15), &model);
-    std::fs::write(
-        model.join("unet/diffusion_pytorch_model.safetensors"),
-        b"garbage",
-    )
-    .unwrap();
-    let o = reneg(&[
-        "generate",
+fn init_latents_reproduce_each_parity_case_image() {
+    for case in ["sd15-tiny", "sd2-tiny", "sd-variant"] {
+        let cdir = PathBuf::from("tests/fixtures/parity").join(case);
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(cdir.join("case.json")).unwrap())
+                .unwrap();
+        let exp = candle_core::safetensors::load(cdir.join("expected.safetensors"), &Device::Cpu)
+            .unwrap();
+        let dir = tempdir(&format!("init-{case}"));
+        let lat = dir.join("init.safetensors");
+        candle_core::safetensors::save(
+            &[("init_latents".to_string(), exp["init_latents"].clone())]
+                .into_iter()
+                .collect(),
+            &lat,
+        )
+        .unwrap();
+        let s = |k: &str| meta[k].to_string().trim_matches('"').to_string();
+        let (prompt, neg) = (
+            meta["prompt"].as_str().unwrap(),
+            meta["negative_prompt"].as_str().unwrap(),
+        );
+        let (g, n, h, w) = (
+            s("guidance_scale"),
+            s("num_inference_steps"),
+            s("height"),
+            s("width"),
+        );
+        let model = cdir.join("pipeline");
+        ok(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--negative-prompt",
+            neg,
+            "--guidance-scale",
+            &g,
+            "--steps",
+            &n,
+            "--height",
+            &h,
+            "--width",
+            &w,
+            "--init-latents",
+            lat.to_str().unwrap(),
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        let (pixels, ..) = read_png(&dir.join("00000-seed0.png"));
+        // The reference image as 8-bit RGB, the same way the PNG writer quantises.
+        let want: Vec<u8> = ((exp["image"].clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 127.5)
+            .unwrap()
+            .round()
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .permute((1, 2, 0))
+            .unwrap()
+            .to_dtype(DType::U8)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let max = pixels
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert_eq!(pixels.len(), want.len());
+        assert!(
+            max <= 1,
+            "{case}: image differs from PyTorch's by {max} levels"
+        );
+    }
+}
+
+#[test]
+fn each_negative_source_works_and_changes_the_image() {
+    let dir = tempdir("neg");
+    let run = |tag: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.join(tag);
+        ok(&gen_args(out.to_str().unwrap(), extra));
+        read_png(&out.join("00000-seed5.png")).0
+    };
+    let null = run("null", &[]);
+    let prompt = run("prompt", &["--negative-prompt", "blurry, low quality"]);
+    assert_ne!(null, prompt, "a negative prompt changes the image");
+    // The same text encoded into an embedding file gives the negative prompt's image exactly.
+    let emb = dir.join("blurry.safetensors");
+    ok(&[
+        "embedding",
+        "encode",
         "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
+        SD15,
+        "--text",
+        "blurry, low quality",
+        "--out",
+        emb.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("unet/diffusion_pytorch_model.safetensors"),
-        "{}",
-        stderr(&o)
+    let from_file = run(
+        "embedding",
+        &["--negative-embedding", emb.to_str().unwrap()],
+    );
+    assert_eq!(from_file, prompt);
+    // And as a PyTorch file.
+    let pt = dir.join("blurry.bin");
+    ok(&[
+        "embedding",
+        "export",
+        emb.to_str().unwrap(),
+        "--format",
+        "pt",
+        "--out",
+        pt.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        run("pt", &["--negative-embedding", pt.to_str().unwrap()]),
+        prompt
+    );
+    // A random embedding of the right shape changes it again.
+    let rnd = dir.join("random.safetensors");
+    let t = Tensor::randn(0f32, 1f32, (1, 77, 32), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), &rnd).unwrap();
+    assert_ne!(
+        run("random", &["--negative-embedding", rnd.to_str().unwrap()]),
+        null
     );
 }
 
-fn copy_dir(from: &PathBuf, to: &PathBuf) {
+fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap().flatten() {
         let p = e.path();
@@ -140,5 +294,195 @@ fn copy_dir(from: &PathBuf, to: &PathBuf) {
         } else {
             std::fs::copy(&p, &dest).unwrap();
         }
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_naming_the_problem() {
+    let dir = tempdir("bad");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let corrupt = dir.join("corrupt");
+    copy_dir(Path::new(SD15), &corrupt);
+    std::fs::write(
+        corrupt.join("unet/diffusion_pytorch_model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    let sched = dir.join("sched");
+    copy_dir(Path::new(SD15), &sched);
+    let cfg = sched.join("scheduler/scheduler_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("DDIMScheduler", "FancyNewScheduler");
+    std::fs::write(&cfg, text).unwrap();
+    let wide = dir.join("wide.safetensors");
+    let t = Tensor::zeros((1, 77, 768), DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), &wide).unwrap();
+    let empty_prompts = dir.join("empty.txt");
+    std::fs::write(&empty_prompts, "\n \n").unwrap();
+    let a_file = dir.join("a-file");
+    std::fs::write(&a_file, "x").unwrap();
+    let blocked_out = a_file.join("out");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                "no/such/dir".into(),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "no/such/dir",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                s(&empty),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "model_index.json",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                s(&corrupt),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "unet/diffusion_pytorch_model.safetensors",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                s(&sched),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "FancyNewScheduler",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--negative-embedding".into(),
+                s(&wide),
+            ],
+            "768",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--negative-embedding".into(),
+                "tests/fixtures/embedding/not_a_tensor.pt".into(),
+            ],
+            "not a single tensor",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompts".into(),
+                s(&empty_prompts),
+            ],
+            "no prompts",
+        ),
+        (
+            vec!["generate".into(), "--model".into(), SD15.into()],
+            "no prompts",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--out".into(),
+                s(&blocked_out),
+            ],
+            "output folder",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--height".into(),
+                "30".into(),
+            ],
+            "--height",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--dtype".into(),
+                "bf16".into(),
+            ],
+            "bf16",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                SD15.into(),
+                "--prompt".into(),
+                "x".into(),
+                "--device".into(),
+                "cuda:0".into(),
+            ],
+            "CUDA",
+        ),
+        (
+            vec![
+                "embedding".into(),
+                "inspect".into(),
+                "tests/fixtures/embedding/malicious.pt".into(),
+            ],
+            "os.system",
+        ),
+        (
+            vec![
+                "embedding".into(),
+                "export".into(),
+                s(&wide),
+                "--format".into(),
+                "pt".into(),
+                "--out".into(),
+                s(&blocked_out),
+            ],
+            "a-file",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = reneg(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
     }
 }

@@ -1,0 +1,137 @@
+//! `reneg embedding`: import the official ReNeg files (or any one-tensor file), export to
+//! safetensors or a PyTorch-loadable file, inspect, and encode a prompt into an embedding.
+
+use super::{lib, load_model, user};
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::{Subcommand, ValueEnum};
+use reneg::embedding::NegativeEmbedding;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum EmbeddingCommand {
+    /// Read a PyTorch .bin/.pt (never running code from it) or safetensors file of one tensor
+    /// and save it as a reneg safetensors embedding with metadata.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model it was learned for, recorded in the metadata.
+        #[arg(long)]
+        base_model: Option<String>,
+    },
+    /// Write an embedding as safetensors, or as a .pt/.bin that torch.load reads back.
+    Export {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        format: Format,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Shape, statistics, and which text encoder it fits.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encode a (negative) prompt with a model's text encoder into an embedding file, e.g. the
+    /// null-text start for training.
+    Encode {
+        #[arg(long)]
+        model: PathBuf,
+        /// The text; empty for the null-text embedding.
+        #[arg(long, default_value = "")]
+        text: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Format {
+    Safetensors,
+    Pt,
+}
+
+fn tool_metadata(emb: &mut NegativeEmbedding) {
+    emb.metadata.insert(
+        "tool".into(),
+        format!("reneg {}", env!("CARGO_PKG_VERSION")),
+    );
+}
+
+pub fn run(cmd: EmbeddingCommand) -> Result<()> {
+    match cmd {
+        EmbeddingCommand::Import {
+            file,
+            out,
+            base_model,
+        } => {
+            let mut emb = NegativeEmbedding::load(&file).map_err(lib)?;
+            tool_metadata(&mut emb);
+            emb.metadata
+                .insert("source".into(), file.display().to_string());
+            if let Some(b) = base_model {
+                emb.metadata.insert("base_model".into(), b);
+            }
+            if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+                return Err(user(format!(
+                    "{}: import writes safetensors; use a .safetensors name (or `embedding export --format pt`)",
+                    out.display()
+                )));
+            }
+            emb.save_safetensors(&out).map_err(lib)?;
+            println!(
+                "{} {:?} -> {}",
+                file.display(),
+                emb.tensor.dims(),
+                out.display()
+            );
+        }
+        EmbeddingCommand::Export { file, format, out } => {
+            let mut emb = NegativeEmbedding::load(&file).map_err(lib)?;
+            tool_metadata(&mut emb);
+            match format {
+                Format::Safetensors => emb.save_safetensors(&out),
+                Format::Pt => emb.save_torch(&out),
+            }
+            .map_err(lib)?;
+            println!("{}", out.display());
+        }
+        EmbeddingCommand::Inspect { file, json } => {
+            let emb = NegativeEmbedding::load(&file).map_err(lib)?;
+            let s = emb.stats().map_err(lib)?;
+            if json {
+                let mut v = serde_json::to_value(&s)?;
+                v["metadata"] = serde_json::to_value(&emb.metadata)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("file      {}", file.display());
+                println!("shape     {:?} ({})", s.shape, s.dtype);
+                println!("mean      {:.6}", s.mean);
+                println!("std       {:.6}", s.std);
+                println!(
+                    "row norms min {:.4}  median {:.4}  max {:.4}  (row 0: {:.4})",
+                    s.row_norm_min, s.row_norm_median, s.row_norm_max, s.row0_norm
+                );
+                println!("fits      {}", s.fits);
+                for (k, v) in &emb.metadata {
+                    println!("meta      {k} = {v}");
+                }
+            }
+        }
+        EmbeddingCommand::Encode { model, text, out } => {
+            let sd = load_model(&model, DType::F32, &Device::Cpu)?;
+            let t = sd.encode_prompt(&text).map_err(lib)?;
+            let mut emb = NegativeEmbedding::new(t).map_err(lib)?;
+            tool_metadata(&mut emb);
+            emb.metadata
+                .insert("base_model".into(), model.display().to_string());
+            emb.metadata.insert("text".into(), text);
+            emb.save(&out).map_err(lib)?;
+            println!("{} {:?}", out.display(), emb.tensor.dims());
+        }
+    }
+    Ok(())
+}

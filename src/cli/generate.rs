@@ -1,0 +1,277 @@
+//! `reneg generate`: guided DDIM text-to-image with a null-text, prompt or embedding negative.
+//! Writes one PNG per image (generation parameters in a `parameters` text chunk, as other SD
+//! front ends do) and one JSON line per image in `images.jsonl`.
+
+use super::{check_dtype, device, lib, load_model, user, Dtype};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use reneg::embedding::NegativeEmbedding;
+use reneg::prompts::{self, Prompt};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A diffusers pipeline folder (with model_index.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A prompt; repeat for several.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A prompt file: .txt (one per line), .tsv with a Prompt column, or .json list.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Negative prompt (default: null text, the empty prompt).
+    #[arg(long, conflicts_with = "negative_embedding")]
+    pub negative_prompt: Option<String>,
+    /// A learned negative embedding (.safetensors, or a PyTorch .bin/.pt such as the official ReNeg files).
+    #[arg(long)]
+    pub negative_embedding: Option<PathBuf>,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Base seed: image i (counting over all prompts) uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image height in pixels (default: the UNet's sample_size times the VAE factor).
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Images per UNet batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Start from these latents (safetensors, one tensor [N, C, h, w]; image i takes row i)
+    /// instead of seeded noise, to compare with other implementations.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    /// cpu, or cuda:N in CUDA builds.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Output folder.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+}
+
+struct Job {
+    index: usize,
+    prompt: Prompt,
+    seed: u64,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let mut prompt_list: Vec<Prompt> = args
+        .prompt
+        .iter()
+        .map(|p| Prompt {
+            text: p.clone(),
+            category: None,
+        })
+        .collect();
+    if let Some(file) = &args.prompts {
+        prompt_list.extend(prompts::load(file).map_err(lib)?);
+    }
+    if prompt_list.is_empty() {
+        return Err(user("no prompts: give --prompt TEXT or --prompts FILE"));
+    }
+    if args.batch_size == 0 {
+        return Err(user("--batch-size must be at least 1"));
+    }
+    let device = device(&args.device)?;
+    let dtype: DType = args.dtype.into();
+    check_dtype(dtype, &device)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| {
+        user(format!(
+            "{}: cannot create output folder: {e}",
+            args.out.display()
+        ))
+    })?;
+
+    let mut sd = load_model(&args.model, dtype, &device)?;
+    let f = sd.vae_scale();
+    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let (h, w) = (
+        args.height.unwrap_or(default_px),
+        args.width.unwrap_or(default_px),
+    );
+    let factor = f << sd.unet.config().downsamplings();
+    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+        return Err(user(format!(
+            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
+        )));
+    }
+    let latent_shape = [sd.latent_channels(), h / f, w / f];
+
+    let (uncond, negative_label) = match (&args.negative_embedding, &args.negative_prompt) {
+        (Some(path), _) => {
+            let emb = NegativeEmbedding::load(path).map_err(lib)?;
+            emb.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), path)
+                .map_err(lib)?;
+            let t = emb.tensor.to_dtype(dtype)?.to_device(&device)?;
+            (t, format!("embedding:{}", path.display()))
+        }
+        (None, text) => {
+            let text = text.clone().unwrap_or_default();
+            (sd.encode_prompt(&text).map_err(lib)?, text)
+        }
+    };
+    let init = match &args.init_latents {
+        Some(p) => Some(load_init_latents(p, &latent_shape, prompt_list.len())?),
+        None => None,
+    };
+
+    let jobs: Vec<Job> = prompt_list
+        .into_iter()
+        .enumerate()
+        .map(|(i, prompt)| Job {
+            index: i,
+            prompt,
+            seed: args.seed + i as u64,
+        })
+        .collect();
+    let bar = ProgressBar::new((jobs.len() * args.steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let mut jsonl = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("images.jsonl"))
+        .map_err(|e| user(format!("{}: cannot write: {e}", args.out.display())))?;
+
+    for batch in jobs.chunks(args.batch_size) {
+        let b = batch.len();
+        let mut noise = vec![];
+        let mut conds = vec![];
+        for job in batch {
+            noise.push(match &init {
+                Some(t) => t
+                    .get(job.index)?
+                    .unsqueeze(0)?
+                    .to_dtype(dtype)?
+                    .to_device(&device)?,
+                None => reneg::rng::randn(
+                    job.seed,
+                    &[1, latent_shape[0], latent_shape[1], latent_shape[2]],
+                    dtype,
+                    &device,
+                )?,
+            });
+            conds.push(sd.encode_prompt(&job.prompt.text).map_err(lib)?);
+        }
+        let noise = Tensor::cat(&noise, 0)?;
+        let cond = Tensor::cat(&conds, 0)?;
+        let uncond_b = uncond
+            .broadcast_as((b, uncond.dim(1)?, uncond.dim(2)?))?
+            .contiguous()?;
+        bar.set_message(format!("image {}/{}", batch[0].index + 1, jobs.len()));
+        let latents = sd
+            .sample(
+                noise,
+                args.steps,
+                &cond,
+                &uncond_b,
+                args.guidance_scale,
+                |_, _| bar.inc(b as u64),
+            )
+            .map_err(lib)?;
+        let images = sd.decode(&latents).map_err(lib)?;
+        for (k, job) in batch.iter().enumerate() {
+            let name = format!("{:05}-seed{}.png", job.index, job.seed);
+            let path = args.out.join(&name);
+            let params = format!(
+                "{}\nNegative prompt: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+                job.prompt.text,
+                negative_label,
+                args.steps,
+                args.guidance_scale,
+                job.seed,
+                w,
+                h,
+                args.model.display()
+            );
+            save_png(&images.get(k)?, &path, &params)?;
+            let record = serde_json::json!({
+                "file": name,
+                "prompt": job.prompt.text,
+                "category": job.prompt.category,
+                "negative": negative_label,
+                "seed": job.seed,
+                "init_latents": args.init_latents.as_ref().map(|p| p.display().to_string()),
+                "steps": args.steps,
+                "guidance_scale": args.guidance_scale,
+                "height": h,
+                "width": w,
+                "model": args.model.display().to_string(),
+                "dtype": format!("{dtype:?}").to_lowercase(),
+            });
+            writeln!(jsonl, "{record}").context("writing images.jsonl")?;
+            bar.println(path.display().to_string());
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Loads `[N, C, h, w]` latents (one safetensors tensor) and checks them against the model.
+fn load_init_latents(path: &Path, shape: &[usize; 3], images: usize) -> Result<Tensor> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| user(format!("{}: cannot read latents: {e}", path.display())))?;
+    let t = match tensors.len() {
+        1 => tensors.into_values().next().unwrap(),
+        _ => tensors
+            .get("init_latents")
+            .or_else(|| tensors.get("latents"))
+            .cloned()
+            .ok_or_else(|| {
+                user(format!(
+                    "{}: holds several tensors; name the latents `init_latents` or keep only one",
+                    path.display()
+                ))
+            })?,
+    };
+    let t = if t.rank() == 3 { t.unsqueeze(0)? } else { t };
+    let ok = t.rank() == 4 && t.dims()[1..] == shape[..] && t.dim(0)? >= images;
+    if !ok {
+        return Err(user(format!(
+            "{}: latents of shape {:?}, but {images} image(s) of this model and size need [{images}, {}, {}, {}]",
+            path.display(),
+            t.dims(),
+            shape[0],
+            shape[1],
+            shape[2]
+        )));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Writes `[3, H, W]` pixels in [-1, 1] as an 8-bit RGB PNG with a `parameters` text chunk,
+/// atomically.
+fn save_png(image: &Tensor, path: &Path, parameters: &str) -> Result<()> {
+    let img = ((image.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+        .round()?
+        .permute((1, 2, 0))?
+        .to_dtype(DType::U8)?;
+    let (h, w, _) = img.dims3()?;
+    let data = img.flatten_all()?.to_vec1::<u8>()?;
+    reneg::io::write_atomic_with(path, |f| {
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.add_text_chunk("parameters".into(), parameters.into())
+            .map_err(std::io::Error::other)?;
+        let mut writer = enc.write_header().map_err(std::io::Error::other)?;
+        writer
+            .write_image_data(&data)
+            .map_err(std::io::Error::other)?;
+        writer.finish().map_err(std::io::Error::other)
+    })
+    .map_err(lib)
+}

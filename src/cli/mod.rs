@@ -1,0 +1,94 @@
+//! Command implementations and what they share: model and device options, and the mapping
+//! of errors to exit codes.
+
+pub mod embedding;
+pub mod generate;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+use reneg::StableDiffusion;
+use std::path::Path;
+
+/// An error caused by the user's input: printed on one line, exit code 2.
+#[derive(Debug)]
+pub struct UserError(pub String);
+
+impl std::fmt::Display for UserError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UserError {}
+
+pub fn user(msg: impl Into<String>) -> anyhow::Error {
+    UserError(msg.into()).into()
+}
+
+/// Library errors from bad input become user errors; others stay internal.
+pub fn lib(e: reneg::Error) -> anyhow::Error {
+    if e.is_user_error() {
+        user(e.to_string())
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+pub fn is_user_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<UserError>().is_some())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> Self {
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `--device cpu` or `cuda[:N]` (CUDA builds only).
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| {
+                    n.parse()
+                        .map_err(|_| user(format!("--device {s}: expected cuda:N")))
+                })
+                .transpose()?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                return Err(user(format!(
+                    "--device {s}: this reneg was built without CUDA; rebuild with --features cuda or use --device cpu"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|e| user(format!("--device {s}: {e}")))
+        }
+        s => Err(user(format!("--device {s}: expected cpu or cuda:N"))),
+    }
+}
+
+pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(user(
+            "--dtype bf16 is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16",
+        ));
+    }
+    Ok(())
+}
+
+pub fn load_model(model: &Path, dtype: DType, device: &Device) -> Result<StableDiffusion> {
+    StableDiffusion::load(model, dtype, device).map_err(lib)
+}

@@ -1,0 +1,233 @@
+//! The negative embedding as a value: a `[1, L, D]` tensor in the text encoder's output space
+//! (diffusers' `negative_prompt_embeds`), with metadata. Loads safetensors files and the
+//! official ReNeg `torch.save` files (read without running any code); saves safetensors with
+//! metadata in the header and PyTorch-loadable `.pt`/`.bin` files.
+
+pub mod pickle;
+pub mod torch_file;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// The tensor name used in saved safetensors files.
+pub const TENSOR_NAME: &str = "negative_prompt_embeds";
+
+#[derive(Debug, Clone)]
+pub struct NegativeEmbedding {
+    /// `[1, L, D]`, f32 on the CPU.
+    pub tensor: Tensor,
+    /// Free-form provenance (base model, reward, steps, tool version, ...).
+    pub metadata: BTreeMap<String, String>,
+    /// The element type the file stored (the tensor itself is always held as f32).
+    pub stored_dtype: DType,
+}
+
+/// Summary statistics for `reneg embedding inspect`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub mean: f64,
+    /// Unbiased (n - 1), as `torch.std`.
+    pub std: f64,
+    pub row0_norm: f64,
+    pub row_norm_min: f64,
+    pub row_norm_median: f64,
+    pub row_norm_max: f64,
+    /// The text encoders whose output width this embedding has.
+    pub fits: String,
+}
+
+/// Which text encoder produces embeddings of width `d`.
+pub fn encoder_for_width(d: usize) -> &'static str {
+    match d {
+        768 => "SD 1.x (CLIP ViT-L/14 text encoder, 768 wide)",
+        1024 => "SD 2.x (OpenCLIP ViT-H/14 text encoder, 1024 wide)",
+        4096 => "PixArt-alpha (T5-XXL, 4096 wide); not a Stable Diffusion 1.x/2.x embedding",
+        _ => "no standard text encoder (a tiny or custom model)",
+    }
+}
+
+impl NegativeEmbedding {
+    pub fn new(tensor: Tensor) -> Result<Self> {
+        let stored_dtype = tensor.dtype();
+        let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        Ok(Self {
+            tensor,
+            metadata: BTreeMap::new(),
+            stored_dtype,
+        })
+    }
+
+    /// Loads a safetensors file holding one tensor, or a PyTorch `torch.save` file of one
+    /// tensor (the official ReNeg `.bin`s). A `[L, D]` tensor is taken as `[1, L, D]`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::file(path, "embedding file not found"),
+            _ => Error::file(path, format!("cannot read: {e}")),
+        })?;
+        let (tensor, metadata, stored_dtype) = if torch_file::is_zip(&bytes) {
+            let (t, dtype) = torch_file::read(&bytes, path)?;
+            (t, BTreeMap::new(), dtype)
+        } else if bytes.starts_with(b"\x80\x02\x8a\x0a") {
+            // The legacy format opens with a pickled magic number (PROTO 2, LONG1 of 10 bytes).
+            return Err(Error::file(
+                path,
+                "legacy (pre-1.6) PyTorch format; re-save it in Python with torch.save(t, path) from a current torch",
+            ));
+        } else {
+            let (t, meta) = read_safetensors(&bytes, path)?;
+            let dtype = t.dtype();
+            (t, meta, dtype)
+        };
+        let tensor = match tensor.rank() {
+            2 => tensor.unsqueeze(0)?,
+            3 if tensor.dim(0)? == 1 => tensor,
+            _ => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "holds a tensor of shape {:?}; a negative embedding is [1, tokens, width]",
+                        tensor.dims()
+                    ),
+                ))
+            }
+        };
+        Ok(Self {
+            tensor: tensor.to_dtype(DType::F32)?,
+            metadata,
+            stored_dtype,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.tensor.dims()[1]
+    }
+
+    pub fn width(&self) -> usize {
+        self.tensor.dims()[2]
+    }
+
+    /// Saves as safetensors (one tensor named [`TENSOR_NAME`], metadata in the header),
+    /// atomically.
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let data: Vec<u8> = self
+            .tensor
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            self.tensor.dims().to_vec(),
+            &data,
+        )
+        .map_err(|e| Error::Invalid(format!("cannot serialise embedding: {e}")))?;
+        let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        meta.entry("format".into())
+            .or_insert_with(|| "reneg negative embedding".into());
+        let bytes = safetensors::tensor::serialize([(TENSOR_NAME, view)], Some(meta))
+            .map_err(|e| Error::Invalid(format!("cannot serialise embedding: {e}")))?;
+        crate::io::write_atomic(path, &bytes)
+    }
+
+    /// Saves as a PyTorch file that `torch.load` reads back as the same tensor (as the
+    /// official inference script expects), atomically.
+    pub fn save_torch(&self, path: &Path) -> Result<()> {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        torch_file::write(&self.tensor, &mut buf)?;
+        crate::io::write_atomic(path, buf.get_ref())
+    }
+
+    /// Saves in the format its extension names: `.safetensors`, or `.pt` / `.bin` / `.pth`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("safetensors") => self.save_safetensors(path),
+            Some("pt" | "bin" | "pth") => self.save_torch(path),
+            _ => Err(Error::file(
+                path,
+                "unknown embedding format: use a .safetensors, .pt or .bin file name",
+            )),
+        }
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let t = self.tensor.to_dtype(DType::F64)?;
+        let n = t.elem_count() as f64;
+        let mean = t.mean_all()?.to_scalar::<f64>()?;
+        let var = (t
+            .broadcast_sub(&Tensor::new(mean, &Device::Cpu)?)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?)
+            / (n - 1.0).max(1.0);
+        let mut norms: Vec<f64> = t.squeeze(0)?.sqr()?.sum(1)?.sqrt()?.to_vec1::<f64>()?;
+        let row0 = norms[0];
+        norms.sort_by(f64::total_cmp);
+        Ok(Stats {
+            shape: self.tensor.dims().to_vec(),
+            dtype: format!("{:?}", self.stored_dtype).to_lowercase(),
+            mean,
+            std: var.sqrt(),
+            row0_norm: row0,
+            row_norm_min: norms[0],
+            row_norm_median: norms[norms.len() / 2],
+            row_norm_max: norms[norms.len() - 1],
+            fits: encoder_for_width(self.width()).into(),
+        })
+    }
+
+    /// Refuses an embedding that the model's text encoder could not have produced.
+    pub fn check_fits(&self, tokens: usize, width: usize, source: &Path) -> Result<()> {
+        if self.width() != width || self.tokens() != tokens {
+            return Err(Error::file(
+                source,
+                format!(
+                    "embedding is [1, {}, {}] ({}), but the model's text encoder gives [1, {tokens}, {width}] ({})",
+                    self.tokens(),
+                    self.width(),
+                    encoder_for_width(self.width()),
+                    encoder_for_width(width)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Tensor, BTreeMap<String, String>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::file(
+            path,
+            format!("neither a PyTorch file nor a valid safetensors file ({e})"),
+        )
+    })?;
+    let names = st.names();
+    if names.len() != 1 {
+        return Err(Error::file(
+            path,
+            format!(
+                "holds {} tensors ({}); an embedding file holds exactly one",
+                names.len(),
+                names
+                    .iter()
+                    .take(5)
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+        .map_err(|e| Error::file(path, format!("cannot read tensor: {e}")))?;
+    let tensor = tensors.into_values().next().expect("one tensor");
+    let metadata = safetensors::SafeTensors::read_metadata(bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().clone())
+        .map(|m| m.into_iter().collect())
+        .unwrap_or_default();
+    Ok((tensor, metadata))
+}

@@ -1,0 +1,103 @@
+//! Prompt lists: `.txt` (one per line), `.tsv` with a `Prompt` column (PartiPrompts; a
+//! `Category` column is kept), `.json` (a list of strings, or `{style: [prompts]}` as the
+//! HPSv2 benchmark). An empty list is an error.
+
+use crate::error::{Error, Result};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub text: String,
+    /// PartiPrompts' category or the HPSv2 style, when the file has one.
+    pub category: Option<String>,
+}
+
+pub fn load(path: &Path) -> Result<Vec<Prompt>> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "prompt file not found"),
+        _ => Error::file(path, format!("cannot read: {e}")),
+    })?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_lowercase();
+    let prompts = match ext.as_str() {
+        "tsv" => parse_tsv(&text, path)?,
+        "json" => parse_json(&text, path)?,
+        _ => text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| Prompt {
+                text: l.to_string(),
+                category: None,
+            })
+            .collect(),
+    };
+    if prompts.is_empty() {
+        return Err(Error::file(path, "contains no prompts; add at least one"));
+    }
+    Ok(prompts)
+}
+
+fn parse_tsv(text: &str, path: &Path) -> Result<Vec<Prompt>> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split('\t').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h.trim().eq_ignore_ascii_case(name))
+    };
+    let p = col("prompt").ok_or_else(|| {
+        Error::file(
+            path,
+            "a .tsv prompt file needs a header with a `Prompt` column",
+        )
+    })?;
+    let c = col("category");
+    Ok(lines
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split('\t').collect();
+            let text = fields.get(p)?.trim();
+            (!text.is_empty()).then(|| Prompt {
+                text: text.to_string(),
+                category: c.and_then(|c| fields.get(c)).map(|s| s.trim().to_string()),
+            })
+        })
+        .collect())
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<Vec<Prompt>> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let strings = |v: &serde_json::Value, cat: Option<&str>| -> Option<Vec<Prompt>> {
+        v.as_array()?
+            .iter()
+            .map(|p| {
+                Some(Prompt {
+                    text: p.as_str()?.to_string(),
+                    category: cat.map(String::from),
+                })
+            })
+            .collect()
+    };
+    let bad = || {
+        Error::file(
+            path,
+            "a .json prompt file is a list of strings, or an object of lists of strings",
+        )
+    };
+    match &v {
+        serde_json::Value::Array(_) => strings(&v, None).ok_or_else(bad),
+        serde_json::Value::Object(map) => {
+            let mut out = vec![];
+            for (style, list) in map {
+                out.extend(strings(list, Some(style)).ok_or_else(bad)?);
+            }
+            Ok(out)
+        }
+        _ => Err(bad()),
+    }
+}
