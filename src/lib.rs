@@ -14,6 +14,8 @@ pub mod pipeline;
 pub mod prompts;
 pub mod rng;
 pub mod scheduler;
+pub mod single_file;
+pub mod source;
 pub mod tokenizer;
 pub mod weights;
 

@@ -486,3 +486,62 @@ fn bad_input_exits_2_with_one_line_naming_the_problem() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn single_file_checkpoint_gives_the_folders_image() {
+    let dir = tempdir("single");
+    let folder = dir.join("folder");
+    let single = dir.join("single");
+    ok(&gen_args(folder.to_str().unwrap(), &[]));
+    // The tiny text encoder's head count is not inferable from shapes: pass its config.
+    let cfg = dir.join("cfg");
+    std::fs::create_dir_all(cfg.join("text_encoder")).unwrap();
+    std::fs::copy(
+        format!("{SD15}/text_encoder/config.json"),
+        cfg.join("text_encoder/config.json"),
+    )
+    .unwrap();
+    let mut args = gen_args(
+        single.to_str().unwrap(),
+        &["--model-config", cfg.to_str().unwrap()],
+    );
+    args[2] = "tests/fixtures/parity/sd15-tiny/single_file.safetensors";
+    ok(&args);
+    assert_eq!(
+        read_png(&single.join("00000-seed5.png")).0,
+        read_png(&folder.join("00000-seed5.png")).0
+    );
+}
+
+#[test]
+fn hub_repo_ids_resolve_in_the_local_cache_only() {
+    let dir = tempdir("hub");
+    let cache = dir.join("hub");
+    let repo = cache.join("models--acme--tiny-sd");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    copy_dir(Path::new(SD15), &repo.join("snapshots/0123abcd"));
+    let out = dir.join("out");
+    let mut args = gen_args(out.to_str().unwrap(), &["--offline"]);
+    args[2] = "acme/tiny-sd";
+    let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
+        .args(&args)
+        .env("HF_HUB_CACHE", &cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.join("00000-seed5.png").is_file());
+    args[2] = "acme/not-downloaded";
+    let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
+        .args(&args)
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("acme/not-downloaded") && err.contains("huggingface-cli download"),
+        "{err}"
+    );
+}

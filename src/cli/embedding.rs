@@ -1,7 +1,7 @@
 //! `reneg embedding`: import the official ReNeg files (or any one-tensor file), export to
 //! safetensors or a PyTorch-loadable file, inspect, and encode a prompt into an embedding.
 
-use super::{lib, load_model, user};
+use super::{lib, load_model, user, ModelArgs};
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::{Subcommand, ValueEnum};
@@ -38,8 +38,8 @@ pub enum EmbeddingCommand {
     /// Encode a (negative) prompt with a model's text encoder into an embedding file, e.g. the
     /// null-text start for training.
     Encode {
-        #[arg(long)]
-        model: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// The text; empty for the null-text embedding.
         #[arg(long, default_value = "")]
         text: String,
@@ -127,7 +127,7 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             let mut emb = NegativeEmbedding::new(t).map_err(lib)?;
             tool_metadata(&mut emb);
             emb.metadata
-                .insert("base_model".into(), model.display().to_string());
+                .insert("base_model".into(), model.model.clone());
             emb.metadata.insert("text".into(), text);
             emb.save(&out).map_err(lib)?;
             println!("{} {:?}", out.display(), emb.tensor.dims());

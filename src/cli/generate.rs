@@ -2,7 +2,7 @@
 //! Writes one PNG per image (generation parameters in a `parameters` text chunk, as other SD
 //! front ends do) and one JSON line per image in `images.jsonl`.
 
-use super::{check_dtype, device, lib, load_model, user, Dtype};
+use super::{check_dtype, device, lib, load_model, user, Dtype, ModelArgs};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,9 +13,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// A diffusers pipeline folder (with model_index.json).
-    #[arg(long)]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A prompt; repeat for several.
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -195,7 +194,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 job.seed,
                 w,
                 h,
-                args.model.display()
+                args.model.model
             );
             save_png(&images.get(k)?, &path, &params)?;
             let record = serde_json::json!({
@@ -209,7 +208,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "guidance_scale": args.guidance_scale,
                 "height": h,
                 "width": w,
-                "model": args.model.display().to_string(),
+                "model": args.model.model,
                 "dtype": format!("{dtype:?}").to_lowercase(),
             });
             writeln!(jsonl, "{record}").context("writing images.jsonl")?;

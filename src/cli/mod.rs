@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::ValueEnum;
 use reneg::StableDiffusion;
-use std::path::Path;
+use std::path::PathBuf;
 
 /// An error caused by the user's input: printed on one line, exit code 2.
 #[derive(Debug)]
@@ -89,6 +89,32 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
     Ok(())
 }
 
-pub fn load_model(model: &Path, dtype: DType, device: &Device) -> Result<StableDiffusion> {
-    StableDiffusion::load(model, dtype, device).map_err(lib)
+/// Where the model comes from, shared by every command that loads one.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// A diffusers folder, an original single-file .safetensors checkpoint, or a Hugging Face
+    /// repo id already in the local hub cache.
+    #[arg(long)]
+    pub model: String,
+    /// Never touch the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// For single-file checkpoints: a diffusers-style folder whose configs (unet/, vae/,
+    /// text_encoder/, scheduler/, tokenizer/) replace the ones inferred from the tensors.
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// For single-file checkpoints: epsilon or v_prediction (inferred otherwise).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+}
+
+pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<StableDiffusion> {
+    let options = reneg::source::LoadOptions {
+        offline: m.offline,
+        single_file: reneg::single_file::Overrides {
+            config_dir: m.model_config.clone(),
+            prediction_type: m.prediction_type.clone(),
+        },
+    };
+    reneg::source::load(&m.model, &options, dtype, device).map_err(lib)
 }

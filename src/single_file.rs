@@ -1,0 +1,694 @@
+//! Original single-file Stable Diffusion 1.x / 2.x checkpoints (the CompVis / Stability
+//! `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*` layout): every
+//! original key name is converted to the diffusers / transformers name here, in one place,
+//! and the architecture is inferred from the tensors' shapes. What shapes cannot tell (head
+//! counts of non-standard models, group counts, v-prediction) comes from the standard SD
+//! values, or from a diffusers-style config folder given as an override.
+
+use crate::error::{read_json, Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+const SD1_TEXT: &str = "cond_stage_model.transformer.";
+const SD2_TEXT: &str = "cond_stage_model.model.";
+
+/// Which text encoder family the checkpoint carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// CLIP ViT-L/14 in transformers' layout (SD 1.x).
+    Sd1,
+    /// OpenCLIP ViT-H/14, penultimate layer (SD 2.x).
+    Sd2,
+}
+
+/// Settings the tensors cannot reveal.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// A diffusers-style folder whose `unet/`, `vae/`, `text_encoder/` `config.json`,
+    /// `scheduler/scheduler_config.json` and `tokenizer/` replace the inferred ones.
+    pub config_dir: Option<PathBuf>,
+    /// "epsilon" or "v_prediction" (default: epsilon for SD1 and SD2-base widths, v for
+    /// SD2 768-v, as diffusers guesses).
+    pub prediction_type: Option<String>,
+}
+
+/// The converted checkpoint: per-component tensors under diffusers names, and configs.
+pub struct Converted {
+    pub base: Base,
+    pub unet: HashMap<String, Tensor>,
+    pub vae: HashMap<String, Tensor>,
+    pub text_encoder: HashMap<String, Tensor>,
+    pub unet_config: Value,
+    pub vae_config: Value,
+    pub text_config: Value,
+    pub scheduler_config: Value,
+}
+
+fn strip(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    all.iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+        .collect()
+}
+
+/// Indices `i` for which some key starts with `{prefix}{i}.`.
+fn indices(keys: &HashMap<String, Tensor>, prefix: &str) -> Vec<usize> {
+    let mut v: Vec<usize> = keys
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn has_prefix(keys: &HashMap<String, Tensor>, prefix: &str) -> bool {
+    keys.keys().any(|k| k.starts_with(prefix))
+}
+
+/// Moves every key under `from` to `to` (with a renaming of the remainder).
+fn move_prefix(
+    src: &HashMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+    from: &str,
+    to: &str,
+    rename: impl Fn(&str) -> String,
+) {
+    for (k, v) in src {
+        if let Some(rest) = k.strip_prefix(from) {
+            out.insert(format!("{to}{}", rename(rest)), v.clone());
+        }
+    }
+}
+
+fn resnet_name(rest: &str) -> String {
+    // LDM ResBlock -> diffusers ResnetBlock2D.
+    for (a, b) in [
+        ("in_layers.0.", "norm1."),
+        ("in_layers.2.", "conv1."),
+        ("emb_layers.1.", "time_emb_proj."),
+        ("out_layers.0.", "norm2."),
+        ("out_layers.3.", "conv2."),
+        ("skip_connection.", "conv_shortcut."),
+        ("nin_shortcut.", "conv_shortcut."),
+    ] {
+        if let Some(r) = rest.strip_prefix(a) {
+            return format!("{b}{r}");
+        }
+    }
+    rest.to_string()
+}
+
+fn same(rest: &str) -> String {
+    rest.to_string()
+}
+
+fn dim(t: &HashMap<String, Tensor>, key: &str, d: usize, file: &Path) -> Result<usize> {
+    let tensor = t.get(key).ok_or_else(|| Error::Weight {
+        file: file.to_path_buf(),
+        name: key.to_string(),
+        problem: "is missing: not a complete Stable Diffusion checkpoint".into(),
+    })?;
+    Ok(tensor.dims().get(d).copied().unwrap_or(0))
+}
+
+/// Converts the UNet and infers its config.
+fn convert_unet(
+    all: &HashMap<String, Tensor>,
+    base: Base,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let u = strip(all, UNET);
+    let mut out = HashMap::new();
+    let model_channels = dim(&u, "input_blocks.0.0.weight", 0, file)?;
+    let in_channels = dim(&u, "input_blocks.0.0.weight", 1, file)?;
+    let out_channels = dim(&u, "out.2.weight", 0, file)?;
+    let time_dim = dim(&u, "time_embed.0.weight", 0, file)?;
+    move_prefix(
+        &u,
+        &mut out,
+        "time_embed.0.",
+        "time_embedding.linear_1.",
+        same,
+    );
+    move_prefix(
+        &u,
+        &mut out,
+        "time_embed.2.",
+        "time_embedding.linear_2.",
+        same,
+    );
+    move_prefix(&u, &mut out, "input_blocks.0.0.", "conv_in.", same);
+    move_prefix(&u, &mut out, "out.0.", "conv_norm_out.", same);
+    move_prefix(&u, &mut out, "out.2.", "conv_out.", same);
+
+    // Input blocks: per level, `layers` resnet(+attention) entries, then a downsampler.
+    let inputs = indices(&u, "input_blocks.");
+    let downsamplers: Vec<usize> = inputs
+        .iter()
+        .copied()
+        .filter(|i| u.contains_key(&format!("input_blocks.{i}.0.op.weight")))
+        .collect();
+    let levels = downsamplers.len() + 1;
+    let entries = inputs.len().saturating_sub(1); // without conv_in
+    if entries < levels || (entries - downsamplers.len()) % levels != 0 {
+        return Err(Error::file(
+            file,
+            "UNet input blocks do not form a regular level structure",
+        ));
+    }
+    let layers = (entries - downsamplers.len()) / levels;
+    let mut channels = vec![];
+    let mut attention = vec![];
+    let mut transformer_depth = 1;
+    let mut context_dim = 0;
+    let mut linear_proj = false;
+    let mut idx = 1;
+    for level in 0..levels {
+        let mut level_attn = false;
+        for j in 0..layers {
+            let p = format!("input_blocks.{idx}.");
+            move_prefix(
+                &u,
+                &mut out,
+                &format!("{p}0."),
+                &format!("down_blocks.{level}.resnets.{j}."),
+                resnet_name,
+            );
+            if j == 0 {
+                channels.push(dim(&u, &format!("{p}0.out_layers.3.weight"), 0, file)?);
+            }
+            if has_prefix(&u, &format!("{p}1.")) {
+                level_attn = true;
+                move_prefix(
+                    &u,
+                    &mut out,
+                    &format!("{p}1."),
+                    &format!("down_blocks.{level}.attentions.{j}."),
+                    same,
+                );
+                transformer_depth = indices(&u, &format!("{p}1.transformer_blocks.")).len();
+                context_dim = dim(
+                    &u,
+                    &format!("{p}1.transformer_blocks.0.attn2.to_k.weight"),
+                    1,
+                    file,
+                )?;
+                linear_proj = u
+                    .get(&format!("{p}1.proj_in.weight"))
+                    .map(|t| t.rank() == 2)
+                    .unwrap_or(false);
+            }
+            idx += 1;
+        }
+        attention.push(level_attn);
+        if level + 1 < levels {
+            move_prefix(
+                &u,
+                &mut out,
+                &format!("input_blocks.{idx}.0.op."),
+                &format!("down_blocks.{level}.downsamplers.0.conv."),
+                same,
+            );
+            idx += 1;
+        }
+    }
+    if context_dim == 0 {
+        return Err(Error::file(
+            file,
+            "UNet has no cross-attention: not a text-to-image Stable Diffusion model",
+        ));
+    }
+    move_prefix(
+        &u,
+        &mut out,
+        "middle_block.0.",
+        "mid_block.resnets.0.",
+        resnet_name,
+    );
+    move_prefix(
+        &u,
+        &mut out,
+        "middle_block.1.",
+        "mid_block.attentions.0.",
+        same,
+    );
+    move_prefix(
+        &u,
+        &mut out,
+        "middle_block.2.",
+        "mid_block.resnets.1.",
+        resnet_name,
+    );
+
+    // Output blocks: per level (deepest first), layers + 1 entries; resnet, attention, upsampler.
+    for (i, o) in indices(&u, "output_blocks.").into_iter().enumerate() {
+        let (level, j) = (i / (layers + 1), i % (layers + 1));
+        let p = format!("output_blocks.{o}.");
+        move_prefix(
+            &u,
+            &mut out,
+            &format!("{p}0."),
+            &format!("up_blocks.{level}.resnets.{j}."),
+            resnet_name,
+        );
+        for sub in [1, 2] {
+            let sp = format!("{p}{sub}.");
+            if u.contains_key(&format!("{sp}conv.weight")) && !has_prefix(&u, &format!("{sp}norm."))
+            {
+                move_prefix(
+                    &u,
+                    &mut out,
+                    &format!("{sp}conv."),
+                    &format!("up_blocks.{level}.upsamplers.0.conv."),
+                    same,
+                );
+            } else if has_prefix(&u, &sp) {
+                move_prefix(
+                    &u,
+                    &mut out,
+                    &sp,
+                    &format!("up_blocks.{level}.attentions.{j}."),
+                    same,
+                );
+            }
+        }
+    }
+
+    // Head counts: SD1 uses 8 heads everywhere; SD2 heads of width 64.
+    let heads: Vec<usize> = channels
+        .iter()
+        .map(|&c| match base {
+            Base::Sd1 => 8,
+            Base::Sd2 => (c / 64).max(1),
+        })
+        .collect();
+    let down: Vec<&str> = attention
+        .iter()
+        .map(|&a| {
+            if a {
+                "CrossAttnDownBlock2D"
+            } else {
+                "DownBlock2D"
+            }
+        })
+        .collect();
+    let up: Vec<&str> = attention
+        .iter()
+        .rev()
+        .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .collect();
+    debug_assert_eq!(time_dim, 4 * model_channels);
+    let cfg = json!({
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "block_out_channels": channels,
+        "down_block_types": down,
+        "up_block_types": up,
+        "layers_per_block": layers,
+        "transformer_layers_per_block": transformer_depth,
+        "cross_attention_dim": context_dim,
+        "attention_head_dim": heads,
+        "use_linear_projection": linear_proj,
+        "upcast_attention": base == Base::Sd2,
+        "norm_num_groups": 32,
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+    });
+    Ok((out, cfg))
+}
+
+fn attn_1x1(rest: &str) -> Option<&'static str> {
+    Some(match rest.split('.').next()? {
+        "q" => "to_q",
+        "k" => "to_k",
+        "v" => "to_v",
+        "proj_out" => "to_out.0",
+        "norm" => "group_norm",
+        _ => return None,
+    })
+}
+
+/// Converts the VAE's mid block (resnets and the 1x1-conv attention) under `from` -> `to`.
+fn convert_vae_mid(
+    v: &HashMap<String, Tensor>,
+    out: &mut HashMap<String, Tensor>,
+    from: &str,
+    to: &str,
+) -> Result<()> {
+    move_prefix(
+        v,
+        out,
+        &format!("{from}block_1."),
+        &format!("{to}resnets.0."),
+        resnet_name,
+    );
+    move_prefix(
+        v,
+        out,
+        &format!("{from}block_2."),
+        &format!("{to}resnets.1."),
+        resnet_name,
+    );
+    for (k, t) in v {
+        let Some(rest) = k.strip_prefix(&format!("{from}attn_1.")) else {
+            continue;
+        };
+        let Some(name) = attn_1x1(rest) else { continue };
+        let param = rest.rsplit('.').next().unwrap_or("");
+        // The original stores q/k/v/proj_out as 1x1 convolutions.
+        let t = if t.rank() == 4 {
+            t.squeeze(3)?.squeeze(2)?
+        } else {
+            t.clone()
+        };
+        out.insert(format!("{to}attentions.0.{name}.{param}"), t);
+    }
+    Ok(())
+}
+
+fn convert_vae(
+    all: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let v = strip(all, VAE);
+    let mut out = HashMap::new();
+    let levels = indices(&v, "encoder.down.").len();
+    if levels == 0 {
+        return Err(Error::file(
+            file,
+            "no VAE (first_stage_model.*) in the checkpoint",
+        ));
+    }
+    let layers = indices(&v, "encoder.down.0.block.").len();
+    let mut channels = vec![];
+    for i in 0..levels {
+        channels.push(dim(
+            &v,
+            &format!("encoder.down.{i}.block.0.conv2.weight"),
+            0,
+            file,
+        )?);
+        for j in 0..layers {
+            move_prefix(
+                &v,
+                &mut out,
+                &format!("encoder.down.{i}.block.{j}."),
+                &format!("encoder.down_blocks.{i}.resnets.{j}."),
+                resnet_name,
+            );
+        }
+        move_prefix(
+            &v,
+            &mut out,
+            &format!("encoder.down.{i}.downsample.conv."),
+            &format!("encoder.down_blocks.{i}.downsamplers.0.conv."),
+            same,
+        );
+        // The original decoder counts levels from the bottom; diffusers from the top.
+        let o = levels - 1 - i;
+        for j in 0..=layers {
+            move_prefix(
+                &v,
+                &mut out,
+                &format!("decoder.up.{o}.block.{j}."),
+                &format!("decoder.up_blocks.{i}.resnets.{j}."),
+                resnet_name,
+            );
+        }
+        move_prefix(
+            &v,
+            &mut out,
+            &format!("decoder.up.{o}.upsample.conv."),
+            &format!("decoder.up_blocks.{i}.upsamplers.0.conv."),
+            same,
+        );
+    }
+    for side in ["encoder", "decoder"] {
+        move_prefix(
+            &v,
+            &mut out,
+            &format!("{side}.conv_in."),
+            &format!("{side}.conv_in."),
+            same,
+        );
+        move_prefix(
+            &v,
+            &mut out,
+            &format!("{side}.conv_out."),
+            &format!("{side}.conv_out."),
+            same,
+        );
+        move_prefix(
+            &v,
+            &mut out,
+            &format!("{side}.norm_out."),
+            &format!("{side}.conv_norm_out."),
+            same,
+        );
+        convert_vae_mid(
+            &v,
+            &mut out,
+            &format!("{side}.mid."),
+            &format!("{side}.mid_block."),
+        )?;
+    }
+    move_prefix(&v, &mut out, "quant_conv.", "quant_conv.", same);
+    move_prefix(&v, &mut out, "post_quant_conv.", "post_quant_conv.", same);
+    let latent = dim(&v, "decoder.conv_in.weight", 1, file)?;
+    let cfg = json!({
+        "_class_name": "AutoencoderKL",
+        "in_channels": dim(&v, "encoder.conv_in.weight", 1, file)?,
+        "out_channels": dim(&v, "decoder.conv_out.weight", 0, file)?,
+        "block_out_channels": channels,
+        "down_block_types": vec!["DownEncoderBlock2D"; levels],
+        "up_block_types": vec!["UpDecoderBlock2D"; levels],
+        "layers_per_block": layers,
+        "latent_channels": latent,
+        "norm_num_groups": 32,
+        "scaling_factor": 0.18215,
+        "use_quant_conv": v.contains_key("quant_conv.weight"),
+        "use_post_quant_conv": v.contains_key("post_quant_conv.weight"),
+        "mid_block_add_attention": has_prefix(&v, "encoder.mid.attn_1."),
+    });
+    Ok((out, cfg))
+}
+
+/// SD1: transformers' CLIPTextModel under `cond_stage_model.transformer.` already.
+fn convert_text_sd1(
+    all: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let t = strip(all, SD1_TEXT);
+    let p = "text_model.";
+    let hidden = dim(
+        &t,
+        &format!("{p}embeddings.token_embedding.weight"),
+        1,
+        file,
+    )?;
+    let cfg = json!({
+        "vocab_size": dim(&t, &format!("{p}embeddings.token_embedding.weight"), 0, file)?,
+        "hidden_size": hidden,
+        "intermediate_size": dim(&t, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0, file)?,
+        "num_hidden_layers": indices(&t, &format!("{p}encoder.layers.")).len(),
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": dim(&t, &format!("{p}embeddings.position_embedding.weight"), 0, file)?,
+        "hidden_act": "quick_gelu",
+    });
+    Ok((t, cfg))
+}
+
+/// SD2: OpenCLIP's text tower; SD2 conditions on the penultimate layer, so the last
+/// resblock is left out (as diffusers does).
+fn convert_text_sd2(
+    all: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let t = strip(all, SD2_TEXT);
+    let mut out = HashMap::new();
+    let blocks = indices(&t, "transformer.resblocks.");
+    let used = blocks.len().saturating_sub(1);
+    let hidden = dim(&t, "token_embedding.weight", 1, file)?;
+    move_prefix(
+        &t,
+        &mut out,
+        "token_embedding.",
+        "embeddings.token_embedding.",
+        same,
+    );
+    if let Some(pos) = t.get("positional_embedding") {
+        out.insert("embeddings.position_embedding.weight".into(), pos.clone());
+    }
+    move_prefix(&t, &mut out, "ln_final.", "final_layer_norm.", same);
+    for i in 0..used {
+        let p = format!("transformer.resblocks.{i}.");
+        let to = format!("encoder.layers.{i}.");
+        for (a, b) in [
+            ("ln_1.", "layer_norm1."),
+            ("ln_2.", "layer_norm2."),
+            ("mlp.c_fc.", "mlp.fc1."),
+            ("mlp.c_proj.", "mlp.fc2."),
+            ("attn.out_proj.", "self_attn.out_proj."),
+        ] {
+            move_prefix(&t, &mut out, &format!("{p}{a}"), &format!("{to}{b}"), same);
+        }
+        for (param, name) in [("in_proj_weight", "weight"), ("in_proj_bias", "bias")] {
+            let fused = t
+                .get(&format!("{p}attn.{param}"))
+                .ok_or_else(|| Error::Weight {
+                    file: file.to_path_buf(),
+                    name: format!("{SD2_TEXT}{p}attn.{param}"),
+                    problem: "is missing".into(),
+                })?;
+            for (k, proj) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+                out.insert(
+                    format!("{to}self_attn.{proj}.{name}"),
+                    fused.narrow(0, k * hidden, hidden)?,
+                );
+            }
+        }
+    }
+    let cfg = json!({
+        "vocab_size": dim(&t, "token_embedding.weight", 0, file)?,
+        "hidden_size": hidden,
+        "intermediate_size": dim(&t, "transformer.resblocks.0.mlp.c_fc.weight", 0, file)?,
+        "num_hidden_layers": used,
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": dim(&t, "positional_embedding", 0, file)?,
+        "hidden_act": "gelu",
+    });
+    Ok((out, cfg))
+}
+
+/// Reads and converts a single-file checkpoint.
+pub fn convert(path: &Path, overrides: &Overrides) -> Result<Converted> {
+    let all = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::file(path, format!("not a readable safetensors checkpoint ({e})")))?;
+    let base = if all.contains_key(&format!(
+        "{SD1_TEXT}text_model.embeddings.token_embedding.weight"
+    )) {
+        Base::Sd1
+    } else if all.contains_key(&format!("{SD2_TEXT}token_embedding.weight")) {
+        Base::Sd2
+    } else {
+        return Err(Error::file(
+            path,
+            "not an original Stable Diffusion 1.x/2.x checkpoint (no cond_stage_model text encoder); SDXL and others are not supported",
+        ));
+    };
+    let (unet, mut unet_config) = convert_unet(&all, base, path)?;
+    let (vae, mut vae_config) = convert_vae(&all, path)?;
+    let (text_encoder, mut text_config) = match base {
+        Base::Sd1 => convert_text_sd1(&all, path)?,
+        Base::Sd2 => convert_text_sd2(&all, path)?,
+    };
+    // diffusers' guess: SD2 with 1024-wide context is the 768-v model.
+    let v = base == Base::Sd2 && unet_config["cross_attention_dim"] == 1024;
+    let mut scheduler_config = json!({
+        "_class_name": "DDIMScheduler",
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "num_train_timesteps": 1000, "clip_sample": false, "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "prediction_type": if v { "v_prediction" } else { "epsilon" },
+        "timestep_spacing": "leading",
+    });
+    if let Some(dir) = &overrides.config_dir {
+        let read = |rel: &str| -> Result<Option<Value>> {
+            let p = dir.join(rel);
+            if p.is_file() {
+                read_json(&p).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        if let Some(c) = read("unet/config.json")? {
+            unet_config = c;
+        }
+        if let Some(c) = read("vae/config.json")? {
+            vae_config = c;
+        }
+        if let Some(c) = read("text_encoder/config.json")? {
+            text_config = c;
+        }
+        if let Some(c) = read("scheduler/scheduler_config.json")? {
+            scheduler_config = c;
+        }
+    }
+    if let Some(p) = &overrides.prediction_type {
+        scheduler_config["prediction_type"] = json!(p);
+    }
+    Ok(Converted {
+        base,
+        unet,
+        vae,
+        text_encoder,
+        unet_config,
+        vae_config,
+        text_config,
+        scheduler_config,
+    })
+}
+
+/// Loads a single-file checkpoint as a pipeline.
+pub fn load(
+    path: &Path,
+    overrides: &Overrides,
+    dtype: DType,
+    device: &Device,
+) -> Result<crate::StableDiffusion> {
+    use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+    use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+    use crate::models::vae::{AutoencoderKL, VaeConfig};
+    use crate::scheduler::{DdimConfig, DdimScheduler};
+    use crate::tokenizer::ClipTokenizer;
+    use crate::weights::{Vb, Weights};
+
+    let c = convert(path, overrides)?;
+    let label = |what: &str| PathBuf::from(format!("{} ({what})", path.display()));
+    let vb = |t: HashMap<String, Tensor>, what: &str| {
+        Vb::new(Weights::from_tensors(t, &label(what), dtype, device))
+    };
+    let unet = UNet2DConditionModel::new(
+        UNetConfig::from_value(c.unet_config, &label("unet config"))?,
+        &vb(c.unet, "unet"),
+    )?;
+    let vae = AutoencoderKL::new(
+        VaeConfig::from_value(c.vae_config, &label("vae config"))?,
+        &vb(c.vae, "vae"),
+    )?;
+    let text_encoder = ClipTextModel::new(
+        ClipTextConfig::from_value(c.text_config, &label("text encoder config"))?,
+        &vb(c.text_encoder, "text encoder"),
+    )?;
+    let scheduler = DdimScheduler::new(DdimConfig::from_value(
+        c.scheduler_config,
+        &label("scheduler config"),
+    )?);
+    let tok_dir = overrides
+        .config_dir
+        .as_ref()
+        .map(|d| d.join("tokenizer"))
+        .filter(|d| d.is_dir());
+    let tokenizer = match tok_dir {
+        Some(d) => ClipTokenizer::from_dir(&d)?,
+        None => ClipTokenizer::embedded(match c.base {
+            Base::Sd1 => "<|endoftext|>",
+            Base::Sd2 => "!",
+        })?,
+    };
+    crate::StableDiffusion::from_parts(
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler,
+        path,
+        dtype,
+        device,
+    )
+}

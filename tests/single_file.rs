@@ -1,0 +1,131 @@
+//! Original single-file checkpoints (written from the parity pipelines by
+//! `tools/gen_single_file.py`, verified there with diffusers' `from_single_file`) load and
+//! give exactly the folder's images.
+
+use candle_core::{DType, Device, Tensor};
+use reneg::single_file::{self, Base, Overrides};
+use reneg::StableDiffusion;
+use std::path::{Path, PathBuf};
+
+fn case(name: &str) -> PathBuf {
+    PathBuf::from("tests/fixtures/parity").join(name)
+}
+
+fn image(sd: &mut StableDiffusion, case_dir: &Path) -> Tensor {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case_dir.join("case.json")).unwrap())
+            .unwrap();
+    let exp = candle_core::safetensors::load(case_dir.join("expected.safetensors"), &Device::Cpu)
+        .unwrap();
+    let cond = sd.encode_prompt(meta["prompt"].as_str().unwrap()).unwrap();
+    let uncond = sd
+        .encode_prompt(meta["negative_prompt"].as_str().unwrap())
+        .unwrap();
+    let steps = meta["num_inference_steps"].as_u64().unwrap() as usize;
+    let g = meta["guidance_scale"].as_f64().unwrap();
+    let latents = sd
+        .sample(
+            exp["init_latents"].clone(),
+            steps,
+            &cond,
+            &uncond,
+            g,
+            |_, _| {},
+        )
+        .unwrap();
+    sd.decode(&latents).unwrap()
+}
+
+fn assert_same_image(single: &mut StableDiffusion, folder: &mut StableDiffusion, dir: &Path) {
+    let a = image(single, dir);
+    let b = image(folder, dir);
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(
+        diff,
+        0.0,
+        "{}: single-file image differs by {diff}",
+        dir.display()
+    );
+}
+
+#[test]
+fn sd15_single_file_with_inferred_architecture_matches_the_folder() {
+    let dir = case("sd15-tiny");
+    let file = dir.join("single_file.safetensors");
+    let c = single_file::convert(&file, &Overrides::default()).unwrap();
+    assert_eq!(c.base, Base::Sd1);
+    // The inferred configs agree with the folder's on everything the tensors determine.
+    let folder_unet: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("pipeline/unet/config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "cross_attention_dim",
+        "use_linear_projection",
+    ] {
+        assert_eq!(c.unet_config[key], folder_unet[key], "{key}");
+    }
+    // Tiny text encoder: 4 heads cannot be inferred (SD1 has 64-wide heads), so take the
+    // folder's config; the rest (UNet, VAE, tokenizer) is inferred.
+    let cfg = std::env::temp_dir().join(format!("reneg-sf-{}", std::process::id()));
+    std::fs::create_dir_all(cfg.join("text_encoder")).unwrap();
+    std::fs::copy(
+        dir.join("pipeline/text_encoder/config.json"),
+        cfg.join("text_encoder/config.json"),
+    )
+    .unwrap();
+    let ov = Overrides {
+        config_dir: Some(cfg),
+        prediction_type: None,
+    };
+    let mut single = single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap();
+    let mut folder =
+        StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    assert_same_image(&mut single, &mut folder, &dir);
+}
+
+#[test]
+fn sd2_single_file_with_config_folder_matches_the_folder() {
+    let dir = case("sd2-tiny");
+    let file = dir.join("single_file.safetensors");
+    let ov = Overrides {
+        config_dir: Some(dir.join("pipeline")),
+        prediction_type: None,
+    };
+    let c = single_file::convert(&file, &ov).unwrap();
+    assert_eq!(c.base, Base::Sd2);
+    // The file has one more OpenCLIP block than SD2 uses (penultimate layer).
+    assert!(c
+        .text_encoder
+        .keys()
+        .all(|k| !k.starts_with("encoder.layers.3.")));
+    let mut single = single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap();
+    let mut folder =
+        StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    assert_same_image(&mut single, &mut folder, &dir);
+}
+
+#[test]
+fn non_sd_files_are_refused_by_name() {
+    let err = single_file::convert(
+        Path::new("tests/fixtures/embedding/torch_saved.safetensors"),
+        &Overrides::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("torch_saved.safetensors") && err.contains("not an original Stable Diffusion"),
+        "{err}"
+    );
+}
