@@ -12,11 +12,13 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod prompts;
+pub mod reward;
 pub mod rng;
 pub mod scheduler;
 pub mod single_file;
 pub mod source;
 pub mod tokenizer;
+pub mod torch_file;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -24,6 +24,8 @@ enum Command {
     /// Negative-embedding files: import, export, inspect, encode.
     #[command(subcommand)]
     Embedding(cli::embedding::EmbeddingCommand),
+    /// Score images with a reward model (HPSv2, PickScore, LAION aesthetic, CLIP score).
+    Score(cli::score::ScoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Embedding(cmd) => cli::embedding::run(cmd),
+        Command::Score(args) => cli::score::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,8 @@ pub struct ClipTokenizer {
     byte_to_char: [char; 256],
     word_re: Regex,
     byte_level_re: Regex,
+    /// open_clip's tokenizer unescapes HTML entities (twice) before anything else.
+    unescape_html: bool,
     cache: Mutex<HashMap<String, Vec<u32>>>,
 }
 
@@ -103,6 +105,7 @@ impl ClipTokenizer {
             byte_to_char: bytes_to_unicode(),
             word_re,
             byte_level_re,
+            unescape_html: false,
             cache: Mutex::new(HashMap::new()),
         })
     }
@@ -143,6 +146,16 @@ impl ClipTokenizer {
             77,
             Path::new("<embedded vocabulary>"),
         )
+    }
+
+    /// open_clip's tokenizer (HPSv2): the embedded vocabulary, padding with id 0 (not a
+    /// token), HTML entities unescaped. open_clip also runs `ftfy.fix_text`, which is not
+    /// reproduced: it changes only mis-encoded text (mojibake), full-width forms and ligatures.
+    pub fn open_clip() -> Result<Self> {
+        let mut t = Self::embedded(EOS)?;
+        t.pad = 0;
+        t.unescape_html = true;
+        Ok(t)
     }
 
     /// Loads a diffusers `tokenizer/` folder: `tokenizer.json` if present, else `vocab.json` +
@@ -259,6 +272,11 @@ impl ClipTokenizer {
     }
 
     fn encode_plain(&self, text: &str, out: &mut Vec<u32>) {
+        let text = if self.unescape_html {
+            unescape_html(&unescape_html(text))
+        } else {
+            text.to_string()
+        };
         let normalized: String = text.nfc().collect::<String>();
         // Per-character lower case (no context rules such as Greek final sigma), as tokenizers.
         let normalized: String = normalized
@@ -313,6 +331,32 @@ impl ClipTokenizer {
             .insert(word.to_string(), ids.clone());
         ids
     }
+}
+
+/// Python's `html.unescape` for the entities prompts use: named basics and numeric forms.
+fn unescape_html(s: &str) -> String {
+    if !s.contains('&') {
+        return s.to_string();
+    }
+    let re = Regex::new(r"&(#[0-9]+|#[xX][0-9a-fA-F]+|amp|lt|gt|quot|apos|nbsp);?")
+        .expect("valid regex");
+    re.replace_all(s, |c: &regex::Captures| {
+        let e = &c[1];
+        let ch = match e {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            "nbsp" => Some('\u{a0}'),
+            _ if e.starts_with("#x") || e.starts_with("#X") => u32::from_str_radix(&e[2..], 16)
+                .ok()
+                .and_then(char::from_u32),
+            _ => e[1..].parse().ok().and_then(char::from_u32),
+        };
+        ch.map(String::from).unwrap_or_else(|| c[0].to_string())
+    })
+    .into_owned()
 }
 
 fn optional_json(path: &Path) -> Result<Option<Value>> {

@@ -545,3 +545,95 @@ fn hub_repo_ids_resolve_in_the_local_cache_only() {
         "{err}"
     );
 }
+
+#[test]
+fn score_prints_a_table_and_writes_json() {
+    let dir = tempdir("score");
+    ok(&gen_args(dir.to_str().unwrap(), &[]));
+    let png = dir.join("00000-seed5.png");
+    let out = dir.join("scores.json");
+    let o = reneg(&[
+        "score",
+        "--reward",
+        "hps",
+        "--reward-model",
+        "tests/fixtures/parity/reward-openclip-gelu/reward",
+        "--prompt",
+        "a red cube",
+        "--out",
+        out.to_str().unwrap(),
+        png.to_str().unwrap(),
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(table.lines().count(), 3, "{table}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let scores = v["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 2);
+    assert_eq!(scores[0]["score"], scores[1]["score"]);
+    let s = scores[0]["score"].as_f64().unwrap();
+    assert!(s.abs() <= 100.0 && s != 0.0, "{s}");
+    // The aesthetic reward needs no prompt.
+    let o = reneg(&[
+        "score",
+        "--reward",
+        "aesthetic",
+        "--reward-model",
+        "tests/fixtures/parity/reward-aesthetic/reward",
+        "--out",
+        out.to_str().unwrap(),
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Bad input: prompt count, unknown reward name, wrong layout.
+    for (args, needle) in [
+        (
+            vec![
+                "score",
+                "--reward",
+                "hps",
+                "--reward-model",
+                "tests/fixtures/parity/reward-openclip-gelu/reward",
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+                "--prompt",
+                "c",
+                png.to_str().unwrap(),
+                png.to_str().unwrap(),
+            ],
+            "3 prompts for 2 images",
+        ),
+        (
+            vec![
+                "score",
+                "--reward",
+                "imagereward",
+                "--reward-model",
+                "x",
+                png.to_str().unwrap(),
+            ],
+            "imagereward",
+        ),
+        (
+            vec![
+                "score",
+                "--reward",
+                "pickscore",
+                "--reward-model",
+                "tests/fixtures/parity/reward-openclip-gelu/reward",
+                "--prompt",
+                "a",
+                png.to_str().unwrap(),
+            ],
+            "--reward hps",
+        ),
+    ] {
+        let o = reneg(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -284,6 +284,100 @@ fn run_pipeline_case(dir: &Path, report: &mut Report) {
     }
 }
 
+/// Reward cases: features, score and d score / d pixels from the already preprocessed pixels.
+fn run_reward_case(dir: &Path, kind: &str, report: &mut Report) {
+    use reneg::reward::{l2_normalize, load, rowwise_dot};
+    let dev = Device::Cpu;
+    let exp: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
+    let e = |n: &str| -> Tensor {
+        exp.get(n)
+            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let prompt = meta["prompt"].as_str().unwrap_or("").to_string();
+    let reward_dir = dir.join("reward");
+    let pixels = Var::from_tensor(&e("reward_pixel_values")).unwrap();
+    let (image_embeds, text_embeds, score) = match kind {
+        "openclip" => {
+            let r = load::load_hps(&reward_dir, DType::F32, &dev).unwrap_or_else(|e| panic!("{e}"));
+            let ids = r.tokenizer.encode(&prompt);
+            report.ids("reward_text_ids", &ids, &exp["reward_text_ids"]);
+            let img = l2_normalize(&r.model.visual.forward(pixels.as_tensor()).unwrap()).unwrap();
+            let txt = l2_normalize(
+                &r.model
+                    .text
+                    .forward(&exp["reward_text_ids"].to_dtype(DType::U32).unwrap())
+                    .unwrap(),
+            )
+            .unwrap();
+            let score = rowwise_dot(&img, &txt).unwrap();
+            (img, Some(txt), score)
+        }
+        "hf-clip" => {
+            let r = load::load_hf_clip(
+                &reward_dir,
+                reneg::reward::hf_clip::ClipScoring::PickScore,
+                DType::F32,
+                &dev,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            report.ids(
+                "reward_text_ids",
+                &r.tokenizer.encode(&prompt),
+                &exp["reward_text_ids"],
+            );
+            let img = r.model.image_embeds(pixels.as_tensor()).unwrap();
+            let txt = r
+                .model
+                .text_embeds(&exp["reward_text_ids"].to_dtype(DType::U32).unwrap())
+                .unwrap();
+            let score = (rowwise_dot(&img, &txt).unwrap() * r.model.logit_scale.exp()).unwrap();
+            (img, Some(txt), score)
+        }
+        _ => {
+            let r = load::load_aesthetic(&reward_dir, DType::F32, &dev)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let img = r.image_embeds(pixels.as_tensor()).unwrap();
+            let score = r.head.forward(&img).unwrap().squeeze(1).unwrap();
+            (img, None, score)
+        }
+    };
+    report.tensor(
+        "reward_image_embeds",
+        &image_embeds,
+        &e("reward_image_embeds"),
+        FORWARD_TOL,
+    );
+    if let Some(t) = text_embeds {
+        report.tensor(
+            "reward_text_embeds",
+            &t,
+            &e("reward_text_embeds"),
+            FORWARD_TOL,
+        );
+    }
+    report.tensor(
+        "reward_score",
+        &score,
+        &e("reward_score").reshape(score.dims()).unwrap(),
+        FORWARD_TOL,
+    );
+    let grads = score.sum_all().unwrap().backward().unwrap();
+    let g = grads
+        .get(pixels.as_tensor())
+        .expect("gradient reaches the pixels");
+    report.tensor(
+        "grad_reward_pixel_values",
+        g,
+        &e("grad_reward_pixel_values"),
+        GRAD_TOL,
+    );
+}
+
 #[test]
 fn parity_cases() {
     let cases = all_cases();
@@ -302,7 +396,7 @@ fn parity_cases() {
                 .unwrap_or("unknown")
                 .to_string()
         };
-        if kind != "pipeline" {
+        if !["pipeline", "openclip", "hf-clip", "aesthetic"].contains(&kind.as_str()) {
             println!("case {name}: SKIPPED (kind `{kind}` is not implemented yet)");
             skipped.push(name);
             continue;
@@ -315,7 +409,11 @@ fn parity_cases() {
                 case: name.clone(),
                 failures: vec![],
             };
-            run_pipeline_case(&dir, &mut report);
+            if kind == "pipeline" {
+                run_pipeline_case(&dir, &mut report);
+            } else {
+                run_reward_case(&dir, &kind, &mut report);
+            }
             report.failures
         });
         match outcome {

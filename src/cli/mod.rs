@@ -3,6 +3,7 @@
 
 pub mod embedding;
 pub mod generate;
+pub mod score;
 
 use anyhow::Result;
 use candle_core::{DType, Device};

@@ -3,7 +3,8 @@
 //! Returns `last_hidden_state`, the tensor Stable Diffusion conditions on.
 
 use crate::error::{read_json, Result};
-use crate::nn::{attention, Activation, LayerNorm, Linear};
+use crate::models::clip_layers::ClipEncoderLayer;
+use crate::nn::{Activation, LayerNorm};
 use crate::weights::Vb;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -28,6 +29,13 @@ pub struct ClipTextConfig {
     pub hidden_act: Activation,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// 2 (the legacy value) means "pool at the highest token id", as transformers does.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+}
+
+fn default_eos() -> i64 {
+    2
 }
 
 fn default_vocab() -> usize {
@@ -76,61 +84,11 @@ impl ClipTextConfig {
     }
 }
 
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-}
-
-impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, vb: &Vb) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let attn = vb.pp("self_attn");
-        Ok(Self {
-            layer_norm1: LayerNorm::new(h, cfg.layer_norm_eps, &vb.pp("layer_norm1"))?,
-            q_proj: Linear::new(h, h, true, &attn.pp("q_proj"))?,
-            k_proj: Linear::new(h, h, true, &attn.pp("k_proj"))?,
-            v_proj: Linear::new(h, h, true, &attn.pp("v_proj"))?,
-            out_proj: Linear::new(h, h, true, &attn.pp("out_proj"))?,
-            layer_norm2: LayerNorm::new(h, cfg.layer_norm_eps, &vb.pp("layer_norm2"))?,
-            fc1: Linear::new(h, i, true, &vb.pp("mlp").pp("fc1"))?,
-            fc2: Linear::new(i, h, true, &vb.pp("mlp").pp("fc2"))?,
-        })
-    }
-
-    fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        heads: usize,
-        act: Activation,
-    ) -> candle_core::Result<Tensor> {
-        let h = self.layer_norm1.forward(xs)?;
-        let a = attention(
-            &self.q_proj.forward(&h)?,
-            &self.k_proj.forward(&h)?,
-            &self.v_proj.forward(&h)?,
-            heads,
-            Some(mask),
-            false,
-        )?;
-        let xs = (xs + self.out_proj.forward(&a)?)?;
-        let h = self.layer_norm2.forward(&xs)?;
-        let h = self.fc2.forward(&act.forward(&self.fc1.forward(&h)?)?)?;
-        xs + h
-    }
-}
-
 /// transformers' `CLIPTextModel`.
 pub struct ClipTextModel {
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
 }
@@ -148,7 +106,14 @@ impl ClipTextModel {
         };
         let emb = tm.pp("embeddings");
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(&cfg, &tm.pp("encoder").pp("layers").pp(i)))
+            .map(|i| {
+                ClipEncoderLayer::new(
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    cfg.layer_norm_eps,
+                    &tm.pp("encoder").pp("layers").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             token_embedding: emb
@@ -203,7 +168,7 @@ impl ClipTextModel {
         for layer in &self.layers {
             xs = layer.forward(
                 &xs,
-                &mask,
+                Some(&mask),
                 self.cfg.num_attention_heads,
                 self.cfg.hidden_act,
             )?;
@@ -212,8 +177,37 @@ impl ClipTextModel {
     }
 }
 
+impl ClipTextModel {
+    /// The pooled output (the hidden state at the end-of-text token), as transformers'
+    /// `CLIPTextTransformer`: at the highest id when `eos_token_id` is the legacy 2, else at
+    /// the first `eos_token_id`.
+    ///
+    /// # Shapes
+    /// `last_hidden`: `[b, n, hidden]`, `input_ids`: `[b, n]` -> `[b, hidden]`
+    pub fn pooled(&self, last_hidden: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = input_ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(b, row)| {
+                let pos = if self.cfg.eos_token_id == 2 {
+                    // argmax, first maximum
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&v| v == max).unwrap_or(0)
+                } else {
+                    row.iter()
+                        .position(|&v| v == self.cfg.eos_token_id)
+                        .unwrap_or(0)
+                };
+                last_hidden.get(b)?.get(pos)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+}
+
 /// `[n, n]` additive mask: 0 on and below the diagonal, the dtype's lowest value above.
-fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+pub(crate) fn causal_mask(n: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
     let neg = match dtype {
         DType::F16 => f32::from(half::f16::MIN),
         DType::BF16 => f32::from(half::bf16::MIN),

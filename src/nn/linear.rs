@@ -26,6 +26,10 @@ impl Linear {
         Self { weight, bias }
     }
 
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
     /// # Shapes
     /// `[..., in]` -> `[..., out]`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {

@@ -182,6 +182,55 @@ fn reduce(func: Value, args: Value) -> PickleResult<Value> {
 
 /// Parses a `data.pkl` whose payload is one tensor. Anything else is an error.
 pub fn read_tensor(data: &[u8]) -> PickleResult<TensorRef> {
+    match parse(data)? {
+        Value::Tensor(t) => Ok(t),
+        other => Err(format!(
+            "the file holds {}, not a single tensor",
+            describe(&other)
+        )),
+    }
+}
+
+/// Parses a `data.pkl` whose payload is a state dict (`{name: tensor}`, possibly nested as
+/// `{"state_dict": {...}}`; nested names are joined with "."). Non-tensor entries (epoch
+/// counters, ...) are skipped.
+pub fn read_state_dict(data: &[u8]) -> PickleResult<Vec<(String, TensorRef)>> {
+    fn flatten(prefix: &str, v: Value, out: &mut Vec<(String, TensorRef)>) {
+        match v {
+            Value::Tensor(t) => out.push((prefix.to_string(), t)),
+            Value::Dict(items) => {
+                for (k, v) in items {
+                    let key = match k {
+                        Value::Str(s) => s,
+                        Value::Int(i) => i.to_string(),
+                        _ => continue,
+                    };
+                    let name = if prefix.is_empty() {
+                        key
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    flatten(&name, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    match parse(data)? {
+        v @ Value::Dict(_) => {
+            let mut out = vec![];
+            flatten("", v, &mut out);
+            Ok(out)
+        }
+        other => Err(format!(
+            "the file holds {}, not a state dict",
+            describe(&other)
+        )),
+    }
+}
+
+/// Runs the restricted unpickler and returns the top-level value.
+fn parse(data: &[u8]) -> PickleResult<Value> {
     let mut r = Reader { data, pos: 0 };
     let mut stack: Vec<Value> = vec![];
     let mut memo: HashMap<u32, Value> = HashMap::new();
@@ -327,6 +376,15 @@ pub fn read_tensor(data: &[u8]) -> PickleResult<TensorRef> {
                     _ => return Err("unexpected persistent id".into()),
                 }
             }
+            b'b' => {
+                // BUILD: state for the object below it. A state dict's `_metadata` (module
+                // versions) arrives this way; it is data we do not need, so it is dropped.
+                let _state = pop(&mut stack)?;
+                match stack.last() {
+                    Some(Value::Dict(_)) => {}
+                    _ => return Err("BUILD on something other than a dict".into()),
+                }
+            }
             b'R' => {
                 let args = pop(&mut stack)?;
                 let func = pop(&mut stack)?;
@@ -339,14 +397,10 @@ pub fn read_tensor(data: &[u8]) -> PickleResult<TensorRef> {
             }
         }
     }
-    match stack.pop() {
-        Some(Value::Tensor(t)) if stack.is_empty() => Ok(t),
-        Some(Value::Tensor(_)) => Err("unexpected extra values in the pickle".into()),
-        Some(other) => Err(format!(
-            "the file holds {}, not a single tensor",
-            describe(&other)
-        )),
-        None => Err("empty pickle".into()),
+    match (stack.pop(), stack.is_empty()) {
+        (Some(v), true) => Ok(v),
+        (Some(_), false) => Err("unexpected extra values in the pickle".into()),
+        (None, _) => Err("empty pickle".into()),
     }
 }
 
@@ -362,6 +416,7 @@ fn push_global(stack: &mut Vec<Value>, module: String, name: String) -> PickleRe
 
 fn describe(v: &Value) -> &'static str {
     match v {
+        Value::Tensor(_) => "a tensor",
         Value::Dict(_) => "a dict",
         Value::List(_) => "a list",
         Value::Tuple(_) => "a tuple",

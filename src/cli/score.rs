@@ -1,0 +1,116 @@
+//! `reneg score`: score images with a reward model; prints a table and writes JSON.
+
+use super::{lib, user};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use reneg::reward::load::{self, RewardKind};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ScoreArgs {
+    #[arg(long, value_enum)]
+    pub reward: RewardKind,
+    /// The reward model: a folder in its owner's layout, or (HPS) a weights file.
+    #[arg(long)]
+    pub reward_model: PathBuf,
+    /// The prompt: once for all images, or once per image in order.
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A JSONL file of {"image": PATH, "prompt": TEXT} lines (paths relative to the file).
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// Where to write the scores as JSON.
+    #[arg(long, default_value = "scores.json")]
+    pub out: PathBuf,
+    /// PNG images.
+    pub images: Vec<PathBuf>,
+}
+
+/// A PNG as `[1, 3, h, w]` in [0, 1] (grey and alpha dropped to RGB).
+pub fn read_png(path: &Path) -> Result<Tensor> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| user(format!("{}: cannot open: {e}", path.display())))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| user(format!("{}: not a PNG image: {e}", path.display())))?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| user(format!("{}: corrupt PNG: {e}", path.display())))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = info.color_type.samples();
+    let mut rgb = Vec::with_capacity(3 * w * h);
+    for c in 0..3 {
+        for p in 0..w * h {
+            let src = if channels >= 3 { c } else { 0 };
+            rgb.push(buf[p * channels + src] as f32 / 255.0);
+        }
+    }
+    Ok(Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu)?)
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let mut pairs: Vec<(PathBuf, String)> = vec![];
+    if let Some(file) = &args.pairs {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| user(format!("{}: cannot read: {e}", file.display())))?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| user(format!("{}:{}: invalid JSON: {e}", file.display(), i + 1)))?;
+            let (Some(img), prompt) = (v["image"].as_str(), v["prompt"].as_str().unwrap_or(""))
+            else {
+                return Err(user(format!(
+                    "{}:{}: needs an \"image\" field",
+                    file.display(),
+                    i + 1
+                )));
+            };
+            pairs.push((base.join(img), prompt.to_string()));
+        }
+    }
+    let prompts: Vec<String> = match args.prompt.len() {
+        0 => vec![String::new(); args.images.len()],
+        1 => vec![args.prompt[0].clone(); args.images.len()],
+        n if n == args.images.len() => args.prompt.clone(),
+        n => {
+            return Err(user(format!(
+                "{n} prompts for {} images: give one prompt for all, or one per image",
+                args.images.len()
+            )))
+        }
+    };
+    pairs.extend(args.images.iter().cloned().zip(prompts));
+    if pairs.is_empty() {
+        return Err(user("no images: pass PNG files or --pairs FILE"));
+    }
+    let reward =
+        load::load(args.reward, &args.reward_model, DType::F32, &Device::Cpu).map_err(lib)?;
+    let mut rows = vec![];
+    println!("{:>10}  {:<40}  prompt", reward.name(), "image");
+    for (path, prompt) in &pairs {
+        let image = read_png(path)?;
+        let s = reward
+            .score(&image, std::slice::from_ref(prompt))
+            .map_err(lib)?
+            .to_vec1::<f32>()?[0];
+        println!("{s:>10.4}  {:<40}  {prompt}", path.display());
+        rows.push(
+            serde_json::json!({"image": path.display().to_string(), "prompt": prompt, "score": s}),
+        );
+    }
+    let json = serde_json::json!({
+        "reward": reward.name(),
+        "reward_model": args.reward_model.display().to_string(),
+        "scores": rows,
+    });
+    reneg::io::write_atomic(&args.out, serde_json::to_string_pretty(&json)?.as_bytes())
+        .map_err(lib)?;
+    Ok(())
+}

@@ -1,0 +1,51 @@
+//! Human-preference reward models, differentiable with respect to the image: HPSv2 (OpenCLIP),
+//! PickScore and CLIP score (transformers CLIPModel), LAION aesthetic v2 (CLIP ViT-L/14 image
+//! embedding + MLP head). Each scores a batch of images in [0, 1] of any size against prompts.
+
+pub mod aesthetic;
+pub mod hf_clip;
+pub mod load;
+pub mod open_clip;
+pub mod preprocess;
+
+use crate::error::{Error, Result};
+use candle_core::Tensor;
+
+/// A reward: one score per image, differentiable with respect to `images`.
+pub trait Reward {
+    /// The reward's name as the CLI spells it.
+    fn name(&self) -> &'static str;
+
+    /// Scores `images` (`[n, 3, h, w]`, values in [0, 1], any size) against `prompts`
+    /// (one per image; ignored by prompt-free rewards). Returns `[n]`.
+    fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor>;
+}
+
+/// Checks the image batch against the prompt list.
+pub fn check_batch(images: &Tensor, prompts: &[String], needs_prompts: bool) -> Result<usize> {
+    let dims = images.dims();
+    if dims.len() != 4 || dims[1] != 3 {
+        return Err(Error::Invalid(format!(
+            "reward models take images of shape [n, 3, h, w]; got {dims:?}"
+        )));
+    }
+    let n = dims[0];
+    if needs_prompts && prompts.len() != n {
+        return Err(Error::Invalid(format!(
+            "{} prompt(s) for {n} image(s): give one prompt per image",
+            prompts.len()
+        )));
+    }
+    Ok(n)
+}
+
+/// Row-wise L2 normalisation, `[n, d]`.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// Row-wise dot product of two `[n, d]` tensors: `[n]`.
+pub fn rowwise_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok((a * b)?.sum(1)?)
+}
