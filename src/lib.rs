@@ -19,6 +19,7 @@ pub mod single_file;
 pub mod source;
 pub mod tokenizer;
 pub mod torch_file;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -20,20 +20,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Text-to-image with classifier-free guidance and a null-text, prompt or learned negative.
-    Generate(cli::generate::GenerateArgs),
+    Generate(Box<cli::generate::GenerateArgs>),
     /// Negative-embedding files: import, export, inspect, encode.
     #[command(subcommand)]
     Embedding(cli::embedding::EmbeddingCommand),
     /// Score images with a reward model (HPSv2, PickScore, LAION aesthetic, CLIP score).
     Score(cli::score::ScoreArgs),
+    /// Learn a global negative embedding by reward feedback (ReNeg).
+    Train(Box<cli::train::TrainArgs>),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => cli::generate::run(args),
+        Command::Generate(args) => cli::generate::run(*args),
         Command::Embedding(cmd) => cli::embedding::run(cmd),
         Command::Score(args) => cli::score::run(args),
+        Command::Train(args) => cli::train::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

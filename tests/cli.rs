@@ -637,3 +637,196 @@ fn score_prints_a_table_and_writes_json() {
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
 }
+
+fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "train",
+        "--model",
+        SD15,
+        "--reward",
+        "aesthetic",
+        "--reward-model",
+        "tests/fixtures/parity/reward-aesthetic/reward",
+        "--prompts",
+        "tests/fixtures/train/train_prompts.txt",
+        "--out",
+        out,
+        "--batch-size",
+        "1",
+        "--sampling-steps",
+        "3",
+        "--grad-step-window",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
+    let dir = tempdir("train");
+    let cfg = dir.join("cfg.toml");
+    std::fs::write(&cfg, "steps = 3\ncheckpoint_every = 2\nlr = 0.02\n").unwrap();
+    let out = dir.join("run");
+    ok(&train_args(
+        out.to_str().unwrap(),
+        &["--config", cfg.to_str().unwrap(), "--steps", "4"],
+    ));
+    let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        written.contains("steps = 4"),
+        "flags override the file: {written}"
+    );
+    assert!(
+        written.contains("lr = 0.02"),
+        "the file's values are kept: {written}"
+    );
+    let emb =
+        reneg::embedding::NegativeEmbedding::load(&out.join("embedding.safetensors")).unwrap();
+    assert_eq!(emb.metadata.get("steps").map(String::as_str), Some("4"));
+    assert!(emb.metadata.get("reward").unwrap().contains("aesthetic"));
+    // The .bin is the torch-loadable twin.
+    let bin = reneg::embedding::NegativeEmbedding::load(&out.join("embedding.bin")).unwrap();
+    assert_eq!(
+        bin.tensor.to_vec3::<f32>().unwrap(),
+        emb.tensor.to_vec3::<f32>().unwrap()
+    );
+    // Resuming a finished run is a no-op that keeps the result.
+    ok(&train_args(
+        out.to_str().unwrap(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--resume",
+        ],
+    ));
+    let again =
+        reneg::embedding::NegativeEmbedding::load(&out.join("embedding.safetensors")).unwrap();
+    assert_eq!(
+        again.tensor.to_vec3::<f32>().unwrap(),
+        emb.tensor.to_vec3::<f32>().unwrap()
+    );
+}
+
+#[test]
+fn a_killed_training_run_leaves_a_readable_checkpoint_and_resumes() {
+    let dir = tempdir("kill");
+    let out = dir.join("run");
+    let ckpt = out.join("checkpoint.safetensors");
+    let args = train_args(
+        out.to_str().unwrap(),
+        &["--steps", "200", "--checkpoint-every", "1"],
+    );
+    for round in 0..3 {
+        let mut a = args.clone();
+        if round > 0 {
+            a.push("--resume");
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reneg"))
+            .args(&a)
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !ckpt.is_file() && t0.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // Let it write a few more checkpoints, then kill it wherever it is.
+        std::thread::sleep(std::time::Duration::from_millis(700 + 130 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let c = reneg::train::checkpoint::Checkpoint::load(&ckpt)
+            .expect("checkpoint readable after a kill");
+        assert!(c.step >= 1);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .map(|e| e.file_name())
+        .collect();
+    // A kill during a write may leave a temporary sibling, never a torn checkpoint.
+    println!("temporary files after kills: {leftovers:?}");
+}
+
+#[test]
+fn generate_adapts_per_sample_and_saves_the_embeddings() {
+    let dir = tempdir("adapt");
+    let out = dir.join("out");
+    let saved = dir.join("adapted");
+    let o = reneg(&gen_args(
+        out.to_str().unwrap(),
+        &[
+            "--reward",
+            "aesthetic",
+            "--reward-model",
+            "tests/fixtures/parity/reward-aesthetic/reward",
+            "--adapt-steps",
+            "3",
+            "--adapt-lr",
+            "0.05",
+            "--save-adapted",
+            saved.to_str().unwrap(),
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let emb =
+        reneg::embedding::NegativeEmbedding::load(&saved.join("00000-seed5.safetensors")).unwrap();
+    let start: f64 = emb.metadata["reward_start"].parse().unwrap();
+    let best: f64 = emb.metadata["reward_best"].parse().unwrap();
+    assert!(best >= start, "{best} < {start}");
+    assert!(out.join("00000-seed5.png").is_file());
+}
+
+#[test]
+fn train_bad_input_exits_2() {
+    let dir = tempdir("train-bad");
+    let out = dir.join("run");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let bad_toml = dir.join("bad.toml");
+    std::fs::write(&bad_toml, "steps = \"many\"\n").unwrap();
+    let o_str = out.to_str().unwrap();
+    let mut empty_prompts = train_args(o_str, &[]);
+    let i = empty_prompts
+        .iter()
+        .position(|a| *a == "--prompts")
+        .unwrap();
+    empty_prompts[i + 1] = empty.to_str().unwrap();
+    for (args, needle) in [
+        (empty_prompts, "no prompts"),
+        (
+            train_args(o_str, &["--config", bad_toml.to_str().unwrap()]),
+            "bad.toml",
+        ),
+        (
+            train_args(o_str, &["--micro-batch-size", "2"]),
+            "micro_batch_size",
+        ),
+        (
+            train_args(o_str, &["--init", "no/such/emb.safetensors"]),
+            "no/such/emb.safetensors",
+        ),
+        (
+            vec![
+                "train",
+                "--model",
+                SD15,
+                "--prompts",
+                "tests/fixtures/train/train_prompts.txt",
+                "--out",
+                o_str,
+            ],
+            "reward",
+        ),
+    ] {
+        let o = reneg(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+    }
+}

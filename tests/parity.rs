@@ -4,11 +4,13 @@
 //! path in `RENEG_PARITY_DIRS` (colon-separated). Each stage is fed the reference's own inputs,
 //! so an error shows where it arises. Kinds not implemented yet are reported as skipped.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::StableDiffusion;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const FORWARD_TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
@@ -20,47 +22,6 @@ struct PipelineCase {
     guidance_scale: f64,
     num_inference_steps: usize,
     grad_step_index: usize,
-}
-
-/// Case folders (those holding a `case.json`) at or below `root`, sorted.
-fn find_cases(root: &Path, depth: usize, out: &mut Vec<PathBuf>) {
-    if root.join("case.json").is_file() {
-        out.push(root.to_path_buf());
-        return;
-    }
-    if depth == 0 {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut dirs: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    for d in dirs {
-        find_cases(&d, depth - 1, out);
-    }
-}
-
-fn all_cases() -> Vec<PathBuf> {
-    let mut roots = vec![PathBuf::from("tests/fixtures/parity")];
-    if let Ok(extra) = std::env::var("RENEG_PARITY_DIRS") {
-        for p in extra.split(':').filter(|p| !p.is_empty()) {
-            assert!(
-                Path::new(p).exists(),
-                "RENEG_PARITY_DIRS names {p}, which does not exist"
-            );
-            roots.push(PathBuf::from(p));
-        }
-    }
-    let mut cases = vec![];
-    for r in roots {
-        find_cases(&r, 4, &mut cases);
-    }
-    cases
 }
 
 /// max |a - b| / max |b|, the fixture format's error measure.
@@ -380,7 +341,7 @@ fn run_reward_case(dir: &Path, kind: &str, report: &mut Report) {
 
 #[test]
 fn parity_cases() {
-    let cases = all_cases();
+    let cases = common::parity_case_dirs();
     assert!(!cases.is_empty(), "no parity cases found");
     let mut failures = vec![];
     let (mut ran, mut skipped) = (0, vec![]);

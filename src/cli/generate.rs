@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
 use reneg::prompts::{self, Prompt};
+use reneg::reward::load::RewardKind;
+use reneg::train::per_sample::{adapt, AdaptConfig};
+use reneg::train::step::{Objective, Sampling};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -48,6 +51,23 @@ pub struct GenerateArgs {
     pub init_latents: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: Dtype,
+    /// Per-sample adaptation: a reward to adapt the negative to each prompt (repeat with
+    /// --reward-model for several).
+    #[arg(long, value_enum)]
+    pub reward: Vec<RewardKind>,
+    #[arg(long)]
+    pub reward_model: Vec<PathBuf>,
+    /// Adaptation steps per prompt (with --reward).
+    #[arg(long, default_value_t = 10)]
+    pub adapt_steps: usize,
+    /// Stop adapting after this many steps without improvement.
+    #[arg(long, default_value_t = 3)]
+    pub adapt_patience: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    pub adapt_lr: f64,
+    /// Save each prompt's adapted embedding in this folder.
+    #[arg(long)]
+    pub save_adapted: Option<PathBuf>,
     /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -123,6 +143,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => None,
     };
 
+    let objective = if args.reward.is_empty() {
+        None
+    } else {
+        if args.reward.len() != args.reward_model.len() {
+            return Err(user("give one --reward-model per --reward"));
+        }
+        if args.init_latents.is_some() || args.batch_size != 1 {
+            return Err(user("per-sample adaptation (--reward) works per image: drop --init-latents and --batch-size"));
+        }
+        let rewards = args
+            .reward
+            .iter()
+            .zip(&args.reward_model)
+            .map(|(k, m)| {
+                Ok((
+                    reneg::reward::load::load(*k, m, dtype, &device).map_err(lib)?,
+                    1.0,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(Objective::new(rewards))
+    };
+    let adapt_cfg = AdaptConfig {
+        steps: args.adapt_steps,
+        patience: args.adapt_patience,
+        lr: args.adapt_lr,
+        grad_step_window: args.steps.min(10),
+    };
+    let sampling = Sampling {
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        height: h,
+        width: w,
+    };
+
     let jobs: Vec<Job> = prompt_list
         .into_iter()
         .enumerate()
@@ -167,9 +222,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         let noise = Tensor::cat(&noise, 0)?;
         let cond = Tensor::cat(&conds, 0)?;
-        let uncond_b = uncond
+        let mut uncond_b = uncond
             .broadcast_as((b, uncond.dim(1)?, uncond.dim(2)?))?
             .contiguous()?;
+        if let Some(obj) = &objective {
+            let job = &batch[0];
+            let a = adapt(
+                &mut sd,
+                obj,
+                &uncond,
+                &job.prompt.text,
+                job.seed,
+                &adapt_cfg,
+                &sampling,
+            )
+            .map_err(lib)?;
+            bar.println(format!(
+                "image {}: adapted reward {:.4} -> {:.4} in {} step(s)",
+                job.index + 1,
+                a.start_reward,
+                a.best_reward,
+                a.history.len()
+            ));
+            if let Some(dir) = &args.save_adapted {
+                let mut e = NegativeEmbedding::new(a.embedding.clone()).map_err(lib)?;
+                e.metadata.insert("prompt".into(), job.prompt.text.clone());
+                e.metadata.insert("seed".into(), job.seed.to_string());
+                e.metadata
+                    .insert("reward_start".into(), a.start_reward.to_string());
+                e.metadata
+                    .insert("reward_best".into(), a.best_reward.to_string());
+                let name = format!("{:05}-seed{}.safetensors", job.index, job.seed);
+                e.save_safetensors(&dir.join(name)).map_err(lib)?;
+            }
+            uncond_b = a.embedding.to_dtype(dtype)?.to_device(&device)?;
+        }
         bar.set_message(format!("image {}/{}", batch[0].index + 1, jobs.len()));
         let latents = sd
             .sample(

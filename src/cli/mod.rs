@@ -4,6 +4,7 @@
 pub mod embedding;
 pub mod generate;
 pub mod score;
+pub mod train;
 
 use anyhow::Result;
 use candle_core::{DType, Device};

@@ -196,3 +196,46 @@ where
         "{name}: gradient disagrees with finite differences: {err:.3e}"
     );
 }
+
+/// Case folders (those holding a `case.json`) at or below `root`, sorted.
+fn find_cases(root: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
+    if root.join("case.json").is_file() {
+        out.push(root.to_path_buf());
+        return;
+    }
+    if depth == 0 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut dirs: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        find_cases(&d, depth - 1, out);
+    }
+}
+
+/// Every parity case folder: `tests/fixtures/parity/` and each path in `RENEG_PARITY_DIRS`
+/// (colon-separated).
+pub fn parity_case_dirs() -> Vec<std::path::PathBuf> {
+    let mut roots = vec![std::path::PathBuf::from("tests/fixtures/parity")];
+    if let Ok(extra) = std::env::var("RENEG_PARITY_DIRS") {
+        for p in extra.split(':').filter(|p| !p.is_empty()) {
+            assert!(
+                Path::new(p).exists(),
+                "RENEG_PARITY_DIRS names {p}, which does not exist"
+            );
+            roots.push(std::path::PathBuf::from(p));
+        }
+    }
+    let mut cases = vec![];
+    for r in roots {
+        find_cases(&r, 4, &mut cases);
+    }
+    cases
+}

@@ -1,0 +1,243 @@
+//! `reneg train`: learn a global negative embedding by reward feedback. Options come from
+//! `--config FILE.toml`, then flags; the resolved config is written to `--out`.
+
+use super::{check_dtype, device, lib, user, Dtype};
+use anyhow::Result;
+use candle_core::DType;
+use indicatif::{ProgressBar, ProgressStyle};
+use reneg::embedding::NegativeEmbedding;
+use reneg::reward::load::RewardKind;
+use reneg::train::config::{Init, TrainConfig};
+use reneg::train::global::{self, Prompts};
+use reneg::train::step::Objective;
+use std::path::PathBuf;
+use toml::Value;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// A TOML file with any of the options below (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Model: diffusers folder, single-file checkpoint or hub-cache repo id.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Reward kind; repeat with --reward-model (and --reward-weight) for several.
+    #[arg(long, value_enum)]
+    pub reward: Vec<RewardKind>,
+    #[arg(long)]
+    pub reward_model: Vec<PathBuf>,
+    #[arg(long)]
+    pub reward_weight: Vec<f64>,
+    /// Training prompts (.txt, .tsv with a Prompt column, .json).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    #[arg(long)]
+    pub val_prompts: Option<PathBuf>,
+    /// null, prompt:TEXT, or an embedding file.
+    #[arg(long)]
+    pub init: Option<String>,
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    #[arg(long)]
+    pub sampling_steps: Option<usize>,
+    #[arg(long)]
+    pub grad_step_window: Option<usize>,
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub max_bad_steps: Option<u64>,
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
+    #[arg(long)]
+    pub val_every: Option<u64>,
+    #[arg(long)]
+    pub val_seeds: Option<usize>,
+    /// Continue from --out's checkpoint (the same config is required).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+fn overrides(a: &TrainArgs) -> Result<toml::Table> {
+    let mut t = toml::Table::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            t.insert(k.to_string(), v);
+        }
+    };
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| Value::String(p.display().to_string()));
+    put("model", a.model.clone().map(Value::String));
+    put("prompts", path(&a.prompts));
+    put("val_prompts", path(&a.val_prompts));
+    put("out", path(&a.out));
+    let int = |v: Option<u64>| v.map(|v| Value::Integer(v as i64));
+    let uint = |v: Option<usize>| v.map(|v| Value::Integer(v as i64));
+    let float = |v: Option<f64>| v.map(Value::Float);
+    put("steps", int(a.steps));
+    put("lr", float(a.lr));
+    put("warmup_steps", int(a.warmup_steps));
+    put("weight_decay", float(a.weight_decay));
+    put("batch_size", uint(a.batch_size));
+    put("micro_batch_size", uint(a.micro_batch_size));
+    put("guidance_scale", float(a.guidance_scale));
+    put("sampling_steps", uint(a.sampling_steps));
+    put("grad_step_window", uint(a.grad_step_window));
+    put("height", uint(a.height));
+    put("width", uint(a.width));
+    put("seed", int(a.seed));
+    put("max_grad_norm", float(a.max_grad_norm));
+    put("max_bad_steps", int(a.max_bad_steps));
+    put("checkpoint_every", int(a.checkpoint_every));
+    put("val_every", int(a.val_every));
+    put("val_seeds", uint(a.val_seeds));
+    if let Some(init) = &a.init {
+        let v =
+            toml::Value::try_from(Init::parse(init)).map_err(|e| user(format!("--init: {e}")))?;
+        t.insert("init".into(), v);
+    }
+    if !a.reward.is_empty() || !a.reward_model.is_empty() {
+        if a.reward.len() != a.reward_model.len() {
+            return Err(user(format!(
+                "{} --reward but {} --reward-model: give one model per reward",
+                a.reward.len(),
+                a.reward_model.len()
+            )));
+        }
+        if !a.reward_weight.is_empty() && a.reward_weight.len() != a.reward.len() {
+            return Err(user("--reward-weight: give one weight per reward, or none"));
+        }
+        let list: Vec<Value> = a
+            .reward
+            .iter()
+            .zip(&a.reward_model)
+            .enumerate()
+            .map(|(i, (k, m))| {
+                let mut e = toml::Table::new();
+                e.insert(
+                    "kind".into(),
+                    toml::Value::try_from(k).expect("kind serialises"),
+                );
+                e.insert("model".into(), Value::String(m.display().to_string()));
+                e.insert(
+                    "weight".into(),
+                    Value::Float(a.reward_weight.get(i).copied().unwrap_or(1.0)),
+                );
+                Value::Table(e)
+            })
+            .collect();
+        t.insert("rewards".into(), Value::Array(list));
+    }
+    Ok(t)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let (table, source) = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| user(format!("{}: cannot read: {e}", p.display())))?;
+            (TrainConfig::from_toml(&text, p).map_err(lib)?, p.clone())
+        }
+        None => (toml::Table::new(), PathBuf::from("<command line>")),
+    };
+    let cfg = TrainConfig::resolve(table, overrides(&a)?, &source).map_err(lib)?;
+    let device = device(&a.device)?;
+    let dtype: DType = a.dtype.into();
+    check_dtype(dtype, &device)?;
+    let prompts: Vec<String> = reneg::prompts::load(&cfg.prompts)
+        .map_err(lib)?
+        .into_iter()
+        .map(|p| p.text)
+        .collect();
+    let val: Vec<String> = match &cfg.val_prompts {
+        Some(p) => reneg::prompts::load(p)
+            .map_err(lib)?
+            .into_iter()
+            .map(|p| p.text)
+            .collect(),
+        None => vec![],
+    };
+    let options = reneg::source::LoadOptions::default();
+    let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
+    let rewards = cfg
+        .rewards
+        .iter()
+        .map(|r| {
+            Ok((
+                reneg::reward::load::load(r.kind, &r.model, dtype, &device).map_err(lib)?,
+                r.weight,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let objective = Objective::new(rewards);
+    let init = match &cfg.init {
+        Init::Null => sd.encode_prompt("").map_err(lib)?,
+        Init::Prompt(t) => sd.encode_prompt(t).map_err(lib)?,
+        Init::File(p) => {
+            let e = NegativeEmbedding::load(p).map_err(lib)?;
+            e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), p)
+                .map_err(lib)?;
+            e.tensor
+        }
+    };
+    let bar = ProgressBar::new(cfg.steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} step {pos}/{len} {msg} {per_sec} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let outcome = global::train(
+        &cfg,
+        &mut sd,
+        &objective,
+        Prompts {
+            train: &prompts,
+            val: &val,
+        },
+        init,
+        a.resume,
+        |m, v| {
+            bar.set_position(m.step + 1);
+            bar.set_message(format!("reward {:.4}", m.reward_mean));
+            if let Some(v) = v {
+                bar.println(format!(
+                    "step {}: validation reward {:.4} (null text {:.4})",
+                    v.step, v.embedding, v.null_text
+                ));
+            }
+            std::ops::ControlFlow::Continue(())
+        },
+    )
+    .map_err(lib)?;
+    bar.finish_and_clear();
+    println!(
+        "trained {} steps ({} skipped); embedding: {}",
+        outcome.steps_done,
+        outcome.skipped,
+        cfg.out.join("embedding.safetensors").display()
+    );
+    Ok(())
+}

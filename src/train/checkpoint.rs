@@ -1,0 +1,106 @@
+//! Training checkpoints: the embedding, AdamW's moments, the step and the resolved config in
+//! one safetensors file, written atomically (a killed writer leaves the previous one intact).
+
+use super::optim::{AdamW, AdamWConfig};
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub embedding: Tensor,
+    pub optimizer: AdamW,
+    /// Optimisation steps completed.
+    pub step: u64,
+    /// Non-finite steps in a row at the time of saving.
+    pub bad_in_row: u64,
+    /// The run's config as TOML, to refuse resuming a different run.
+    pub config: String,
+}
+
+fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect())
+}
+
+impl Checkpoint {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let names = ["embedding", "adam_m", "adam_v"];
+        let tensors = [&self.embedding, &self.optimizer.m, &self.optimizer.v];
+        let data = tensors
+            .iter()
+            .map(|t| f32_bytes(t))
+            .collect::<Result<Vec<_>>>()?;
+        let views = names
+            .iter()
+            .zip(&tensors)
+            .zip(&data)
+            .map(|((n, t), d)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), d)
+                    .map(|v| (*n, v))
+                    .map_err(|e| Error::Invalid(format!("checkpoint: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta: HashMap<String, String> = [
+            ("step", self.step.to_string()),
+            ("adam_step", self.optimizer.step.to_string()),
+            ("bad_in_row", self.bad_in_row.to_string()),
+            (
+                "adam",
+                serde_json::to_string(&self.optimizer.cfg).unwrap_or_default(),
+            ),
+            ("config", self.config.clone()),
+            ("tool", format!("reneg {}", env!("CARGO_PKG_VERSION"))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = safetensors::tensor::serialize(views, Some(meta))
+            .map_err(|e| Error::Invalid(format!("checkpoint: {e}")))?;
+        crate::io::write_atomic(path, &bytes)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::file(path, format!("cannot read checkpoint: {e}")))?;
+        let bad = |m: String| {
+            Error::file(
+                path,
+                format!("corrupt checkpoint: {m}; delete it to start over"),
+            )
+        };
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| bad(e.to_string()))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}`")));
+        let num =
+            |k: &str| -> Result<u64> { get(k)?.parse().map_err(|_| bad(format!("bad `{k}`"))) };
+        let t = |k: &str| {
+            tensors
+                .get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("no tensor `{k}`")))
+        };
+        let cfg: AdamWConfig =
+            serde_json::from_str(&get("adam")?).map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            embedding: t("embedding")?,
+            optimizer: AdamW {
+                cfg,
+                m: t("adam_m")?,
+                v: t("adam_v")?,
+                step: num("adam_step")?,
+            },
+            step: num("step")?,
+            bad_in_row: num("bad_in_row")?,
+            config: get("config")?,
+        })
+    }
+}

@@ -1,0 +1,203 @@
+//! The training configuration: the paper's defaults, overridable from a TOML file and then
+//! from command-line flags, resolved into one validated struct saved beside the result.
+
+use crate::error::{Error, Result};
+use crate::reward::load::RewardKind;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One reward in the objective: loss = -sum_i weight_i * mean(reward_i).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RewardSpec {
+    pub kind: RewardKind,
+    pub model: PathBuf,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Where the negative embedding starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// The text encoder's output for "" (the paper's start).
+    Null,
+    /// The text encoder's output for a negative prompt.
+    Prompt(String),
+    /// An embedding file.
+    File(PathBuf),
+}
+
+impl Init {
+    /// `null`, `prompt:TEXT` or a file path.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "null" => Init::Null,
+            _ => match s.strip_prefix("prompt:") {
+                Some(t) => Init::Prompt(t.to_string()),
+                None => Init::File(PathBuf::from(s)),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: String,
+    pub rewards: Vec<RewardSpec>,
+    pub prompts: PathBuf,
+    #[serde(default)]
+    pub val_prompts: Option<PathBuf>,
+    #[serde(default = "d_init")]
+    pub init: Init,
+    pub out: PathBuf,
+    /// Optimisation steps (each over `batch_size` samples).
+    #[serde(default = "d_steps")]
+    pub steps: u64,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// Samples per optimisation step, by gradient accumulation.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Samples per forward/backward pass.
+    #[serde(default = "d_micro")]
+    pub micro_batch_size: usize,
+    #[serde(default = "d_guidance")]
+    pub guidance_scale: f64,
+    /// DDIM sampling steps.
+    #[serde(default = "d_sampling")]
+    pub sampling_steps: usize,
+    /// The gradient step is drawn uniformly from the last this many sampling steps.
+    #[serde(default = "d_window")]
+    pub grad_step_window: usize,
+    #[serde(default)]
+    pub height: Option<usize>,
+    #[serde(default)]
+    pub width: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    /// Gradient-norm clipping (none by default).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Stop after this many non-finite losses or gradients in a row.
+    #[serde(default = "d_bad")]
+    pub max_bad_steps: u64,
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: u64,
+    /// Validate every this many steps (0: never).
+    #[serde(default = "d_val")]
+    pub val_every: u64,
+    /// Seeds per validation prompt.
+    #[serde(default = "d_val_seeds")]
+    pub val_seeds: usize,
+}
+
+fn d_init() -> Init {
+    Init::Null
+}
+fn d_steps() -> u64 {
+    4000
+}
+fn d_lr() -> f64 {
+    5e-3
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_micro() -> usize {
+    1
+}
+fn d_guidance() -> f64 {
+    7.5
+}
+fn d_sampling() -> usize {
+    30
+}
+fn d_window() -> usize {
+    10
+}
+fn d_bad() -> u64 {
+    10
+}
+fn d_ckpt() -> u64 {
+    100
+}
+fn d_val() -> u64 {
+    200
+}
+fn d_val_seeds() -> usize {
+    1
+}
+
+impl TrainConfig {
+    /// Parses a TOML config (every key optional except the ones without a default).
+    pub fn from_toml(text: &str, path: &Path) -> Result<toml::Table> {
+        text.parse::<toml::Table>()
+            .map_err(|e| Error::file(path, format!("invalid TOML: {e}")))
+    }
+
+    /// Builds the config from a TOML table (possibly empty) with `overrides` applied on top.
+    pub fn resolve(mut table: toml::Table, overrides: toml::Table, source: &Path) -> Result<Self> {
+        for (k, v) in overrides {
+            table.insert(k, v);
+        }
+        let cfg: Self = table
+            .try_into()
+            .map_err(|e| Error::file(source, format!("invalid training config: {e}")))?;
+        cfg.validate(source)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, source: &Path) -> Result<()> {
+        let bad = |msg: String| Err(Error::file(source, msg));
+        if self.rewards.is_empty() {
+            return bad(
+                "no reward: give --reward and --reward-model (or [[rewards]] in the config)".into(),
+            );
+        }
+        if self.batch_size == 0
+            || self.micro_batch_size == 0
+            || self.batch_size % self.micro_batch_size != 0
+        {
+            return bad(format!(
+                "batch_size {} must be a positive multiple of micro_batch_size {}",
+                self.batch_size, self.micro_batch_size
+            ));
+        }
+        if self.sampling_steps == 0
+            || self.grad_step_window == 0
+            || self.grad_step_window > self.sampling_steps
+        {
+            return bad(format!(
+                "grad_step_window {} must be between 1 and sampling_steps {}",
+                self.grad_step_window, self.sampling_steps
+            ));
+        }
+        if self.steps == 0 || self.checkpoint_every == 0 {
+            return bad("steps and checkpoint_every must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr must be positive, got {}", self.lr));
+        }
+        Ok(())
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.batch_size / self.micro_batch_size
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,187 @@
+//! One ReNeg gradient evaluation (Li et al. 2024, Sec. 3): sample with guidance and without a
+//! graph down to timestep index `k`, take the one guided step whose negative branch carries
+//! the gradient, predict x0, decode, map to [0, 1], score; loss = -(weighted) mean reward.
+
+use crate::error::{Error, Result};
+use crate::reward::Reward;
+use crate::StableDiffusion;
+use candle_core::{Tensor, Var};
+
+/// How decoded pixels reach the rewards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pixels {
+    /// Mapped from [-1, 1] to [0, 1] and clamped (reward models' input; ReNeg and DRaFT).
+    Unit,
+    /// The decoder's raw output (the parity fixtures' linear stand-in reward).
+    Raw,
+}
+
+/// The rewards of the objective with their weights.
+pub struct Objective {
+    pub rewards: Vec<(Box<dyn Reward>, f64)>,
+    pub pixels: Pixels,
+}
+
+impl Objective {
+    pub fn new(rewards: Vec<(Box<dyn Reward>, f64)>) -> Self {
+        Self {
+            rewards,
+            pixels: Pixels::Unit,
+        }
+    }
+
+    fn images(&self, decoded: &Tensor) -> Result<Tensor> {
+        match self.pixels {
+            Pixels::Unit => to_unit(decoded),
+            Pixels::Raw => Ok(decoded.clone()),
+        }
+    }
+
+    /// Weighted sum of the rewards, per image: `[n]`.
+    pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
+        for (r, w) in &self.rewards {
+            let s = (r.score(images, prompts)? * *w)?;
+            total = Some(match total {
+                Some(t) => (t + s)?,
+                None => s,
+            });
+        }
+        total.ok_or_else(|| Error::Invalid("the objective has no reward".into()))
+    }
+}
+
+/// What one micro-batch gives.
+pub struct StepResult {
+    pub loss: f64,
+    /// d loss / d embedding, `[1, L, D]`.
+    pub grad: Tensor,
+    pub rewards: Vec<f64>,
+}
+
+/// Settings shared by training and per-sample adaptation.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// Starting noise for `seeds`, `[n, C, h, w]`.
+pub fn noise(sd: &StableDiffusion, seeds: &[u64], s: &Sampling) -> Result<Tensor> {
+    let f = sd.vae_scale();
+    let shape = [1, sd.latent_channels(), s.height / f, s.width / f];
+    let parts = seeds
+        .iter()
+        .map(|&seed| crate::rng::randn(seed, &shape, sd.dtype(), sd.device()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Decoded pixels mapped from [-1, 1] to [0, 1] (clamped, as ReNeg and DRaFT do).
+pub fn to_unit(images: &Tensor) -> Result<Tensor> {
+    Ok(((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// Text embeddings of `prompts`, `[n, L, D]`.
+pub fn encode_all(sd: &StableDiffusion, prompts: &[String]) -> Result<Tensor> {
+    let e = prompts
+        .iter()
+        .map(|p| sd.encode_prompt(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&e, 0)?)
+}
+
+/// The negative embedding repeated for a batch of `n`.
+fn batch_of(emb: &Tensor, n: usize) -> Result<Tensor> {
+    let (_, l, d) = emb.dims3()?;
+    Ok(emb.broadcast_as((n, l, d))?)
+}
+
+/// The gradient of the ReNeg loss for one micro-batch, taken at sampling step index `k`.
+pub fn reneg_gradient(
+    sd: &mut StableDiffusion,
+    objective: &Objective,
+    embedding: &Tensor,
+    prompts: &[String],
+    seeds: &[u64],
+    k: usize,
+    s: &Sampling,
+) -> Result<StepResult> {
+    let start = noise(sd, seeds, s)?;
+    reneg_gradient_from(sd, objective, embedding, prompts, start, k, s)
+}
+
+/// [`reneg_gradient`] from given starting latents `[n, C, h, w]`.
+pub fn reneg_gradient_from(
+    sd: &mut StableDiffusion,
+    objective: &Objective,
+    embedding: &Tensor,
+    prompts: &[String],
+    start: Tensor,
+    k: usize,
+    s: &Sampling,
+) -> Result<StepResult> {
+    let n = prompts.len();
+    let cond = encode_all(sd, prompts)?;
+    sd.scheduler.set_timesteps(s.steps)?;
+    let timesteps = sd.scheduler.timesteps().to_vec();
+    if k >= timesteps.len() {
+        return Err(Error::Invalid(format!(
+            "gradient step {k} is past the last sampling step"
+        )));
+    }
+    let frozen = batch_of(&embedding.detach(), n)?;
+    let mut x = start;
+    for &t in &timesteps[..k] {
+        let eps = sd.guided_eps(&x, t, &cond, &frozen, s.guidance_scale)?;
+        x = sd.scheduler.step(&eps, t, &x)?.prev_sample;
+    }
+    let var = Var::from_tensor(&embedding.detach())?;
+    let uncond = batch_of(var.as_tensor(), n)?;
+    let x0 = sd.predict_x0(&x, timesteps[k], &cond, &uncond, s.guidance_scale)?;
+    let images = objective.images(&sd.decode(&x0)?)?;
+    let scores = objective.score(&images, prompts)?;
+    let loss = scores.mean_all()?.neg()?;
+    let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let rewards = scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    let grads = loss.backward()?;
+    let grad = grads
+        .get(var.as_tensor())
+        .cloned()
+        .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
+    Ok(StepResult {
+        loss: loss_value,
+        grad,
+        rewards,
+    })
+}
+
+/// The reward of fully sampled images (no gradient): what validation and per-sample
+/// adaptation compare.
+pub fn sampled_reward(
+    sd: &mut StableDiffusion,
+    objective: &Objective,
+    embedding: &Tensor,
+    prompts: &[String],
+    seeds: &[u64],
+    s: &Sampling,
+) -> Result<Vec<f64>> {
+    let n = prompts.len();
+    let cond = encode_all(sd, prompts)?;
+    let uncond = batch_of(&embedding.detach(), n)?.contiguous()?;
+    let latents = sd.sample(
+        noise(sd, seeds, s)?,
+        s.steps,
+        &cond,
+        &uncond,
+        s.guidance_scale,
+        |_, _| {},
+    )?;
+    let images = objective.images(&sd.decode(&latents)?)?;
+    Ok(objective
+        .score(&images, prompts)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?)
+}
