@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use reneg::reward::load::load_aesthetic;
-use reneg::reward::Reward;
+use reneg::reward::{LinearReward, Reward};
 use reneg::train::checkpoint::Checkpoint;
 use reneg::train::config::TrainConfig;
 use reneg::train::global::{train, Prompts, Validation};
@@ -20,18 +20,6 @@ use std::path::{Path, PathBuf};
 
 const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
 const AESTHETIC: &str = "tests/fixtures/parity/reward-aesthetic/reward";
-
-/// The parity fixtures' linear stand-in reward: sum(w * pixels) per image.
-struct LinearReward(Tensor);
-
-impl Reward for LinearReward {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-    fn score(&self, images: &Tensor, _: &[String]) -> reneg::Result<Tensor> {
-        Ok(images.broadcast_mul(&self.0)?.flatten_from(1)?.sum(1)?)
-    }
-}
 
 /// The tiny aesthetic reward, returning NaN on the listed calls (counted from 0).
 struct FlakyReward {

@@ -49,3 +49,17 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 pub fn rowwise_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a * b)?.sum(1)?)
 }
+
+/// A linear stand-in reward, sum(w * pixels) per image: the parity fixtures' reward, and a
+/// cheap reward for benchmarks of the gradient path.
+pub struct LinearReward(pub Tensor);
+
+impl Reward for LinearReward {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn score(&self, images: &Tensor, _prompts: &[String]) -> Result<Tensor> {
+        Ok(images.broadcast_mul(&self.0)?.flatten_from(1)?.sum(1)?)
+    }
+}

@@ -138,24 +138,16 @@ pub fn reneg_gradient_from(
         let eps = sd.guided_eps(&x, t, &cond, &frozen, s.guidance_scale)?;
         x = sd.scheduler.step(&eps, t, &x)?.prev_sample;
     }
-    let var = Var::from_tensor(&embedding.detach())?;
-    let uncond = batch_of(var.as_tensor(), n)?;
-    let x0 = sd.predict_x0(&x, timesteps[k], &cond, &uncond, s.guidance_scale)?;
-    let images = objective.images(&sd.decode(&x0)?)?;
-    let scores = objective.score(&images, prompts)?;
-    let loss = scores.mean_all()?.neg()?;
-    let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    let rewards = scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-    let grads = loss.backward()?;
-    let grad = grads
-        .get(var.as_tensor())
-        .cloned()
-        .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
-    Ok(StepResult {
-        loss: loss_value,
-        grad,
-        rewards,
-    })
+    gradient_at(
+        sd,
+        objective,
+        embedding,
+        prompts,
+        &cond,
+        &x,
+        timesteps[k],
+        s.guidance_scale,
+    )
 }
 
 /// The reward of fully sampled images (no gradient): what validation and per-sample
@@ -184,4 +176,61 @@ pub fn sampled_reward(
         .score(&images, prompts)?
         .to_dtype(candle_core::DType::F64)?
         .to_vec1::<f64>()?)
+}
+
+/// The gradient step at timestep `t` from latents `x` (`[n, C, h, w]`, no graph): the guided
+/// noise prediction, x0, decode, rewards, and d loss / d embedding through the negative
+/// branch only.
+#[allow(clippy::too_many_arguments)]
+pub fn gradient_at(
+    sd: &StableDiffusion,
+    objective: &Objective,
+    embedding: &Tensor,
+    prompts: &[String],
+    cond: &Tensor,
+    x: &Tensor,
+    t: usize,
+    g: f64,
+) -> Result<StepResult> {
+    let n = prompts.len();
+    let frozen = batch_of(&embedding.detach(), n)?;
+    // The backward is staged so the decoder's and the UNet's graphs never coexist:
+    // (1) x0 without a graph, then d loss / d x0 through decode and reward;
+    // (2) the negative branch again, with a graph, and back from x0 with that gradient.
+    // The prompt branch c is computed once, without a graph.
+    let c = sd.unet.forward(x, t as f64, cond)?.detach();
+    let x0_of = |sd: &StableDiffusion, u: &Tensor| -> Result<Tensor> {
+        let eps = (u + ((&c - u)? * g)?)?;
+        sd.scheduler.pred_original_sample(&eps, t, x)
+    };
+    let u0 = sd.unet.forward(x, t as f64, &frozen)?;
+    let x0 = Var::from_tensor(&x0_of(sd, &u0)?)?;
+    drop(u0);
+    let images = objective.images(&sd.decode(x0.as_tensor())?)?;
+    let scores = objective.score(&images, prompts)?;
+    let loss = scores.mean_all()?.neg()?;
+    let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let rewards = scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
+    let d_x0 = loss
+        .backward()?
+        .get(x0.as_tensor())
+        .cloned()
+        .unwrap_or_else(|| x0.as_tensor().zeros_like().expect("zeros"))
+        .detach();
+    drop((images, scores, loss));
+
+    let var = Var::from_tensor(&embedding.detach())?;
+    let uncond = batch_of(var.as_tensor(), n)?;
+    let u = sd.unet.forward(x, t as f64, &uncond)?;
+    let surrogate = (x0_of(sd, &u)? * d_x0)?.sum_all()?;
+    let grad = surrogate
+        .backward()?
+        .get(var.as_tensor())
+        .cloned()
+        .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
+    Ok(StepResult {
+        loss: loss_value,
+        grad,
+        rewards,
+    })
 }
