@@ -154,7 +154,7 @@ fn convert_unet(
         .collect();
     let levels = downsamplers.len() + 1;
     let entries = inputs.len().saturating_sub(1); // without conv_in
-    if entries < levels || (entries - downsamplers.len()) % levels != 0 {
+    if entries < levels || !(entries - downsamplers.len()).is_multiple_of(levels) {
         return Err(Error::file(
             file,
             "UNet input blocks do not form a regular level structure",

@@ -353,3 +353,35 @@ fn check_rejects_candles_fused_layer_norm_gradient() {
     // Our gradient of the same function passes.
     assert!(fd_error(&f, &x, &analytic_grad(&f, &x, 2), 2) < FD_TOL);
 }
+
+#[test]
+fn frozen_conv_input_gradient_all_strides_paddings_and_odd_sizes() {
+    use reneg::nn::{Conv2d, Downsample2D, Linear};
+    for (k, s, p, h, w) in [
+        (3, 1, 1, 5, 6),
+        (1, 1, 0, 4, 3),
+        (3, 2, 1, 7, 6),
+        (3, 2, 1, 8, 8),
+        (3, 2, 0, 7, 9),
+        (3, 1, 0, 6, 5),
+    ] {
+        let conv = Conv2d::new(3, 4, k, s, p, &random_vb(70 + k as u64)).unwrap();
+        assert_gradient(
+            &format!("frozen conv k{k} s{s} p{p} {h}x{w}"),
+            |x| conv.forward(x).unwrap(),
+            &randn(71, &[2, 3, h, w]),
+        );
+    }
+    let ds = Downsample2D::new(3, 0, &random_vb(72)).unwrap();
+    assert_gradient(
+        "downsample pad-0 (right/bottom pad)",
+        |x| ds.forward(x).unwrap(),
+        &randn(73, &[1, 3, 7, 8]),
+    );
+    let lin = Linear::new(5, 3, true, &random_vb(74)).unwrap();
+    assert_gradient(
+        "frozen linear, 3-D input",
+        |x| lin.forward(x).unwrap(),
+        &randn(75, &[2, 4, 5]),
+    );
+}

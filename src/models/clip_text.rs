@@ -72,7 +72,8 @@ impl ClipTextConfig {
     pub fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
         let cfg: Self = serde_json::from_value(value)
             .map_err(|e| crate::Error::file(path, format!("invalid config: {e}")))?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(crate::Error::unsupported(
                 path,
                 "num_attention_heads",

@@ -72,7 +72,8 @@ impl ClipVisionConfig {
     pub fn from_value(v: serde_json::Value, path: &Path) -> Result<Self> {
         let cfg: Self = serde_json::from_value(v)
             .map_err(|e| crate::Error::file(path, format!("invalid vision config: {e}")))?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(crate::Error::unsupported(
                 path,
                 "num_attention_heads",
@@ -80,7 +81,7 @@ impl ClipVisionConfig {
                 "must divide hidden_size",
             ));
         }
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(crate::Error::unsupported(
                 path,
                 "patch_size",

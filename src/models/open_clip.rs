@@ -138,7 +138,12 @@ impl OpenClipConfig {
         )?;
         let cfg: Self = serde_json::from_value(v)
             .map_err(|e| Error::file(path, format!("invalid open_clip config: {e}")))?;
-        if cfg.vision_cfg.head_width == 0 || cfg.vision_cfg.width % cfg.vision_cfg.head_width != 0 {
+        if cfg.vision_cfg.head_width == 0
+            || !cfg
+                .vision_cfg
+                .width
+                .is_multiple_of(cfg.vision_cfg.head_width)
+        {
             return Err(Error::unsupported(
                 path,
                 "vision_cfg.head_width",
@@ -146,7 +151,7 @@ impl OpenClipConfig {
                 "must divide vision_cfg.width",
             ));
         }
-        if cfg.text_cfg.heads == 0 || cfg.text_cfg.width % cfg.text_cfg.heads != 0 {
+        if cfg.text_cfg.heads == 0 || !cfg.text_cfg.width.is_multiple_of(cfg.text_cfg.heads) {
             return Err(Error::unsupported(
                 path,
                 "text_cfg.heads",
@@ -155,7 +160,10 @@ impl OpenClipConfig {
             ));
         }
         if cfg.vision_cfg.patch_size == 0
-            || cfg.vision_cfg.image_size % cfg.vision_cfg.patch_size != 0
+            || !cfg
+                .vision_cfg
+                .image_size
+                .is_multiple_of(cfg.vision_cfg.patch_size)
         {
             return Err(Error::unsupported(
                 path,

@@ -34,6 +34,19 @@ impl Conv2d {
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, out, h', w']`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if super::frozen::wants_frozen_path(xs) {
+            // Frozen weights: forward without a graph, backward to the input only.
+            let value = self.plain(&xs.detach())?;
+            let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
+            let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
+            return super::frozen::attach(xs, value, move |g| {
+                super::frozen::conv2d_input_grad(g, &w, p, s, h, wd)
+            });
+        }
+        self.plain(xs)
+    }
+
+    fn plain(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let out = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
         match &self.bias {
             Some(b) => out.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),

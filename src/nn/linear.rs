@@ -36,13 +36,25 @@ impl Linear {
         let dims = xs.dims().to_vec();
         let in_dim = *dims.last().expect("linear input has at least one dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let out = xs.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let out = match &self.bias {
-            Some(b) => out.broadcast_add(b)?,
-            None => out,
+        let x2 = xs.reshape((rows, in_dim))?;
+        let out = if crate::nn::frozen::wants_frozen_path(xs) {
+            // Frozen weights: forward without a graph, backward to the input only.
+            let value = self.plain(&x2.detach())?;
+            let w = self.weight.clone();
+            crate::nn::frozen::attach(&x2, value, move |g| g.matmul(&w))?
+        } else {
+            self.plain(&x2)?
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
         out.reshape(out_dims)
+    }
+
+    fn plain(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
+        let out = x2.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => out.broadcast_add(b),
+            None => Ok(out),
+        }
     }
 }

@@ -21,6 +21,17 @@ fn upcast(xs: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `x * w + b` with frozen `w`, `b` (broadcast): on the gradient path the backward is
+/// `g * w` alone, without the weight and bias gradients candle would compute.
+fn affine(x: &Tensor, w: &Tensor, b: &Tensor, w_for_grad: &Tensor) -> candle_core::Result<Tensor> {
+    if super::frozen::wants_frozen_path(x) {
+        let value = x.detach().broadcast_mul(w)?.broadcast_add(b)?;
+        let w = w_for_grad.clone();
+        return super::frozen::attach(x, value, move |g| g.broadcast_mul(&w));
+    }
+    x.broadcast_mul(w)?.broadcast_add(b)
+}
+
 /// `torch.nn.LayerNorm(dim)` with affine weight and bias.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
@@ -46,9 +57,7 @@ impl LayerNorm {
     /// `[..., dim]` -> `[..., dim]`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let normed = normalize_last(&upcast(xs)?, self.eps)?.to_dtype(xs.dtype())?;
-        normed
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        affine(&normed, &self.weight, &self.bias, &self.weight)
     }
 }
 
@@ -63,7 +72,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(groups: usize, channels: usize, eps: f64, vb: &Vb) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::error::Error::Invalid(format!(
                 "{}: group norm with {channels} channels cannot use {groups} groups; fix norm_num_groups in config.json",
                 vb.file().display()
@@ -88,8 +97,7 @@ impl GroupNorm {
             .reshape(dims.as_slice())?;
         let mut wshape = vec![1usize; dims.len()];
         wshape[1] = c;
-        normed
-            .broadcast_mul(&self.weight.reshape(wshape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(wshape.as_slice())?)
+        let w = self.weight.reshape(wshape.as_slice())?;
+        affine(&normed, &w, &self.bias.reshape(wshape.as_slice())?, &w)
     }
 }

@@ -168,7 +168,7 @@ impl TrainConfig {
         }
         if self.batch_size == 0
             || self.micro_batch_size == 0
-            || self.batch_size % self.micro_batch_size != 0
+            || !self.batch_size.is_multiple_of(self.micro_batch_size)
         {
             return bad(format!(
                 "batch_size {} must be a positive multiple of micro_batch_size {}",
