@@ -8,11 +8,14 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
+/// The input-gradient function of a frozen layer.
+type InputGrad = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
 /// Returns a precomputed value as its output; its backward is a given function of the
 /// output gradient. The value is handed over once (not kept alive by the graph).
 struct Attach {
     value: Mutex<Option<Tensor>>,
-    backward: Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>,
+    backward: InputGrad,
 }
 
 impl CustomOp1 for Attach {
