@@ -39,7 +39,7 @@ impl Conv2d {
             let value = self.plain(&xs.detach())?;
             let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
             let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
-            return super::frozen::attach(xs, value, move |g| {
+            return super::frozen::attach(xs, value, move |g, _| {
                 super::frozen::conv2d_input_grad(g, &w, p, s, h, wd)
             });
         }

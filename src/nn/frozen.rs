@@ -9,7 +9,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor}
 use std::sync::Mutex;
 
 /// The input-gradient function of a frozen layer.
-type InputGrad = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+/// Called with the output gradient and the op's own output.
+type InputGrad = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// Returns a precomputed value as its output; its backward is a given function of the
 /// output gradient. The value is handed over once (not kept alive by the graph).
@@ -53,8 +54,8 @@ impl CustomOp1 for Attach {
         }
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some((self.backward)(grad)?))
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.backward)(grad, res)?))
     }
 }
 
@@ -77,7 +78,7 @@ pub fn wants_frozen_path(x: &Tensor) -> bool {
 pub fn attach(
     x: &Tensor,
     value: Tensor,
-    backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     x.apply_op1(Attach {
         value: Mutex::new(Some(value)),

@@ -41,7 +41,7 @@ impl Linear {
             // Frozen weights: forward without a graph, backward to the input only.
             let value = self.plain(&x2.detach())?;
             let w = self.weight.clone();
-            crate::nn::frozen::attach(&x2, value, move |g| g.matmul(&w))?
+            crate::nn::frozen::attach(&x2, value, move |g, _| g.matmul(&w))?
         } else {
             self.plain(&x2)?
         };
