@@ -575,6 +575,28 @@ fn score_prints_a_table_and_writes_json() {
     assert_eq!(scores[0]["score"], scores[1]["score"]);
     let s = scores[0]["score"].as_f64().unwrap();
     assert!(s.abs() <= 100.0 && s != 0.0, "{s}");
+    // The same pair from a JSONL file (paths relative to the file) scores the same.
+    let pairs = dir.join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"image\": \"00000-seed5.png\", \"prompt\": \"a red cube\"}\n",
+    )
+    .unwrap();
+    let o = reneg(&[
+        "score",
+        "--reward",
+        "hps",
+        "--reward-model",
+        "tests/fixtures/parity/reward-openclip-gelu/reward",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v2["scores"][0]["score"].as_f64().unwrap(), s);
     // The aesthetic reward needs no prompt.
     let o = reneg(&[
         "score",
