@@ -72,6 +72,15 @@ pub struct TrainArgs {
     pub val_every: Option<u64>,
     #[arg(long)]
     pub val_seeds: Option<usize>,
+    /// Never touch the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    pub offline: bool,
+    /// For single-file checkpoints: a diffusers-style folder of configs (see `generate --help`).
+    #[arg(long)]
+    pub model_config: Option<PathBuf>,
+    /// For single-file checkpoints: epsilon or v_prediction.
+    #[arg(long)]
+    pub prediction_type: Option<String>,
     /// Continue from --out's checkpoint (the same config is required).
     #[arg(long)]
     pub resume: bool,
@@ -179,7 +188,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .collect(),
         None => vec![],
     };
-    let options = reneg::source::LoadOptions::default();
+    let options = reneg::source::LoadOptions {
+        offline: a.offline,
+        single_file: reneg::single_file::Overrides {
+            config_dir: a.model_config.clone(),
+            prediction_type: a.prediction_type.clone(),
+        },
+    };
     let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
     let rewards = cfg
         .rewards
