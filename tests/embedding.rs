@@ -2,6 +2,10 @@
 //! (`tools/gen_embedding_fixtures.py`), safe refusal of anything that is not a plain tensor,
 //! and exact round trips through our safetensors and PyTorch writers.
 
+mod common;
+
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use reneg::embedding::NegativeEmbedding;
 use std::path::{Path, PathBuf};
@@ -18,17 +22,6 @@ fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-emb-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d.join(name)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

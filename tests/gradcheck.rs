@@ -333,14 +333,7 @@ fn check_rejects_candles_fused_layer_norm_gradient() {
     let fused = |x: &Tensor| candle_nn::ops::layer_norm(x, &f32(&w), &f32(&b), 1e-5).unwrap();
     let ours = LayerNorm::from_tensors(w.clone(), b.clone(), 1e-5);
     let f = |x: &Tensor| ours.forward(x).unwrap();
-    let forward_diff = (fused(&f32(&x)).to_dtype(DType::F64).unwrap() - f(&x))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let forward_diff = max_abs_diff(&fused(&f32(&x)).to_dtype(DType::F64).unwrap(), &f(&x));
     assert!(forward_diff < 1e-5, "same forward: {forward_diff}");
     let fused_grad = analytic_grad(&fused, &f32(&x), 2)
         .to_dtype(DType::F64)

@@ -81,14 +81,7 @@ fn preprocessing_matches_torchvision_and_measures_pil() {
         let size = want.dim(2).unwrap();
         let pre = Preprocess::clip(size);
         let got = pre.forward(input).unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&got, want);
         println!(
             "preprocess case {i}: {:?} -> {size}: max abs err vs torchvision {err:.2e}",
             input.dims()
@@ -96,14 +89,7 @@ fn preprocessing_matches_torchvision_and_measures_pil() {
         assert!(err < 1e-4, "case {i}: {err}");
         // The PIL (uint8) path of the real processors differs by quantisation only.
         if let Some(pil) = fx.get(&format!("pil_{i}")) {
-            let d = (pre.forward(input).unwrap() - pil)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_abs_diff(&pre.forward(input).unwrap(), pil);
             println!("preprocess case {i}: max abs difference to the PIL path {d:.3e}");
         }
         checked += 1;
@@ -123,21 +109,8 @@ fn real_aesthetic_head_matches_pytorch() {
     assert_eq!(head.input_dim(), 768);
     let out = head.forward(&fx["inputs"]).unwrap();
     let want = &fx["outputs"];
-    let err = (out - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = want
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let err = max_abs_diff(&out, want);
+    let scale = max_abs(want);
     assert!(err / scale < 1e-5, "rel err {}", err / scale);
 }
 
@@ -205,14 +178,7 @@ fn hps_style_pytorch_state_dict_reads_like_the_safetensors() {
         let p = pt
             .get(k)
             .unwrap_or_else(|| panic!("{k} missing from the .pt"));
-        let d = (p - v)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(p, v);
         assert_eq!(d, 0.0, "{k}");
     }
 }

@@ -2,6 +2,10 @@
 //! `tools/gen_single_file.py`, verified there with diffusers' `from_single_file`) load and
 //! give exactly the folder's images.
 
+mod common;
+
+use common::max_abs_diff;
+
 use candle_core::{DType, Device, Tensor};
 use reneg::single_file::{self, Base, Overrides};
 use reneg::StableDiffusion;
@@ -39,14 +43,7 @@ fn image(sd: &mut StableDiffusion, case_dir: &Path) -> Tensor {
 fn assert_same_image(single: &mut StableDiffusion, folder: &mut StableDiffusion, dir: &Path) {
     let a = image(single, dir);
     let b = image(folder, dir);
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&a, &b);
     assert_eq!(
         diff,
         0.0,

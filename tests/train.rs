@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{max_abs, max_abs_diff};
+
 use candle_core::{DType, Device, Tensor};
 use reneg::reward::load::load_aesthetic;
 use reneg::reward::{LinearReward, Reward};
@@ -130,22 +132,8 @@ fn training_step_gradient_equals_each_parity_case() {
         )
         .unwrap();
         let want = &exp["grad_negative_prompt_embeds"];
-        let diff = (&r.grad - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .max(1e-30);
+        let diff = max_abs_diff(&r.grad, want);
+        let scale = max_abs(want).max(1e-30);
         println!(
             "{}: training-step gradient max rel err {:.3e}",
             dir.display(),
@@ -266,14 +254,7 @@ fn interrupted_and_resumed_run_ends_bit_for_bit_equal() {
         4
     );
     let resumed = run(&cfg, true, None);
-    let diff = (whole - &resumed)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&whole, &resumed);
     assert_eq!(diff, 0.0, "resumed run differs");
     let steps: Vec<u64> = std::fs::read_to_string(b.join("metrics.jsonl"))
         .unwrap()

@@ -15,22 +15,30 @@ use std::path::Path;
 
 /// Seeded standard-normal tensor (f64), independent of candle's global RNG.
 pub fn randn(seed: u64, shape: &[usize]) -> Tensor {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (((z ^ (z >> 31)) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
+    let mut rng = reneg::rng::SplitMix64::new(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03,
+    );
     let n: usize = shape.iter().product();
-    let data: Vec<f64> = (0..n)
-        .map(|_| {
-            let (u1, u2) = (next(), next());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-        })
-        .collect();
+    let data: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
     Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// max |t|, as f64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// max |a - b|, as f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_dtype(DType::F64).unwrap();
+    max_abs(&(a - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
 pub fn random_vb(seed: u64) -> Vb {
