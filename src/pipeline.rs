@@ -12,6 +12,11 @@ use crate::weights::{Vb, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
+/// Classifier-free guidance: eps = u + g (c - u).
+fn guide(u: &Tensor, c: &Tensor, g: f64) -> Result<Tensor> {
+    Ok((u + ((c - u)? * g)?)?)
+}
+
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -217,7 +222,20 @@ impl StableDiffusion {
             let out = self.unet.forward(&x2, t as f64, &ctx)?;
             (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
         };
-        Ok((&u + ((c - &u)? * guidance_scale)?)?)
+        guide(&u, &c, guidance_scale)
+    }
+
+    /// The scheduler's x0 from the two guidance branches `u` (negative) and `c` (prompt).
+    pub fn guided_x0(
+        &self,
+        u: &Tensor,
+        c: &Tensor,
+        t: usize,
+        latents: &Tensor,
+        g: f64,
+    ) -> Result<Tensor> {
+        self.scheduler
+            .pred_original_sample(&guide(u, c, g)?, t, latents)
     }
 
     /// Guided DDIM sampling from `latents` (already scaled noise) over the scheduler's

@@ -199,12 +199,8 @@ pub fn gradient_at(
     // (2) the negative branch again, with a graph, and back from x0 with that gradient.
     // The prompt branch c is computed once, without a graph.
     let c = sd.unet.forward(x, t as f64, cond)?.detach();
-    let x0_of = |sd: &StableDiffusion, u: &Tensor| -> Result<Tensor> {
-        let eps = (u + ((&c - u)? * g)?)?;
-        sd.scheduler.pred_original_sample(&eps, t, x)
-    };
     let u0 = sd.unet.forward(x, t as f64, &frozen)?;
-    let x0 = Var::from_tensor(&x0_of(sd, &u0)?)?;
+    let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, t, x, g)?)?;
     drop(u0);
     let images = objective.images(&sd.decode(x0.as_tensor())?)?;
     let scores = objective.score(&images, prompts)?;
@@ -222,7 +218,7 @@ pub fn gradient_at(
     let var = Var::from_tensor(&embedding.detach())?;
     let uncond = batch_of(var.as_tensor(), n)?;
     let u = sd.unet.forward(x, t as f64, &uncond)?;
-    let surrogate = (x0_of(sd, &u)? * d_x0)?.sum_all()?;
+    let surrogate = (sd.guided_x0(&u, &c, t, x, g)? * d_x0)?.sum_all()?;
     let grad = surrogate
         .backward()?
         .get(var.as_tensor())
