@@ -6,7 +6,7 @@
 //! and a linear reward, then the negative branch of the UNet). Prints one JSON line; peak RSS is the process's VmHWM,
 //! so run one case per process (tools/bench.sh does, beside tools/bench_reference.py).
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor, Var};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::{AutoencoderKL, VaeConfig};
@@ -139,11 +139,47 @@ fn full(latent: usize) {
     let grad_s = time(1, || {
         gradient_at(&sd, &objective, &neg, &[String::new()], &cond, &x, 201, 7.5).unwrap();
     });
+    if std::env::var_os("RENEG_BENCH_PHASES").is_some() {
+        phases(&sd, &x, &neg, &objective);
+    }
     println!(
         "{}",
         json!({"impl": "reneg", "case": format!("full{latent}"), "sample_eval_s": sample_s, "grad_step_s": grad_s,
                "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb()})
     );
+}
+
+/// The gradient step's phases one by one (`RENEG_BENCH_PHASES=1`), for the profile in
+/// BENCHMARKS.md: printed to stderr, one line each.
+fn phases(sd: &StableDiffusion, x: &Tensor, neg: &Tensor, objective: &Objective) {
+    let lap =
+        |name: &str, c: Instant| eprintln!("phase {name}: {:.3} s", c.elapsed().as_secs_f64());
+    let c = Instant::now();
+    let u0 = sd.unet.forward(x, 201.0, neg).unwrap();
+    lap("unet forward, no graph", c);
+    let x0 = Var::from_tensor(&u0).unwrap();
+    let c = Instant::now();
+    let images = sd.decode(x0.as_tensor()).unwrap();
+    lap("vae decode, graph", c);
+    let c = Instant::now();
+    let loss = objective
+        .score(&images, &[String::new()])
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    lap("reward", c);
+    let c = Instant::now();
+    let g = loss.backward().unwrap();
+    lap("decode + reward backward", c);
+    drop((g, images, loss));
+    let var = Var::from_tensor(neg).unwrap();
+    let c = Instant::now();
+    let u = sd.unet.forward(x, 201.0, var.as_tensor()).unwrap();
+    lap("unet forward, graph", c);
+    let c = Instant::now();
+    let g = u.sum_all().unwrap().backward().unwrap();
+    lap("unet backward", c);
+    drop(g);
 }
 
 fn main() {

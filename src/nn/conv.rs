@@ -34,8 +34,27 @@ impl Conv2d {
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, out, h', w']`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if super::frozen::wants_frozen_path(xs) {
-            // Frozen weights: forward without a graph, backward to the input only.
+        let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+        let trainable = tracked(&self.weight) || self.bias.as_ref().is_some_and(tracked);
+        if !trainable && super::cpu_conv::supported(xs, &self.weight) {
+            let value = super::cpu_conv::forward(
+                xs,
+                &self.weight,
+                self.bias.as_ref(),
+                self.padding,
+                self.stride,
+            )?;
+            if !super::frozen::wants_frozen_path(xs) {
+                return Ok(value);
+            }
+            // Frozen weights: backward to the input only.
+            let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
+            let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
+            return super::frozen::attach(xs, value, move |g, _| {
+                super::cpu_conv::input_grad(g, &w, p, s, h, wd)
+            });
+        }
+        if !trainable && super::frozen::wants_frozen_path(xs) {
             let value = self.plain(&xs.detach())?;
             let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
             let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
@@ -43,6 +62,7 @@ impl Conv2d {
                 super::frozen::conv2d_input_grad(g, &w, p, s, h, wd)
             });
         }
+        // Trainable weights (or no fast path): candle's differentiable conv2d.
         self.plain(xs)
     }
 

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod cpu_conv;
 pub mod frozen;
 pub mod linear;
 pub mod norm;

@@ -1,0 +1,419 @@
+//! CPU conv2d forward and input gradient as tiled im2col / col2im around one `gemm` call per
+//! tile, reading the kernel in place. candle 0.11's CPU conv2d reorders the whole kernel on
+//! every call (single-threaded) and writes NHWC before transposing; at SD sizes that was about
+//! half of a UNet evaluation. The input gradient multiplies by the transposed kernel (a stride
+//! view, nothing copied) and scatters back with col2im, so no flipped kernel is built either.
+//!
+//! f32 and f64 on the CPU only; callers fall back to candle's conv2d otherwise
+//! ([`supported`]). The ops carry no backward: they run on inputs without a graph, and
+//! `nn::conv` attaches the input gradient through `nn::frozen`.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Elements of the im2col buffer per tile (64 MB in f32): bounds memory at large images.
+const COLS_BUDGET: usize = 16 << 20;
+
+/// Geometry of one square-kernel convolution, dilation 1, groups 1.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    /// Elements of the im2col buffer per tile.
+    budget: usize,
+}
+
+impl Geom {
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.padding - self.k) / self.stride + 1
+    }
+    fn ow(&self) -> usize {
+        (self.w + 2 * self.padding - self.k) / self.stride + 1
+    }
+    /// Rows of the im2col matrix: the kernel's own `[c_in, k, k]` order.
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+    /// A 1x1, stride-1, unpadded conv is a plain matmul on the input.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+    fn tile(&self) -> usize {
+        let m = self.oh() * self.ow();
+        (self.budget / self.rows().max(1)).clamp(1, m.max(1))
+    }
+}
+
+/// Whether the fast path handles tensors like `x` and `kernel`.
+pub fn supported(x: &Tensor, kernel: &Tensor) -> bool {
+    x.device().is_cpu()
+        && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+        && kernel.dtype() == x.dtype()
+        && kernel.dim(2).ok() == kernel.dim(3).ok()
+}
+
+trait Float: candle_core::WithDType {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+fn threads() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, each given as (pointer, row stride, col stride).
+///
+/// # Safety
+/// The pointers and strides must describe valid, non-overlapping (for `dst`) memory.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    accumulate: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.2 as isize,
+        dst.1 as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        T::from_f64(1.0),
+        T::from_f64(1.0),
+        false,
+        false,
+        false,
+        threads(),
+    );
+}
+
+/// Fills `cols[r, j]` (`j` over output pixels `p0..p0 + n`) with the input under kernel
+/// position `r = (ci, ki, kj)`, zero where the kernel hangs over the padding.
+fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, n: usize, cols: &mut [T]) {
+    let (k, s, pad, ow) = (g.k, g.stride, g.padding, g.ow());
+    let plane = g.h * g.w;
+    cols[..g.rows() * n]
+        .par_chunks_mut(k * k * n)
+        .enumerate()
+        .for_each(|(ci, rows)| {
+            let src = &x[ci * plane..(ci + 1) * plane];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &mut rows[(ki * k + kj) * n..(ki * k + kj + 1) * n];
+                    let (mut oy, mut ox) = (p0 / ow, p0 % ow);
+                    for v in row.iter_mut() {
+                        let iy = (oy * s + ki) as isize - pad as isize;
+                        let ix = (ox * s + kj) as isize - pad as isize;
+                        *v = if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            src[iy as usize * g.w + ix as usize]
+                        } else {
+                            T::from_f64(0.0)
+                        };
+                        ox += 1;
+                        if ox == ow {
+                            ox = 0;
+                            oy += 1;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The adjoint of [`im2col`]: adds `cols[r, j]` into the input position it was read from.
+fn col2im<T: Float>(cols: &[T], g: &Geom, p0: usize, n: usize, dx: &mut [T]) {
+    let (k, s, pad, ow) = (g.k, g.stride, g.padding, g.ow());
+    dx.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(ci, dst)| {
+            let rows = &cols[ci * k * k * n..(ci + 1) * k * k * n];
+            for ki in 0..k {
+                for kj in 0..k {
+                    let row = &rows[(ki * k + kj) * n..(ki * k + kj + 1) * n];
+                    let (mut oy, mut ox) = (p0 / ow, p0 % ow);
+                    for &v in row {
+                        let iy = (oy * s + ki) as isize - pad as isize;
+                        let ix = (ox * s + kj) as isize - pad as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            dst[iy as usize * g.w + ix as usize] += v;
+                        }
+                        ox += 1;
+                        if ox == ow {
+                            ox = 0;
+                            oy += 1;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+fn forward_impl<T: Float>(x: &[T], kernel: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    let (m, rows) = (g.oh() * g.ow(), g.rows());
+    let mut out = vec![T::from_f64(0.0); g.b * g.c_out * m];
+    if let Some(bias) = bias {
+        out.par_chunks_mut(m)
+            .enumerate()
+            .for_each(|(i, plane)| plane.fill(bias[i % g.c_out]));
+    }
+    let tile = g.tile();
+    let mut cols = if g.pointwise() {
+        Vec::new()
+    } else {
+        vec![T::from_f64(0.0); rows * tile]
+    };
+    for bi in 0..g.b {
+        let xb = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
+        let ob = &mut out[bi * g.c_out * m..(bi + 1) * g.c_out * m];
+        for p0 in (0..m).step_by(tile) {
+            let n = tile.min(m - p0);
+            let rhs = if g.pointwise() {
+                (xb[p0..].as_ptr(), m, 1)
+            } else {
+                im2col(xb, g, p0, n, &mut cols);
+                (cols.as_ptr(), n, 1)
+            };
+            // SAFETY: out[bi] is c_out x m (row stride m); the kernel is c_out x rows,
+            // contiguous; rhs is rows x n inside xb or cols.
+            unsafe {
+                matmul(
+                    (g.c_out, n, rows),
+                    (ob[p0..].as_mut_ptr(), m, 1),
+                    bias.is_some(),
+                    (kernel.as_ptr(), rows, 1),
+                    rhs,
+                )
+            };
+        }
+    }
+    out
+}
+
+fn input_grad_impl<T: Float>(dy: &[T], kernel: &[T], g: &Geom) -> Vec<T> {
+    let (m, rows, plane) = (g.oh() * g.ow(), g.rows(), g.h * g.w);
+    let mut dx = vec![T::from_f64(0.0); g.b * g.c_in * plane];
+    let tile = g.tile();
+    let mut cols = if g.pointwise() {
+        Vec::new()
+    } else {
+        vec![T::from_f64(0.0); rows * tile]
+    };
+    for bi in 0..g.b {
+        let gb = &dy[bi * g.c_out * m..(bi + 1) * g.c_out * m];
+        let db = &mut dx[bi * g.c_in * plane..(bi + 1) * g.c_in * plane];
+        for p0 in (0..m).step_by(tile) {
+            let n = tile.min(m - p0);
+            // kernel^T: rows x c_out, a stride view of the c_out x rows kernel.
+            let lhs = (kernel.as_ptr(), 1, rows);
+            let rhs = (gb[p0..].as_ptr(), m, 1);
+            // SAFETY: as in forward_impl, with the roles of input and output swapped.
+            unsafe {
+                if g.pointwise() {
+                    matmul(
+                        (rows, n, g.c_out),
+                        (db[p0..].as_mut_ptr(), m, 1),
+                        false,
+                        lhs,
+                        rhs,
+                    );
+                } else {
+                    matmul(
+                        (rows, n, g.c_out),
+                        (cols.as_mut_ptr(), n, 1),
+                        false,
+                        lhs,
+                        rhs,
+                    );
+                }
+            }
+            if !g.pointwise() {
+                col2im(&cols, g, p0, n, db);
+            }
+        }
+    }
+    dx
+}
+
+/// A contiguous CPU slice of `t` (which must be contiguous and of type `T`).
+fn with_slice<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("cpu_conv: tensor not on the CPU")
+    };
+    let all = T::cpu_storage_as_slice(cpu)?;
+    match layout.contiguous_offsets() {
+        Some((a, b)) => f(&all[a..b]),
+        None => candle_core::bail!("cpu_conv: tensor not contiguous"),
+    }
+}
+
+struct Forward {
+    kernel: Tensor,
+    bias: Option<Tensor>,
+    g: Geom,
+}
+
+impl Forward {
+    fn run<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+        with_slice(&self.kernel, |k: &[T]| match &self.bias {
+            Some(b) => with_slice(b, |b: &[T]| Ok(forward_impl(x, k, Some(b), &self.g))),
+            None => Ok(forward_impl(x, k, None, &self.g)),
+        })
+    }
+}
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_conv: input not contiguous".into()))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
+            _ => candle_core::bail!("cpu_conv: f32 or f64 only"),
+        };
+        let g = &self.g;
+        Ok((out, Shape::from((g.b, g.c_out, g.oh(), g.ow()))))
+    }
+}
+
+struct InputGrad {
+    kernel: Tensor,
+    g: Geom,
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_conv: gradient not contiguous".into()))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(with_slice(&self.kernel, |k| {
+                Ok(input_grad_impl(&v[a..b], k, &self.g))
+            })?),
+            CpuStorage::F64(v) => CpuStorage::F64(with_slice(&self.kernel, |k| {
+                Ok(input_grad_impl(&v[a..b], k, &self.g))
+            })?),
+            _ => candle_core::bail!("cpu_conv: f32 or f64 only"),
+        };
+        let g = &self.g;
+        Ok((out, Shape::from((g.b, g.c_in, g.h, g.w))))
+    }
+}
+
+fn geom(
+    x_dims: (usize, usize, usize, usize),
+    kernel: &Tensor,
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Geom> {
+    let (b, c_in, h, w) = x_dims;
+    let (c_out, kc, k, k2) = kernel.dims4()?;
+    if kc != c_in || k != k2 || h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
+        candle_core::bail!(
+            "conv2d: input [{b}, {c_in}, {h}, {w}] does not fit kernel [{c_out}, {kc}, {k}, {k2}] (padding {padding}, stride {stride})"
+        );
+    }
+    Ok(Geom {
+        b,
+        c_in,
+        c_out,
+        h,
+        w,
+        k,
+        stride,
+        padding,
+        budget,
+    })
+}
+
+/// `conv2d(x, kernel) + bias` (`[b, c_in, h, w]` -> `[b, c_out, h', w']`), without a graph.
+/// Requires [`supported`].
+pub fn forward(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    forward_tiled(x, kernel, bias, padding, stride, COLS_BUDGET)
+}
+
+/// [`forward`] with the im2col buffer bounded to `budget` elements (tests exercise tiling).
+#[doc(hidden)]
+pub fn forward_tiled(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let g = geom(x.dims4()?, kernel, stride, padding, budget)?;
+    x.detach().contiguous()?.apply_op1_no_bwd(&Forward {
+        kernel: kernel.contiguous()?,
+        bias: bias.map(|b| b.contiguous()).transpose()?,
+        g,
+    })
+}
+
+/// The input gradient of `conv2d(x, kernel, padding, stride)` for `x` of `in_h x in_w`, given
+/// the output gradient `dy`. Requires [`supported`].
+pub fn input_grad(
+    dy: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    in_h: usize,
+    in_w: usize,
+) -> Result<Tensor> {
+    input_grad_tiled(dy, kernel, padding, stride, (in_h, in_w), COLS_BUDGET)
+}
+
+/// [`input_grad`] with the im2col buffer bounded to `budget` elements.
+#[doc(hidden)]
+pub fn input_grad_tiled(
+    dy: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    (in_h, in_w): (usize, usize),
+    budget: usize,
+) -> Result<Tensor> {
+    let (b, _, _, _) = dy.dims4()?;
+    let c_in = kernel.dim(1)?;
+    let g = geom((b, c_in, in_h, in_w), kernel, stride, padding, budget)?;
+    if (dy.dim(2)?, dy.dim(3)?) != (g.oh(), g.ow()) {
+        candle_core::bail!("conv2d input gradient: output gradient has the wrong size");
+    }
+    dy.detach().contiguous()?.apply_op1_no_bwd(&InputGrad {
+        kernel: kernel.contiguous()?,
+        g,
+    })
+}

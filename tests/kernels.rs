@@ -1,0 +1,69 @@
+//! The CPU kernels of `nn::cpu_conv` against candle's own conv2d and the flipped-kernel
+//! transposed convolution (slow but independent), over kernel sizes, strides, paddings, tilings.
+
+mod common;
+
+use candle_core::DType;
+use common::{max_abs, max_abs_diff, randn};
+use reneg::nn::cpu_conv;
+
+/// (c_in, c_out, k, stride, padding, h, w)
+const GEOMETRIES: [(usize, usize, usize, usize, usize, usize, usize); 8] = [
+    (3, 4, 3, 1, 1, 5, 6),
+    (3, 5, 1, 1, 0, 4, 3),
+    (2, 3, 1, 2, 0, 7, 5),
+    (3, 4, 3, 2, 1, 7, 6),
+    (4, 2, 3, 2, 0, 8, 9),
+    (3, 4, 3, 1, 0, 6, 5),
+    (2, 3, 5, 3, 2, 11, 10),
+    (5, 6, 3, 1, 1, 1, 1),
+];
+
+#[test]
+fn conv_forward_and_input_gradient_match_candle_for_every_tiling() {
+    for (i, &(ci, co, k, s, p, h, w)) in GEOMETRIES.iter().enumerate() {
+        let seed = 100 + 10 * i as u64;
+        let x = randn(seed, &[2, ci, h, w]);
+        let kernel = randn(seed + 1, &[co, ci, k, k]);
+        let bias = randn(seed + 2, &[co]);
+        let reference = x
+            .conv2d(&kernel, p, s, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+            .unwrap();
+        let (oh, ow) = (reference.dim(2).unwrap(), reference.dim(3).unwrap());
+        let dy = randn(seed + 3, &[2, co, oh, ow]);
+        // The transposed convolution as a convolution of the dilated, padded gradient with
+        // the flipped kernel (candle's conv2d; candle's own conv2d backward returns a wrong
+        // shape for strided 1x1 kernels on odd sizes).
+        let dx_ref = reneg::nn::frozen::conv2d_input_grad(&dy, &kernel, p, s, h, w).unwrap();
+        // Budgets from one output pixel per tile to the whole image in one tile.
+        for budget in [1, ci * k * k * 3, usize::MAX / 2] {
+            let name = format!("k{k} s{s} p{p} {h}x{w} budget {budget}");
+            let out = cpu_conv::forward_tiled(&x, &kernel, Some(&bias), p, s, budget).unwrap();
+            assert_eq!(out.dims(), reference.dims(), "{name}");
+            let e = max_abs_diff(&out, &reference) / max_abs(&reference);
+            assert!(e < 1e-12, "forward {name}: relative error {e:e}");
+            let dx = cpu_conv::input_grad_tiled(&dy, &kernel, p, s, (h, w), budget).unwrap();
+            assert_eq!(dx.dims(), x.dims(), "{name}");
+            let e = max_abs_diff(&dx, &dx_ref) / max_abs(&dx_ref);
+            assert!(e < 1e-12, "input gradient {name}: relative error {e:e}");
+        }
+        // No bias, f32.
+        let x32 = x.to_dtype(DType::F32).unwrap();
+        let k32 = kernel.to_dtype(DType::F32).unwrap();
+        let out = cpu_conv::forward(&x32, &k32, None, p, s).unwrap();
+        let r32 = x32.conv2d(&k32, p, s, 1, 1).unwrap();
+        let e = max_abs_diff(&out, &r32) / max_abs(&r32);
+        assert!(e < 1e-5, "f32 forward k{k} s{s} p{p}: relative error {e:e}");
+    }
+}
+
+#[test]
+fn conv_rejects_kernels_that_do_not_fit() {
+    let x = randn(1, &[1, 3, 2, 2]);
+    let kernel = randn(2, &[4, 3, 5, 5]);
+    assert!(cpu_conv::forward(&x, &kernel, None, 0, 1).is_err());
+    let wrong_channels = randn(3, &[4, 2, 3, 3]);
+    assert!(cpu_conv::forward(&x, &wrong_channels, None, 1, 1).is_err());
+}
