@@ -28,6 +28,8 @@ enum Command {
     Score(cli::score::ScoreArgs),
     /// Learn a global negative embedding by reward feedback (ReNeg).
     Train(Box<cli::train::TrainArgs>),
+    /// Compare negatives side by side: images, scores by every reward, report (and `eval merge`).
+    Eval(Box<cli::eval::EvalCommand>),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Embedding(cmd) => cli::embedding::run(cmd),
         Command::Score(args) => cli::score::run(args),
         Command::Train(args) => cli::train::run(*args),
+        Command::Eval(args) => cli::eval::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

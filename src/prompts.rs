@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prompt {
     pub text: String,
     /// PartiPrompts' category or the HPSv2 style, when the file has one.

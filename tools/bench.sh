@@ -11,6 +11,6 @@ cases=${*:-tiny full16 full32}
 cargo bench --bench train_step --no-run >/dev/null 2>&1
 nproc | sed 's/^/# cores: /'
 for c in $cases; do
-  cargo bench --quiet --bench train_step -- "$c" 2>/dev/null | grep '^{'
+  RENEG_BENCH_PHASES=1 cargo bench --quiet --bench train_step -- "$c" 2>&1 | grep -E "^(\{|phase)"
   "$py" tools/bench_reference.py "$c" 2>/dev/null | grep '^{'
 done

@@ -127,7 +127,7 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             let mut emb = NegativeEmbedding::new(t).map_err(lib)?;
             tool_metadata(&mut emb);
             emb.metadata
-                .insert("base_model".into(), model.model.clone());
+                .insert("base_model".into(), model.name()?.to_string());
             emb.metadata.insert("text".into(), text);
             emb.save(&out).map_err(lib)?;
             println!("{} {:?}", out.display(), emb.tensor.dims());

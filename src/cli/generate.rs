@@ -110,6 +110,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ))
     })?;
 
+    let model_name = args.model.name()?.to_string();
     let mut sd = load_model(&args.model, dtype, &device)?;
     let f = sd.vae_scale();
     let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
@@ -281,7 +282,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 job.seed,
                 w,
                 h,
-                args.model.model
+                model_name
             );
             save_png(&images.get(k)?, &path, &params)?;
             let record = serde_json::json!({
@@ -295,7 +296,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "guidance_scale": args.guidance_scale,
                 "height": h,
                 "width": w,
-                "model": args.model.model,
+                "model": model_name,
                 "dtype": format!("{dtype:?}").to_lowercase(),
             });
             writeln!(jsonl, "{record}").context("writing images.jsonl")?;
@@ -340,7 +341,7 @@ fn load_init_latents(path: &Path, shape: &[usize; 3], images: usize) -> Result<T
 
 /// Writes `[3, H, W]` pixels in [-1, 1] as an 8-bit RGB PNG with a `parameters` text chunk,
 /// atomically.
-fn save_png(image: &Tensor, path: &Path, parameters: &str) -> Result<()> {
+pub fn save_png(image: &Tensor, path: &Path, parameters: &str) -> Result<()> {
     let img = ((image.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
         .round()?
         .permute((1, 2, 0))?

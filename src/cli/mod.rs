@@ -2,6 +2,7 @@
 //! of errors to exit codes.
 
 pub mod embedding;
+pub mod eval;
 pub mod generate;
 pub mod score;
 pub mod train;
@@ -97,7 +98,7 @@ pub struct ModelArgs {
     /// A diffusers folder, an original single-file .safetensors checkpoint, or a Hugging Face
     /// repo id already in the local hub cache.
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Never touch the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -110,6 +111,15 @@ pub struct ModelArgs {
     pub prediction_type: Option<String>,
 }
 
+impl ModelArgs {
+    /// The `--model` value (required until a built-in default model exists).
+    pub fn name(&self) -> Result<&str> {
+        self.model
+            .as_deref()
+            .ok_or_else(|| user("--model is required: a diffusers folder, a single-file checkpoint or a hub-cache repo id"))
+    }
+}
+
 pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<StableDiffusion> {
     let options = reneg::source::LoadOptions {
         offline: m.offline,
@@ -118,5 +128,5 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
             prediction_type: m.prediction_type.clone(),
         },
     };
-    reneg::source::load(&m.model, &options, dtype, device).map_err(lib)
+    reneg::source::load(m.name()?, &options, dtype, device).map_err(lib)
 }

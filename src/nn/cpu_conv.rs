@@ -48,7 +48,9 @@ impl Geom {
     fn tile(&self) -> usize {
         let m = self.oh() * self.ow();
         // Equal tiles: a short last tile runs gemm's slow edge kernels.
-        let tiles = (self.rows() * m).div_ceil(self.budget.max(1)).clamp(1, m.max(1));
+        let tiles = (self.rows() * m)
+            .div_ceil(self.budget.max(1))
+            .clamp(1, m.max(1));
         m.div_ceil(tiles)
     }
 }
@@ -128,7 +130,11 @@ fn segments(p0: usize, n: usize, ow: usize) -> impl Iterator<Item = (usize, usiz
 fn valid_cols(g: &Geom, kj: usize, from: usize, to: usize) -> (usize, usize) {
     let (s, pad, w) = (g.stride, g.padding, g.w);
     let lo = if pad > kj { (pad - kj).div_ceil(s) } else { 0 };
-    let hi = if w + pad > kj { (w + pad - kj).div_ceil(s) } else { 0 };
+    let hi = if w + pad > kj {
+        (w + pad - kj).div_ceil(s)
+    } else {
+        0
+    };
     let lo = lo.clamp(from, to);
     (lo, hi.clamp(lo, to))
 }
@@ -164,7 +170,8 @@ fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, n: usize, cols: &mut [T]) {
                         }
                         let first = lo * s + kj - pad;
                         if s == 1 {
-                            dst[lo - from..hi - from].copy_from_slice(&line[first..first + hi - lo]);
+                            dst[lo - from..hi - from]
+                                .copy_from_slice(&line[first..first + hi - lo]);
                         } else {
                             for (d, v) in dst[lo - from..hi - from]
                                 .iter_mut()

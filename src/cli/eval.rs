@@ -1,0 +1,433 @@
+//! `reneg eval`: generates every (prompt, seed) with every negative from the same noise,
+//! scores each image with each reward, and writes the comparison report; `reneg eval merge`
+//! combines shard folders into the report an unsharded run gives.
+
+use super::{check_dtype, device, lib, load_model, user, Dtype, ModelArgs};
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use reneg::embedding::NegativeEmbedding;
+use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
+use reneg::prompts::{self, Prompt};
+use reneg::reward::load::RewardKind;
+use reneg::train::per_sample::{adapt, AdaptConfig};
+use reneg::train::step::{noise, to_unit, Objective, Sampling};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct EvalCommand {
+    #[command(subcommand)]
+    pub sub: Option<EvalSub>,
+    #[command(flatten)]
+    pub run: EvalArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum EvalSub {
+    /// Combine the output folders of sharded runs (--shard i/n) into one report.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MergeArgs {
+    /// The shard output folders.
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Where the merged images, results and report go.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt file: PartiPrompts .tsv (Prompt and Category columns), HPSv2-style .json
+    /// ({style: [prompts]}) or a list, or plain text (one per line).
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// A prompt; repeat for several (after those of --prompts).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Seeds per prompt (base seed, base seed + 1, ...), the same for every negative.
+    #[arg(long, default_value_t = 1)]
+    pub seeds: usize,
+    /// The base seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// A negative to compare (repeat; the first is the baseline): null, handcrafted,
+    /// prompt:TEXT, an embedding file, or per-sample:FILE (adaptation from that embedding).
+    #[arg(long = "negative", required = true)]
+    pub negatives: Vec<String>,
+    /// A reward to score with (repeat, each with its --reward-model).
+    #[arg(long, value_enum, required = true)]
+    pub reward: Vec<RewardKind>,
+    #[arg(long)]
+    pub reward_model: Vec<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    #[arg(long)]
+    pub height: Option<usize>,
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Per-sample negatives: adaptation steps, patience and learning rate (all rewards, equal weights).
+    #[arg(long, default_value_t = 10)]
+    pub adapt_steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub adapt_patience: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    pub adapt_lr: f64,
+    /// Do only shard i of n (0 <= i < n) of the (prompt, seed) units, e.g. a job array's task
+    /// id; combine the folders with `reneg eval merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: Dtype,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "eval")]
+    pub out: PathBuf,
+}
+
+pub fn run(cmd: EvalCommand) -> Result<()> {
+    match cmd.sub {
+        Some(EvalSub::Merge(m)) => merge(m),
+        None => evaluate(cmd.run),
+    }
+}
+
+/// A negative ready to use: a fixed embedding, or the start of a per-sample adaptation.
+struct Negative {
+    embedding: Tensor,
+    per_sample: bool,
+}
+
+fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
+    let mut list = match &args.prompts {
+        Some(file) => prompts::load(file).map_err(lib)?,
+        None => vec![],
+    };
+    list.extend(args.prompt.iter().map(|p| Prompt {
+        text: p.clone(),
+        category: None,
+    }));
+    if let Some(n) = args.limit {
+        list.truncate(n);
+    }
+    if list.is_empty() {
+        return Err(user(
+            "no prompts to evaluate: give --prompts FILE or --prompt TEXT (and a --limit above 0)",
+        ));
+    }
+    Ok(list)
+}
+
+fn evaluate(args: EvalArgs) -> Result<()> {
+    let specs = args
+        .negatives
+        .iter()
+        .map(|s| NegativeSpec::parse(s).map_err(user))
+        .collect::<Result<Vec<_>>>()?;
+    let shard = args
+        .shard
+        .as_deref()
+        .map(|s| Shard::parse(s).map_err(user))
+        .transpose()?;
+    let prompt_list = load_prompts(&args)?;
+    if args.seeds == 0 {
+        return Err(user("--seeds must be at least 1"));
+    }
+    if args.reward.len() != args.reward_model.len() {
+        return Err(user("give one --reward-model per --reward"));
+    }
+    let device = device(&args.device)?;
+    let dtype: DType = args.dtype.into();
+    check_dtype(dtype, &device)?;
+    std::fs::create_dir_all(&args.out).map_err(|e| {
+        user(format!(
+            "{}: cannot create output folder: {e}",
+            args.out.display()
+        ))
+    })?;
+
+    let mut sd = load_model(&args.model, dtype, &device)?;
+    let f = sd.vae_scale();
+    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let (h, w) = (
+        args.height.unwrap_or(default_px),
+        args.width.unwrap_or(default_px),
+    );
+    let factor = f << sd.unet.config().downsamplings();
+    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+        return Err(user(format!(
+            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
+        )));
+    }
+    let rewards = args
+        .reward
+        .iter()
+        .zip(&args.reward_model)
+        .map(|(k, m)| {
+            Ok((
+                reneg::reward::load::load(*k, m, dtype, &device).map_err(lib)?,
+                1.0,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
+    if reward_names.iter().collect::<BTreeSet<_>>().len() != reward_names.len() {
+        return Err(user(
+            "the same reward is given twice; give each reward once",
+        ));
+    }
+    let objective = Objective::new(rewards);
+    let negatives = specs
+        .iter()
+        .map(|spec| {
+            let embedding = match (spec.text(), spec) {
+                (Some(text), _) => sd.encode_prompt(text).map_err(lib)?,
+                (None, NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p)) => {
+                    let e = NegativeEmbedding::load(p).map_err(lib)?;
+                    e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), p)
+                        .map_err(lib)?;
+                    e.tensor.to_dtype(dtype)?.to_device(&device)?
+                }
+                (None, _) => unreachable!("text negatives have a text"),
+            };
+            Ok(Negative {
+                embedding,
+                per_sample: matches!(spec, NegativeSpec::PerSample(_)),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let manifest = Manifest {
+        model: args.model.name()?.to_string(),
+        prompts: prompt_list,
+        seeds: args.seeds,
+        base_seed: args.seed,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        height: h,
+        width: w,
+        negatives: args.negatives.clone(),
+        rewards: reward_names.clone(),
+        adapt: negatives.iter().any(|n| n.per_sample).then_some((
+            args.adapt_steps,
+            args.adapt_patience,
+            args.adapt_lr,
+        )),
+    };
+    match Manifest::load(&args.out).map_err(lib)? {
+        Some(old) if old != manifest => {
+            return Err(user(format!(
+                "{}: holds an evaluation with other settings (prompts, seeds, negatives, rewards or sampling); use another --out, or the same settings to resume",
+                args.out.join(eval::MANIFEST).display()
+            )))
+        }
+        Some(_) => {}
+        None => manifest.save(&args.out).map_err(lib)?,
+    }
+    let done: BTreeSet<(usize, u64, usize)> = {
+        let by_key = eval::dedup(eval::load_records(&args.out).map_err(lib)?);
+        manifest
+            .units()
+            .into_iter()
+            .flat_map(|(p, s)| (0..negatives.len()).map(move |j| (p, s, j)))
+            .filter(|&(p, s, j)| {
+                reward_names
+                    .iter()
+                    .all(|r| by_key.contains_key(&(p, s, j, r.clone())))
+            })
+            .collect()
+    };
+    let todo: Vec<(usize, u64, usize)> = manifest
+        .units()
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| shard.is_none_or(|s| s.owns(*i)))
+        .flat_map(|(_, (p, s))| (0..negatives.len()).map(move |j| (p, s, j)))
+        .filter(|k| !done.contains(k))
+        .collect();
+    let sampling = Sampling {
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        height: h,
+        width: w,
+    };
+    let adapt_cfg = AdaptConfig {
+        steps: args.adapt_steps,
+        patience: args.adapt_patience,
+        lr: args.adapt_lr,
+        grad_step_window: args.steps.min(10),
+    };
+    let bar = ProgressBar::new(todo.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} images {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    if !done.is_empty() {
+        bar.println(format!(
+            "{}: {} image(s) already done, skipped",
+            args.out.display(),
+            done.len()
+        ));
+    }
+    for &(p, seed, j) in &todo {
+        let prompt = &manifest.prompts[p];
+        bar.set_message(format!(
+            "prompt {}/{} seed {seed} negative {}",
+            p + 1,
+            manifest.prompts.len(),
+            j + 1
+        ));
+        let cond = sd.encode_prompt(&prompt.text).map_err(lib)?;
+        let uncond = if negatives[j].per_sample {
+            adapt(
+                &mut sd,
+                &objective,
+                &negatives[j].embedding,
+                &prompt.text,
+                seed,
+                &adapt_cfg,
+                &sampling,
+            )
+            .map_err(lib)?
+            .embedding
+            .to_dtype(dtype)?
+            .to_device(&device)?
+        } else {
+            negatives[j].embedding.clone()
+        };
+        let start = noise(&sd, &[seed], &sampling).map_err(lib)?;
+        let latents = sd
+            .sample(
+                start,
+                args.steps,
+                &cond,
+                &uncond,
+                args.guidance_scale,
+                |_, _| {},
+            )
+            .map_err(lib)?;
+        let decoded = sd.decode(&latents).map_err(lib)?;
+        let image = Manifest::image_path(j, p, seed);
+        let params = format!(
+            "{}\nNegative: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}",
+            prompt.text, manifest.negatives[j], args.steps, args.guidance_scale, seed, manifest.model
+        );
+        super::generate::save_png(&decoded.get(0)?, &args.out.join(&image), &params)?;
+        let pixels = to_unit(&decoded).map_err(lib)?;
+        let mut records = vec![];
+        for (reward, _) in &objective.rewards {
+            let score = reward
+                .score(&pixels, std::slice::from_ref(&prompt.text))
+                .map_err(lib)?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?[0];
+            records.push(Record {
+                prompt_index: p,
+                seed,
+                negative: j,
+                negative_label: manifest.negatives[j].clone(),
+                reward: reward.name().to_string(),
+                score,
+                image: image.display().to_string(),
+                prompt: prompt.text.clone(),
+                category: prompt.category.clone(),
+            });
+        }
+        eval::append_records(&args.out, &records).map_err(lib)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report(&args.out, &manifest, shard)
+}
+
+/// Writes the report of `dir` and prints where it is; a shard's report covers its own units.
+fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
+    let records = eval::load_records(dir).map_err(lib)?;
+    let r = eval::report::write(dir, manifest, records).map_err(lib)?;
+    let note = match shard {
+        Some(s) => format!(
+            " (shard {}/{}: merge the shards with `reneg eval merge`)",
+            s.index, s.count
+        ),
+        None => String::new(),
+    };
+    println!(
+        "{}: {}/{} unit(s) complete{note}",
+        dir.join("report.md").display(),
+        r.units_complete,
+        r.units_planned
+    );
+    for row in &r.results {
+        println!(
+            "{:>12}  {:<40}  mean {:.4}  [{:.4}, {:.4}]  win {}",
+            row.reward,
+            row.negative,
+            row.summary.mean,
+            row.summary.ci95[0],
+            row.summary.ci95[1],
+            row.summary
+                .win_rate_vs_first
+                .map_or("-".into(), |w| format!("{:.1}%", 100.0 * w))
+        );
+    }
+    Ok(())
+}
+
+fn merge(args: MergeArgs) -> Result<()> {
+    let mut manifest: Option<Manifest> = None;
+    let mut records = vec![];
+    for dir in &args.dirs {
+        let m = Manifest::load(dir).map_err(lib)?.ok_or_else(|| {
+            user(format!(
+                "{}: no {} here; give the --out folders of `reneg eval` runs",
+                dir.display(),
+                eval::MANIFEST
+            ))
+        })?;
+        match &manifest {
+            Some(first) if *first != m => return Err(user(format!(
+                "{}: evaluated with other settings than {}; merge only shards of one evaluation",
+                dir.display(),
+                args.dirs[0].display()
+            ))),
+            Some(_) => {}
+            None => manifest = Some(m),
+        }
+        for r in eval::load_records(dir).map_err(lib)? {
+            let (from, to) = (dir.join(&r.image), args.out.join(&r.image));
+            let same = from.canonicalize().ok().is_some()
+                && from.canonicalize().ok() == to.canonicalize().ok();
+            if !same && from.is_file() {
+                let bytes = std::fs::read(&from)
+                    .map_err(|e| user(format!("{}: cannot read: {e}", from.display())))?;
+                reneg::io::write_atomic(&to, &bytes).map_err(lib)?;
+            }
+            records.push(r);
+        }
+    }
+    let manifest = manifest.expect("clap requires at least one folder");
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| user(format!("{}: cannot create: {e}", args.out.display())))?;
+    manifest.save(&args.out).map_err(lib)?;
+    let merged: Vec<Record> = eval::dedup(records).into_values().collect();
+    let mut text = String::new();
+    for r in &merged {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    reneg::io::write_atomic(&args.out.join(eval::RESULTS), text.as_bytes()).map_err(lib)?;
+    report(&args.out, &manifest, None)
+}

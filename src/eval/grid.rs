@@ -1,0 +1,180 @@
+//! Pictures of a comparison: image grids (prompt rows x negative columns) and a bar chart of
+//! the mean reward per negative with its interval. No text is drawn (plotters is built
+//! without a font backend); `report.md` says what the rows, columns and colours are.
+
+use super::report::Report;
+use super::Manifest;
+use crate::error::{Error, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+/// Bar colours, cycled over the negatives, and their names for the report.
+pub const COLOURS: [(u8, u8, u8); 6] = [
+    (120, 120, 120),
+    (230, 140, 40),
+    (50, 110, 200),
+    (60, 160, 80),
+    (170, 70, 160),
+    (200, 60, 60),
+];
+pub const COLOUR_NAMES: [&str; 6] = ["grey", "orange", "blue", "green", "purple", "red"];
+
+/// Prompts per grid file, and the most prompts shown in grids at all.
+const ROWS_PER_GRID: usize = 8;
+const MAX_GRID_PROMPTS: usize = 48;
+const GAP: usize = 4;
+
+/// An 8-bit RGB image.
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Reads a PNG as 8-bit RGB (grey expanded, alpha dropped).
+pub fn read_png(path: &Path) -> Result<Rgb> {
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::file(path, format!("not a PNG image: {e}")))?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::file(path, format!("corrupt PNG: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let ch = info.color_type.samples();
+    let mut data = Vec::with_capacity(3 * w * h);
+    for p in 0..w * h {
+        for c in 0..3 {
+            data.push(buf[p * ch + if ch >= 3 { c } else { 0 }]);
+        }
+    }
+    Ok(Rgb {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Writes 8-bit RGB as a PNG, atomically.
+pub fn write_png(img: &Rgb, path: &Path) -> Result<()> {
+    crate::io::write_atomic_with(path, |f| {
+        let mut enc = png::Encoder::new(
+            std::io::BufWriter::new(f),
+            img.width as u32,
+            img.height as u32,
+        );
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().map_err(std::io::Error::other)?;
+        w.write_image_data(&img.data)
+            .map_err(std::io::Error::other)?;
+        w.finish().map_err(std::io::Error::other)
+    })
+}
+
+/// Grids of the first seed's images under `dir/grids/`; returns their paths relative to `dir`.
+/// A missing image (an unfinished unit) is a grey cell.
+pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
+    let (cw, ch) = (m.width, m.height);
+    let cols = m.negatives.len();
+    let prompts = m.prompts.len().min(MAX_GRID_PROMPTS);
+    let mut out = vec![];
+    for (g, start) in (0..prompts).step_by(ROWS_PER_GRID).enumerate() {
+        let rows = ROWS_PER_GRID.min(prompts - start);
+        let (w, h) = (cols * (cw + GAP) + GAP, rows * (ch + GAP) + GAP);
+        let mut img = Rgb {
+            width: w,
+            height: h,
+            data: vec![255; 3 * w * h],
+        };
+        for r in 0..rows {
+            for c in 0..cols {
+                let file = dir.join(Manifest::image_path(c, start + r, m.base_seed));
+                let cell = read_png(&file)
+                    .ok()
+                    .filter(|i| i.width == cw && i.height == ch);
+                let (x0, y0) = (GAP + c * (cw + GAP), GAP + r * (ch + GAP));
+                for y in 0..ch {
+                    let dst = 3 * ((y0 + y) * w + x0);
+                    match &cell {
+                        Some(cell) => img.data[dst..dst + 3 * cw]
+                            .copy_from_slice(&cell.data[3 * y * cw..3 * (y + 1) * cw]),
+                        None => img.data[dst..dst + 3 * cw].fill(200),
+                    }
+                }
+            }
+        }
+        let rel = format!("grids/grid_{g:02}.png");
+        write_png(&img, &dir.join(&rel))?;
+        out.push(rel);
+    }
+    Ok(out)
+}
+
+/// One panel per reward: a bar per negative (mean) with its 95% interval as a whisker.
+pub fn bar_chart(r: &Report, out: &Path) -> Result<()> {
+    let tmp = out.with_extension("tmp.png");
+    let panels = r.rewards.len().max(1);
+    {
+        let root = BitMapBackend::new(&tmp, (260 * panels as u32, 320)).into_drawing_area();
+        let draw = |e: DrawingAreaErrorKind<_>| Error::file(out, format!("cannot draw: {e}"));
+        root.fill(&WHITE).map_err(draw)?;
+        for (area, reward) in root.split_evenly((1, panels)).iter().zip(&r.rewards) {
+            let rows: Vec<_> = r.results.iter().filter(|x| &x.reward == reward).collect();
+            let lo = rows
+                .iter()
+                .map(|x| x.summary.ci95[0])
+                .fold(f64::MAX, f64::min);
+            let hi = rows
+                .iter()
+                .map(|x| x.summary.ci95[1])
+                .fold(f64::MIN, f64::max);
+            if !(lo.is_finite() && hi.is_finite()) {
+                continue;
+            }
+            let pad = ((hi - lo) * 0.15).max(1e-6);
+            let base = lo - pad;
+            let mut chart = ChartBuilder::on(area)
+                .margin(14)
+                .build_cartesian_2d(0f64..rows.len() as f64, base..hi + pad)
+                .map_err(draw)?;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(draw)?;
+            for (j, row) in rows.iter().enumerate() {
+                let (cr, cg, cb) = COLOURS[j % COLOURS.len()];
+                let x = j as f64;
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x + 0.15, base), (x + 0.85, row.summary.mean)],
+                        RGBColor(cr, cg, cb).filled(),
+                    )))
+                    .map_err(draw)?;
+                let [a, b] = row.summary.ci95;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        vec![(x + 0.5, a), (x + 0.5, b)],
+                        BLACK.stroke_width(2),
+                    )))
+                    .map_err(draw)?;
+                for y in [a, b] {
+                    chart
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![(x + 0.35, y), (x + 0.65, y)],
+                            BLACK.stroke_width(2),
+                        )))
+                        .map_err(draw)?;
+                }
+            }
+        }
+        root.present().map_err(draw)?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot write: {e}")))
+}

@@ -1,0 +1,177 @@
+//! Side-by-side evaluation of negatives (`reneg eval`): what a run is (its [`Manifest`]),
+//! what it records (one [`Record`] per image and reward, in `results.jsonl`), and the report
+//! built from those records. The run loop itself lives in the CLI; everything here is pure
+//! bookkeeping, so a merged set of shards and an unsharded run give the same report.
+
+pub mod grid;
+pub mod negative;
+pub mod report;
+pub mod stats;
+
+use crate::error::{Error, Result};
+use crate::prompts::Prompt;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use negative::{NegativeSpec, HANDCRAFTED};
+
+/// Everything that determines a run's images and scores. A rerun or a merge must agree on it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub model: String,
+    pub prompts: Vec<Prompt>,
+    /// Seeds per prompt: `base_seed .. base_seed + seeds`, the same for every prompt.
+    pub seeds: usize,
+    pub base_seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub height: usize,
+    pub width: usize,
+    /// The negatives as given on the command line, in order; the first is the baseline.
+    pub negatives: Vec<String>,
+    /// Reward names, in order.
+    pub rewards: Vec<String>,
+    /// Per-sample adaptation settings (steps, patience, lr), when a per-sample negative is used.
+    pub adapt: Option<(usize, usize, f64)>,
+}
+
+/// The file a run's manifest is kept in.
+pub const MANIFEST: &str = "eval.json";
+pub const RESULTS: &str = "results.jsonl";
+
+impl Manifest {
+    /// Units (prompt index, seed), in order.
+    pub fn units(&self) -> Vec<(usize, u64)> {
+        (0..self.prompts.len())
+            .flat_map(|p| (0..self.seeds as u64).map(move |k| (p, self.base_seed + k)))
+            .collect()
+    }
+
+    /// The image of `negative` on unit (`prompt`, `seed`), relative to the output folder.
+    pub fn image_path(negative: usize, prompt: usize, seed: u64) -> PathBuf {
+        PathBuf::from(format!("images/n{negative:02}/{prompt:05}-seed{seed}.png"))
+    }
+
+    pub fn load(dir: &Path) -> Result<Option<Manifest>> {
+        let path = dir.join(MANIFEST);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+                Error::file(
+                    &path,
+                    format!("not an eval manifest ({e}); use another --out"),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::file(&path, format!("cannot read: {e}"))),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).expect("manifest serialises");
+        crate::io::write_atomic(&dir.join(MANIFEST), json.as_bytes())
+    }
+}
+
+/// `--shard i/n`: this process does the units whose index is `i` modulo `n` (0-based `i`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    pub fn parse(spec: &str) -> std::result::Result<Shard, String> {
+        let bad = || format!("--shard {spec}: expected i/n with 0 <= i < n, e.g. 0/4");
+        let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<usize>().map_err(|_| bad())?,
+            n.trim().parse::<usize>().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn owns(&self, unit_index: usize) -> bool {
+        unit_index % self.count == self.index
+    }
+}
+
+/// One image's score under one reward: a line of `results.jsonl`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub prompt_index: usize,
+    pub seed: u64,
+    pub negative: usize,
+    pub negative_label: String,
+    pub reward: String,
+    pub score: f64,
+    pub image: String,
+    pub prompt: String,
+    pub category: Option<String>,
+}
+
+impl Record {
+    pub fn key(&self) -> (usize, u64, usize, String) {
+        (
+            self.prompt_index,
+            self.seed,
+            self.negative,
+            self.reward.clone(),
+        )
+    }
+}
+
+/// Reads `results.jsonl` of `dir`. A last line cut short by an interruption is dropped (and
+/// cut from the file, so appending stays valid); any other bad line is an error.
+pub fn load_records(dir: &Path) -> Result<Vec<Record>> {
+    let path = dir.join(RESULTS);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::file(&path, format!("cannot read: {e}"))),
+    };
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    if complete.len() != text.len() {
+        crate::io::write_atomic(&path, complete.as_bytes())?;
+    }
+    complete
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                Error::file(&path, format!("line {}: not a result record ({e})", i + 1))
+            })
+        })
+        .collect()
+}
+
+/// Appends records to `results.jsonl`, one flushed line each.
+pub fn append_records(dir: &Path, records: &[Record]) -> Result<()> {
+    let path = dir.join(RESULTS);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
+    let mut text = String::new();
+    for r in records {
+        text.push_str(&serde_json::to_string(r).expect("record serialises"));
+        text.push('\n');
+    }
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_data())
+        .map_err(|e| Error::file(&path, format!("cannot write: {e}")))
+}
+
+/// Records keyed (prompt, seed, negative, reward), later duplicates winning: the canonical,
+/// order-independent form a report is built from.
+pub fn dedup(records: Vec<Record>) -> BTreeMap<(usize, u64, usize, String), Record> {
+    records.into_iter().map(|r| (r.key(), r)).collect()
+}

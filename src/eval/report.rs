@@ -1,0 +1,216 @@
+//! The comparison report: `report.json`, `report.md`, image grids and a bar chart, all built
+//! from the manifest and the records alone (so shards merged give the unsharded report).
+
+use super::stats::{self, Summary};
+use super::{Manifest, Record};
+use crate::error::{Error, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    pub reward: String,
+    pub negative: String,
+    #[serde(flatten)]
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CategoryRow {
+    pub category: String,
+    pub reward: String,
+    pub negative: String,
+    pub n: usize,
+    pub mean: f64,
+    pub ci95: [f64; 2],
+    pub win_rate_vs_first: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub model: String,
+    pub negatives: Vec<String>,
+    pub rewards: Vec<String>,
+    /// Units (prompt, seed) planned, and those with a score for every negative and reward.
+    pub units_planned: usize,
+    pub units_complete: usize,
+    pub results: Vec<Row>,
+    pub categories: Vec<CategoryRow>,
+    pub grids: Vec<String>,
+    pub bar_chart: Option<String>,
+}
+
+/// `scores[negative][unit]` for `reward` over `units`.
+fn matrix(
+    by_key: &BTreeMap<(usize, u64, usize, String), Record>,
+    units: &[(usize, u64)],
+    negatives: usize,
+    reward: &str,
+) -> Vec<Vec<f64>> {
+    (0..negatives)
+        .map(|j| {
+            units
+                .iter()
+                .map(|&(p, s)| by_key[&(p, s, j, reward.to_string())].score)
+                .collect()
+        })
+        .collect()
+}
+
+/// Builds the report from the run's records (any order, duplicates allowed).
+pub fn build(m: &Manifest, records: Vec<Record>) -> Report {
+    let by_key = super::dedup(records);
+    let complete: Vec<(usize, u64)> = m
+        .units()
+        .into_iter()
+        .filter(|&(p, s)| {
+            (0..m.negatives.len()).all(|j| {
+                m.rewards
+                    .iter()
+                    .all(|r| by_key.contains_key(&(p, s, j, r.clone())))
+            })
+        })
+        .collect();
+    let mut results = vec![];
+    let mut categories = vec![];
+    let cats: BTreeSet<String> = m
+        .prompts
+        .iter()
+        .filter_map(|p| p.category.clone())
+        .collect();
+    for reward in &m.rewards {
+        let scores = matrix(&by_key, &complete, m.negatives.len(), reward);
+        for (j, summary) in stats::summarize(&scores).into_iter().enumerate() {
+            results.push(Row {
+                reward: reward.clone(),
+                negative: m.negatives[j].clone(),
+                summary,
+            });
+        }
+        for cat in &cats {
+            let units: Vec<(usize, u64)> = complete
+                .iter()
+                .copied()
+                .filter(|&(p, _)| m.prompts[p].category.as_deref() == Some(cat.as_str()))
+                .collect();
+            let scores = matrix(&by_key, &units, m.negatives.len(), reward);
+            for (j, s) in stats::summarize(&scores).into_iter().enumerate() {
+                categories.push(CategoryRow {
+                    category: cat.clone(),
+                    reward: reward.clone(),
+                    negative: m.negatives[j].clone(),
+                    n: s.n,
+                    mean: s.mean,
+                    ci95: s.ci95,
+                    win_rate_vs_first: s.win_rate_vs_first,
+                });
+            }
+        }
+    }
+    Report {
+        model: m.model.clone(),
+        negatives: m.negatives.clone(),
+        rewards: m.rewards.clone(),
+        units_planned: m.units().len(),
+        units_complete: complete.len(),
+        results,
+        categories,
+        grids: vec![],
+        bar_chart: None,
+    }
+}
+
+fn fmt(x: f64) -> String {
+    format!("{x:.4}")
+}
+
+fn pct(w: Option<f64>) -> String {
+    w.map_or("-".into(), |w| format!("{:.1}%", 100.0 * w))
+}
+
+/// `report.md`: one table per reward, the category breakdown, the grids and the chart.
+pub fn markdown(r: &Report, m: &Manifest) -> String {
+    let mut s = String::new();
+    s.push_str("# Negatives compared\n\n");
+    s.push_str(&format!(
+        "Model `{}`; {} prompt(s) x {} seed(s) = {} unit(s), {} complete; {} DDIM steps, guidance {}, {}x{} px. \
+         Every negative starts from the same noise per unit, so comparisons are paired. Intervals: 95% percentile \
+         bootstrap over units ({} resamples); win rate: share of units scoring above `{}` (ties half).\n\n",
+        r.model, m.prompts.len(), m.seeds, r.units_planned, r.units_complete, m.steps, m.guidance_scale,
+        m.width, m.height, stats::RESAMPLES, r.negatives.first().map(String::as_str).unwrap_or("")
+    ));
+    for reward in &r.rewards {
+        s.push_str(&format!("## {reward}\n\n| negative | mean | 95% CI | vs first | 95% CI of difference | win rate |\n|---|---|---|---|---|---|\n"));
+        for row in r.results.iter().filter(|x| &x.reward == reward) {
+            let u = &row.summary;
+            s.push_str(&format!(
+                "| `{}` | {} | [{}, {}] | {:+.4} | [{:+.4}, {:+.4}] | {} |\n",
+                row.negative,
+                fmt(u.mean),
+                fmt(u.ci95[0]),
+                fmt(u.ci95[1]),
+                u.delta_vs_first,
+                u.delta_ci95[0],
+                u.delta_ci95[1],
+                pct(u.win_rate_vs_first)
+            ));
+        }
+        s.push('\n');
+    }
+    if !r.categories.is_empty() {
+        s.push_str("## By category\n\n| category | reward | negative | n | mean | 95% CI | win rate |\n|---|---|---|---|---|---|---|\n");
+        for c in &r.categories {
+            s.push_str(&format!(
+                "| {} | {} | `{}` | {} | {} | [{}, {}] | {} |\n",
+                c.category,
+                c.reward,
+                c.negative,
+                c.n,
+                fmt(c.mean),
+                fmt(c.ci95[0]),
+                fmt(c.ci95[1]),
+                pct(c.win_rate_vs_first)
+            ));
+        }
+        s.push('\n');
+    }
+    if let Some(chart) = &r.bar_chart {
+        s.push_str(&format!(
+            "## Chart\n\n![mean reward per negative]({chart})\n\nOne panel per reward (in the order above); bars are the \
+             negatives in order, colours {}; whiskers are the 95% intervals.\n\n",
+            r.negatives
+                .iter()
+                .enumerate()
+                .map(|(j, n)| format!("{} = `{n}`", super::grid::COLOUR_NAMES[j % super::grid::COLOURS.len()]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !r.grids.is_empty() {
+        s.push_str("## Images\n\nRows: prompts (first seed); columns: the negatives in order.\n\n");
+        for g in &r.grids {
+            s.push_str(&format!("![grid]({g})\n\n"));
+        }
+    }
+    s
+}
+
+/// Writes `report.json`, `report.md`, the grids and the chart into `dir` (atomically).
+pub fn write(dir: &Path, m: &Manifest, records: Vec<Record>) -> Result<Report> {
+    let mut r = build(m, records);
+    r.grids = super::grid::write_grids(dir, m)?;
+    if r.units_complete > 0 {
+        super::grid::bar_chart(&r, &dir.join("chart.png"))?;
+        r.bar_chart = Some("chart.png".into());
+    }
+    let json = serde_json::to_string_pretty(&r).expect("report serialises");
+    crate::io::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+    crate::io::write_atomic(&dir.join("report.md"), markdown(&r, m).as_bytes())?;
+    if r.units_complete == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no unit has a score for every negative and reward yet",
+            dir.display()
+        )));
+    }
+    Ok(r)
+}
