@@ -63,6 +63,22 @@ fn layer_norm_and_group_norm() {
         |x| gn.forward(x).unwrap(),
         &randn(6, &[2, 4, 3, 3]),
     );
+    // The fused CPU kernel with SiLU, 4-D and 3-D; and the composed ops it replaces.
+    assert_gradient(
+        "group_norm + silu (fused)",
+        |x| gn.forward_silu(x).unwrap(),
+        &randn(61, &[2, 4, 3, 3]),
+    );
+    assert_gradient(
+        "group_norm + silu (fused, 3-D)",
+        |x| gn.forward_silu(x).unwrap(),
+        &randn(62, &[1, 4, 5]),
+    );
+    assert_gradient(
+        "group_norm (composed)",
+        |x| gn.composed(x).unwrap(),
+        &randn(63, &[2, 4, 3, 3]),
+    );
 }
 
 #[test]

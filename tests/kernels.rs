@@ -67,3 +67,34 @@ fn conv_rejects_kernels_that_do_not_fit() {
     let wrong_channels = randn(3, &[4, 2, 3, 3]);
     assert!(cpu_conv::forward(&x, &wrong_channels, None, 1, 1).is_err());
 }
+
+#[test]
+fn fused_group_norm_matches_the_composed_ops() {
+    use reneg::nn::GroupNorm;
+    for (i, dims) in [vec![2, 6, 5, 4], vec![1, 8, 7], vec![3, 4, 1, 1]]
+        .iter()
+        .enumerate()
+    {
+        let c = dims[1];
+        let gn = GroupNorm::new(2, c, 1e-5, &common::random_vb(200 + i as u64)).unwrap();
+        // Non-zero mean and a large scale: the statistics must not lose digits.
+        let x = ((randn(210 + i as u64, dims) * 30.0).unwrap() + 7.0).unwrap();
+        let reference = gn.composed(&x).unwrap();
+        let e = max_abs_diff(&gn.forward(&x).unwrap(), &reference) / max_abs(&reference);
+        assert!(e < 1e-12, "{dims:?}: relative error {e:e}");
+        let silu_ref = (&reference * reneg::nn::activation::sigmoid(&reference).unwrap()).unwrap();
+        let e = max_abs_diff(&gn.forward_silu(&x).unwrap(), &silu_ref) / max_abs(&silu_ref);
+        assert!(e < 1e-12, "{dims:?} + silu: relative error {e:e}");
+        // f32 against the f64 reference.
+        let x32 = x.to_dtype(DType::F32).unwrap();
+        let gn32 = GroupNorm::new(
+            2,
+            c,
+            1e-5,
+            &common::random_vb_dtype(200 + i as u64, DType::F32),
+        )
+        .unwrap();
+        let e = max_abs_diff(&gn32.forward_silu(&x32).unwrap(), &silu_ref) / max_abs(&silu_ref);
+        assert!(e < 1e-5, "{dims:?} f32: relative error {e:e}");
+    }
+}

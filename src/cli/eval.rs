@@ -398,11 +398,13 @@ fn merge(args: MergeArgs) -> Result<()> {
             ))
         })?;
         match &manifest {
-            Some(first) if *first != m => return Err(user(format!(
+            Some(first) if *first != m => {
+                return Err(user(format!(
                 "{}: evaluated with other settings than {}; merge only shards of one evaluation",
                 dir.display(),
                 args.dirs[0].display()
-            ))),
+            )))
+            }
             Some(_) => {}
             None => manifest = Some(m),
         }

@@ -612,7 +612,7 @@ impl UNet2DConditionModel {
         for block in &self.up {
             xs = block.forward_up(&xs, &mut skips, &temb, context)?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

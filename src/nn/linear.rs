@@ -6,8 +6,20 @@ use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    /// W^T, `[in, out]`. Frozen weights are stored transposed and contiguous: gemm then reads
+    /// them in place, where a `[out, in]` weight would be repacked on every call (at SD's small
+    /// activations that packing cost as much as the product). A trainable weight (a `Var`)
+    /// stays a transposed view, so the graph and optimiser updates reach it.
+    weight_t: Tensor,
     bias: Option<Tensor>,
+}
+
+fn transposed(weight: &Tensor) -> Tensor {
+    let view = weight.t().expect("a linear weight is 2-D");
+    if weight.is_variable() || weight.track_op() {
+        return view;
+    }
+    view.contiguous().unwrap_or(view)
 }
 
 impl Linear {
@@ -19,15 +31,19 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::from_tensors(weight, bias))
     }
 
+    /// From a `[out, in]` weight and an optional `[out]` bias.
     pub fn from_tensors(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight_t: transposed(&weight),
+            bias,
+        }
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight_t.dims()[0]
     }
 
     /// # Shapes
@@ -37,21 +53,22 @@ impl Linear {
         let in_dim = *dims.last().expect("linear input has at least one dim");
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
-        let out = if crate::nn::frozen::wants_frozen_path(xs) {
+        let frozen = !(self.weight_t.is_variable() || self.weight_t.track_op());
+        let out = if frozen && crate::nn::frozen::wants_frozen_path(xs) {
             // Frozen weights: forward without a graph, backward to the input only.
             let value = self.plain(&x2.detach())?;
-            let w = self.weight.clone();
+            let w = self.weight_t.t()?;
             crate::nn::frozen::attach(&x2, value, move |g, _| g.matmul(&w))?
         } else {
             self.plain(&x2)?
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().unwrap() = self.weight.dim(0)?;
+        *out_dims.last_mut().unwrap() = self.weight_t.dim(1)?;
         out.reshape(out_dims)
     }
 
     fn plain(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
-        let out = x2.matmul(&self.weight.t()?)?;
+        let out = x2.matmul(&self.weight_t)?;
         match &self.bias {
             Some(b) => out.broadcast_add(b),
             None => Ok(out),

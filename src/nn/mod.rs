@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod conv;
 pub mod cpu_conv;
+pub mod cpu_norm;
 pub mod frozen;
 pub mod linear;
 pub mod norm;

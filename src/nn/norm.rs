@@ -108,6 +108,30 @@ impl GroupNorm {
     /// # Shapes
     /// `[b, c, ...]` -> same
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(xs, false)
+    }
+
+    /// `silu(self.forward(xs))`, fused where the CPU kernel applies.
+    pub fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_act(xs, true)
+    }
+
+    fn forward_act(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        if let Some(y) =
+            super::cpu_norm::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, silu)?
+        {
+            return Ok(y);
+        }
+        let y = self.composed(xs)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Group norm from basic ops (half precision, other devices, trainable weights).
+    pub fn composed(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let grouped = upcast(xs)?.reshape((b, self.groups, ()))?;

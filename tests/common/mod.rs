@@ -42,7 +42,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 pub fn random_vb(seed: u64) -> Vb {
-    Vb::new(Weights::random(seed, DType::F64, &Device::Cpu))
+    random_vb_dtype(seed, DType::F64)
+}
+
+/// [`random_vb`] in another dtype (the same values, rounded).
+pub fn random_vb_dtype(seed: u64, dtype: DType) -> Vb {
+    Vb::new(Weights::random(seed, dtype, &Device::Cpu))
 }
 
 /// A tiny SD-like UNet config (2 levels, cross-attention in the first).

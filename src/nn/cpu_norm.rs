@@ -1,0 +1,279 @@
+//! Fused CPU group norm (+ optional SiLU): one parallel pass for the statistics and one for
+//! the output, where the composed version makes a dozen single-threaded passes, each with a
+//! fresh buffer. On the gradient path the backward is one fused kernel too: the closed form of
+//! the normalisation's input gradient after the affine map and SiLU, with frozen weight and
+//! bias. Statistics are accumulated in f64.
+//!
+//! f32 and f64 on the CPU with frozen weights only; [`group_norm`] returns `None` otherwise and
+//! the caller uses the composed ops.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Elementwise math runs in the tensor's own precision (f32 `exp` is several times faster);
+/// sums are accumulated in f64.
+trait Float: candle_core::WithDType + num_traits::Float {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// Per-group mean and 1/sigma, `[b * groups]` each.
+type Stats = Arc<Vec<(f64, f64)>>;
+
+#[derive(Clone, Copy)]
+struct Geom {
+    rows: usize,
+    channels_per_group: usize,
+    spatial: usize,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl Geom {
+    fn row_len(&self) -> usize {
+        self.channels_per_group * self.spatial
+    }
+    /// The first channel of row `r`.
+    fn first_channel(&self, r: usize) -> usize {
+        (r % self.groups) * self.channels_per_group
+    }
+}
+
+/// The value as f64 (`WithDType`'s, not num_traits' fallible one).
+fn f64_of<T: Float>(v: T) -> f64 {
+    candle_core::WithDType::to_f64(v)
+}
+
+fn sigmoid<T: Float>(z: T) -> T {
+    T::one() / (T::one() + (-z).exp())
+}
+
+fn slice<T: Float>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+fn forward_impl<T: Float>(x: &[T], w: &[T], b: &[T], g: &Geom) -> (Vec<T>, Vec<(f64, f64)>) {
+    let n = g.row_len();
+    let mut y = vec![T::zero(); x.len()];
+    let mut stats = vec![(0.0, 0.0); g.rows];
+    y.par_chunks_mut(n)
+        .zip(stats.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (out, st))| {
+            let row = &x[r * n..(r + 1) * n];
+            let mean = row.iter().map(|&v| f64_of(v)).sum::<f64>() / n as f64;
+            let var = row.iter().map(|&v| (f64_of(v) - mean).powi(2)).sum::<f64>() / n as f64;
+            let rstd = 1.0 / (var + g.eps).sqrt();
+            *st = (mean, rstd);
+            let c0 = g.first_channel(r);
+            for (cc, (o, v)) in out
+                .chunks_mut(g.spatial)
+                .zip(row.chunks(g.spatial))
+                .enumerate()
+            {
+                // z = (x - mean) * rstd * w + b = x * scale + shift
+                let scale = rstd * f64_of(w[c0 + cc]);
+                let shift = f64_of(b[c0 + cc]) - mean * scale;
+                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+                if g.silu {
+                    for (o, &v) in o.iter_mut().zip(v) {
+                        let z = v * scale + shift;
+                        *o = z * sigmoid(z);
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(v) {
+                        *o = v * scale + shift;
+                    }
+                }
+            }
+        });
+    (y, stats)
+}
+
+fn backward_impl<T: Float>(
+    dy: &[T],
+    x: &[T],
+    stats: &[(f64, f64)],
+    w: &[T],
+    b: &[T],
+    g: &Geom,
+) -> Vec<T> {
+    let n = g.row_len();
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
+        let (mean, rstd) = stats[r];
+        let (xr, dr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+        let c0 = g.first_channel(r);
+        let (tm, tr) = (T::from_f64(mean), T::from_f64(rstd));
+        // Pass 1: d loss / d xhat into `out`, and its sums against 1 and xhat.
+        let (mut s1, mut s2) = (0.0, 0.0);
+        for (cc, ((o, xs), ds)) in out
+            .chunks_mut(g.spatial)
+            .zip(xr.chunks(g.spatial))
+            .zip(dr.chunks(g.spatial))
+            .enumerate()
+        {
+            let (wc, bc) = (w[c0 + cc], b[c0 + cc]);
+            let (mut a1, mut a2) = (T::zero(), T::zero());
+            for ((o, &xv), &d) in o.iter_mut().zip(xs).zip(ds) {
+                let xhat = (xv - tm) * tr;
+                let d = if g.silu {
+                    let z = xhat * wc + bc;
+                    let s = sigmoid(z);
+                    d * s * (T::one() + z * (T::one() - s))
+                } else {
+                    d
+                } * wc;
+                *o = d;
+                a1 += d;
+                a2 += d * xhat;
+            }
+            s1 += f64_of(a1);
+            s2 += f64_of(a2);
+        }
+        let (m1, m2) = (T::from_f64(s1 / n as f64), T::from_f64(s2 / n as f64));
+        // Pass 2: dx = (d - mean(d) - xhat mean(d xhat)) / sigma.
+        for (o, &xv) in out.iter_mut().zip(xr) {
+            let xhat = (xv - tm) * tr;
+            *o = tr * (*o - m1 - xhat * m2);
+        }
+    });
+    dx
+}
+
+struct Forward {
+    weight: Tensor,
+    bias: Tensor,
+    g: Geom,
+    stats: Mutex<Option<Vec<(f64, f64)>>>,
+}
+
+impl Forward {
+    fn run<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+        let (y, stats) = forward_impl(
+            x,
+            &slice::<T>(&self.weight)?,
+            &slice::<T>(&self.bias)?,
+            &self.g,
+        );
+        *self.stats.lock().expect("stats lock") = Some(stats);
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_norm: input not contiguous".into()))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
+            _ => candle_core::bail!("cpu_norm: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+struct Backward {
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    stats: Stats,
+    g: Geom,
+}
+
+impl Backward {
+    fn run<T: Float>(&self, dy: &[T]) -> Result<Vec<T>> {
+        let x = slice::<T>(&self.x)?;
+        Ok(backward_impl(
+            dy,
+            &x,
+            &self.stats,
+            &slice::<T>(&self.weight)?,
+            &slice::<T>(&self.bias)?,
+            &self.g,
+        ))
+    }
+}
+
+impl CustomOp1 for Backward {
+    fn name(&self) -> &'static str {
+        "cpu-group-norm-backward"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_norm: gradient not contiguous".into()))?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
+            _ => candle_core::bail!("cpu_norm: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
+/// `silu?(group_norm(x) * weight + bias)` for `x` of `[b, c, ...]`, fused; `None` where the
+/// fast path does not apply (other devices or dtypes, trainable weight or bias).
+pub fn group_norm(
+    xs: &Tensor,
+    groups: usize,
+    eps: f64,
+    weight: &Tensor,
+    bias: &Tensor,
+    silu: bool,
+) -> Result<Option<Tensor>> {
+    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+    let dtype_ok = matches!(xs.dtype(), DType::F32 | DType::F64)
+        && weight.dtype() == xs.dtype()
+        && bias.dtype() == xs.dtype();
+    if !xs.device().is_cpu() || !dtype_ok || tracked(weight) || tracked(bias) || xs.rank() < 2 {
+        return Ok(None);
+    }
+    let dims = xs.dims();
+    let (b, c) = (dims[0], dims[1]);
+    let g = Geom {
+        rows: b * groups,
+        channels_per_group: c / groups,
+        spatial: dims[2..].iter().product(),
+        groups,
+        eps,
+        silu,
+    };
+    let x = xs.detach().contiguous()?;
+    let op = Forward {
+        weight: weight.clone(),
+        bias: bias.clone(),
+        g,
+        stats: Mutex::new(None),
+    };
+    let y = x.apply_op1_no_bwd(&op)?;
+    if !super::frozen::wants_frozen_path(xs) {
+        return Ok(Some(y));
+    }
+    let stats: Stats = Arc::new(
+        op.stats
+            .lock()
+            .expect("stats lock")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_norm: no statistics".into()))?,
+    );
+    let backward = Backward {
+        x,
+        weight: weight.clone(),
+        bias: bias.clone(),
+        stats,
+        g,
+    };
+    let backward = Arc::new(backward);
+    Ok(Some(super::frozen::attach(xs, y, move |dy, _| {
+        dy.contiguous()?.apply_op1_no_bwd(backward.as_ref())
+    })?))
+}
