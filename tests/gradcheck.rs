@@ -82,6 +82,19 @@ fn layer_norm_and_group_norm() {
 }
 
 #[test]
+fn fused_softmax() {
+    assert_gradient(
+        "softmax(0.7 x), fused",
+        |x| {
+            nn::cpu_softmax::softmax_scaled(x, 0.7)
+                .unwrap()
+                .expect("CPU f64 takes the fused path")
+        },
+        &randn(64, &[2, 3, 5]),
+    );
+}
+
+#[test]
 fn attention_self_and_cross() {
     let attn = CrossAttention::new(8, 12, 2, 4, false, &random_vb(7)).unwrap();
     let ctx = randn(8, &[2, 5, 12]);

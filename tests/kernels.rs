@@ -98,3 +98,21 @@ fn fused_group_norm_matches_the_composed_ops() {
         assert!(e < 1e-5, "{dims:?} f32: relative error {e:e}");
     }
 }
+
+#[test]
+fn fused_softmax_matches_the_composed_ops() {
+    for (i, dims) in [vec![2, 3, 7], vec![5, 1], vec![4, 6, 33]]
+        .iter()
+        .enumerate()
+    {
+        // Large logits: the row maximum must be subtracted.
+        let x = (randn(300 + i as u64, dims) * 40.0).unwrap();
+        let scale = 0.37;
+        let reference = reneg::nn::softmax_last_dim(&(&x * scale).unwrap()).unwrap();
+        let fused = reneg::nn::cpu_softmax::softmax_scaled(&x, scale)
+            .unwrap()
+            .unwrap();
+        let e = max_abs_diff(&fused, &reference);
+        assert!(e < 1e-14, "{dims:?}: max error {e:e}");
+    }
+}

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod conv;
 pub mod cpu_conv;
 pub mod cpu_norm;
+pub mod cpu_softmax;
 pub mod frozen;
 pub mod linear;
 pub mod norm;
@@ -71,11 +72,22 @@ pub fn attention(
         (q, k)
     };
     let scale = 1.0 / (d as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?;
-    if let Some(mask) = mask {
-        scores = scores.broadcast_add(mask)?;
+    let raw = q.matmul(&k.t()?)?;
+    let fused = match mask {
+        None => cpu_softmax::softmax_scaled(&raw, scale)?,
+        Some(_) => None,
+    };
+    let probs = match fused {
+        Some(p) => p,
+        None => {
+            let mut scores = (raw * scale)?;
+            if let Some(mask) = mask {
+                scores = scores.broadcast_add(mask)?;
+            }
+            softmax_last_dim(&scores)?
+        }
     }
-    let probs = softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    .to_dtype(dtype)?;
     probs
         .matmul(&v)?
         .reshape((b, heads, n, d))?
