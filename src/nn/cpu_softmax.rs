@@ -28,11 +28,11 @@ fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
         let mut sum = T::zero();
         for (o, &v) in o.iter_mut().zip(r) {
             *o = (v * scale - max).exp();
-            sum = sum + *o;
+            sum += *o;
         }
         let inv = T::one() / sum;
         for o in o.iter_mut() {
-            *o = *o * inv;
+            *o *= inv;
         }
     });
     y
