@@ -148,6 +148,7 @@ fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, n: usize, cols: &mut [T]) {
     let plane = g.h * g.w;
     cols[..g.rows() * n]
         .par_chunks_mut(k * k * n)
+        .with_min_len(super::min_rows(k * k * n))
         .enumerate()
         .for_each(|(ci, rows)| {
             let src = &x[ci * plane..(ci + 1) * plane];
@@ -190,6 +191,7 @@ fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, n: usize, cols: &mut [T]) {
 fn col2im<T: Float>(cols: &[T], g: &Geom, p0: usize, n: usize, dx: &mut [T]) {
     let (k, s, pad, ow) = (g.k, g.stride, g.padding, g.ow());
     dx.par_chunks_mut(g.h * g.w)
+        .with_min_len(super::min_rows(k * k * n))
         .enumerate()
         .for_each(|(ci, dst)| {
             let rows = &cols[ci * k * k * n..(ci + 1) * k * k * n];
@@ -222,6 +224,7 @@ fn forward_impl<T: Float>(x: &[T], kernel: &[T], bias: Option<&[T]>, g: &Geom) -
     let mut out = vec![T::from_f64(0.0); g.b * g.c_out * m];
     if let Some(bias) = bias {
         out.par_chunks_mut(m)
+            .with_min_len(super::min_rows(m))
             .enumerate()
             .for_each(|(i, plane)| plane.fill(bias[i % g.c_out]));
     }

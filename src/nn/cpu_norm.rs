@@ -59,6 +59,7 @@ fn forward_impl<T: Float>(x: &[T], w: &[T], b: &[T], g: &Geom) -> (Vec<T>, Vec<(
     let mut stats = vec![(0.0, 0.0); g.rows];
     y.par_chunks_mut(n)
         .zip(stats.par_iter_mut())
+        .with_min_len(super::min_rows(n))
         .enumerate()
         .for_each(|(r, (out, st))| {
             let row = &x[r * n..(r + 1) * n];
@@ -101,44 +102,47 @@ fn backward_impl<T: Float>(
 ) -> Vec<T> {
     let n = g.row_len();
     let mut dx = vec![T::zero(); x.len()];
-    dx.par_chunks_mut(n).enumerate().for_each(|(r, out)| {
-        let (mean, rstd) = stats[r];
-        let (xr, dr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-        let c0 = g.first_channel(r);
-        let (tm, tr) = (T::from_f64(mean), T::from_f64(rstd));
-        // Pass 1: d loss / d xhat into `out`, and its sums against 1 and xhat.
-        let (mut s1, mut s2) = (0.0, 0.0);
-        for (cc, ((o, xs), ds)) in out
-            .chunks_mut(g.spatial)
-            .zip(xr.chunks(g.spatial))
-            .zip(dr.chunks(g.spatial))
-            .enumerate()
-        {
-            let (wc, bc) = (w[c0 + cc], b[c0 + cc]);
-            let (mut a1, mut a2) = (T::zero(), T::zero());
-            for ((o, &xv), &d) in o.iter_mut().zip(xs).zip(ds) {
-                let xhat = (xv - tm) * tr;
-                let d = if g.silu {
-                    let z = xhat * wc + bc;
-                    let s = sigmoid(z);
-                    d * s * (T::one() + z * (T::one() - s))
-                } else {
-                    d
-                } * wc;
-                *o = d;
-                a1 += d;
-                a2 += d * xhat;
+    dx.par_chunks_mut(n)
+        .with_min_len(super::min_rows(n))
+        .enumerate()
+        .for_each(|(r, out)| {
+            let (mean, rstd) = stats[r];
+            let (xr, dr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+            let c0 = g.first_channel(r);
+            let (tm, tr) = (T::from_f64(mean), T::from_f64(rstd));
+            // Pass 1: d loss / d xhat into `out`, and its sums against 1 and xhat.
+            let (mut s1, mut s2) = (0.0, 0.0);
+            for (cc, ((o, xs), ds)) in out
+                .chunks_mut(g.spatial)
+                .zip(xr.chunks(g.spatial))
+                .zip(dr.chunks(g.spatial))
+                .enumerate()
+            {
+                let (wc, bc) = (w[c0 + cc], b[c0 + cc]);
+                let (mut a1, mut a2) = (T::zero(), T::zero());
+                for ((o, &xv), &d) in o.iter_mut().zip(xs).zip(ds) {
+                    let xhat = (xv - tm) * tr;
+                    let d = if g.silu {
+                        let z = xhat * wc + bc;
+                        let s = sigmoid(z);
+                        d * s * (T::one() + z * (T::one() - s))
+                    } else {
+                        d
+                    } * wc;
+                    *o = d;
+                    a1 += d;
+                    a2 += d * xhat;
+                }
+                s1 += f64_of(a1);
+                s2 += f64_of(a2);
             }
-            s1 += f64_of(a1);
-            s2 += f64_of(a2);
-        }
-        let (m1, m2) = (T::from_f64(s1 / n as f64), T::from_f64(s2 / n as f64));
-        // Pass 2: dx = (d - mean(d) - xhat mean(d xhat)) / sigma.
-        for (o, &xv) in out.iter_mut().zip(xr) {
-            let xhat = (xv - tm) * tr;
-            *o = tr * (*o - m1 - xhat * m2);
-        }
-    });
+            let (m1, m2) = (T::from_f64(s1 / n as f64), T::from_f64(s2 / n as f64));
+            // Pass 2: dx = (d - mean(d) - xhat mean(d xhat)) / sigma.
+            for (o, &xv) in out.iter_mut().zip(xr) {
+                let xhat = (xv - tm) * tr;
+                *o = tr * (*o - m1 - xhat * m2);
+            }
+        });
     dx
 }
 

@@ -21,20 +21,23 @@ fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
 
 fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, r)| {
-        let max = r.iter().fold(T::neg_infinity(), |m, &v| {
-            num_traits::Float::max(m, v * scale)
+    y.par_chunks_mut(n)
+        .zip(x.par_chunks(n))
+        .with_min_len(super::min_rows(n))
+        .for_each(|(o, r)| {
+            let max = r.iter().fold(T::neg_infinity(), |m, &v| {
+                num_traits::Float::max(m, v * scale)
+            });
+            let mut sum = T::zero();
+            for (o, &v) in o.iter_mut().zip(r) {
+                *o = (v * scale - max).exp();
+                sum += *o;
+            }
+            let inv = T::one() / sum;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
         });
-        let mut sum = T::zero();
-        for (o, &v) in o.iter_mut().zip(r) {
-            *o = (v * scale - max).exp();
-            sum += *o;
-        }
-        let inv = T::one() / sum;
-        for o in o.iter_mut() {
-            *o *= inv;
-        }
-    });
     y
 }
 
@@ -42,6 +45,7 @@ fn backward_impl<T: Float>(g: &[T], y: &[T], n: usize, scale: T) -> Vec<T> {
     let mut dx = vec![T::zero(); y.len()];
     dx.par_chunks_mut(n)
         .zip(g.par_chunks(n).zip(y.par_chunks(n)))
+        .with_min_len(super::min_rows(n))
         .for_each(|(o, (g, y))| {
             let dot = g.iter().zip(y).fold(T::zero(), |s, (&a, &b)| s + a * b);
             for ((o, &a), &b) in o.iter_mut().zip(g).zip(y) {

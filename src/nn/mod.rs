@@ -20,6 +20,12 @@ pub use norm::{GroupNorm, LayerNorm};
 
 use candle_core::{Result, Tensor, D};
 
+/// Rows of `row_len` elements per parallel task in the CPU kernels: at least 32K elements, so
+/// small tensors (the tiny models' whole activations) run on one thread without wake-ups.
+pub(crate) fn min_rows(row_len: usize) -> usize {
+    ((1usize << 15) / row_len.max(1)).max(1)
+}
+
 /// Softmax over the last dimension, built from basic ops. The row maximum is subtracted for
 /// stability; it is detached because softmax is invariant to that shift (its gradient is zero).
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
