@@ -1,6 +1,6 @@
 //! The ReNeg training step, timed: `cargo bench --bench train_step -- CASE` with CASE one of
 //! `tiny` (the sd15-tiny parity pipeline and the tiny aesthetic reward: a whole step, 10
-//! sampling steps, gradient at the last), `full16` / `full32` (SD1.5's UNet and VAE with random
+//! sampling steps, gradient at the last), `full16` / `full32` / `full64` (SD1.5's UNet and VAE with random
 //! weights at 16x16 / 32x32 latents: one guided no-grad UNet evaluation, i.e. a sampling step,
 //! and the gradient step of `train::step::gradient_at`: the staged backward through decode
 //! and a linear reward, then the negative branch of the UNet). Prints one JSON line; peak RSS is the process's VmHWM,
@@ -191,6 +191,7 @@ fn main() {
         "tiny" => tiny(),
         "full16" => full(16),
         "full32" => full(32),
-        other => eprintln!("unknown case {other}: tiny, full16 or full32"),
+        "full64" => full(64),
+        other => eprintln!("unknown case {other}: tiny, full16, full32 or full64"),
     }
 }

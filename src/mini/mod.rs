@@ -1,0 +1,95 @@
+//! The miniature world of issue 8 (groundwork): deterministic captioned scenes and the
+//! degradations people dislike, from which the project's own tiny models are to be trained.
+//! Models, training and the experiment are not built yet.
+
+pub mod degrade;
+pub mod scene;
+
+use crate::rng::SplitMix64;
+pub use degrade::{Degradation, Family};
+pub use scene::Scene;
+
+/// How examples are drawn.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    /// Image side in pixels.
+    pub size: usize,
+    /// Share of examples that are degraded.
+    pub degraded_share: f64,
+    /// Share of degraded examples whose caption names the degradation ("..., blurry").
+    pub quality_word_share: f64,
+    /// Which degradation parameters (the reward's or the judge's).
+    pub family: Family,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            size: 32,
+            degraded_share: 0.4,
+            quality_word_share: 0.5,
+            family: Family::Reward,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub scene: Scene,
+    pub caption: String,
+    /// `[3, size, size]` RGB in [0, 1], channel-major.
+    pub image: Vec<f32>,
+    pub degradation: Option<Degradation>,
+}
+
+/// The generator of example `index` of dataset `seed`: examples are independent of each other
+/// and of how many are drawn.
+fn rng_for(seed: u64, index: u64) -> SplitMix64 {
+    let mut mix = SplitMix64::new(seed ^ 0xA076_1D64_78BD_642F);
+    let base = mix.next_u64();
+    SplitMix64::new(base ^ index.wrapping_mul(0xE703_7ED1_A0B4_28DB))
+}
+
+/// Example `index` of the dataset `seed`.
+pub fn example(seed: u64, index: u64, cfg: &DataConfig) -> Example {
+    let mut rng = rng_for(seed, index);
+    let scene = Scene::sample(&mut rng);
+    let clean = scene.render(cfg.size);
+    let mut caption = scene.caption();
+    let degradation = (rng.uniform() < cfg.degraded_share).then(|| {
+        let kind = (rng.next_u64() % degrade::KINDS.len() as u64) as usize;
+        Degradation::sample(kind, cfg.family, &mut rng)
+    });
+    let image = match &degradation {
+        Some(d) => {
+            if rng.uniform() < cfg.quality_word_share {
+                caption = format!("{caption}, {}", degrade::QUALITY_WORDS[d.kind()]);
+            }
+            d.apply(&clean, cfg.size, &mut rng)
+        }
+        None => clean,
+    };
+    Example {
+        scene,
+        caption,
+        image,
+        degradation,
+    }
+}
+
+/// A preference pair for the reward model: the clean rendering of scene `index` and a degraded
+/// copy of it (kind drawn uniformly, `family`'s parameters), with the clean caption.
+pub fn preference_pair(
+    seed: u64,
+    index: u64,
+    size: usize,
+    family: Family,
+) -> (Scene, Vec<f32>, Vec<f32>, Degradation) {
+    let mut rng = rng_for(seed ^ 0x5041_4952, index);
+    let scene = Scene::sample(&mut rng);
+    let clean = scene.render(size);
+    let kind = (rng.next_u64() % degrade::KINDS.len() as u64) as usize;
+    let d = Degradation::sample(kind, family, &mut rng);
+    let bad = d.apply(&clean, size, &mut rng);
+    (scene, clean, bad, d)
+}

@@ -1,0 +1,176 @@
+//! The miniature world's scenes (issue 8): one or two flat shapes of a named colour, size and
+//! position on a plain background, rendered anti-aliased, with a caption that names them.
+//! Everything is drawn from a seed, so a dataset is a pure function of its seed.
+
+use crate::rng::SplitMix64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShapeKind {
+    Circle,
+    Square,
+    Triangle,
+}
+
+pub const SHAPES: [ShapeKind; 3] = [ShapeKind::Circle, ShapeKind::Square, ShapeKind::Triangle];
+
+impl ShapeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ShapeKind::Circle => "circle",
+            ShapeKind::Square => "square",
+            ShapeKind::Triangle => "triangle",
+        }
+    }
+}
+
+/// Named colours, far enough apart that a small classifier can tell them.
+pub const COLOURS: [(&str, [f32; 3]); 7] = [
+    ("red", [0.85, 0.12, 0.10]),
+    ("green", [0.15, 0.65, 0.20]),
+    ("blue", [0.12, 0.25, 0.85]),
+    ("yellow", [0.95, 0.85, 0.15]),
+    ("purple", [0.55, 0.20, 0.70]),
+    ("orange", [0.95, 0.50, 0.10]),
+    ("white", [0.95, 0.95, 0.95]),
+];
+
+/// Background colours (muted, so every shape colour stands out on every background).
+pub const BACKGROUNDS: [(&str, [f32; 3]); 4] = [
+    ("grey", [0.50, 0.50, 0.50]),
+    ("black", [0.08, 0.08, 0.08]),
+    ("beige", [0.80, 0.74, 0.60]),
+    ("teal", [0.15, 0.45, 0.45]),
+];
+
+/// Positions as the caption names them, with their centre in [0, 1]^2 (x right, y down).
+pub const POSITIONS: [(&str, [f32; 2]); 5] = [
+    ("in the centre", [0.5, 0.5]),
+    ("on the left", [0.27, 0.5]),
+    ("on the right", [0.73, 0.5]),
+    ("at the top", [0.5, 0.27]),
+    ("at the bottom", [0.5, 0.73]),
+];
+
+pub const SIZES: [(&str, f32); 2] = [("small", 0.14), ("large", 0.24)];
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Shape {
+    pub kind: ShapeKind,
+    /// Indices into [`COLOURS`], [`POSITIONS`], [`SIZES`].
+    pub colour: usize,
+    pub position: usize,
+    pub size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Scene {
+    pub shapes: Vec<Shape>,
+    /// Index into [`BACKGROUNDS`].
+    pub background: usize,
+}
+
+fn pick(rng: &mut SplitMix64, n: usize) -> usize {
+    (rng.next_u64() % n as u64) as usize
+}
+
+impl Scene {
+    /// One or two shapes (two in a third of the scenes); a pair never uses the centre and
+    /// never shares a position.
+    pub fn sample(rng: &mut SplitMix64) -> Scene {
+        let count = if pick(rng, 3) == 0 { 2 } else { 1 };
+        let mut shapes: Vec<Shape> = vec![];
+        while shapes.len() < count {
+            let position = if count == 1 {
+                pick(rng, POSITIONS.len())
+            } else {
+                1 + pick(rng, POSITIONS.len() - 1)
+            };
+            let s = Shape {
+                kind: SHAPES[pick(rng, SHAPES.len())],
+                colour: pick(rng, COLOURS.len()),
+                position,
+                size: pick(rng, SIZES.len()),
+            };
+            if shapes.iter().all(|o| o.position != s.position) {
+                shapes.push(s);
+            }
+        }
+        Scene {
+            shapes,
+            background: pick(rng, BACKGROUNDS.len()),
+        }
+    }
+
+    /// "a large red circle on the left and a small blue square at the top, on a grey background"
+    pub fn caption(&self) -> String {
+        let parts: Vec<String> = self
+            .shapes
+            .iter()
+            .map(|s| {
+                format!(
+                    "a {} {} {} {}",
+                    SIZES[s.size].0,
+                    COLOURS[s.colour].0,
+                    s.kind.name(),
+                    POSITIONS[s.position].0
+                )
+            })
+            .collect();
+        format!(
+            "{}, on a {} background",
+            parts.join(" and "),
+            BACKGROUNDS[self.background].0
+        )
+    }
+
+    /// `[3, size, size]` RGB in [0, 1], channel-major; 4x4 supersampling for smooth edges.
+    pub fn render(&self, size: usize) -> Vec<f32> {
+        const SS: usize = 4;
+        let bg = BACKGROUNDS[self.background].1;
+        let mut out = vec![0f32; 3 * size * size];
+        for py in 0..size {
+            for px in 0..size {
+                let mut acc = [0f32; 3];
+                for sy in 0..SS {
+                    for sx in 0..SS {
+                        let x = (px as f32 + (sx as f32 + 0.5) / SS as f32) / size as f32;
+                        let y = (py as f32 + (sy as f32 + 0.5) / SS as f32) / size as f32;
+                        // Later shapes are drawn over earlier ones.
+                        let c = self
+                            .shapes
+                            .iter()
+                            .rev()
+                            .find(|s| s.covers(x, y))
+                            .map_or(bg, |s| COLOURS[s.colour].1);
+                        for k in 0..3 {
+                            acc[k] += c[k];
+                        }
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    out[k * size * size + py * size + px] = a / (SS * SS) as f32;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Shape {
+    /// Whether the point (x, y) in [0, 1]^2 lies inside the shape.
+    pub fn covers(&self, x: f32, y: f32) -> bool {
+        let [cx, cy] = POSITIONS[self.position].1;
+        let r = SIZES[self.size].1;
+        let (dx, dy) = (x - cx, y - cy);
+        match self.kind {
+            ShapeKind::Circle => dx * dx + dy * dy <= r * r,
+            ShapeKind::Square => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+            // Pointing up, base at cy + r/2, apex at cy - r.
+            ShapeKind::Triangle => {
+                let t = (dy + r) / (1.5 * r);
+                (0.0..=1.0).contains(&t) && dx.abs() <= t * r * 0.95
+            }
+        }
+    }
+}
