@@ -145,14 +145,14 @@ fn degradations_do_what_their_names_say_in_both_families() {
 #[test]
 fn the_judge_family_uses_other_parameters_than_the_reward() {
     let mut rng = SplitMix64::new(5);
-    for kind in 0..KINDS.len() {
+    for (kind, name) in KINDS.iter().enumerate() {
         let reward: Vec<_> = (0..50)
             .map(|_| Degradation::sample(kind, Family::Reward, &mut rng))
             .collect();
         let judge: Vec<_> = (0..50)
             .map(|_| Degradation::sample(kind, Family::Judge, &mut rng))
             .collect();
-        assert!(reward.iter().all(|r| !judge.contains(r)), "{}", KINDS[kind]);
+        assert!(reward.iter().all(|r| !judge.contains(r)), "{name}");
     }
     assert_eq!(degrade::QUALITY_WORDS.len(), KINDS.len());
 }
