@@ -116,3 +116,19 @@ fn fused_softmax_matches_the_composed_ops() {
         assert!(e < 1e-14, "{dims:?}: max error {e:e}");
     }
 }
+
+#[test]
+fn attention_in_query_blocks_equals_the_whole() {
+    let (q, k, v) = (
+        randn(400, &[2, 9, 8]),
+        randn(401, &[2, 5, 8]),
+        randn(402, &[2, 5, 8]),
+    );
+    let whole = reneg::nn::attention_blocked(&q, &k, &v, 2, None, false, usize::MAX).unwrap();
+    for block in [1, 2 * 2 * 5 * 2, 2 * 2 * 5 * 4 + 3] {
+        let blocked = reneg::nn::attention_blocked(&q, &k, &v, 2, None, false, block).unwrap();
+        assert_eq!(blocked.dims(), whole.dims());
+        let e = max_abs_diff(&blocked, &whole);
+        assert!(e < 1e-14, "block {block}: {e:e}");
+    }
+}

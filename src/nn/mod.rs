@@ -57,6 +57,21 @@ pub fn attention(
     mask: Option<&Tensor>,
     upcast: bool,
 ) -> Result<Tensor> {
+    attention_blocked(q, k, v, heads, mask, upcast, SCORES_BLOCK)
+}
+
+/// [`attention`] with at most `block` score elements at a time on the no-graph path (tests
+/// exercise the blocking with small values).
+#[doc(hidden)]
+pub fn attention_blocked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: Option<&Tensor>,
+    upcast: bool,
+    block: usize,
+) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
@@ -78,6 +93,40 @@ pub fn attention(
         (q, k)
     };
     let scale = 1.0 / (d as f64).sqrt();
+    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+    let out = if mask.is_none() && !tracked(&q) && !tracked(&k) && !tracked(&v) {
+        // Without a graph, the queries go in row blocks so the scores never exceed
+        // SCORES_BLOCK elements (at 64x64 latents the full matrix is 2 x 8 x 4096 x 4096).
+        let rows = (block / (b * heads * m).max(1)).clamp(1, n);
+        let blocks = (0..n)
+            .step_by(rows)
+            .map(|r| {
+                let qb = q.narrow(1, r, rows.min(n - r))?;
+                scores_times_v(&qb, &k, &v, scale, None, dtype)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&blocks, 1)?
+    } else {
+        scores_times_v(&q, &k, &v, scale, mask, dtype)?
+    };
+    out.reshape((b, heads, n, d))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, n, inner))
+}
+
+/// Elements of one block of attention scores on the no-graph path (64 MB in f32).
+const SCORES_BLOCK: usize = 16 << 20;
+
+/// softmax(q k^T scale + mask) v for `[bh, n, d]` queries.
+fn scores_times_v(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
     let raw = q.matmul(&k.t()?)?;
     let fused = match mask {
         None => cpu_softmax::softmax_scaled(&raw, scale)?,
@@ -94,10 +143,5 @@ pub fn attention(
         }
     }
     .to_dtype(dtype)?;
-    probs
-        .matmul(&v)?
-        .reshape((b, heads, n, d))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, n, inner))
+    probs.matmul(v)
 }
