@@ -286,6 +286,24 @@ fn eval_bad_input_exits_2_with_one_line() {
         assert!(err.contains(needle), "{needle}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
+    // No --model: refused before anything is written.
+    let nowhere = dir.join("never-created");
+    let o = reneg(&[
+        "eval",
+        "--prompt",
+        "a",
+        "--negative",
+        "null",
+        "--reward",
+        "aesthetic",
+        "--reward-model",
+        AESTHETIC,
+        "--out",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
+    assert!(!nowhere.exists());
     // Merging a folder that is not an eval output.
     let o = reneg(&[
         "eval",

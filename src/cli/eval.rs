@@ -130,6 +130,7 @@ fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
 }
 
 fn evaluate(args: EvalArgs) -> Result<()> {
+    args.model.name()?;
     let specs = args
         .negatives
         .iter()

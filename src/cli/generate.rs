@@ -83,6 +83,7 @@ struct Job {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let model_name = args.model.name()?.to_string();
     let mut prompt_list: Vec<Prompt> = args
         .prompt
         .iter()
@@ -110,7 +111,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ))
     })?;
 
-    let model_name = args.model.name()?.to_string();
     let mut sd = load_model(&args.model, dtype, &device)?;
     let f = sd.vae_scale();
     let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
