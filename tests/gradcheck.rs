@@ -95,6 +95,23 @@ fn fused_softmax() {
 }
 
 #[test]
+fn attention_recomputing_backward_in_blocks() {
+    // Blocks of 2 query rows (of 7): the backward recomputes each block's probabilities.
+    let (q, k, v) = (
+        randn(65, &[2, 7, 6]),
+        randn(66, &[2, 5, 6]),
+        randn(67, &[2, 5, 6]),
+    );
+    let block = 2 * 2 * 5 * 2;
+    let att = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        nn::attention_blocked(q, k, v, 2, None, false, block).unwrap()
+    };
+    assert_gradient("attention blocks wrt q", |x| att(x, &k, &v), &q);
+    assert_gradient("attention blocks wrt k", |x| att(&q, x, &v), &k);
+    assert_gradient("attention blocks wrt v", |x| att(&q, &k, x), &v);
+}
+
+#[test]
 fn attention_self_and_cross() {
     let attn = CrossAttention::new(8, 12, 2, 4, false, &random_vb(7)).unwrap();
     let ctx = randn(8, &[2, 5, 12]);

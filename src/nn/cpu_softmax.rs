@@ -113,6 +113,12 @@ impl CustomOp2 for Backward {
     }
 }
 
+/// The input gradient of `y = softmax(scale * x)` given `g` = d loss / d y: fused, no graph.
+pub fn softmax_backward(g: &Tensor, y: &Tensor, scale: f64) -> Result<Tensor> {
+    g.contiguous()?
+        .apply_op2_no_bwd(&y.contiguous()?, &Backward { scale })
+}
+
 /// `softmax(scale * xs)` over the last dimension, fused; `None` off the CPU or for other dtypes.
 pub fn softmax_scaled(xs: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) || xs.rank() == 0 {

@@ -5,7 +5,7 @@
 //! gradient alone: for a convolution, a convolution of the gradient with the flipped,
 //! transposed kernel (the fast forward kernels again); for a linear layer, one matmul.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
 /// The input-gradient function of a frozen layer.
@@ -25,38 +25,96 @@ impl CustomOp1 for Attach {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let value = self
-            .value
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen layer lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen layer evaluated twice".into()))?;
-        let value = value.contiguous()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s)
-                if layout.start_offset() == 0 && s_len(s) == layout.shape().elem_count() =>
-            {
-                Ok((s.clone(), layout.shape().clone()))
-            }
-            Storage::Cpu(_) => {
-                drop(storage);
-                let owned = value.copy()?;
-                let (storage, layout) = owned.storage_and_layout();
-                match &*storage {
-                    Storage::Cpu(s) => Ok((s.clone(), layout.shape().clone())),
-                    _ => candle_core::bail!("frozen layer: unexpected storage"),
-                }
-            }
-            _ => candle_core::bail!(
-                "frozen layers run on the CPU only (use the plain path elsewhere)"
-            ),
-        }
+        take_value(&self.value)
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some((self.backward)(grad, res)?))
     }
+}
+
+/// The precomputed value of an attach op as the op's output storage (taken once).
+fn take_value(value: &Mutex<Option<Tensor>>) -> Result<(CpuStorage, Shape)> {
+    let value = value
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("frozen layer lock".into()))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("frozen layer evaluated twice".into()))?;
+    let value = value.contiguous()?;
+    let (storage, layout) = value.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s)
+            if layout.start_offset() == 0 && s_len(s) == layout.shape().elem_count() =>
+        {
+            Ok((s.clone(), layout.shape().clone()))
+        }
+        Storage::Cpu(_) => {
+            drop(storage);
+            let owned = value.copy()?;
+            let (storage, layout) = owned.storage_and_layout();
+            match &*storage {
+                Storage::Cpu(s) => Ok((s.clone(), layout.shape().clone())),
+                _ => candle_core::bail!("frozen layer: unexpected storage"),
+            }
+        }
+        _ => candle_core::bail!("frozen layers run on the CPU only (use the plain path elsewhere)"),
+    }
+}
+
+/// The gradient function of a three-input op: output gradient -> the inputs' gradients.
+type Grad3 = Box<dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync>;
+
+/// [`Attach`] for three inputs (attention's q, k, v).
+struct Attach3 {
+    value: Mutex<Option<Tensor>>,
+    backward: Grad3,
+}
+
+impl CustomOp3 for Attach3 {
+    fn name(&self) -> &'static str {
+        "attach3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        take_value(&self.value)
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b, c) = (self.backward)(grad)?;
+        Ok((Some(a), Some(b), Some(c)))
+    }
+}
+
+/// Attaches `value` (computed from the detached inputs) to the graphs of `a`, `b`, `c`, with
+/// `backward` giving the three input gradients from the output gradient.
+pub fn attach3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    value: Tensor,
+    backward: impl Fn(&Tensor) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    a.apply_op3(
+        b,
+        c,
+        Attach3 {
+            value: Mutex::new(Some(value)),
+            backward: Box::new(backward),
+        },
+    )
 }
 
 fn s_len(s: &CpuStorage) -> usize {

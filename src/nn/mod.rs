@@ -106,6 +106,8 @@ pub fn attention_blocked(
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&blocks, 1)?
+    } else if mask.is_none() && fast_dtype(&q) && fast_dtype(&k) && fast_dtype(&v) {
+        attention_recomputing(&q, &k, &v, scale, block)?
     } else {
         scores_times_v(&q, &k, &v, scale, mask, dtype)?
     };
@@ -113,6 +115,54 @@ pub fn attention_blocked(
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, n, inner))
+}
+
+fn fast_dtype(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
+/// Attention on the gradient path without keeping the attention probabilities: the forward
+/// runs in query blocks without a graph, and the backward recomputes each block's
+/// probabilities (as memory-efficient attention does). For `[bh, n, d]` q and `[bh, m, d]` k, v:
+/// with P = softmax(scale q k^T), dV = P^T dO, dP = dO V^T, dS = scale P (dP - rowsum(dP P)),
+/// dQ = dS K, dK = dS^T Q.
+fn attention_recomputing(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    block: usize,
+) -> Result<Tensor> {
+    let (bh, n, _) = q.dims3()?;
+    let m = k.dim(1)?;
+    let rows = (block / (bh * m).max(1)).clamp(1, n);
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let probs = move |q: &Tensor, k: &Tensor, r: usize| -> Result<Tensor> {
+        let qb = q.narrow(1, r, rows.min(n - r))?;
+        let raw = qb.matmul(&k.t()?)?;
+        Ok(cpu_softmax::softmax_scaled(&raw, scale)?.expect("CPU f32/f64 has the fused softmax"))
+    };
+    let out = (0..n)
+        .step_by(rows)
+        .map(|r| probs(&qd, &kd, r)?.matmul(&vd))
+        .collect::<Result<Vec<_>>>()?;
+    let out = Tensor::cat(&out, 1)?;
+    frozen::attach3((q, k, v), out, move |dout| {
+        let dout = dout.contiguous()?;
+        let (mut dk, mut dv) = (kd.zeros_like()?, vd.zeros_like()?);
+        let mut dq = Vec::new();
+        for r in (0..n).step_by(rows) {
+            let len = rows.min(n - r);
+            let p = probs(&qd, &kd, r)?;
+            let dob = dout.narrow(1, r, len)?;
+            dv = (dv + p.t()?.matmul(&dob)?)?;
+            let dp = dob.matmul(&vd.t()?)?;
+            let ds = cpu_softmax::softmax_backward(&dp, &p, scale)?;
+            dq.push(ds.matmul(&kd)?);
+            dk = (dk + ds.t()?.matmul(&qd.narrow(1, r, len)?)?)?;
+        }
+        Ok((Tensor::cat(&dq, 1)?, dk, dv))
+    })
 }
 
 /// Elements of one block of attention scores on the no-graph path (64 MB in f32).
