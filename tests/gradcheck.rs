@@ -94,6 +94,44 @@ fn fused_softmax() {
     );
 }
 
+/// Trainable weights (issue 8 trains models): the gradient with respect to the weights
+/// themselves, which the frozen fast paths must not drop.
+#[test]
+fn weight_gradients_of_trainable_layers() {
+    let x = randn(68, &[2, 3, 4]);
+    let (w, b) = (randn(69, &[5, 4]), randn(70, &[5]));
+    assert_gradient(
+        "linear wrt its weight",
+        |w| {
+            nn::Linear::from_tensors(w.clone(), Some(b.clone()))
+                .forward(&x)
+                .unwrap()
+        },
+        &w,
+    );
+    let (gamma, beta) = (randn(71, &[4]), randn(72, &[4]));
+    assert_gradient(
+        "layer norm wrt its weight",
+        |g| {
+            LayerNorm::from_tensors(g.clone(), beta.clone(), 1e-5)
+                .forward(&x)
+                .unwrap()
+        },
+        &gamma,
+    );
+    // With the input on the graph too (the frozen path's trigger).
+    let xv = candle_core::Var::from_tensor(&x).unwrap();
+    assert_gradient(
+        "layer norm wrt its bias, input on the graph",
+        |b| {
+            LayerNorm::from_tensors(gamma.clone(), b.clone(), 1e-5)
+                .forward(xv.as_tensor())
+                .unwrap()
+        },
+        &beta,
+    );
+}
+
 #[test]
 fn attention_recomputing_backward_in_blocks() {
     // Blocks of 2 query rows (of 7): the backward recomputes each block's probabilities.

@@ -43,7 +43,9 @@ fn upcast(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// `x * w + b` with frozen `w`, `b` (broadcast): on the gradient path the backward is
 /// `g * w` alone, without the weight and bias gradients candle would compute.
 fn affine(x: &Tensor, w: &Tensor, b: &Tensor, w_for_grad: &Tensor) -> candle_core::Result<Tensor> {
-    if super::frozen::wants_frozen_path(x) {
+    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+    // Trainable weights (a `Var`) take the plain ops, so their gradients are computed too.
+    if super::frozen::wants_frozen_path(x) && !tracked(w) && !tracked(b) {
         let value = x.detach().broadcast_mul(w)?.broadcast_add(b)?;
         let w = w_for_grad.clone();
         return super::frozen::attach(x, value, move |g, _| g.broadcast_mul(&w));
