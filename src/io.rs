@@ -1,4 +1,5 @@
-//! File helpers: atomic writes, so an interrupted run never leaves a half-written file.
+//! File helpers: atomic writes, so an interrupted run never leaves a half-written file, and
+//! 8-bit RGB PNG reading and writing.
 
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -37,5 +38,62 @@ pub fn write_atomic_with(
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::file(path, format!("cannot write: {e}"))
+    })
+}
+
+/// An 8-bit RGB image.
+pub struct Rgb {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Reads a PNG as 8-bit RGB (grey expanded, alpha dropped).
+pub fn read_png(path: &Path) -> Result<Rgb> {
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = dec
+        .read_info()
+        .map_err(|e| Error::file(path, format!("not a PNG image: {e}")))?;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| Error::file(path, format!("corrupt PNG: {e}")))?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let ch = info.color_type.samples();
+    let mut data = Vec::with_capacity(3 * w * h);
+    for p in 0..w * h {
+        for c in 0..3 {
+            data.push(buf[p * ch + if ch >= 3 { c } else { 0 }]);
+        }
+    }
+    Ok(Rgb {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+/// Writes 8-bit RGB as a PNG, atomically, with an optional `parameters` text chunk (the
+/// generation settings, as other SD front ends write them).
+pub fn write_png(img: &Rgb, path: &Path, parameters: Option<&str>) -> Result<()> {
+    write_atomic_with(path, |f| {
+        let mut enc = png::Encoder::new(
+            std::io::BufWriter::new(f),
+            img.width as u32,
+            img.height as u32,
+        );
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        if let Some(text) = parameters {
+            enc.add_text_chunk("parameters".into(), text.into())
+                .map_err(std::io::Error::other)?;
+        }
+        let mut w = enc.write_header().map_err(std::io::Error::other)?;
+        w.write_image_data(&img.data)
+            .map_err(std::io::Error::other)?;
+        w.finish().map_err(std::io::Error::other)
     })
 }

@@ -154,7 +154,7 @@ fn eval_reports_shards_merge_and_resume() {
     assert!(md.contains("Artifacts") && md.contains("handcrafted") && md.contains("win rate"));
     assert!(full.join("chart.png").is_file());
     assert_eq!(r.grids, vec!["grids/grid_00.png".to_string()]);
-    let grid = reneg::eval::grid::read_png(&full.join("grids/grid_00.png")).unwrap();
+    let grid = reneg::io::read_png(&full.join("grids/grid_00.png")).unwrap();
     assert_eq!((grid.width, grid.height), (4 + 2 * 36, 4 + 3 * 36));
 
     // Two shards, merged, give the unsharded report and records.

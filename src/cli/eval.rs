@@ -2,11 +2,13 @@
 //! scores each image with each reward, and writes the comparison report; `reneg eval merge`
 //! combines shard folders into the report an unsharded run gives.
 
-use super::{check_dtype, device, lib, load_model, user, Dtype, ModelArgs};
+use super::{
+    check_dtype, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
+    load_rewards, user, Dtype, ModelArgs,
+};
 use anyhow::Result;
 use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use reneg::embedding::NegativeEmbedding;
 use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
 use reneg::prompts::{self, Prompt};
 use reneg::reward::load::RewardKind;
@@ -145,43 +147,14 @@ fn evaluate(args: EvalArgs) -> Result<()> {
     if args.seeds == 0 {
         return Err(user("--seeds must be at least 1"));
     }
-    if args.reward.len() != args.reward_model.len() {
-        return Err(user("give one --reward-model per --reward"));
-    }
     let device = device(&args.device)?;
     let dtype: DType = args.dtype.into();
     check_dtype(dtype, &device)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| {
-        user(format!(
-            "{}: cannot create output folder: {e}",
-            args.out.display()
-        ))
-    })?;
+    create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
-    let f = sd.vae_scale();
-    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
-    let (h, w) = (
-        args.height.unwrap_or(default_px),
-        args.width.unwrap_or(default_px),
-    );
-    let factor = f << sd.unet.config().downsamplings();
-    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
-        return Err(user(format!(
-            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
-        )));
-    }
-    let rewards = args
-        .reward
-        .iter()
-        .zip(&args.reward_model)
-        .map(|(k, m)| {
-            Ok((
-                reneg::reward::load::load(*k, m, dtype, &device).map_err(lib)?,
-                1.0,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let (h, w) = image_size(&sd, args.height, args.width)?;
+    let rewards = load_rewards(&args.reward, &args.reward_model, dtype, &device)?;
     let reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
     if reward_names.iter().collect::<BTreeSet<_>>().len() != reward_names.len() {
         return Err(user(
@@ -192,15 +165,11 @@ fn evaluate(args: EvalArgs) -> Result<()> {
     let negatives = specs
         .iter()
         .map(|spec| {
-            let embedding = match (spec.text(), spec) {
-                (Some(text), _) => sd.encode_prompt(text).map_err(lib)?,
-                (None, NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p)) => {
-                    let e = NegativeEmbedding::load(p).map_err(lib)?;
-                    e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), p)
-                        .map_err(lib)?;
-                    e.tensor.to_dtype(dtype)?.to_device(&device)?
+            let embedding = match spec {
+                NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
+                    load_embedding_for(&sd, p)?
                 }
-                (None, _) => unreachable!("text negatives have a text"),
+                text => sd.encode_prompt(text.text().unwrap_or("")).map_err(lib)?,
             };
             Ok(Negative {
                 embedding,
@@ -422,8 +391,7 @@ fn merge(args: MergeArgs) -> Result<()> {
         }
     }
     let manifest = manifest.expect("clap requires at least one folder");
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| user(format!("{}: cannot create: {e}", args.out.display())))?;
+    create_out_dir(&args.out)?;
     manifest.save(&args.out).map_err(lib)?;
     let merged: Vec<Record> = eval::dedup(records).into_values().collect();
     let mut text = String::new();

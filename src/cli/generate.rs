@@ -2,7 +2,10 @@
 //! Writes one PNG per image (generation parameters in a `parameters` text chunk, as other SD
 //! front ends do) and one JSON line per image in `images.jsonl`.
 
-use super::{check_dtype, device, lib, load_model, user, Dtype, ModelArgs};
+use super::{
+    check_dtype, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
+    load_rewards, user, Dtype, ModelArgs,
+};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -104,36 +107,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = device(&args.device)?;
     let dtype: DType = args.dtype.into();
     check_dtype(dtype, &device)?;
-    std::fs::create_dir_all(&args.out).map_err(|e| {
-        user(format!(
-            "{}: cannot create output folder: {e}",
-            args.out.display()
-        ))
-    })?;
+    create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
+    let (h, w) = image_size(&sd, args.height, args.width)?;
     let f = sd.vae_scale();
-    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
-    let (h, w) = (
-        args.height.unwrap_or(default_px),
-        args.width.unwrap_or(default_px),
-    );
-    let factor = f << sd.unet.config().downsamplings();
-    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
-        return Err(user(format!(
-            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
-        )));
-    }
     let latent_shape = [sd.latent_channels(), h / f, w / f];
 
     let (uncond, negative_label) = match (&args.negative_embedding, &args.negative_prompt) {
-        (Some(path), _) => {
-            let emb = NegativeEmbedding::load(path).map_err(lib)?;
-            emb.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), path)
-                .map_err(lib)?;
-            let t = emb.tensor.to_dtype(dtype)?.to_device(&device)?;
-            (t, format!("embedding:{}", path.display()))
-        }
+        (Some(path), _) => (
+            load_embedding_for(&sd, path)?,
+            format!("embedding:{}", path.display()),
+        ),
         (None, text) => {
             let text = text.clone().unwrap_or_default();
             (sd.encode_prompt(&text).map_err(lib)?, text)
@@ -147,24 +132,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let objective = if args.reward.is_empty() {
         None
     } else {
-        if args.reward.len() != args.reward_model.len() {
-            return Err(user("give one --reward-model per --reward"));
-        }
         if args.init_latents.is_some() || args.batch_size != 1 {
             return Err(user("per-sample adaptation (--reward) works per image: drop --init-latents and --batch-size"));
         }
-        let rewards = args
-            .reward
-            .iter()
-            .zip(&args.reward_model)
-            .map(|(k, m)| {
-                Ok((
-                    reneg::reward::load::load(*k, m, dtype, &device).map_err(lib)?,
-                    1.0,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Some(Objective::new(rewards))
+        Some(Objective::new(load_rewards(
+            &args.reward,
+            &args.reward_model,
+            dtype,
+            &device,
+        )?))
     };
     let adapt_cfg = AdaptConfig {
         steps: args.adapt_steps,
@@ -346,19 +322,12 @@ pub fn save_png(image: &Tensor, path: &Path, parameters: &str) -> Result<()> {
         .round()?
         .permute((1, 2, 0))?
         .to_dtype(DType::U8)?;
-    let (h, w, _) = img.dims3()?;
+    let (height, width, _) = img.dims3()?;
     let data = img.flatten_all()?.to_vec1::<u8>()?;
-    reneg::io::write_atomic_with(path, |f| {
-        let mut enc = png::Encoder::new(std::io::BufWriter::new(f), w as u32, h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        enc.add_text_chunk("parameters".into(), parameters.into())
-            .map_err(std::io::Error::other)?;
-        let mut writer = enc.write_header().map_err(std::io::Error::other)?;
-        writer
-            .write_image_data(&data)
-            .map_err(std::io::Error::other)?;
-        writer.finish().map_err(std::io::Error::other)
-    })
-    .map_err(lib)
+    let rgb = reneg::io::Rgb {
+        width,
+        height,
+        data,
+    };
+    reneg::io::write_png(&rgb, path, Some(parameters)).map_err(lib)
 }

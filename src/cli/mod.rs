@@ -130,3 +130,65 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
     };
     reneg::source::load(m.name()?, &options, dtype, device).map_err(lib)
 }
+
+/// Creates the output folder (a user error naming it when that fails).
+pub fn create_out_dir(out: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| {
+        user(format!(
+            "{}: cannot create output folder: {e}",
+            out.display()
+        ))
+    })
+}
+
+/// `--height` / `--width` (default: the UNet's sample size times the VAE factor), checked to
+/// be positive multiples of what the model's down-sampling needs.
+pub fn image_size(
+    sd: &StableDiffusion,
+    height: Option<usize>,
+    width: Option<usize>,
+) -> Result<(usize, usize)> {
+    let f = sd.vae_scale();
+    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let (h, w) = (height.unwrap_or(default_px), width.unwrap_or(default_px));
+    let factor = f << sd.unet.config().downsamplings();
+    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+        return Err(user(format!(
+            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
+        )));
+    }
+    Ok((h, w))
+}
+
+/// `--reward KIND --reward-model PATH` pairs, loaded, each with weight 1.
+pub fn load_rewards(
+    kinds: &[reneg::reward::load::RewardKind],
+    models: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<Vec<(Box<dyn reneg::reward::Reward>, f64)>> {
+    if kinds.len() != models.len() {
+        return Err(user("give one --reward-model per --reward"));
+    }
+    kinds
+        .iter()
+        .zip(models)
+        .map(|(k, m)| {
+            Ok((
+                reneg::reward::load::load(*k, m, dtype, device).map_err(lib)?,
+                1.0,
+            ))
+        })
+        .collect()
+}
+
+/// A negative-embedding file checked against `sd`'s text encoder, in `sd`'s dtype and device.
+pub fn load_embedding_for(
+    sd: &StableDiffusion,
+    path: &std::path::Path,
+) -> Result<candle_core::Tensor> {
+    let e = reneg::embedding::NegativeEmbedding::load(path).map_err(lib)?;
+    e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), path)
+        .map_err(lib)?;
+    Ok(e.tensor.to_dtype(sd.dtype())?.to_device(sd.device())?)
+}

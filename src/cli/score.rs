@@ -28,25 +28,11 @@ pub struct ScoreArgs {
 
 /// A PNG as `[1, 3, h, w]` in [0, 1] (grey and alpha dropped to RGB).
 pub fn read_png(path: &Path) -> Result<Tensor> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| user(format!("{}: cannot open: {e}", path.display())))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
-    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| user(format!("{}: not a PNG image: {e}", path.display())))?;
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| user(format!("{}: corrupt PNG: {e}", path.display())))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let channels = info.color_type.samples();
+    let img = reneg::io::read_png(path).map_err(lib)?;
+    let (w, h) = (img.width, img.height);
     let mut rgb = Vec::with_capacity(3 * w * h);
     for c in 0..3 {
-        for p in 0..w * h {
-            let src = if channels >= 3 { c } else { 0 };
-            rgb.push(buf[p * channels + src] as f32 / 255.0);
-        }
+        rgb.extend((0..w * h).map(|p| img.data[3 * p + c] as f32 / 255.0));
     }
     Ok(Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu)?)
 }

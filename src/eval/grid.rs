@@ -5,6 +5,7 @@
 use super::report::Report;
 use super::Manifest;
 use crate::error::{Error, Result};
+use crate::io::{read_png, write_png, Rgb};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -23,58 +24,6 @@ pub const COLOUR_NAMES: [&str; 6] = ["grey", "orange", "blue", "green", "purple"
 const ROWS_PER_GRID: usize = 8;
 const MAX_GRID_PROMPTS: usize = 48;
 const GAP: usize = 4;
-
-/// An 8-bit RGB image.
-pub struct Rgb {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
-}
-
-/// Reads a PNG as 8-bit RGB (grey expanded, alpha dropped).
-pub fn read_png(path: &Path) -> Result<Rgb> {
-    let file =
-        std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
-    let mut dec = png::Decoder::new(std::io::BufReader::new(file));
-    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
-    let mut reader = dec
-        .read_info()
-        .map_err(|e| Error::file(path, format!("not a PNG image: {e}")))?;
-    let mut buf = vec![0; reader.output_buffer_size().unwrap_or(0)];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| Error::file(path, format!("corrupt PNG: {e}")))?;
-    let (w, h) = (info.width as usize, info.height as usize);
-    let ch = info.color_type.samples();
-    let mut data = Vec::with_capacity(3 * w * h);
-    for p in 0..w * h {
-        for c in 0..3 {
-            data.push(buf[p * ch + if ch >= 3 { c } else { 0 }]);
-        }
-    }
-    Ok(Rgb {
-        width: w,
-        height: h,
-        data,
-    })
-}
-
-/// Writes 8-bit RGB as a PNG, atomically.
-pub fn write_png(img: &Rgb, path: &Path) -> Result<()> {
-    crate::io::write_atomic_with(path, |f| {
-        let mut enc = png::Encoder::new(
-            std::io::BufWriter::new(f),
-            img.width as u32,
-            img.height as u32,
-        );
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(std::io::Error::other)?;
-        w.write_image_data(&img.data)
-            .map_err(std::io::Error::other)?;
-        w.finish().map_err(std::io::Error::other)
-    })
-}
 
 /// Grids of the first seed's images under `dir/grids/`; returns their paths relative to `dir`.
 /// A missing image (an unfinished unit) is a grey cell.
@@ -109,7 +58,7 @@ pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
             }
         }
         let rel = format!("grids/grid_{g:02}.png");
-        write_png(&img, &dir.join(&rel))?;
+        write_png(&img, &dir.join(&rel), None)?;
         out.push(rel);
     }
     Ok(out)
