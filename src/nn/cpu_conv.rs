@@ -8,6 +8,7 @@
 //! ([`supported`]). The ops carry no backward: they run on inputs without a graph, and
 //! `nn::conv` attaches the input gradient through `nn::frozen`.
 
+use super::cpu_kernel::{apply1, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -62,10 +63,6 @@ pub fn supported(x: &Tensor, kernel: &Tensor) -> bool {
         && kernel.dtype() == x.dtype()
         && kernel.dim(2).ok() == kernel.dim(3).ok()
 }
-
-trait Float: candle_core::WithDType {}
-impl Float for f32 {}
-impl Float for f64 {}
 
 fn threads() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
@@ -325,8 +322,8 @@ struct Forward {
     g: Geom,
 }
 
-impl Forward {
-    fn run<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+impl Kernel1 for Forward {
+    fn run<T: Float>(&self, x: &[T], _: &Layout) -> Result<Vec<T>> {
         with_slice(&self.kernel, |k: &[T]| match &self.bias {
             Some(b) => with_slice(b, |b: &[T]| Ok(forward_impl(x, k, Some(b), &self.g))),
             None => Ok(forward_impl(x, k, None, &self.g)),
@@ -340,16 +337,8 @@ impl CustomOp1 for Forward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cpu_conv: input not contiguous".into()))?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
-            _ => candle_core::bail!("cpu_conv: f32 or f64 only"),
-        };
         let g = &self.g;
-        Ok((out, Shape::from((g.b, g.c_out, g.oh(), g.ow()))))
+        apply1(self, s, l, Shape::from((g.b, g.c_out, g.oh(), g.ow())))
     }
 }
 
@@ -358,26 +347,20 @@ struct InputGrad {
     g: Geom,
 }
 
+impl Kernel1 for InputGrad {
+    fn run<T: Float>(&self, dy: &[T], _: &Layout) -> Result<Vec<T>> {
+        with_slice(&self.kernel, |k| Ok(input_grad_impl(dy, k, &self.g)))
+    }
+}
+
 impl CustomOp1 for InputGrad {
     fn name(&self) -> &'static str {
         "cpu-conv2d-input-grad"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cpu_conv: gradient not contiguous".into()))?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(with_slice(&self.kernel, |k| {
-                Ok(input_grad_impl(&v[a..b], k, &self.g))
-            })?),
-            CpuStorage::F64(v) => CpuStorage::F64(with_slice(&self.kernel, |k| {
-                Ok(input_grad_impl(&v[a..b], k, &self.g))
-            })?),
-            _ => candle_core::bail!("cpu_conv: f32 or f64 only"),
-        };
         let g = &self.g;
-        Ok((out, Shape::from((g.b, g.c_in, g.h, g.w))))
+        apply1(self, s, l, Shape::from((g.b, g.c_in, g.h, g.w)))
     }
 }
 

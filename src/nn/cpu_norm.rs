@@ -7,15 +7,10 @@
 //! f32 and f64 on the CPU with frozen weights only; [`group_norm`] returns `None` otherwise and
 //! the caller uses the composed ops.
 
+use super::cpu_kernel::{apply1, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
-
-/// Elementwise math runs in the tensor's own precision (f32 `exp` is several times faster);
-/// sums are accumulated in f64.
-trait Float: candle_core::WithDType + num_traits::Float {}
-impl Float for f32 {}
-impl Float for f64 {}
 
 /// Per-group mean and 1/sigma, `[b * groups]` each.
 type Stats = Arc<Vec<(f64, f64)>>;
@@ -153,8 +148,8 @@ struct Forward {
     stats: Mutex<Option<Vec<(f64, f64)>>>,
 }
 
-impl Forward {
-    fn run<T: Float>(&self, x: &[T]) -> Result<Vec<T>> {
+impl Kernel1 for Forward {
+    fn run<T: Float>(&self, x: &[T], _: &Layout) -> Result<Vec<T>> {
         let (y, stats) = forward_impl(
             x,
             &slice::<T>(&self.weight)?,
@@ -172,15 +167,7 @@ impl CustomOp1 for Forward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cpu_norm: input not contiguous".into()))?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
-            _ => candle_core::bail!("cpu_norm: f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
+        apply1(self, s, l, l.shape().clone())
     }
 }
 
@@ -192,8 +179,8 @@ struct Backward {
     g: Geom,
 }
 
-impl Backward {
-    fn run<T: Float>(&self, dy: &[T]) -> Result<Vec<T>> {
+impl Kernel1 for Backward {
+    fn run<T: Float>(&self, dy: &[T], _: &Layout) -> Result<Vec<T>> {
         let x = slice::<T>(&self.x)?;
         Ok(backward_impl(
             dy,
@@ -212,15 +199,7 @@ impl CustomOp1 for Backward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (a, b) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("cpu_norm: gradient not contiguous".into()))?;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b])?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[a..b])?),
-            _ => candle_core::bail!("cpu_norm: f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
+        apply1(self, s, l, l.shape().clone())
     }
 }
 

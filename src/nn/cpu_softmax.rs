@@ -5,19 +5,9 @@
 //!
 //! f32 and f64 on the CPU; [`softmax_scaled`] returns `None` otherwise.
 
+use super::cpu_kernel::{apply1, contiguous, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-trait Float: candle_core::WithDType + num_traits::Float {}
-impl Float for f32 {}
-impl Float for f64 {}
-
-fn contiguous<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("cpu_softmax: input not contiguous".into()))?;
-    Ok(&v[a..b])
-}
 
 fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
@@ -59,21 +49,20 @@ struct Forward {
     scale: f64,
 }
 
+impl Kernel1 for Forward {
+    fn run<T: Float>(&self, x: &[T], l: &Layout) -> Result<Vec<T>> {
+        let n = *l.dims().last().unwrap_or(&1);
+        Ok(forward_impl(x, n, T::from_f64(self.scale)))
+    }
+}
+
 impl CustomOp1 for Forward {
     fn name(&self) -> &'static str {
         "cpu-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let n = *l.dims().last().unwrap_or(&1);
-        let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(forward_impl(contiguous(v, l)?, n, self.scale as f32))
-            }
-            CpuStorage::F64(v) => CpuStorage::F64(forward_impl(contiguous(v, l)?, n, self.scale)),
-            _ => candle_core::bail!("cpu_softmax: f32 or f64 only"),
-        };
-        Ok((out, l.shape().clone()))
+        apply1(self, s, l, l.shape().clone())
     }
 }
 

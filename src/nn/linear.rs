@@ -15,7 +15,10 @@ pub struct Linear {
 }
 
 fn transposed(weight: &Tensor) -> Tensor {
-    let view = weight.t().expect("a linear weight is 2-D");
+    // A weight that is not 2-D is kept as it is: `forward` then fails with candle's shape error.
+    let Ok(view) = weight.t() else {
+        return weight.clone();
+    };
     if weight.is_variable() || weight.track_op() {
         return view;
     }
@@ -43,14 +46,16 @@ impl Linear {
     }
 
     pub fn in_dim(&self) -> usize {
-        self.weight_t.dims()[0]
+        self.weight_t.dims().first().copied().unwrap_or(0)
     }
 
     /// # Shapes
     /// `[..., in]` -> `[..., out]`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has at least one dim");
+        let Some(&in_dim) = dims.last() else {
+            candle_core::bail!("linear: a scalar input has no features")
+        };
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
         let frozen = !(self.weight_t.is_variable() || self.weight_t.track_op());

@@ -7,6 +7,7 @@
 pub mod activation;
 pub mod conv;
 pub mod cpu_conv;
+mod cpu_kernel;
 pub mod cpu_norm;
 pub mod cpu_softmax;
 pub mod frozen;
@@ -60,7 +61,7 @@ pub fn attention(
     attention_blocked(q, k, v, heads, mask, upcast, SCORES_BLOCK)
 }
 
-/// [`attention`] with at most `block` score elements at a time on the no-graph path (tests
+/// [`attention`] with at most `block` score elements at a time where the mask allows it (tests
 /// exercise the blocking with small values).
 #[doc(hidden)]
 pub fn attention_blocked(
@@ -94,20 +95,13 @@ pub fn attention_blocked(
     };
     let scale = 1.0 / (d as f64).sqrt();
     let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+    // The queries go in row blocks so the scores never exceed `block` elements (at 64x64
+    // latents the full matrix is 2 x 8 x 4096 x 4096).
+    let rows = (block / (b * heads * m).max(1)).clamp(1, n);
     let out = if mask.is_none() && !tracked(&q) && !tracked(&k) && !tracked(&v) {
-        // Without a graph, the queries go in row blocks so the scores never exceed
-        // SCORES_BLOCK elements (at 64x64 latents the full matrix is 2 x 8 x 4096 x 4096).
-        let rows = (block / (b * heads * m).max(1)).clamp(1, n);
-        let blocks = (0..n)
-            .step_by(rows)
-            .map(|r| {
-                let qb = q.narrow(1, r, rows.min(n - r))?;
-                scores_times_v(&qb, &k, &v, scale, None, dtype)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&blocks, 1)?
+        in_query_blocks(&q, &k, &v, scale, rows, dtype)?
     } else if mask.is_none() && fast_dtype(&q) && fast_dtype(&k) && fast_dtype(&v) {
-        attention_recomputing(&q, &k, &v, scale, block)?
+        attention_recomputing(&q, &k, &v, scale, rows)?
     } else {
         scores_times_v(&q, &k, &v, scale, mask, dtype)?
     };
@@ -131,22 +125,17 @@ fn attention_recomputing(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    block: usize,
+    rows: usize,
 ) -> Result<Tensor> {
-    let (bh, n, _) = q.dims3()?;
-    let m = k.dim(1)?;
-    let rows = (block / (bh * m).max(1)).clamp(1, n);
+    let n = q.dim(1)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let out = in_query_blocks(&qd, &kd, &vd, scale, rows, q.dtype())?;
     let probs = move |q: &Tensor, k: &Tensor, r: usize| -> Result<Tensor> {
-        let qb = q.narrow(1, r, rows.min(n - r))?;
-        let raw = qb.matmul(&k.t()?)?;
-        Ok(cpu_softmax::softmax_scaled(&raw, scale)?.expect("CPU f32/f64 has the fused softmax"))
+        let raw = q.narrow(1, r, rows.min(n - r))?.matmul(&k.t()?)?;
+        cpu_softmax::softmax_scaled(&raw, scale)?.ok_or_else(|| {
+            candle_core::Error::Msg("recomputing attention runs on CPU f32/f64 only".into())
+        })
     };
-    let out = (0..n)
-        .step_by(rows)
-        .map(|r| probs(&qd, &kd, r)?.matmul(&vd))
-        .collect::<Result<Vec<_>>>()?;
-    let out = Tensor::cat(&out, 1)?;
     frozen::attach3((q, k, v), out, move |dout| {
         let dout = dout.contiguous()?;
         let (mut dk, mut dv) = (kd.zeros_like()?, vd.zeros_like()?);
@@ -165,8 +154,25 @@ fn attention_recomputing(
     })
 }
 
-/// Elements of one block of attention scores on the no-graph path (64 MB in f32).
+/// Elements of one block of attention scores (64 MB in f32).
 const SCORES_BLOCK: usize = 16 << 20;
+
+/// [`scores_times_v`] without a mask, `rows` queries at a time.
+fn in_query_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    let n = q.dim(1)?;
+    let blocks = (0..n)
+        .step_by(rows)
+        .map(|r| scores_times_v(&q.narrow(1, r, rows.min(n - r))?, k, v, scale, None, dtype))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&blocks, 1)
+}
 
 /// softmax(q k^T scale + mask) v for `[bh, n, d]` queries.
 fn scores_times_v(
