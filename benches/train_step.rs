@@ -5,6 +5,15 @@
 //! and the gradient step of `train::step::gradient_at`: the staged backward through decode
 //! and a linear reward, then the negative branch of the UNet). Prints one JSON line; peak RSS is the process's VmHWM,
 //! so run one case per process (tools/bench.sh does, beside tools/bench_reference.py).
+//!
+//! A `full` case takes a batch size as `fullNxB` (`full64x4`: 512 px, 4 images; `fullN` is batch 1):
+//! the sampling evaluation is then the UNet on 2B latents and the gradient step is for B prompts.
+//! `RENEG_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the case on the first CUDA
+//! device and `RENEG_BENCH_DTYPE=f32|bf16|f16` sets the model dtype (f32 by default). On a GPU
+//! each timing synchronizes the device, the repetitions are `RENEG_BENCH_REPS` (default 5 for a
+//! sampling evaluation, 3 for a gradient step), and `peak_gpu_mb` is the largest device-wide
+//! memory in use (total - free, sampled every 2 ms by a second thread, CUDA context included),
+//! `base_gpu_mb` the same before the weights were made.
 
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -18,6 +27,8 @@ use reneg::weights::{Vb, Weights};
 use reneg::StableDiffusion;
 use serde_json::json;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 fn peak_rss_mb() -> f64 {
@@ -30,13 +41,16 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Median of `reps` timings of `f` after one warm-up.
-fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
+/// Median of `reps` timings of `f` after one warm-up; the device is synchronized before each
+/// clock reading (a no-op on the CPU).
+fn time<F: FnMut()>(dev: &Device, reps: usize, mut f: F) -> f64 {
     f();
+    dev.synchronize().unwrap();
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
             let c = Instant::now();
             f();
+            dev.synchronize().unwrap();
             c.elapsed().as_secs_f64()
         })
         .collect();
@@ -44,17 +58,116 @@ fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     t[t.len() / 2]
 }
 
+/// The device of `RENEG_BENCH_DEVICE` (`cpu`, the default, or `cuda` / `cuda:N`).
+fn bench_device() -> Device {
+    match std::env::var("RENEG_BENCH_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(d) if d.starts_with("cuda") => {
+            let ordinal = d
+                .strip_prefix("cuda:")
+                .map(|n| n.parse().expect("RENEG_BENCH_DEVICE=cuda:N"))
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).unwrap_or_else(|e| {
+                panic!("RENEG_BENCH_DEVICE={d}: {e} (build with --features cuda)")
+            })
+        }
+        Ok(d) => panic!("RENEG_BENCH_DEVICE={d}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// The model dtype of `RENEG_BENCH_DTYPE` (`f32`, the default, `bf16` or `f16`).
+fn bench_dtype() -> DType {
+    match std::env::var("RENEG_BENCH_DTYPE").as_deref() {
+        Err(_) | Ok("") | Ok("f32") => DType::F32,
+        Ok("bf16") => DType::BF16,
+        Ok("f16") => DType::F16,
+        Ok(d) => panic!("RENEG_BENCH_DTYPE={d}: expected f32, bf16 or f16"),
+    }
+}
+
+fn reps(default: usize) -> usize {
+    std::env::var("RENEG_BENCH_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Device-wide GPU memory in use (bytes), sampled by a second thread: `peak()` is the largest
+/// reading since the last `reset()`. Does nothing on the CPU.
+struct GpuMemory {
+    peak: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    base: usize,
+}
+
+impl GpuMemory {
+    #[cfg(feature = "cuda")]
+    fn start(dev: &Device) -> Self {
+        let peak = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut base = 0;
+        if let Device::Cuda(d) = dev {
+            let ctx = d.cuda_stream().context().clone();
+            let used = move || {
+                ctx.mem_get_info()
+                    .map(|(free, total)| total - free)
+                    .unwrap_or(0)
+            };
+            base = used();
+            let (p, s) = (peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    p.fetch_max(used(), Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            });
+        }
+        Self { peak, stop, base }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn start(_: &Device) -> Self {
+        Self {
+            peak: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(AtomicBool::new(true)),
+            base: 0,
+        }
+    }
+
+    fn mb(bytes: usize) -> f64 {
+        bytes as f64 / (1024.0 * 1024.0)
+    }
+
+    /// The peak in MiB since the last reset (after a pause long enough for a sample).
+    fn peak_mb(&self) -> f64 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        Self::mb(self.peak.load(Ordering::Relaxed))
+    }
+
+    fn reset(&self) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        self.peak.store(0, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+impl Drop for GpuMemory {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 fn tiny() {
-    let dev = Device::Cpu;
+    let (dev, dtype) = (bench_device(), bench_dtype());
     let mut sd = StableDiffusion::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
-        DType::F32,
+        dtype,
         &dev,
     )
     .unwrap();
     let reward = reneg::reward::load::load_aesthetic(
         Path::new("tests/fixtures/parity/reward-aesthetic/reward"),
-        DType::F32,
+        dtype,
         &dev,
     )
     .unwrap();
@@ -67,12 +180,13 @@ fn tiny() {
         width: 32,
     };
     let prompts = ["a red cube on a table".to_string()];
-    let secs = time(5, || {
+    let secs = time(&dev, 5, || {
         reneg_gradient(&mut sd, &objective, &emb, &prompts, &[1], 9, &s).unwrap();
     });
     println!(
         "{}",
-        json!({"impl": "reneg", "case": "tiny", "step_s": secs, "peak_rss_mb": peak_rss_mb()})
+        json!({"impl": "reneg", "case": "tiny", "step_s": secs, "peak_rss_mb": peak_rss_mb(),
+               "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")})
     );
 }
 
@@ -85,10 +199,12 @@ const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_p
   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
   "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
 
-fn full(latent: usize) {
-    let dev = Device::Cpu;
+fn full(latent: usize, batch: usize) {
+    let (dev, dtype) = (bench_device(), bench_dtype());
+    let gpu = dev.is_cuda();
+    let mem = GpuMemory::start(&dev);
     let p = Path::new("<bench config>");
-    let vb = |seed| Vb::new(Weights::random(seed, DType::F32, &dev));
+    let vb = |seed| Vb::new(Weights::random(seed, dtype, &dev));
     let unet = UNet2DConditionModel::new(
         UNetConfig::from_value(serde_json::from_str(SD15_UNET).unwrap(), p).unwrap(),
         &vb(1),
@@ -120,40 +236,70 @@ fn full(latent: usize) {
         vae,
         sched,
         p,
-        DType::F32,
+        dtype,
         &dev,
     )
     .unwrap();
-    let cond = reneg::rng::randn(10, &[1, 77, 768], DType::F32, &dev).unwrap();
-    let neg = reneg::rng::randn(11, &[1, 77, 768], DType::F32, &dev).unwrap();
-    let x = reneg::rng::randn(12, &[1, 4, latent, latent], DType::F32, &dev).unwrap();
-    let w = reneg::rng::randn(13, &[1, 3, latent * 8, latent * 8], DType::F32, &dev).unwrap();
-    let sample_s = time(2, || {
-        sd.guided_eps(&x, 501, &cond, &neg, 7.5).unwrap();
+    let b = batch;
+    let cond = reneg::rng::randn(10, &[b, 77, 768], dtype, &dev).unwrap();
+    let neg = reneg::rng::randn(11, &[1, 77, 768], dtype, &dev).unwrap();
+    let negs = neg
+        .broadcast_as((b, 77, 768))
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let x = reneg::rng::randn(12, &[b, 4, latent, latent], dtype, &dev).unwrap();
+    let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], dtype, &dev).unwrap();
+    dev.synchronize().unwrap();
+    let weights_gpu_mb = mem.peak_mb();
+    mem.reset();
+    let sample_s = time(&dev, reps(if gpu { 5 } else { 2 }), || {
+        sd.guided_eps(&x, 501, &cond, &negs, 7.5).unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
+    let gpu_sampling_mb = mem.peak_mb();
+    mem.reset();
     let objective = Objective {
         rewards: vec![(Box::new(LinearReward(w)), 1.0)],
         pixels: Pixels::Raw,
     };
-    let grad_s = time(1, || {
-        gradient_at(&sd, &objective, &neg, &[String::new()], &cond, &x, 201, 7.5).unwrap();
+    let prompts = vec![String::new(); b];
+    let grad_s = time(&dev, reps(if gpu { 3 } else { 1 }), || {
+        gradient_at(&sd, &objective, &neg, &prompts, &cond, &x, 201, 7.5).unwrap();
     });
+    let gpu_grad_mb = mem.peak_mb();
     if std::env::var_os("RENEG_BENCH_PHASES").is_some() {
-        phases(&sd, &x, &neg, &objective);
+        phases(&sd, &x, &negs, &objective);
     }
-    println!(
-        "{}",
-        json!({"impl": "reneg", "case": format!("full{latent}"), "sample_eval_s": sample_s, "grad_step_s": grad_s,
-               "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb()})
-    );
+    let case = if b == 1 {
+        format!("full{latent}")
+    } else {
+        format!("full{latent}x{b}")
+    };
+    let mut out = json!({"impl": "reneg", "case": case, "batch": b, "sample_eval_s": sample_s, "grad_step_s": grad_s,
+           // The paper's step: 30 DDIM steps, the gradient at one of the last 10 (24.5 sampling
+           // evaluations before it on average).
+           "train_step_s": 24.5 * sample_s + grad_s,
+           "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb(),
+           "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")});
+    if gpu {
+        out["base_gpu_mb"] = json!(GpuMemory::mb(mem.base));
+        out["weights_gpu_mb"] = json!(weights_gpu_mb);
+        out["peak_gpu_sampling_mb"] = json!(gpu_sampling_mb);
+        out["peak_gpu_grad_mb"] = json!(gpu_grad_mb);
+        out["peak_gpu_mb"] = json!(weights_gpu_mb.max(gpu_sampling_mb).max(gpu_grad_mb));
+    }
+    println!("{out}");
 }
 
 /// The gradient step's phases one by one (`RENEG_BENCH_PHASES=1`), for the profile in
 /// BENCHMARKS.md: printed to stderr, one line each.
 fn phases(sd: &StableDiffusion, x: &Tensor, neg: &Tensor, objective: &Objective) {
-    let lap =
-        |name: &str, c: Instant| eprintln!("phase {name}: {:.3} s", c.elapsed().as_secs_f64());
+    let dev = x.device().clone();
+    let lap = |name: &str, c: Instant| {
+        dev.synchronize().unwrap();
+        eprintln!("phase {name}: {:.3} s", c.elapsed().as_secs_f64())
+    };
     let c = Instant::now();
     let u0 = sd.unet.forward(x, 201.0, neg).unwrap();
     lap("unet forward, no graph", c);
@@ -187,11 +333,17 @@ fn main() {
         .skip(1)
         .find(|a| !a.starts_with('-'))
         .unwrap_or_else(|| "tiny".into());
-    match case.as_str() {
-        "tiny" => tiny(),
-        "full16" => full(16),
-        "full32" => full(32),
-        "full64" => full(64),
-        other => eprintln!("unknown case {other}: tiny, full16, full32 or full64"),
+    // fullN or fullNxB, N in 16, 32, 64.
+    let full_case = case.strip_prefix("full").and_then(|rest| {
+        let (n, b) = rest.split_once('x').unwrap_or((rest, "1"));
+        let (n, b) = (n.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+        ([16, 32, 64].contains(&n) && b > 0).then_some((n, b))
+    });
+    match (case.as_str(), full_case) {
+        ("tiny", _) => tiny(),
+        (_, Some((n, b))) => full(n, b),
+        (other, None) => eprintln!(
+            "unknown case {other}: tiny, full16, full32, full64, or fullNxB for batch B (full64x4)"
+        ),
     }
 }

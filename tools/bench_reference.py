@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch / diffusers reference for benches/train_step.rs: the same cases, shapes and step.
 
-    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32
+    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB
+    python3 tools/bench_reference.py full64x4 --device cuda [--dtype f32|bf16|f16] [--tf32] [--batch B]
 
 (the venv of tools/gen_parity.py: torch 2.15.0, diffusers 0.42.1, transformers 5.23.0). Prints one JSON
 line like the Rust bench; peak RSS is this process's ru_maxrss, so run one case per process
@@ -13,7 +14,18 @@ line like the Rust bench; peak RSS is this process's ru_maxrss, so run one case 
   fullN   SD1.5's UNet and VAE (diffusers configs, random init) at NxN latents: one guided no-grad UNet
           evaluation (a sampling step), and the gradient step: guided UNet with the negative branch
           carrying the graph, x0 (DDIM, epsilon), VAE decode, linear reward, backward to the negative.
+  fullNxB the same for a batch of B latents and prompts (--batch B does the same): the sampling evaluation
+          is the UNet on 2B latents, the gradient step is for B prompts with one shared negative.
+
+On a GPU (--device cuda, as RENEG_BENCH_DEVICE=cuda for benches/train_step.rs) each timing synchronizes the
+device, the repetitions are 5 (sampling) and 3 (gradient step), and the line adds peak_gpu_mb (the largest
+device-wide memory in use, total - free from cudaMemGetInfo, sampled every 2 ms by a second thread, CUDA
+context included: the Rust bench's measure), torch_max_allocated_mb and torch_max_reserved_mb. Without
+--tf32 the float32 matrix products and convolutions run in true f32 (torch.backends.{cuda.matmul,cudnn}
+.allow_tf32 = False; PyTorch's own default lets cuDNN use TF32): reneg's candle build runs f32 in f32.
 """
+import argparse
+import threading
 import json
 import resource
 import statistics
@@ -25,6 +37,41 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
+DEV = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize(DEV)
+
+
+class GpuMemory:
+    """Device-wide memory in use (total - free), sampled by a thread; nothing on the CPU."""
+
+    def __init__(self):
+        self.peak = 0
+        self.base = 0
+        self._stop = False
+        if DEV.type == "cuda":
+            self.base = self.used()
+            threading.Thread(target=self._run, daemon=True).start()
+
+    @staticmethod
+    def used():
+        free, total = torch.cuda.mem_get_info(DEV)
+        return total - free
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.002)
+
+    def take(self):
+        """The peak in MiB since the last take."""
+        time.sleep(0.01)
+        p, self.peak = self.peak, 0
+        return p / 2**20
 
 
 def peak_rss_mb():
@@ -33,10 +80,12 @@ def peak_rss_mb():
 
 def timed(reps, fn):
     fn()
+    sync()
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
+        sync()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -99,9 +148,11 @@ def tiny():
     return {"impl": "pytorch", "case": "tiny", "step_s": s, "peak_rss_mb": peak_rss_mb()}
 
 
-def full(n):
+def full(n, b=1):
     from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
 
+    gpu = DEV.type == "cuda"
+    mem = GpuMemory()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
@@ -114,19 +165,24 @@ def full(n):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
     for m in (unet, vae):
-        m.requires_grad_(False).eval()
+        m.requires_grad_(False).eval().to(DEV)
+        if DTYPE != torch.float32:
+            m.to(DTYPE)
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(30)
-    cond = torch.randn(1, 77, 768)
-    neg = torch.randn(1, 77, 768)
-    x = torch.randn(1, 4, n, n)
-    w = torch.randn(1, 3, 8 * n, 8 * n)
+    cond = torch.randn(b, 77, 768).to(DEV, DTYPE)
+    neg = torch.randn(1, 77, 768).to(DEV, DTYPE)
+    x = torch.randn(b, 4, n, n).to(DEV, DTYPE)
+    w = torch.randn(b, 3, 8 * n, 8 * n).to(DEV, DTYPE)
     g = 7.5
+    weights_gpu = mem.take()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(DEV)
 
     def sample_eval():
         with torch.no_grad():
-            out = unet(torch.cat([x, x]), 501, encoder_hidden_states=torch.cat([neg, cond])).sample
+            out = unet(torch.cat([x, x]), 501, encoder_hidden_states=torch.cat([neg.expand(b, -1, -1), cond])).sample
             u, c = out.chunk(2)
             return u + g * (c - u)
 
@@ -134,20 +190,50 @@ def full(n):
         v = neg.clone().requires_grad_(True)
         with torch.no_grad():
             c = unet(x, 201, encoder_hidden_states=cond).sample
-        u = unet(x, 201, encoder_hidden_states=v).sample
+        u = unet(x, 201, encoder_hidden_states=v.expand(b, -1, -1)).sample
         x0 = sched.step(u + g * (c - u), 201, x).pred_original_sample
         img = vae.decode(x0 / 0.18215).sample
-        (-(w * img).sum()).backward()
+        (-(w * img).sum() / b).backward()
 
-    s = timed(2, sample_eval)
+    s = timed(5 if gpu else 2, sample_eval)
     rss_sampling = peak_rss_mb()
-    gs = timed(1, grad_step)
-    return {"impl": "pytorch", "case": f"full{n}", "sample_eval_s": s, "grad_step_s": gs,
-            "peak_rss_sampling_mb": rss_sampling, "peak_rss_mb": peak_rss_mb()}
+    gpu_sampling = mem.take()
+    gs = timed(3 if gpu else 1, grad_step)
+    gpu_grad = mem.take()
+    out = {"impl": "pytorch", "case": f"full{n}" if b == 1 else f"full{n}x{b}", "batch": b,
+           "sample_eval_s": s, "grad_step_s": gs, "train_step_s": 24.5 * s + gs,
+           "peak_rss_sampling_mb": rss_sampling, "peak_rss_mb": peak_rss_mb(),
+           "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch.")}
+    if gpu:
+        out.update({"base_gpu_mb": mem.base / 2**20, "weights_gpu_mb": weights_gpu,
+                    "peak_gpu_sampling_mb": gpu_sampling, "peak_gpu_grad_mb": gpu_grad,
+                    "peak_gpu_mb": max(weights_gpu, gpu_sampling, gpu_grad),
+                    "torch_max_allocated_mb": torch.cuda.max_memory_allocated(DEV) / 2**20,
+                    "torch_max_reserved_mb": torch.cuda.max_memory_reserved(DEV) / 2**20,
+                    "tf32": torch.backends.cudnn.allow_tf32, "gpu_name": torch.cuda.get_device_name(DEV)})
+    mem._stop = True
+    return out
 
 
 if __name__ == "__main__":
-    case = sys.argv[1] if len(sys.argv) > 1 else "tiny"
-    result = tiny() if case == "tiny" else full(int(case.removeprefix("full")))
+    ap = argparse.ArgumentParser(description="PyTorch / diffusers side of benches/train_step.rs")
+    ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN or fullNxB (N latents, B batch)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--batch", type=int, default=None, help="batch size of a full case (default 1)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--tf32", action="store_true", help="let float32 matmuls and convolutions use TF32")
+    args = ap.parse_args()
+    DEV = torch.device(args.device)
+    DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    case = args.case
+    if case == "tiny":
+        if DEV.type != "cpu" or DTYPE != torch.float32:
+            sys.exit("the tiny case runs on the CPU in f32 only")
+        result = tiny()
+    else:
+        n, _, b = case.removeprefix("full").partition("x")
+        result = full(int(n), args.batch or int(b or 1))
     result["torch_threads"] = torch.get_num_threads()
     print(json.dumps(result))
