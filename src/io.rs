@@ -48,6 +48,20 @@ pub struct Rgb {
     pub data: Vec<u8>,
 }
 
+impl Rgb {
+    /// Channel-major `[3, height, width]` values in [0, 1].
+    pub fn to_chw(&self) -> Vec<f32> {
+        let plane = self.width * self.height;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, px) in self.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = px[c] as f32 / 255.0;
+            }
+        }
+        out
+    }
+}
+
 /// Reads a PNG as 8-bit RGB (grey expanded, alpha dropped).
 pub fn read_png(path: &Path) -> Result<Rgb> {
     let file =

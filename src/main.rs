@@ -30,6 +30,9 @@ enum Command {
     Train(Box<cli::train::TrainArgs>),
     /// Compare negatives side by side: images, scores by every reward, report (and `eval merge`).
     Eval(Box<cli::eval::EvalCommand>),
+    /// The miniature world: train its models from scratch, run the ReNeg experiment in it.
+    #[command(subcommand)]
+    Mini(cli::mini::MiniCommand),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Score(args) => cli::score::run(args),
         Command::Train(args) => cli::train::run(*args),
         Command::Eval(args) => cli::eval::run(*args),
+        Command::Mini(cmd) => cli::mini::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

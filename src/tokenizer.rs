@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use unicode_normalization::UnicodeNormalization;
 
 const EMBEDDED_BPE: &[u8] = include_bytes!("../assets/clip-tokenizer/bpe_simple_vocab_16e6.txt.gz");
-const BOS: &str = "<|startoftext|>";
-const EOS: &str = "<|endoftext|>";
+pub(crate) const BOS: &str = "<|startoftext|>";
+pub(crate) const EOS: &str = "<|endoftext|>";
 
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
@@ -36,7 +36,7 @@ pub struct ClipTokenizer {
 }
 
 /// GPT-2's reversible map from bytes to printable unicode characters.
-fn bytes_to_unicode() -> [char; 256] {
+pub(crate) fn bytes_to_unicode() -> [char; 256] {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
         .chain(0xA1..=0xAC)
         .chain(0xAE..=0xFF)
@@ -219,6 +219,12 @@ impl ClipTokenizer {
             (encoder, merges, mt)
         };
         Self::build(encoder, merges, &pad, &added, max_len, &source)
+    }
+
+    /// The same tokenizer padding with `id` (open_clip pads with 0, whatever the vocabulary).
+    pub fn with_pad_id(mut self, id: u32) -> Self {
+        self.pad = id;
+        self
     }
 
     pub fn pad_id(&self) -> u32 {

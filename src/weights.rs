@@ -3,10 +3,14 @@
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
+use candle_core::Var;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// Trainable tensors under their full names, in creation order.
+type NamedVars = Vec<(String, Var)>;
 
 /// All tensors of one or more safetensors files.
 pub struct Weights {
@@ -16,6 +20,9 @@ pub struct Weights {
     device: Device,
     /// When set, missing tensors are generated from this seed (tests and benchmarks).
     random_seed: Option<u64>,
+    /// Training from scratch: every tensor asked for becomes a `Var`, initialised from this
+    /// seed, and is recorded here under its full name so it can be optimised and saved.
+    trainable: Option<(u64, Mutex<NamedVars>)>,
 }
 
 impl Weights {
@@ -29,7 +36,60 @@ impl Weights {
             dtype,
             device: device.clone(),
             random_seed: Some(seed),
+            trainable: None,
         }
+    }
+
+    /// Fresh trainable weights for any architecture (the miniature world's models): each
+    /// tensor a `Var`, initialised as PyTorch modules usually are (norm scales 1, biases 0,
+    /// matrices and kernels N(0, 1/fan-in), embeddings N(0, 0.02^2), `logit_scale` ln(1/0.07)),
+    /// deterministically from `seed` and the tensor's name. [`Weights::vars`] lists them.
+    pub fn trainable(seed: u64, dtype: DType, device: &Device) -> Self {
+        Self {
+            tensors: HashMap::new(),
+            file: PathBuf::from(format!("<trainable weights, seed {seed}>")),
+            dtype,
+            device: device.clone(),
+            random_seed: None,
+            trainable: Some((seed, Mutex::new(Vec::new()))),
+        }
+    }
+
+    /// The trainable tensors created so far, in creation order (empty unless
+    /// [`Weights::trainable`]).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        match &self.trainable {
+            Some((_, v)) => v.lock().map(|v| v.clone()).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    fn init_tensor(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let constant = |v: f64| -> Result<Tensor> {
+            Ok(Tensor::full(v, shape, &self.device)?.to_dtype(self.dtype)?)
+        };
+        if leaf == "logit_scale" {
+            return constant((1.0f64 / 0.07).ln());
+        }
+        if shape.len() <= 1 {
+            return constant(if leaf == "weight" { 1.0 } else { 0.0 });
+        }
+        let embedding = name.contains("embedding") || leaf == "class_embedding";
+        let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
+        let scale = if embedding {
+            0.02
+        } else {
+            1.0 / (fan_in as f64).sqrt()
+        };
+        let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
+        for b in name.bytes() {
+            state = (state ^ b as u64).wrapping_mul(0x1000_0000_01B3);
+        }
+        let mut rng = SplitMix64(state);
+        let data: Vec<f64> = (0..n).map(|_| scale * rng.normal()).collect();
+        Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
     fn random_tensor(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -81,6 +141,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             random_seed: None,
+            trainable: None,
         }
     }
 
@@ -93,11 +154,22 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.random_seed.is_some() || self.tensors.contains_key(name)
+        self.random_seed.is_some() || self.trainable.is_some() || self.tensors.contains_key(name)
     }
 
     /// The tensor `name` with exactly `shape`, converted to the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some((seed, vars)) = &self.trainable {
+            let mut vars = vars
+                .lock()
+                .map_err(|_| Error::Invalid("trainable weights: a thread panicked".into()))?;
+            if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+                return Ok(v.as_tensor().clone());
+            }
+            let var = Var::from_tensor(&self.init_tensor(*seed, name, shape)?)?;
+            vars.push((name.to_string(), var.clone()));
+            return Ok(var.as_tensor().clone());
+        }
         if let Some(seed) = self.random_seed {
             if !self.tensors.contains_key(name) {
                 return self.random_tensor(seed, name, shape);
@@ -189,5 +261,10 @@ impl Vb {
 
     pub fn file(&self) -> &Path {
         self.weights.file()
+    }
+
+    /// The trainable tensors behind this view's weights (see [`Weights::trainable`]).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.weights.vars()
     }
 }

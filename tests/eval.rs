@@ -286,24 +286,26 @@ fn eval_bad_input_exits_2_with_one_line() {
         assert!(err.contains(needle), "{needle}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
-    // No --model: refused before anything is written.
-    let nowhere = dir.join("never-created");
+    // No --model: the built-in miniature world.
+    let default_out = dir.join("default-model");
     let o = reneg(&[
         "eval",
         "--prompt",
-        "a",
+        "a small red circle in the centre, on a grey background",
         "--negative",
         "null",
         "--reward",
-        "aesthetic",
+        "judge-quality",
         "--reward-model",
-        AESTHETIC,
+        reneg::mini::default_root().join("judge").to_str().unwrap(),
+        "--steps",
+        "2",
         "--out",
-        nowhere.to_str().unwrap(),
+        default_out.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--model"));
-    assert!(!nowhere.exists());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest = std::fs::read_to_string(default_out.join("eval.json")).unwrap();
+    assert!(manifest.contains("assets/mini/pipeline"), "{manifest}");
     // Merging a folder that is not an eval output.
     let o = reneg(&[
         "eval",

@@ -462,3 +462,48 @@ fn frozen_conv_input_gradient_all_strides_paddings_and_odd_sizes() {
         &randn(75, &[2, 4, 5]),
     );
 }
+
+#[test]
+fn trainable_conv_gradients_wrt_kernel_bias_and_input() {
+    use candle_core::Var;
+    use reneg::nn::Conv2d;
+    for (k, s, p, h, w) in [
+        (3, 1, 1, 5, 6),
+        (1, 1, 0, 4, 3),
+        (3, 2, 1, 7, 6),
+        (3, 2, 0, 8, 9),
+    ] {
+        let x = randn(80 + k as u64, &[2, 3, h, w]);
+        let kernel = randn(81, &[4, 3, k, k]);
+        let bias = randn(82, &[4]);
+        let name = format!("k{k} s{s} p{p} {h}x{w}");
+        assert_gradient(
+            &format!("trainable conv wrt kernel {name}"),
+            |kv| {
+                Conv2d::from_tensors(kv.clone(), Some(bias.clone()), s, p)
+                    .forward(&x)
+                    .unwrap()
+            },
+            &kernel,
+        );
+        let kvar = Var::from_tensor(&kernel).unwrap();
+        assert_gradient(
+            &format!("trainable conv wrt bias {name}"),
+            |b| {
+                Conv2d::from_tensors(kvar.as_tensor().clone(), Some(b.clone()), s, p)
+                    .forward(&x)
+                    .unwrap()
+            },
+            &bias,
+        );
+        assert_gradient(
+            &format!("trainable conv wrt input {name}"),
+            |xv| {
+                Conv2d::from_tensors(kvar.as_tensor().clone(), Some(bias.clone()), s, p)
+                    .forward(xv)
+                    .unwrap()
+            },
+            &x,
+        );
+    }
+}

@@ -59,6 +59,77 @@ fn conv_forward_and_input_gradient_match_candle_for_every_tiling() {
     }
 }
 
+/// dW[o, c, i, j] = sum over images and output pixels of dy[b, o, y, x] * x[b, c, y*s+i-p, x*s+j-p],
+/// written out as loops: an independent reference for the kernel gradient.
+fn naive_weight_grad(
+    x: &candle_core::Tensor,
+    dy: &candle_core::Tensor,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Vec<f64> {
+    let (b, ci, h, w) = x.dims4().unwrap();
+    let (_, co, oh, ow) = dy.dims4().unwrap();
+    let xs: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let gs: Vec<f64> = dy.flatten_all().unwrap().to_vec1().unwrap();
+    let mut dw = vec![0f64; co * ci * k * k];
+    for bi in 0..b {
+        for o in 0..co {
+            for c in 0..ci {
+                for i in 0..k {
+                    for j in 0..k {
+                        let mut acc = 0.0;
+                        for y in 0..oh {
+                            for xx in 0..ow {
+                                let (iy, ix) = (
+                                    (y * s + i) as isize - p as isize,
+                                    (xx * s + j) as isize - p as isize,
+                                );
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                acc += gs[((bi * co + o) * oh + y) * ow + xx]
+                                    * xs[((bi * ci + c) * h + iy as usize) * w + ix as usize];
+                            }
+                        }
+                        dw[((o * ci + c) * k + i) * k + j] += acc;
+                    }
+                }
+            }
+        }
+    }
+    dw
+}
+
+#[test]
+fn conv_weight_gradient_matches_the_written_out_sum_for_every_tiling() {
+    for (i, &(ci, co, k, s, p, h, w)) in GEOMETRIES.iter().enumerate() {
+        let seed = 300 + 10 * i as u64;
+        let x = randn(seed, &[2, ci, h, w]);
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let dy = randn(seed + 3, &[2, co, oh, ow]);
+        let want = naive_weight_grad(&x, &dy, k, s, p);
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for budget in [1, ci * k * k * 3, usize::MAX / 2] {
+            let got = cpu_conv::weight_grad_tiled(&x, &dy, (co, ci, k, k), p, s, budget).unwrap();
+            assert_eq!(got.dims(), &[co, ci, k, k]);
+            let got: Vec<f64> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let e = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()))
+                / scale;
+            assert!(
+                e < 1e-12,
+                "weight gradient k{k} s{s} p{p} {h}x{w} budget {budget}: {e:e}"
+            );
+        }
+    }
+    // A gradient of the wrong shape is an error, not a panic.
+    let x = randn(1, &[1, 2, 4, 4]);
+    assert!(cpu_conv::weight_grad(&x, &randn(2, &[1, 3, 3, 3]), (3, 2, 3, 3), 1, 1).is_err());
+}
+
 #[test]
 fn conv_rejects_kernels_that_do_not_fit() {
     let x = randn(1, &[1, 3, 2, 2]);

@@ -177,3 +177,172 @@ fn some_degraded_captions_carry_quality_words() {
         "{with} {without} {clean}"
     );
 }
+
+#[test]
+fn captions_parse_back_to_their_scenes() {
+    use reneg::mini::scene::Scene;
+    let cfg = DataConfig::default();
+    for i in 0..200 {
+        let e = example(11, i, &cfg);
+        // Quality words after the background are ignored.
+        assert_eq!(
+            Scene::parse(&e.caption).as_ref(),
+            Some(&e.scene),
+            "{}",
+            e.caption
+        );
+    }
+    for bad in [
+        "",
+        "a photo of a cat",
+        "a huge red circle in the centre, on a grey background",
+        "a small red circle in the middle, on a grey background",
+        "a small red circle on the left and a large blue square on the left, on a grey background",
+    ] {
+        assert!(Scene::parse(bad).is_none(), "{bad}");
+    }
+}
+
+#[test]
+fn the_world_vocabulary_covers_its_words_in_few_tokens() {
+    use reneg::mini::vocab;
+    let dir = std::env::temp_dir().join(format!("reneg-mini-vocab-{}", std::process::id()));
+    vocab::write_tokenizer(&dir).unwrap();
+    let tok = reneg::tokenizer::ClipTokenizer::from_dir(&dir).unwrap();
+    let mut single = 0;
+    for w in vocab::words() {
+        // Each word comes out in pieces of the vocabulary, never letter by letter throughout.
+        let n = tok.tokens(&w).len();
+        assert!(n >= 1 && (n < w.len() || w.len() == 1), "{w}: {n} tokens");
+        single += (n == 1) as usize;
+    }
+    // Most words are one token.
+    assert!(2 * single > vocab::words().len(), "{single}");
+    // Words outside the world still tokenize, letter by letter.
+    assert_eq!(tok.tokens("zq").len(), 2);
+    let ids = tok.encode("a red circle");
+    assert_eq!(ids.len(), 77);
+    // The end token has the highest id (open_clip pools there).
+    assert_eq!(tok.eos_id() as usize, vocab::vocab_size() - 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
+    use std::process::Command;
+    let out = std::env::temp_dir().join(format!("reneg-mini-recipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_reneg"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "mini",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "0.003",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = String::from_utf8_lossy(&o.stdout).to_string();
+    for m in ["clip", "vae", "unet", "reward", "judge"] {
+        assert!(report.contains(&format!("{m}: ")), "{report}");
+    }
+    // Everything is written: a rerun trains nothing.
+    let o = run(&[
+        "mini",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "0.003",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already"));
+    // The pipeline generates; the reward and judge score.
+    let img_dir = out.join("images");
+    let o = run(&[
+        "generate",
+        "--model",
+        out.join("pipeline").to_str().unwrap(),
+        "--prompt",
+        "a small red circle in the centre, on a grey background",
+        "--steps",
+        "3",
+        "--out",
+        img_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = img_dir.join("00000-seed0.png");
+    for (kind, dir) in [
+        ("hps", "reward"),
+        ("judge-match", "judge"),
+        ("clip", "clip"),
+    ] {
+        let o = run(&[
+            "score",
+            "--reward",
+            kind,
+            "--reward-model",
+            out.join(dir).to_str().unwrap(),
+            "--prompt",
+            "a small red circle in the centre, on a grey background",
+            "--out",
+            out.join(format!("scores-{kind}.json")).to_str().unwrap(),
+            png.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A judge is never optimised against.
+    let o = run(&[
+        "train",
+        "--model",
+        out.join("pipeline").to_str().unwrap(),
+        "--reward",
+        "judge-quality",
+        "--reward-model",
+        out.join("judge").to_str().unwrap(),
+        "--prompts",
+        out.join("prompts/train.txt").to_str().unwrap(),
+        "--out",
+        out.join("neg").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("evaluation-only"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn the_world_tokenizer_matches_transformers_clip_tokenizer() {
+    use reneg::mini::vocab;
+    // ids from transformers' CLIPTokenizer on the folder `vocab::write_tokenizer` writes
+    // (tools/gen_mini_tokenizer_fixture.py).
+    let fixture: std::collections::BTreeMap<String, Vec<u32>> = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/mini/tokenizer_ids.json").unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("reneg-mini-tok-{}", std::process::id()));
+    vocab::write_tokenizer(&dir).unwrap();
+    let tok = reneg::tokenizer::ClipTokenizer::from_dir(&dir).unwrap();
+    for (text, ids) in &fixture {
+        assert_eq!(&tok.encode(text), ids, "{text:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

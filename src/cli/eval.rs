@@ -131,8 +131,7 @@ fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
     Ok(list)
 }
 
-fn evaluate(args: EvalArgs) -> Result<()> {
-    args.model.name()?;
+pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     let specs = args
         .negatives
         .iter()
@@ -162,6 +161,12 @@ fn evaluate(args: EvalArgs) -> Result<()> {
         ));
     }
     let objective = Objective::new(rewards);
+    if specs
+        .iter()
+        .any(|s| matches!(s, NegativeSpec::PerSample(_)))
+    {
+        objective.check_optimisable().map_err(lib)?;
+    }
     let negatives = specs
         .iter()
         .map(|spec| {
@@ -179,7 +184,7 @@ fn evaluate(args: EvalArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
 
     let manifest = Manifest {
-        model: args.model.name()?.to_string(),
+        model: args.model.name(),
         prompts: prompt_list,
         seeds: args.seeds,
         base_seed: args.seed,

@@ -86,7 +86,7 @@ struct Job {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let model_name = args.model.name()?.to_string();
+    let model_name = args.model.name();
     let mut prompt_list: Vec<Prompt> = args
         .prompt
         .iter()
@@ -135,12 +135,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         if args.init_latents.is_some() || args.batch_size != 1 {
             return Err(user("per-sample adaptation (--reward) works per image: drop --init-latents and --batch-size"));
         }
-        Some(Objective::new(load_rewards(
+        let o = Objective::new(load_rewards(
             &args.reward,
             &args.reward_model,
             dtype,
             &device,
-        )?))
+        )?);
+        o.check_optimisable().map_err(lib)?;
+        Some(o)
     };
     let adapt_cfg = AdaptConfig {
         steps: args.adapt_steps,

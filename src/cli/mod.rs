@@ -4,6 +4,7 @@
 pub mod embedding;
 pub mod eval;
 pub mod generate;
+pub mod mini;
 pub mod score;
 pub mod train;
 
@@ -96,7 +97,8 @@ pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
     /// A diffusers folder, an original single-file .safetensors checkpoint, or a Hugging Face
-    /// repo id already in the local hub cache.
+    /// repo id already in the local hub cache (default: the built-in miniature-world model,
+    /// assets/mini/pipeline).
     #[arg(long)]
     pub model: Option<String>,
     /// Never touch the network (also HF_HUB_OFFLINE=1).
@@ -112,11 +114,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The `--model` value (required until a built-in default model exists).
-    pub fn name(&self) -> Result<&str> {
+    /// The `--model` value, or the built-in miniature-world pipeline.
+    pub fn name(&self) -> String {
         self.model
-            .as_deref()
-            .ok_or_else(|| user("--model is required: a diffusers folder, a single-file checkpoint or a hub-cache repo id"))
+            .clone()
+            .unwrap_or_else(|| reneg::mini::default_model().display().to_string())
     }
 }
 
@@ -128,7 +130,7 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
             prediction_type: m.prediction_type.clone(),
         },
     };
-    reneg::source::load(m.name()?, &options, dtype, device).map_err(lib)
+    reneg::source::load(&m.name(), &options, dtype, device).map_err(lib)
 }
 
 /// Creates the output folder (a user error naming it when that fails).

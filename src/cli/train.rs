@@ -18,7 +18,8 @@ pub struct TrainArgs {
     /// A TOML file with any of the options below (flags override it).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Model: diffusers folder, single-file checkpoint or hub-cache repo id.
+    /// Model: diffusers folder, single-file checkpoint or hub-cache repo id (default: the
+    /// built-in miniature world, with its reward and prompts unless given).
     #[arg(long)]
     pub model: Option<String>,
     /// Reward kind; repeat with --reward-model (and --reward-weight) for several.
@@ -162,6 +163,30 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     Ok(t)
 }
 
+/// Without a model, the built-in miniature world: its pipeline, and (unless given) its
+/// preference reward and prompt files.
+fn mini_defaults(file: &toml::Table, over: &mut toml::Table) {
+    let given = |over: &toml::Table, k: &str| file.contains_key(k) || over.contains_key(k);
+    if given(over, "model") {
+        return;
+    }
+    let root = reneg::mini::default_root();
+    let s = |p: std::path::PathBuf| Value::String(p.display().to_string());
+    over.insert("model".into(), s(root.join("pipeline")));
+    if !given(over, "rewards") {
+        let mut e = toml::Table::new();
+        e.insert("kind".into(), Value::String("hps".into()));
+        e.insert("model".into(), s(root.join("reward")));
+        over.insert("rewards".into(), Value::Array(vec![Value::Table(e)]));
+    }
+    if !given(over, "prompts") {
+        over.insert("prompts".into(), s(root.join("prompts/train.txt")));
+    }
+    if !given(over, "val_prompts") {
+        over.insert("val_prompts".into(), s(root.join("prompts/heldout.txt")));
+    }
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let (table, source) = match &a.config {
         Some(p) => {
@@ -171,7 +196,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         None => (toml::Table::new(), PathBuf::from("<command line>")),
     };
-    let cfg = TrainConfig::resolve(table, overrides(&a)?, &source).map_err(lib)?;
+    let mut over = overrides(&a)?;
+    mini_defaults(&table, &mut over);
+    let cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
     let device = device(&a.device)?;
     let dtype: DType = a.dtype.into();
     check_dtype(dtype, &device)?;
@@ -207,6 +234,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let objective = Objective::new(rewards);
+    objective.check_optimisable().map_err(lib)?;
     let init = match &cfg.init {
         Init::Null => sd.encode_prompt("").map_err(lib)?,
         Init::Prompt(t) => sd.encode_prompt(t).map_err(lib)?,

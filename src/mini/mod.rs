@@ -1,13 +1,32 @@
-//! The miniature world of issue 8 (groundwork): deterministic captioned scenes and the
-//! degradations people dislike, from which the project's own tiny models are to be trained.
-//! Models, training and the experiment are not built yet.
+//! The miniature world of issue 8: deterministic captioned scenes and the degradations
+//! people dislike (`scene`, `degrade`), its tokenizer (`vocab`), the recipe that trains its
+//! models from scratch (`recipe`) and the independent judge (`judge`).
 
 pub mod degrade;
+pub mod judge;
+pub mod recipe;
 pub mod scene;
+pub mod vocab;
 
 use crate::rng::SplitMix64;
 pub use degrade::{Degradation, Family};
 pub use scene::Scene;
+use std::path::PathBuf;
+
+/// The committed miniature world (`assets/mini`): from the working directory when run in the
+/// repository, else from where this crate was built.
+pub fn default_root() -> PathBuf {
+    let local = PathBuf::from("assets/mini");
+    if local.join("pipeline").is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/mini")
+}
+
+/// The built-in default model: the miniature world's diffusers pipeline.
+pub fn default_model() -> PathBuf {
+    default_root().join("pipeline")
+}
 
 /// How examples are drawn.
 #[derive(Debug, Clone)]

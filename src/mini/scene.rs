@@ -124,6 +124,37 @@ impl Scene {
         )
     }
 
+    /// The scene a caption describes (the inverse of [`Scene::caption`]); quality words
+    /// appended after the background ("..., on a grey background, blurry") are ignored.
+    pub fn parse(caption: &str) -> Option<Scene> {
+        let caption = caption.trim();
+        let (objects, rest) = caption.split_once(", on a ")?;
+        let bg_name = rest.split_once(" background")?.0;
+        let background = BACKGROUNDS.iter().position(|b| b.0 == bg_name)?;
+        let mut shapes: Vec<Shape> = Vec::new();
+        for part in objects.split(" and ") {
+            let words: Vec<&str> = part.split_whitespace().collect();
+            if words.len() < 5 || words[0] != "a" {
+                return None;
+            }
+            let size = SIZES.iter().position(|s| s.0 == words[1])?;
+            let colour = COLOURS.iter().position(|c| c.0 == words[2])?;
+            let kind = ShapeKind::from_name(words[3])?;
+            let pos_text = words[4..].join(" ");
+            let position = POSITIONS.iter().position(|p| p.0 == pos_text)?;
+            if shapes.iter().any(|s| s.position == position) {
+                return None;
+            }
+            shapes.push(Shape {
+                kind,
+                colour,
+                position,
+                size,
+            });
+        }
+        Some(Scene { shapes, background })
+    }
+
     /// `[3, size, size]` RGB in [0, 1], channel-major; 4x4 supersampling for smooth edges.
     pub fn render(&self, size: usize) -> Vec<f32> {
         const SS: usize = 4;

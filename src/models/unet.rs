@@ -540,7 +540,17 @@ impl UNet2DConditionModel {
         dtype: DType,
         dev: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.time_features(timestep, batch, dtype, dev)?;
+        self.time_embedding_each(&vec![timestep; batch], dtype, dev)
+    }
+
+    /// The time embedding of one timestep per batch row: `[b]` -> `[b, 4 * c0]`.
+    pub fn time_embedding_each(
+        &self,
+        timesteps: &[f64],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.time_features(timesteps, dtype, dev)?;
         self.time_linear_2
             .forward(&self.time_linear_1.forward(&t)?.silu()?)
     }
@@ -548,8 +558,7 @@ impl UNet2DConditionModel {
     /// Sinusoidal timestep features (diffusers' `Timesteps`), `[b]` -> `[b, dim]`.
     fn time_features(
         &self,
-        timestep: f64,
-        batch: usize,
+        timesteps: &[f64],
         dtype: DType,
         dev: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
@@ -563,21 +572,21 @@ impl UNet2DConditionModel {
                 exponent.exp()
             })
             .collect();
-        let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
-        let sin: Vec<f32> = args.iter().map(|a| a.sin()).collect();
-        let cos: Vec<f32> = args.iter().map(|a| a.cos()).collect();
-        let mut row = if self.cfg.flip_sin_to_cos {
-            [cos, sin].concat()
-        } else {
-            [sin, cos].concat()
-        };
-        if dim % 2 == 1 {
-            row.push(0.0);
+        let mut data = Vec::with_capacity(timesteps.len() * dim);
+        for &timestep in timesteps {
+            let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
+            let sin = args.iter().map(|a| a.sin());
+            let cos = args.iter().map(|a| a.cos());
+            if self.cfg.flip_sin_to_cos {
+                data.extend(cos.chain(sin));
+            } else {
+                data.extend(sin.chain(cos));
+            }
+            if dim % 2 == 1 {
+                data.push(0.0);
+            }
         }
-        Tensor::from_vec(row, (1, dim), dev)?
-            .to_dtype(dtype)?
-            .broadcast_as((batch, dim))?
-            .contiguous()
+        Tensor::from_vec(data, (timesteps.len(), dim), dev)?.to_dtype(dtype)
     }
 
     /// One noise (or v) prediction.
@@ -586,7 +595,24 @@ impl UNet2DConditionModel {
     /// `sample`: `[b, in_channels, h, w]` with h, w divisible by 2^(levels-1);
     /// `context`: `[b, 77, cross_attention_dim]` -> `[b, out_channels, h, w]`
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let b = sample.dim(0)?;
+        self.forward_each(sample, &vec![timestep; b], context)
+    }
+
+    /// [`Self::forward`] with one timestep per batch row (training draws them independently).
+    pub fn forward_each(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
+        if timesteps.len() != b {
+            return Err(Error::Invalid(format!(
+                "UNet got {b} latents but {} timesteps",
+                timesteps.len()
+            )));
+        }
         let factor = 1usize << self.cfg.downsamplings();
         if h % factor != 0 || w % factor != 0 {
             return Err(Error::Invalid(format!(
@@ -600,7 +626,7 @@ impl UNet2DConditionModel {
                 context.dim(0)?
             )));
         }
-        let temb = self.time_embedding(timestep, b, sample.dtype(), sample.device())?;
+        let temb = self.time_embedding_each(timesteps, sample.dtype(), sample.device())?;
         let mut xs = self.conv_in.forward(sample)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down {

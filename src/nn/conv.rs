@@ -31,19 +31,28 @@ impl Conv2d {
         })
     }
 
+    /// From a `[out, in, k, k]` kernel and an optional `[out]` bias.
+    pub fn from_tensors(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Self {
+        Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        }
+    }
+
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, out, h', w']`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let tracked = |t: &Tensor| t.is_variable() || t.track_op();
         let trainable = tracked(&self.weight) || self.bias.as_ref().is_some_and(tracked);
         if !trainable && super::cpu_conv::supported(xs, &self.weight) {
-            let value = super::cpu_conv::forward(
-                xs,
-                &self.weight,
-                self.bias.as_ref(),
-                self.padding,
-                self.stride,
-            )?;
+            let value = self.cpu_value(xs)?;
             if !super::frozen::wants_frozen_path(xs) {
                 return Ok(value);
             }
@@ -62,8 +71,47 @@ impl Conv2d {
                 super::frozen::conv2d_input_grad(g, &w, p, s, h, wd)
             });
         }
-        // Trainable weights (or no fast path): candle's differentiable conv2d.
+        if trainable && super::cpu_conv::supported(xs, &self.weight) {
+            return self.trainable_cpu(xs);
+        }
+        // No fast path: candle's differentiable conv2d.
         self.plain(xs)
+    }
+
+    /// The CPU kernel's output, without a graph.
+    fn cpu_value(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        super::cpu_conv::forward(
+            xs,
+            &self.weight,
+            self.bias.as_ref(),
+            self.padding,
+            self.stride,
+        )
+    }
+
+    /// Trainable weights on the CPU: the fast forward, with a backward giving the input,
+    /// kernel and bias gradients (the miniature world's models train through this).
+    fn trainable_cpu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let value = self.cpu_value(xs)?;
+        let bias = match &self.bias {
+            Some(b) => b.clone(),
+            // A stand-in operand; its gradient is computed but never used.
+            None => Tensor::zeros(self.weight.dim(0)?, xs.dtype(), xs.device())?,
+        };
+        let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
+        let x = xs.detach();
+        let wants_dx = xs.is_variable() || xs.track_op();
+        super::frozen::attach3((xs, &self.weight, &bias), value, move |g| {
+            let (h, wd) = (x.dim(2)?, x.dim(3)?);
+            let dx = if wants_dx {
+                super::cpu_conv::input_grad(g, &w, p, s, h, wd)?
+            } else {
+                x.zeros_like()?
+            };
+            let dw = super::cpu_conv::weight_grad(&x, g, w.dims4()?, p, s)?;
+            let db = g.sum((0, 2, 3))?;
+            Ok((dx, dw, db))
+        })
     }
 
     fn plain(&self, xs: &Tensor) -> candle_core::Result<Tensor> {

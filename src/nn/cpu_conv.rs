@@ -303,6 +303,46 @@ fn input_grad_impl<T: Float>(dy: &[T], kernel: &[T], g: &Geom) -> Vec<T> {
     dx
 }
 
+/// The kernel gradient, `[c_out, c_in * k * k]`: the sum over images and tiles of
+/// `dy_tile · cols_tileᵀ` (cols re-gathered from the input by im2col).
+fn weight_grad_impl<T: Float>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let (m, rows) = (g.oh() * g.ow(), g.rows());
+    let mut dw = vec![T::from_f64(0.0); g.c_out * rows];
+    let tile = g.tile();
+    let mut cols = if g.pointwise() {
+        Vec::new()
+    } else {
+        vec![T::from_f64(0.0); rows * tile]
+    };
+    let mut first = true;
+    for bi in 0..g.b {
+        let xb = &x[bi * g.c_in * g.h * g.w..(bi + 1) * g.c_in * g.h * g.w];
+        let gb = &dy[bi * g.c_out * m..(bi + 1) * g.c_out * m];
+        for p0 in (0..m).step_by(tile) {
+            let n = tile.min(m - p0);
+            // colsᵀ: n x rows, a stride view of the rows x n tile (or of the input itself).
+            let rhs = if g.pointwise() {
+                (xb[p0..].as_ptr(), 1, m)
+            } else {
+                im2col(xb, g, p0, n, &mut cols);
+                (cols.as_ptr(), 1, n)
+            };
+            // SAFETY: dw is c_out x rows, contiguous; dy's tile is c_out x n (row stride m).
+            unsafe {
+                matmul(
+                    (g.c_out, rows, n),
+                    (dw.as_mut_ptr(), rows, 1),
+                    !first,
+                    (gb[p0..].as_ptr(), m, 1),
+                    rhs,
+                )
+            };
+            first = false;
+        }
+    }
+    dw
+}
+
 /// A contiguous CPU slice of `t` (which must be contiguous and of type `T`).
 fn with_slice<T: Float, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
@@ -361,6 +401,28 @@ impl CustomOp1 for InputGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = &self.g;
         apply1(self, s, l, Shape::from((g.b, g.c_in, g.h, g.w)))
+    }
+}
+
+struct WeightGrad {
+    x: Tensor,
+    g: Geom,
+}
+
+impl Kernel1 for WeightGrad {
+    fn run<T: Float>(&self, dy: &[T], _: &Layout) -> Result<Vec<T>> {
+        with_slice(&self.x, |x| Ok(weight_grad_impl(x, dy, &self.g)))
+    }
+}
+
+impl CustomOp1 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "cpu-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        apply1(self, s, l, Shape::from((g.c_out, g.c_in, g.k, g.k)))
     }
 }
 
@@ -454,4 +516,37 @@ pub fn input_grad_tiled(
         kernel: kernel.contiguous()?,
         g,
     })
+}
+
+/// The kernel gradient of `conv2d(x, kernel, padding, stride)` given the output gradient `dy`,
+/// shaped like `kernel` (`[c_out, c_in, k, k]`). Requires [`supported`].
+pub fn weight_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    kernel_dims: (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    weight_grad_tiled(x, dy, kernel_dims, padding, stride, COLS_BUDGET)
+}
+
+/// [`weight_grad`] with the im2col buffer bounded to `budget` elements.
+#[doc(hidden)]
+pub fn weight_grad_tiled(
+    x: &Tensor,
+    dy: &Tensor,
+    (c_out, c_in, k, k2): (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let x = x.detach().contiguous()?;
+    let kernel_like = Tensor::zeros((c_out, c_in, k, k2), x.dtype(), x.device())?;
+    let g = geom(x.dims4()?, &kernel_like, stride, padding, budget)?;
+    if dy.dims4()? != (g.b, g.c_out, g.oh(), g.ow()) {
+        candle_core::bail!("conv2d weight gradient: output gradient has the wrong shape");
+    }
+    dy.detach()
+        .contiguous()?
+        .apply_op1_no_bwd(&WeightGrad { x, g })
 }

@@ -27,6 +27,10 @@ pub enum RewardKind {
     Aesthetic,
     /// CLIP score (any transformers CLIPModel folder).
     Clip,
+    /// The miniature world's judge, P(no degradation) x 100 (evaluation only).
+    JudgeQuality,
+    /// The miniature world's judge, P(shapes and colours as captioned) x 100 (evaluation only).
+    JudgeMatch,
 }
 
 /// Reads a state dict from safetensors or a PyTorch file, dropping the wrappers checkpoints
@@ -111,9 +115,16 @@ pub fn load_hps(path: &Path, dtype: DType, device: &Device) -> Result<HpsReward>
         ));
     }
     let size = cfg.vision_cfg.image_size;
+    // open_clip models with their own tokenizer (as open_clip's `hf-hub:` models) carry it
+    // in `tokenizer/`; otherwise open_clip's default CLIP vocabulary.
+    let tokenizer = if path.join("tokenizer").is_dir() {
+        ClipTokenizer::from_dir(&path.join("tokenizer"))?.with_pad_id(0)
+    } else {
+        ClipTokenizer::open_clip()?
+    };
     Ok(HpsReward {
         model: OpenClipModel::new(cfg, &vb_from(t, &weights, dtype, device))?,
-        tokenizer: ClipTokenizer::open_clip()?,
+        tokenizer,
         preprocess: Preprocess::clip(size),
     })
 }
@@ -220,5 +231,16 @@ pub fn load(
         }
         RewardKind::Clip => Box::new(load_hf_clip(path, ClipScoring::ClipScore, dtype, device)?),
         RewardKind::Aesthetic => Box::new(load_aesthetic(path, dtype, device)?),
+        RewardKind::JudgeQuality | RewardKind::JudgeMatch => {
+            use crate::mini::judge::{Judge, JudgeReward, JudgeScore};
+            Box::new(JudgeReward {
+                judge: Judge::load(path, dtype, device)?,
+                score: if kind == RewardKind::JudgeQuality {
+                    JudgeScore::Quality
+                } else {
+                    JudgeScore::Match
+                },
+            })
+        }
     })
 }

@@ -19,6 +19,12 @@ pub trait Reward {
     /// Scores `images` (`[n, 3, h, w]`, values in [0, 1], any size) against `prompts`
     /// (one per image; ignored by prompt-free rewards). Returns `[n]`.
     fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor>;
+
+    /// True for judges that only evaluate: per-sample adaptation and training never
+    /// optimise against them, so they can tell real improvement from reward hacking.
+    fn evaluation_only(&self) -> bool {
+        false
+    }
 }
 
 /// Checks the image batch against the prompt list.

@@ -37,17 +37,33 @@ impl Objective {
         }
     }
 
-    /// Weighted sum of the rewards, per image: `[n]`.
+    /// An error unless some reward can be optimised (evaluation-only judges cannot).
+    pub fn check_optimisable(&self) -> Result<()> {
+        if self.rewards.iter().any(|(r, _)| !r.evaluation_only()) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(
+                "nothing to optimise: give a reward that is not evaluation-only (judge-quality and judge-match only evaluate)".into(),
+            ))
+        }
+    }
+
+    /// Weighted sum of the rewards, per image: `[n]`. Evaluation-only rewards (judges) are
+    /// left out: nothing is ever optimised against them.
     pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
         let mut total: Option<Tensor> = None;
-        for (r, w) in &self.rewards {
+        for (r, w) in self.rewards.iter().filter(|(r, _)| !r.evaluation_only()) {
             let s = (r.score(images, prompts)? * *w)?;
             total = Some(match total {
                 Some(t) => (t + s)?,
                 None => s,
             });
         }
-        total.ok_or_else(|| Error::Invalid("the objective has no reward".into()))
+        total.ok_or_else(|| {
+            Error::Invalid(
+                "nothing to optimise: give a reward that is not evaluation-only (judge-quality and judge-match only evaluate)".into(),
+            )
+        })
     }
 }
 

@@ -1,0 +1,270 @@
+//! `reneg mini`: the miniature world (issue 8). `mini train` trains its models from scratch;
+//! `mini experiment` runs the ReNeg experiment on them.
+
+use super::{device, lib};
+use anyhow::Result;
+use reneg::mini::recipe::{self, Budget, RecipeConfig};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Subcommand)]
+pub enum MiniCommand {
+    /// Train the miniature world's CLIP, VAE, UNet, reward and judge from scratch (resumes:
+    /// models already written are skipped unless --force).
+    Train(TrainArgs),
+    /// The ReNeg experiment in the miniature world: train a global negative embedding with the
+    /// preference reward, then compare null text, the hand-written negative, the global
+    /// embedding and per-sample adaptation on held-out prompts, scored by the reward and by
+    /// the independent judge (report.md in --out/eval).
+    Experiment(ExperimentArgs),
+}
+
+/// The hand-written negative of the miniature world: the quality words its captions use.
+pub const HAND_WRITTEN: &str = "blurry, noisy, washed out, colour cast, blocky";
+
+#[derive(clap::Args)]
+pub struct ExperimentArgs {
+    /// The miniature world's folder (default: the built-in one, assets/mini).
+    #[arg(long)]
+    pub mini: Option<PathBuf>,
+    #[arg(long, default_value = "runs/mini")]
+    pub out: PathBuf,
+    /// ReNeg training steps for the global embedding.
+    #[arg(long, default_value_t = 300)]
+    pub train_steps: u64,
+    /// Use this global embedding instead of training one (e.g. the committed
+    /// assets/mini/negatives/reneg-global.safetensors).
+    #[arg(long)]
+    pub embedding: Option<PathBuf>,
+    /// Held-out prompts evaluated (from the mini folder's prompts/heldout.txt).
+    #[arg(long, default_value_t = 32)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 2)]
+    pub seeds: usize,
+    /// Leave out the per-sample negative (the slowest part).
+    #[arg(long)]
+    pub no_per_sample: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Where the models go (the built-in default model lives in assets/mini).
+    #[arg(long, default_value = "assets/mini")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Multiplies every model's training steps (1 = the committed models' recipe).
+    #[arg(long, default_value_t = 1.0)]
+    pub scale: f64,
+    /// Retrain models that already exist in --out.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(cmd: MiniCommand) -> Result<()> {
+    match cmd {
+        MiniCommand::Train(a) => train(a),
+        MiniCommand::Experiment(a) => experiment(a),
+    }
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    if !(a.scale > 0.0 && a.scale.is_finite()) {
+        return Err(super::user(format!(
+            "--scale {}: must be a positive number",
+            a.scale
+        )));
+    }
+    let dev = device(&a.device)?;
+    let cfg = RecipeConfig {
+        out: a.out.clone(),
+        seed: a.seed,
+        budget: Budget::default().scaled(a.scale),
+        force: a.force,
+    };
+    let reports = recipe::run(&cfg, &dev).map_err(lib)?;
+    for r in &reports {
+        println!(
+            "{}: {} steps, {:.0} s, final loss {:.4}, {}",
+            r.model,
+            r.steps,
+            r.seconds,
+            r.final_loss,
+            serde_json::Value::Object(r.checks.clone())
+        );
+    }
+    if reports.is_empty() {
+        println!(
+            "every model is already in {} (use --force to retrain)",
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Parser)]
+struct TrainCli {
+    #[command(flatten)]
+    args: super::train::TrainArgs,
+}
+
+#[derive(clap::Parser)]
+struct EvalCli {
+    #[command(flatten)]
+    args: super::eval::EvalArgs,
+}
+
+/// The `reneg train` arguments of the experiment (also printed, so it can be rerun by hand).
+pub fn experiment_train_args(mini: &Path, out: &Path, steps: u64, device: &str) -> Vec<String> {
+    let p = |x: PathBuf| x.display().to_string();
+    let mut v: Vec<String> = vec![
+        "train".into(),
+        "--model".into(),
+        p(mini.join("pipeline")),
+        "--reward".into(),
+        "hps".into(),
+        "--reward-model".into(),
+        p(mini.join("reward")),
+        "--prompts".into(),
+        p(mini.join("prompts/train.txt")),
+        "--val-prompts".into(),
+        p(mini.join("prompts/heldout.txt")),
+        "--out".into(),
+        p(out.to_path_buf()),
+        "--device".into(),
+        device.into(),
+    ];
+    for (k, val) in [
+        ("--steps", steps.to_string()),
+        ("--lr", "0.01".into()),
+        ("--batch-size", "4".into()),
+        ("--micro-batch-size", "4".into()),
+        ("--sampling-steps", "20".into()),
+        ("--grad-step-window", "5".into()),
+        ("--height", "32".into()),
+        ("--width", "32".into()),
+        ("--val-every", (steps / 3).max(1).to_string()),
+        ("--val-seeds", "2".into()),
+    ] {
+        v.push(k.into());
+        v.push(val);
+    }
+    v
+}
+
+/// The `reneg eval` arguments of the experiment.
+pub fn experiment_eval_args(
+    mini: &Path,
+    embedding: &Path,
+    out: &Path,
+    prompts: usize,
+    seeds: usize,
+    per_sample: bool,
+    device: &str,
+) -> Vec<String> {
+    let p = |x: &Path| x.display().to_string();
+    let mut v: Vec<String> = vec!["eval".into(), "--model".into(), p(&mini.join("pipeline"))];
+    let mut negatives = vec![
+        "null".to_string(),
+        format!("prompt:{HAND_WRITTEN}"),
+        p(embedding),
+    ];
+    if per_sample {
+        negatives.push(format!("per-sample:{}", p(embedding)));
+    }
+    for n in negatives {
+        v.push("--negative".into());
+        v.push(n);
+    }
+    for (kind, dir) in [
+        ("hps", "reward"),
+        ("judge-quality", "judge"),
+        ("judge-match", "judge"),
+    ] {
+        v.extend([
+            "--reward".into(),
+            kind.into(),
+            "--reward-model".into(),
+            p(&mini.join(dir)),
+        ]);
+    }
+    for (k, val) in [
+        ("--prompts", p(&mini.join("prompts/heldout.txt"))),
+        ("--limit", prompts.to_string()),
+        ("--seeds", seeds.to_string()),
+        ("--steps", "20".into()),
+        ("--height", "32".into()),
+        ("--width", "32".into()),
+        ("--out", p(out)),
+        ("--device", device.into()),
+    ] {
+        v.push(k.into());
+        v.push(val);
+    }
+    v
+}
+
+/// The command line as a shell would take it back (arguments with spaces quoted).
+fn shell_line(argv: &[String]) -> String {
+    let quoted: Vec<String> = argv
+        .iter()
+        .map(|a| {
+            if a.contains([' ', '\'', '"', '$', '\\']) {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    format!("reneg {}", quoted.join(" "))
+}
+
+fn parse<T: clap::Parser>(argv: &[String]) -> Result<T> {
+    T::try_parse_from(argv.iter().map(String::as_str))
+        .map_err(|e| super::user(format!("internal argument error: {e}")))
+}
+
+fn experiment(a: ExperimentArgs) -> Result<()> {
+    let mini = a.mini.clone().unwrap_or_else(reneg::mini::default_root);
+    if !mini.join("pipeline/model_index.json").is_file() {
+        return Err(super::user(format!(
+            "{}: not a miniature world (no pipeline/model_index.json); run `reneg mini train --out {}` first",
+            mini.display(),
+            mini.display()
+        )));
+    }
+    super::create_out_dir(&a.out)?;
+    let embedding = match &a.embedding {
+        Some(e) => e.clone(),
+        None => {
+            let train_out = a.out.join("train");
+            let mut argv = experiment_train_args(&mini, &train_out, a.train_steps, &a.device);
+            if train_out.join("checkpoint.safetensors").is_file() {
+                argv.push("--resume".into());
+            }
+            if !train_out.join("embedding.safetensors").is_file()
+                || train_out.join("checkpoint.safetensors").is_file()
+            {
+                println!("{}", shell_line(&argv));
+                super::train::run(parse::<TrainCli>(&argv)?.args)?;
+            }
+            train_out.join("embedding.safetensors")
+        }
+    };
+    let argv = experiment_eval_args(
+        &mini,
+        &embedding,
+        &a.out.join("eval"),
+        a.prompts,
+        a.seeds,
+        !a.no_per_sample,
+        &a.device,
+    );
+    println!("{}", shell_line(&argv));
+    super::eval::evaluate(parse::<EvalCli>(&argv)?.args)?;
+    println!("report: {}", a.out.join("eval").join("report.md").display());
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The tiny UNet: a diffusers `UNet2DConditionModel` trained to predict the noise on the VAE's
+//! latents, conditioned on the frozen CLIP text tower, with 10% of captions dropped to the
+//! empty prompt so classifier-free guidance works. Writes the rest of the pipeline folder
+//! (`model_index.json`, the DDIM scheduler) beside it.
+
+use super::{batch, fit, mkdir, save_vars, token_ids, vars_of, write_json, Layout, ModelReport};
+use super::{CHECK_SEED, TRAIN_SEED};
+use crate::error::Result;
+use crate::mini::DataConfig;
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::rng::{randn, SplitMix64};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{Vb, Weights};
+use candle_core::{DType, Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Instant;
+
+const BATCH: usize = 32;
+const CAPTION_DROPOUT: f64 = 0.1;
+const TRAIN_TIMESTEPS: usize = 1000;
+
+pub fn config() -> Value {
+    json!({
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
+        "act_fn": "silu", "attention_head_dim": 4, "block_out_channels": [64, 128],
+        "center_input_sample": false, "cross_attention_dim": super::clip::WIDTH,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0,
+        "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 16,
+        "sample_size": 8, "use_linear_projection": false, "upcast_attention": false,
+    })
+}
+
+fn scheduler_config() -> Value {
+    json!({
+        "_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1",
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "clip_sample": false, "num_train_timesteps": TRAIN_TIMESTEPS,
+        "prediction_type": "epsilon", "set_alpha_to_one": false, "steps_offset": 1,
+        "timestep_spacing": "leading", "thresholding": false, "rescale_betas_zero_snr": false,
+    })
+}
+
+fn model_index() -> Value {
+    json!({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [null, null], "image_encoder": [null, null],
+        "requires_safety_checker": false, "safety_checker": [null, null],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    })
+}
+
+/// SD's training schedule: betas linear in sqrt from 0.00085 to 0.012 over 1000 steps.
+fn alphas_cumprod() -> Vec<f64> {
+    let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let mut acc = 1.0;
+    (0..TRAIN_TIMESTEPS)
+        .map(|i| {
+            let beta = (a + (b - a) * i as f64 / (TRAIN_TIMESTEPS - 1) as f64).powi(2);
+            acc *= 1.0 - beta;
+            acc
+        })
+        .collect()
+}
+
+pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
+    let root = layout.pipeline();
+    let te_dir = root.join("text_encoder");
+    let text_encoder = ClipTextModel::new(
+        ClipTextConfig::load(&te_dir.join("config.json"))?,
+        &Vb::new(Weights::load(
+            &te_dir.join("model.safetensors"),
+            DType::F32,
+            dev,
+        )?),
+    )?;
+    let tok = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+    let vae_dir = root.join("vae");
+    let vae = AutoencoderKL::new(
+        VaeConfig::load(&vae_dir.join("config.json"))?,
+        &Vb::new(Weights::load(
+            &vae_dir.join("diffusion_pytorch_model.safetensors"),
+            DType::F32,
+            dev,
+        )?),
+    )?;
+    let scale = vae.scaling_factor();
+    let dir = root.join("unet");
+    mkdir(&dir)?;
+    let cfg_path = dir.join("config.json");
+    let vb = Vb::new(Weights::trainable(seed ^ 0x0E7, DType::F32, dev));
+    let unet = UNet2DConditionModel::new(UNetConfig::from_value(config(), &cfg_path)?, &vb)?;
+    let acp = alphas_cumprod();
+    let data = DataConfig::default();
+    let mut rng = SplitMix64::new(seed ^ 0xD1FF);
+    let clock = Instant::now();
+
+    // One noised batch: (x_t, timesteps, context, noise).
+    let noised = |data_seed: u64, start: u64, rng: &mut SplitMix64, drop: bool| {
+        let (images, ex) = batch(data_seed, start, BATCH, &data, dev)?;
+        let captions: Vec<String> = ex
+            .iter()
+            .map(|e| {
+                if drop && rng.uniform() < CAPTION_DROPOUT {
+                    String::new()
+                } else {
+                    e.caption.clone()
+                }
+            })
+            .collect();
+        let ctx = text_encoder
+            .forward(&token_ids(&tok, &captions, dev)?)?
+            .detach();
+        let (mean, logvar) = vae.encode(&((images * 2.0)? - 1.0)?)?;
+        let e0 = randn(rng.next_u64(), mean.dims(), DType::F32, dev)?;
+        let x0 = ((mean + ((logvar * 0.5)?.exp()? * e0)?)? * scale)?.detach();
+        let ts: Vec<usize> = (0..BATCH)
+            .map(|_| (rng.next_u64() % TRAIN_TIMESTEPS as u64) as usize)
+            .collect();
+        let (sa, sb): (Vec<f32>, Vec<f32>) = ts
+            .iter()
+            .map(|&t| (acp[t].sqrt() as f32, (1.0 - acp[t]).sqrt() as f32))
+            .unzip();
+        let noise = randn(rng.next_u64(), x0.dims(), DType::F32, dev)?;
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (BATCH, 1, 1, 1), dev);
+        let xt = (x0.broadcast_mul(&col(sa)?)? + noise.broadcast_mul(&col(sb)?)?)?;
+        let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
+        Ok::<_, crate::error::Error>((xt, tsf, ctx, noise))
+    };
+    let final_loss = fit("unet", vars_of(&vb.vars()), steps, 1e-3, |step| {
+        let (xt, ts, ctx, noise) = noised(TRAIN_SEED, (step * BATCH) as u64, &mut rng, true)?;
+        let pred = unet.forward_each(&xt, &ts, &ctx)?;
+        Ok((pred - noise)?.sqr()?.mean_all()?)
+    })?;
+    let mut check_rng = SplitMix64::new(7);
+    let mut heldout = 0.0;
+    for k in 0..4u64 {
+        let (xt, ts, ctx, noise) = noised(CHECK_SEED, k * BATCH as u64, &mut check_rng, false)?;
+        let pred = unet.forward_each(&xt, &ts, &ctx)?.detach();
+        heldout += (pred - noise)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 / 4.0;
+    }
+
+    write_json(&cfg_path, &config())?;
+    save_vars(
+        &vb.vars(),
+        |n| Some(n.to_string()),
+        HashMap::new(),
+        &dir.join("diffusion_pytorch_model.safetensors"),
+    )?;
+    mkdir(&root.join("scheduler"))?;
+    write_json(
+        &root.join("scheduler/scheduler_config.json"),
+        &scheduler_config(),
+    )?;
+    write_json(&root.join("model_index.json"), &model_index())?;
+    let mut checks = serde_json::Map::new();
+    checks.insert("heldout_noise_mse".into(), json!(heldout));
+    Ok(ModelReport {
+        model: "unet".into(),
+        steps,
+        seconds: clock.elapsed().as_secs_f64(),
+        final_loss,
+        checks,
+    })
+}
