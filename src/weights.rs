@@ -9,6 +9,16 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+/// A generator seeded by `seed` and a tensor's name, so each tensor's values depend on nothing
+/// else (not on the order in which a model asks for its tensors).
+fn name_rng(seed: u64, name: &str) -> SplitMix64 {
+    let mut state = seed;
+    for b in name.bytes() {
+        state = (state ^ b as u64).wrapping_mul(0x1000_0000_01B3);
+    }
+    SplitMix64(state)
+}
+
 /// Trainable tensors under their full names, in creation order.
 type NamedVars = Vec<(String, Var)>;
 
@@ -83,21 +93,13 @@ impl Weights {
         } else {
             1.0 / (fan_in as f64).sqrt()
         };
-        let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
-        for b in name.bytes() {
-            state = (state ^ b as u64).wrapping_mul(0x1000_0000_01B3);
-        }
-        let mut rng = SplitMix64(state);
+        let mut rng = name_rng(seed ^ 0xD1B5_4A32_D192_ED03, name);
         let data: Vec<f64> = (0..n).map(|_| scale * rng.normal()).collect();
         Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
     }
 
     fn random_tensor(&self, seed: u64, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-        for b in name.bytes() {
-            state = (state ^ b as u64).wrapping_mul(0x1000_0000_01B3);
-        }
-        let mut rng = SplitMix64(state);
+        let mut rng = name_rng(seed ^ 0x9E37_79B9_7F4A_7C15, name);
         let n: usize = shape.iter().product();
         let fan_in: usize = shape.iter().skip(1).product::<usize>().max(1);
         let (scale, offset) = match shape.len() {

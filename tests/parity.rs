@@ -47,6 +47,55 @@ fn test_dtype() -> DType {
     }
 }
 
+/// A case's `expected.safetensors` and the device and dtype the test runs in.
+struct Expected {
+    tensors: HashMap<String, Tensor>,
+    dir: std::path::PathBuf,
+    dev: Device,
+    dtype: DType,
+}
+
+impl Expected {
+    fn load(dir: &Path) -> Self {
+        Self {
+            tensors: candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+                .unwrap(),
+            dir: dir.to_path_buf(),
+            dev: test_device(),
+            dtype: test_dtype(),
+        }
+    }
+
+    fn get(&self, n: &str) -> &Tensor {
+        self.tensors
+            .get(n)
+            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", self.dir.display()))
+    }
+
+    /// The reference's tensor as a model input: on the test device, in the test dtype.
+    fn input(&self, n: &str) -> Tensor {
+        self.get(n)
+            .to_dtype(self.dtype)
+            .unwrap()
+            .to_device(&self.dev)
+            .unwrap()
+    }
+
+    /// The reference's tensor as an expected value: f32 on the CPU, whatever the test dtype.
+    fn want(&self, n: &str) -> Tensor {
+        self.get(n).to_dtype(DType::F32).unwrap()
+    }
+
+    /// Token ids on the test device.
+    fn ids(&self, n: &str) -> Tensor {
+        self.get(n)
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_device(&self.dev)
+            .unwrap()
+    }
+}
+
 #[derive(Deserialize)]
 struct PipelineCase {
     prompt: String,
@@ -149,32 +198,11 @@ impl Report {
 fn run_pipeline_case(dir: &Path, report: &mut Report) {
     let case: PipelineCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let (dev, dtype) = (test_device(), test_dtype());
-    let exp: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    // The reference's tensors as model inputs: on the test device, in the test dtype.
-    let e = |n: &str| -> Tensor {
-        exp.get(n)
-            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
-            .to_dtype(dtype)
-            .unwrap()
-            .to_device(&dev)
-            .unwrap()
-    };
-    // The reference's tensors as expected values: f32 on the CPU, whatever the test dtype.
-    let want = |n: &str| -> Tensor {
-        exp.get(n)
-            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let ids_of = |n: &str| -> Tensor {
-        exp[n]
-            .to_dtype(DType::U32)
-            .unwrap()
-            .to_device(&dev)
-            .unwrap()
-    };
+    let expected = Expected::load(dir);
+    let (exp, dev, dtype) = (&expected.tensors, expected.dev.clone(), expected.dtype);
+    let e = |n: &str| expected.input(n);
+    let want = |n: &str| expected.want(n);
+    let ids_of = |n: &str| expected.ids(n);
     let mut sd = StableDiffusion::load(&dir.join("pipeline"), dtype, &dev)
         .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
 
@@ -314,30 +342,11 @@ fn run_pipeline_case(dir: &Path, report: &mut Report) {
 /// Reward cases: features, score and d score / d pixels from the already preprocessed pixels.
 fn run_reward_case(dir: &Path, kind: &str, report: &mut Report) {
     use reneg::reward::{l2_normalize, load, rowwise_dot};
-    let (dev, dtype) = (test_device(), test_dtype());
-    let exp: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-    let e = |n: &str| -> Tensor {
-        exp.get(n)
-            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
-            .to_dtype(dtype)
-            .unwrap()
-            .to_device(&dev)
-            .unwrap()
-    };
-    let want = |n: &str| -> Tensor {
-        exp.get(n)
-            .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", dir.display()))
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let ids_of = |n: &str| -> Tensor {
-        exp[n]
-            .to_dtype(DType::U32)
-            .unwrap()
-            .to_device(&dev)
-            .unwrap()
-    };
+    let expected = Expected::load(dir);
+    let (exp, dev, dtype) = (&expected.tensors, expected.dev.clone(), expected.dtype);
+    let e = |n: &str| expected.input(n);
+    let want = |n: &str| expected.want(n);
+    let ids_of = |n: &str| expected.ids(n);
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let prompt = meta["prompt"].as_str().unwrap_or("").to_string();

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
 use reneg::prompts::{self, Prompt};
 use reneg::reward::load::RewardKind;
-use reneg::train::per_sample::{adapt, AdaptConfig};
+use reneg::train::per_sample::adapt;
 use reneg::train::step::{noise, to_unit, Objective, Sampling};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -79,13 +79,9 @@ pub struct EvalArgs {
     pub height: Option<usize>,
     #[arg(long)]
     pub width: Option<usize>,
-    /// Per-sample negatives: adaptation steps, patience and learning rate (all rewards, equal weights).
-    #[arg(long, default_value_t = 10)]
-    pub adapt_steps: usize,
-    #[arg(long, default_value_t = 3)]
-    pub adapt_patience: usize,
-    #[arg(long, default_value_t = 5e-3)]
-    pub adapt_lr: f64,
+    // Per-sample negatives (all rewards that are not evaluation-only, equal weights).
+    #[command(flatten)]
+    pub adapt: super::AdaptArgs,
     /// Do only shard i of n (0 <= i < n) of the (prompt, seed) units, e.g. a job array's task
     /// id; combine the folders with `reneg eval merge`.
     #[arg(long)]
@@ -195,9 +191,9 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         negatives: args.negatives.clone(),
         rewards: reward_names.clone(),
         adapt: negatives.iter().any(|n| n.per_sample).then_some((
-            args.adapt_steps,
-            args.adapt_patience,
-            args.adapt_lr,
+            args.adapt.adapt_steps,
+            args.adapt.adapt_patience,
+            args.adapt.adapt_lr,
         )),
     };
     match Manifest::load(&args.out).map_err(lib)? {
@@ -237,12 +233,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         height: h,
         width: w,
     };
-    let adapt_cfg = AdaptConfig {
-        steps: args.adapt_steps,
-        patience: args.adapt_patience,
-        lr: args.adapt_lr,
-        grad_step_window: args.steps.min(10),
-    };
+    let adapt_cfg = args.adapt.config(args.steps);
     let bar = ProgressBar::new(todo.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
 use reneg::prompts::{self, Prompt};
 use reneg::reward::load::RewardKind;
-use reneg::train::per_sample::{adapt, AdaptConfig};
+use reneg::train::per_sample::adapt;
 use reneg::train::step::{Objective, Sampling};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,14 +60,9 @@ pub struct GenerateArgs {
     pub reward: Vec<RewardKind>,
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
-    /// Adaptation steps per prompt (with --reward).
-    #[arg(long, default_value_t = 10)]
-    pub adapt_steps: usize,
-    /// Stop adapting after this many steps without improvement.
-    #[arg(long, default_value_t = 3)]
-    pub adapt_patience: usize,
-    #[arg(long, default_value_t = 5e-3)]
-    pub adapt_lr: f64,
+    // Per-sample adaptation (with --reward).
+    #[command(flatten)]
+    pub adapt: super::AdaptArgs,
     /// Save each prompt's adapted embedding in this folder.
     #[arg(long)]
     pub save_adapted: Option<PathBuf>,
@@ -144,12 +139,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         o.check_optimisable().map_err(lib)?;
         Some(o)
     };
-    let adapt_cfg = AdaptConfig {
-        steps: args.adapt_steps,
-        patience: args.adapt_patience,
-        lr: args.adapt_lr,
-        grad_step_window: args.steps.min(10),
-    };
+    let adapt_cfg = args.adapt.config(args.steps);
     let sampling = Sampling {
         steps: args.steps,
         guidance_scale: args.guidance_scale,

@@ -133,6 +133,32 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
     reneg::source::load(&m.name(), &options, dtype, device).map_err(lib)
 }
 
+/// Per-sample adaptation settings, shared by `generate --reward` and `eval`'s `per-sample:`
+/// negatives.
+#[derive(clap::Args, Clone)]
+pub struct AdaptArgs {
+    /// Adaptation steps per image.
+    #[arg(long, default_value_t = 10)]
+    pub adapt_steps: usize,
+    /// Stop adapting after this many steps without improvement.
+    #[arg(long, default_value_t = 3)]
+    pub adapt_patience: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    pub adapt_lr: f64,
+}
+
+impl AdaptArgs {
+    /// The adaptation for a sampler of `steps` steps (the gradient step drawn from the last 10).
+    pub fn config(&self, steps: usize) -> reneg::train::per_sample::AdaptConfig {
+        reneg::train::per_sample::AdaptConfig {
+            steps: self.adapt_steps,
+            patience: self.adapt_patience,
+            lr: self.adapt_lr,
+            grad_step_window: steps.min(10),
+        }
+    }
+}
+
 /// Creates the output folder (a user error naming it when that fails).
 pub fn create_out_dir(out: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| {

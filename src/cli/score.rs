@@ -30,11 +30,7 @@ pub struct ScoreArgs {
 pub fn read_png(path: &Path) -> Result<Tensor> {
     let img = reneg::io::read_png(path).map_err(lib)?;
     let (w, h) = (img.width, img.height);
-    let mut rgb = Vec::with_capacity(3 * w * h);
-    for c in 0..3 {
-        rgb.extend((0..w * h).map(|p| img.data[3 * p + c] as f32 / 255.0));
-    }
-    Ok(Tensor::from_vec(rgb, (1, 3, h, w), &Device::Cpu)?)
+    Ok(Tensor::from_vec(img.to_chw(), (1, 3, h, w), &Device::Cpu)?)
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {

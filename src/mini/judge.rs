@@ -8,7 +8,7 @@
 
 use crate::error::{read_json, Error, Result};
 use crate::mini::degrade::KINDS;
-use crate::mini::scene::{Scene, ShapeKind, COLOURS, POSITIONS, SHAPES};
+use crate::mini::scene::{Scene, COLOURS, POSITIONS, SHAPES};
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::reward::{check_batch, Reward};
 use crate::weights::{Vb, Weights};
@@ -49,6 +49,8 @@ pub const QUALITY_CLASSES: usize = KINDS.len() + 1;
 
 pub struct Judge {
     pub cfg: JudgeConfig,
+    /// The weights' dtype; inputs are converted to it.
+    dtype: DType,
     convs: Vec<(Conv2d, GroupNorm)>,
     fc: Linear,
     quality: Linear,
@@ -88,6 +90,7 @@ impl Judge {
             colour: Linear::new(cfg.hidden, n * COLOURS.len(), true, &vb.pp("colour"))?,
             convs,
             cfg,
+            dtype: vb.dtype(),
         })
     }
 
@@ -125,7 +128,7 @@ impl Judge {
         } else {
             images.clone()
         };
-        xs = ((xs * 2.0)? - 1.0)?;
+        xs = ((xs.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
         for (conv, norm) in &self.convs {
             xs = norm.forward_silu(&conv.forward(&xs)?)?;
         }
@@ -234,7 +237,7 @@ impl Reward for JudgeReward {
 
     fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
         check_batch(images, prompts, self.score == JudgeScore::Match)?;
-        let out = self.judge.forward(&images.to_dtype(DType::F32)?)?;
+        let out = self.judge.forward(images)?;
         let lp = match self.score {
             JudgeScore::Quality => out.quality.narrow(1, 0, 1)?.squeeze(1)?,
             JudgeScore::Match => {
@@ -252,11 +255,5 @@ impl Reward for JudgeReward {
             }
         };
         Ok((lp.exp()? * 100.0)?)
-    }
-}
-
-impl ShapeKind {
-    pub fn from_name(name: &str) -> Option<ShapeKind> {
-        SHAPES.into_iter().find(|k| k.name() == name)
     }
 }

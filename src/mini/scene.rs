@@ -22,6 +22,11 @@ impl ShapeKind {
             ShapeKind::Triangle => "triangle",
         }
     }
+
+    /// The kind a caption names (`"circle"` -> `Circle`).
+    pub fn from_name(name: &str) -> Option<ShapeKind> {
+        SHAPES.into_iter().find(|k| k.name() == name)
+    }
 }
 
 /// Named colours, far enough apart that a small classifier can tell them.

@@ -51,6 +51,7 @@ impl Objective {
     /// Weighted sum of the rewards, per image: `[n]`. Evaluation-only rewards (judges) are
     /// left out: nothing is ever optimised against them.
     pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        self.check_optimisable()?;
         let mut total: Option<Tensor> = None;
         for (r, w) in self.rewards.iter().filter(|(r, _)| !r.evaluation_only()) {
             let s = (r.score(images, prompts)? * *w)?;
@@ -59,11 +60,7 @@ impl Objective {
                 None => s,
             });
         }
-        total.ok_or_else(|| {
-            Error::Invalid(
-                "nothing to optimise: give a reward that is not evaluation-only (judge-quality and judge-match only evaluate)".into(),
-            )
-        })
+        total.ok_or_else(|| Error::Invalid("the objective has no reward".into()))
     }
 }
 

@@ -64,9 +64,9 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         .to_scalar::<f32>()?
         .sqrt()
         / 2.0;
-    let std = mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let m = std.iter().sum::<f64>() / std.len() as f64;
-    let sd = (std.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / std.len() as f64).sqrt();
+    let values = mean.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let m = values.iter().sum::<f64>() / values.len() as f64;
+    let sd = (values.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / values.len() as f64).sqrt();
     let scaling = 1.0 / sd.max(1e-6);
 
     write_json(&cfg_path, &config(scaling))?;
