@@ -6,6 +6,10 @@
 //! and a linear reward, then the negative branch of the UNet). Prints one JSON line; peak RSS is the process's VmHWM,
 //! so run one case per process (tools/bench.sh does, beside tools/bench_reference.py).
 //!
+//! `conv` times the CPU 3x3 convolution kernels (`nn::cpu_conv`) alone, im2col + gemm against
+//! Winograd F(4x4, 3x3), forward and input gradient, over the SD UNet's and decoder's shapes
+//! and smaller ones: the measurement behind `Algo::Auto`'s choice. One JSON line per shape.
+//!
 //! A `full` case takes a batch size as `fullNxB` (`full64x4`: 512 px, 4 images; `fullN` is batch 1):
 //! the sampling evaluation is then the UNet on 2B latents and the gradient step is for B prompts.
 //! `RENEG_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the case on the first CUDA
@@ -328,7 +332,70 @@ fn phases(sd: &StableDiffusion, x: &Tensor, neg: &Tensor, objective: &Objective)
     drop(g);
 }
 
+/// One 3x3, padding-1 convolution per shape `(c_in, c_out, side)`, by both algorithms.
+fn conv() {
+    use reneg::nn::cpu_conv::{self, Algo};
+    let shapes = [
+        (16, 16, 32),
+        (16, 16, 64),
+        (32, 32, 16),
+        (32, 32, 32),
+        (32, 32, 64),
+        (64, 64, 32),
+        (64, 64, 64),
+        (128, 128, 32),
+        (128, 128, 256),
+        (256, 256, 128),
+        (320, 320, 32),
+        (320, 320, 64),
+        (512, 512, 16),
+        (512, 512, 32),
+        (512, 256, 32),
+        (512, 512, 64),
+        (512, 512, 128),
+        (640, 640, 16),
+        (640, 640, 32),
+        (1280, 1280, 8),
+        (1280, 1280, 16),
+    ];
+    let dev = Device::Cpu;
+    for (ci, co, side) in shapes {
+        let x = Tensor::randn(0f32, 1., (1, ci, side, side), &dev).unwrap();
+        let k = Tensor::randn(0f32, 0.05, (co, ci, 3, 3), &dev).unwrap();
+        let dy = Tensor::randn(0f32, 1., (1, co, side, side), &dev).unwrap();
+        let budget = 4 << 20;
+        let reps = if ci * co * side * side > 1 << 30 {
+            2
+        } else {
+            5
+        };
+        let fwd = |a| {
+            time(&dev, reps, || {
+                drop(cpu_conv::forward_algo(&x, &k, None, 1, 1, budget, a).unwrap())
+            })
+        };
+        let bwd = |a| {
+            time(&dev, reps, || {
+                drop(cpu_conv::input_grad_algo(&dy, &k, 1, 1, (side, side), budget, a).unwrap())
+            })
+        };
+        let (fi, fw) = (fwd(Algo::Im2col), fwd(Algo::Winograd));
+        let (bi, bw) = (bwd(Algo::Im2col), bwd(Algo::Winograd));
+        let auto = cpu_conv::auto_picks_winograd((1, ci, side, side), (co, ci, 3, 3), 1, 1);
+        println!(
+            "{}",
+            json!({"case": "conv", "c_in": ci, "c_out": co, "side": side, "auto": if auto { "winograd" } else { "im2col" },
+                "fwd_im2col_s": fi, "fwd_winograd_s": fw, "bwd_im2col_s": bi, "bwd_winograd_s": bw,
+                "fwd_speedup": fi / fw, "bwd_speedup": bi / bw})
+        );
+    }
+}
+
 fn main() {
+    // As the `reneg` binary does; RENEG_BENCH_RETURN_MEMORY=1 leaves glibc's default (A/B).
+    if std::env::var("RENEG_BENCH_RETURN_MEMORY").as_deref() != Ok("1") {
+        assert!(reneg::runtime::keep_freed_memory() || !cfg!(target_env = "gnu"));
+    }
     let case = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
@@ -341,9 +408,10 @@ fn main() {
     });
     match (case.as_str(), full_case) {
         ("tiny", _) => tiny(),
+        ("conv", _) => conv(),
         (_, Some((n, b))) => full(n, b),
         (other, None) => eprintln!(
-            "unknown case {other}: tiny, full16, full32, full64, or fullNxB for batch B (full64x4)"
+            "unknown case {other}: tiny, conv, full16, full32, full64, or fullNxB for batch B (full64x4)"
         ),
     }
 }

@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod prompts;
 pub mod reward;
 pub mod rng;
+pub mod runtime;
 pub mod scheduler;
 pub mod single_file;
 pub mod source;

@@ -36,6 +36,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    reneg::runtime::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(*args),

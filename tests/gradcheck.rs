@@ -449,6 +449,21 @@ fn frozen_conv_input_gradient_all_strides_paddings_and_odd_sizes() {
             &randn(71, &[2, 3, h, w]),
         );
     }
+    // Large enough for the Winograd path (the UNet's and decoder's big convolutions).
+    for (p, h, w) in [(1, 34, 33), (0, 36, 35)] {
+        let conv = Conv2d::new(64, 64, 3, 1, p, &random_vb(76)).unwrap();
+        assert!(reneg::nn::cpu_conv::auto_picks_winograd(
+            (1, 64, h, w),
+            (64, 64, 3, 3),
+            p,
+            1
+        ));
+        assert_gradient(
+            &format!("frozen conv, Winograd path, p{p} {h}x{w}"),
+            |x| conv.forward(x).unwrap(),
+            &randn(77, &[1, 64, h, w]),
+        );
+    }
     let ds = Downsample2D::new(3, 0, &random_vb(72)).unwrap();
     assert_gradient(
         "downsample pad-0 (right/bottom pad)",

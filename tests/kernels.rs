@@ -59,6 +59,97 @@ fn conv_forward_and_input_gradient_match_candle_for_every_tiling() {
     }
 }
 
+/// (c_in, c_out, padding, h, w): odd sizes, sizes not a multiple of the 4x4 output block,
+/// one pixel, every padding Winograd takes.
+const WINOGRAD_GEOMETRIES: [(usize, usize, usize, usize, usize); 6] = [
+    (3, 4, 1, 5, 6),
+    (5, 3, 0, 9, 7),
+    (4, 6, 2, 6, 6),
+    (2, 3, 1, 13, 11),
+    (3, 2, 1, 1, 1),
+    (6, 5, 0, 3, 4),
+];
+
+#[test]
+fn winograd_forward_and_input_gradient_match_candle_for_every_chunking() {
+    for (i, &(ci, co, p, h, w)) in WINOGRAD_GEOMETRIES.iter().enumerate() {
+        let seed = 300 + 10 * i as u64;
+        let x = randn(seed, &[2, ci, h, w]);
+        let kernel = randn(seed + 1, &[co, ci, 3, 3]);
+        let bias = randn(seed + 2, &[co]);
+        let reference = x
+            .conv2d(&kernel, p, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.reshape((1, co, 1, 1)).unwrap())
+            .unwrap();
+        let (oh, ow) = (reference.dim(2).unwrap(), reference.dim(3).unwrap());
+        let dy = randn(seed + 3, &[2, co, oh, ow]);
+        let dx_ref = reneg::nn::frozen::conv2d_input_grad(&dy, &kernel, p, 1, h, w).unwrap();
+        // From one 4x4 block per chunk to the whole image in one chunk.
+        for budget in [1, 36 * (ci + co) * 2, usize::MAX / 2] {
+            let name = format!("p{p} {ci}->{co} {h}x{w} budget {budget}");
+            let algo = cpu_conv::Algo::Winograd;
+            let out = cpu_conv::forward_algo(&x, &kernel, Some(&bias), p, 1, budget, algo).unwrap();
+            assert_eq!(out.dims(), reference.dims(), "{name}");
+            let e = max_abs_diff(&out, &reference) / max_abs(&reference);
+            assert!(e < 1e-12, "winograd forward {name}: relative error {e:e}");
+            let dx = cpu_conv::input_grad_algo(&dy, &kernel, p, 1, (h, w), budget, algo).unwrap();
+            assert_eq!(dx.dims(), x.dims(), "{name}");
+            let e = max_abs_diff(&dx, &dx_ref) / max_abs(&dx_ref);
+            assert!(
+                e < 1e-12,
+                "winograd input gradient {name}: relative error {e:e}"
+            );
+        }
+    }
+}
+
+/// Winograd's transforms (coefficients up to 8 and 1/24) cost precision; in f32, at the
+/// channel counts and image sizes where `Auto` picks it, its error against an f64 reference
+/// stays within a small factor of im2col's.
+#[test]
+fn winograd_f32_rounding_is_close_to_im2col() {
+    let (ci, co, h, w) = (128, 64, 36, 34);
+    assert!(cpu_conv::auto_picks_winograd(
+        (1, ci, h, w),
+        (co, ci, 3, 3),
+        1,
+        1
+    ));
+    let x = randn(400, &[1, ci, h, w]);
+    let kernel = (randn(401, &[co, ci, 3, 3]) * (1.0 / (9.0 * ci as f64)).sqrt()).unwrap();
+    let reference = x.conv2d(&kernel, 1, 1, 1, 1).unwrap();
+    let (x32, k32) = (
+        x.to_dtype(DType::F32).unwrap(),
+        kernel.to_dtype(DType::F32).unwrap(),
+    );
+    let err = |algo| {
+        let out = cpu_conv::forward_algo(&x32, &k32, None, 1, 1, 1 << 22, algo).unwrap();
+        let out = out.to_dtype(DType::F64).unwrap();
+        max_abs_diff(&out, &reference) / max_abs(&reference)
+    };
+    let (wino, direct) = (err(cpu_conv::Algo::Winograd), err(cpu_conv::Algo::Im2col));
+    println!("f32 max rel err: winograd {wino:.2e}, im2col {direct:.2e}");
+    assert!(wino < 1e-5, "winograd f32 error {wino:e}");
+    assert!(
+        wino < 20.0 * direct,
+        "winograd {wino:e} vs im2col {direct:e}"
+    );
+}
+
+#[test]
+fn winograd_refuses_what_it_cannot_compute() {
+    let x = randn(410, &[1, 2, 8, 8]);
+    let algo = cpu_conv::Algo::Winograd;
+    for (k, s, p) in [(3, 2, 1), (1, 1, 0), (5, 1, 2), (3, 1, 3)] {
+        let kernel = randn(411, &[2, 2, k, k]);
+        assert!(
+            cpu_conv::forward_algo(&x, &kernel, None, p, s, 1 << 20, algo).is_err(),
+            "k{k} s{s} p{p}"
+        );
+    }
+}
+
 /// dW[o, c, i, j] = sum over images and output pixels of dy[b, o, y, x] * x[b, c, y*s+i-p, x*s+j-p],
 /// written out as loops: an independent reference for the kernel gradient.
 fn naive_weight_grad(

@@ -12,6 +12,8 @@ use super::cpu_kernel::{apply1, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+mod winograd;
+
 /// Elements of the im2col buffer per tile (16 MB in f32): bounds memory at large images and
 /// keeps a tile near the caches (measured best among 1M, 4M and 16M elements).
 const COLS_BUDGET: usize = 4 << 20;
@@ -27,8 +29,20 @@ struct Geom {
     k: usize,
     stride: usize,
     padding: usize,
-    /// Elements of the im2col buffer per tile.
+    /// Elements of the im2col buffer per tile (of Winograd's buffers per chunk).
     budget: usize,
+    algo: Algo,
+}
+
+/// How a convolution is computed. `Auto` picks Winograd F(4x4, 3x3) where it measured faster
+/// (large images, 3x3, stride 1; see `winograd::pays_off`) and im2col + gemm elsewhere; the
+/// others force one (tests and benches compare them).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    Auto,
+    Im2col,
+    Winograd,
 }
 
 impl Geom {
@@ -46,6 +60,16 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.padding == 0
     }
+    fn winograd(&self) -> bool {
+        match self.algo {
+            Algo::Auto => match auto_override() {
+                Some(forced) => forced && winograd::applies(self),
+                None => winograd::pays_off(self),
+            },
+            Algo::Im2col => false,
+            Algo::Winograd => true,
+        }
+    }
     fn tile(&self) -> usize {
         let m = self.oh() * self.ow();
         // Equal tiles: a short last tile runs gemm's slow edge kernels.
@@ -54,6 +78,17 @@ impl Geom {
             .clamp(1, m.max(1));
         m.div_ceil(tiles)
     }
+}
+
+/// `RENEG_CONV_ALGO=im2col` or `winograd` overrides `Algo::Auto`'s choice (Winograd still
+/// only where it applies), for side-by-side benchmarks; unset or `auto`, the choice stands.
+fn auto_override() -> Option<bool> {
+    static OVERRIDE: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *OVERRIDE.get_or_init(|| match std::env::var("RENEG_CONV_ALGO").as_deref() {
+        Ok("im2col") => Some(false),
+        Ok("winograd") => Some(true),
+        _ => None,
+    })
 }
 
 /// Whether the fast path handles tensors like `x` and `kernel`.
@@ -77,11 +112,27 @@ fn threads() -> gemm::Parallelism {
 /// The pointers and strides must describe valid, non-overlapping (for `dst`) memory.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: Float>(
+    mnk: (usize, usize, usize),
+    dst: (*mut T, usize, usize),
+    accumulate: bool,
+    lhs: (*const T, usize, usize),
+    rhs: (*const T, usize, usize),
+) {
+    matmul_with(mnk, dst, accumulate, lhs, rhs, threads())
+}
+
+/// [`matmul`] on the given threads.
+///
+/// # Safety
+/// As for [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_with<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     accumulate: bool,
     lhs: (*const T, usize, usize),
     rhs: (*const T, usize, usize),
+    parallelism: gemm::Parallelism,
 ) {
     gemm::gemm(
         m,
@@ -102,7 +153,7 @@ unsafe fn matmul<T: Float>(
         false,
         false,
         false,
-        threads(),
+        parallelism,
     );
 }
 
@@ -217,6 +268,9 @@ fn col2im<T: Float>(cols: &[T], g: &Geom, p0: usize, n: usize, dx: &mut [T]) {
 }
 
 fn forward_impl<T: Float>(x: &[T], kernel: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {
+    if g.winograd() {
+        return winograd::forward(x, kernel, bias, g);
+    }
     let (m, rows) = (g.oh() * g.ow(), g.rows());
     let mut out = vec![T::from_f64(0.0); g.b * g.c_out * m];
     if let Some(bias) = bias {
@@ -259,6 +313,9 @@ fn forward_impl<T: Float>(x: &[T], kernel: &[T], bias: Option<&[T]>, g: &Geom) -
 }
 
 fn input_grad_impl<T: Float>(dy: &[T], kernel: &[T], g: &Geom) -> Vec<T> {
+    if g.winograd() {
+        return winograd::input_grad(dy, kernel, g);
+    }
     let (m, rows, plane) = (g.oh() * g.ow(), g.rows(), g.h * g.w);
     let mut dx = vec![T::from_f64(0.0); g.b * g.c_in * plane];
     let tile = g.tile();
@@ -431,7 +488,7 @@ fn geom(
     kernel: &Tensor,
     stride: usize,
     padding: usize,
-    budget: usize,
+    (budget, algo): (usize, Algo),
 ) -> Result<Geom> {
     let (b, c_in, h, w) = x_dims;
     let (c_out, kc, k, k2) = kernel.dims4()?;
@@ -440,7 +497,7 @@ fn geom(
             "conv2d: input [{b}, {c_in}, {h}, {w}] does not fit kernel [{c_out}, {kc}, {k}, {k2}] (padding {padding}, stride {stride})"
         );
     }
-    Ok(Geom {
+    let g = Geom {
         b,
         c_in,
         c_out,
@@ -450,7 +507,40 @@ fn geom(
         stride,
         padding,
         budget,
-    })
+        algo,
+    };
+    if algo == Algo::Winograd && !winograd::applies(&g) {
+        candle_core::bail!("conv2d: Winograd needs a 3x3 kernel, stride 1 and padding <= 2");
+    }
+    Ok(g)
+}
+
+/// Whether [`forward`] and [`input_grad`] take the Winograd path for an input of `x_dims`
+/// and a kernel of `kernel_dims` (tests check that they exercise the path they mean to).
+#[doc(hidden)]
+pub fn auto_picks_winograd(
+    x_dims: (usize, usize, usize, usize),
+    (c_out, c_in, k, k2): (usize, usize, usize, usize),
+    padding: usize,
+    stride: usize,
+) -> bool {
+    let (b, _, h, w) = x_dims;
+    k == k2
+        && h + 2 * padding >= k
+        && w + 2 * padding >= k
+        && stride > 0
+        && winograd::pays_off(&Geom {
+            b,
+            c_in,
+            c_out,
+            h,
+            w,
+            k,
+            stride,
+            padding,
+            budget: COLS_BUDGET,
+            algo: Algo::Auto,
+        })
 }
 
 /// `conv2d(x, kernel) + bias` (`[b, c_in, h, w]` -> `[b, c_out, h', w']`), without a graph.
@@ -475,7 +565,21 @@ pub fn forward_tiled(
     stride: usize,
     budget: usize,
 ) -> Result<Tensor> {
-    let g = geom(x.dims4()?, kernel, stride, padding, budget)?;
+    forward_algo(x, kernel, bias, padding, stride, budget, Algo::Auto)
+}
+
+/// [`forward_tiled`] by the given algorithm (an error where it does not apply).
+#[doc(hidden)]
+pub fn forward_algo(
+    x: &Tensor,
+    kernel: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    budget: usize,
+    algo: Algo,
+) -> Result<Tensor> {
+    let g = geom(x.dims4()?, kernel, stride, padding, (budget, algo))?;
     x.detach().contiguous()?.apply_op1_no_bwd(&Forward {
         kernel: kernel.contiguous()?,
         bias: bias.map(|b| b.contiguous()).transpose()?,
@@ -503,12 +607,32 @@ pub fn input_grad_tiled(
     kernel: &Tensor,
     padding: usize,
     stride: usize,
+    in_hw: (usize, usize),
+    budget: usize,
+) -> Result<Tensor> {
+    input_grad_algo(dy, kernel, padding, stride, in_hw, budget, Algo::Auto)
+}
+
+/// [`input_grad_tiled`] by the given algorithm (an error where it does not apply).
+#[doc(hidden)]
+pub fn input_grad_algo(
+    dy: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
     (in_h, in_w): (usize, usize),
     budget: usize,
+    algo: Algo,
 ) -> Result<Tensor> {
     let (b, _, _, _) = dy.dims4()?;
     let c_in = kernel.dim(1)?;
-    let g = geom((b, c_in, in_h, in_w), kernel, stride, padding, budget)?;
+    let g = geom(
+        (b, c_in, in_h, in_w),
+        kernel,
+        stride,
+        padding,
+        (budget, algo),
+    )?;
     if (dy.dim(2)?, dy.dim(3)?) != (g.oh(), g.ow()) {
         candle_core::bail!("conv2d input gradient: output gradient has the wrong size");
     }
@@ -542,7 +666,14 @@ pub fn weight_grad_tiled(
 ) -> Result<Tensor> {
     let x = x.detach().contiguous()?;
     let kernel_like = Tensor::zeros((c_out, c_in, k, k2), x.dtype(), x.device())?;
-    let g = geom(x.dims4()?, &kernel_like, stride, padding, budget)?;
+    // im2col: the kernel gradient has no Winograd form here.
+    let g = geom(
+        x.dims4()?,
+        &kernel_like,
+        stride,
+        padding,
+        (budget, Algo::Im2col),
+    )?;
     if dy.dims4()? != (g.b, g.c_out, g.oh(), g.ow()) {
         candle_core::bail!("conv2d weight gradient: output gradient has the wrong shape");
     }
