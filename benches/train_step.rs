@@ -184,7 +184,7 @@ fn tiny() {
         width: 32,
     };
     let prompts = ["a red cube on a table".to_string()];
-    let secs = time(&dev, 5, || {
+    let secs = time(&dev, reps(5), || {
         reneg_gradient(&mut sd, &objective, &emb, &prompts, &[1], 9, &s).unwrap();
     });
     println!(

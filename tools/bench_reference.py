@@ -25,6 +25,7 @@ context included: the Rust bench's measure), torch_max_allocated_mb and torch_ma
 .allow_tf32 = False; PyTorch's own default lets cuDNN use TF32): reneg's candle build runs f32 in f32.
 """
 import argparse
+import os
 import threading
 import json
 import resource
@@ -76,6 +77,11 @@ class GpuMemory:
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reps(default):
+    # RENEG_BENCH_REPS, as the Rust bench reads it.
+    return int(os.environ.get("RENEG_BENCH_REPS", default))
 
 
 def timed(reps, fn):
@@ -144,7 +150,7 @@ def tiny():
         loss = -reward(img).mean()
         loss.backward()
 
-    s = timed(5, step)
+    s = timed(reps(5), step)
     return {"impl": "pytorch", "case": "tiny", "step_s": s, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -195,10 +201,10 @@ def full(n, b=1):
         img = vae.decode(x0 / 0.18215).sample
         (-(w * img).sum() / b).backward()
 
-    s = timed(5 if gpu else 2, sample_eval)
+    s = timed(reps(5 if gpu else 2), sample_eval)
     rss_sampling = peak_rss_mb()
     gpu_sampling = mem.take()
-    gs = timed(3 if gpu else 1, grad_step)
+    gs = timed(reps(3 if gpu else 1), grad_step)
     gpu_grad = mem.take()
     out = {"impl": "pytorch", "case": f"full{n}" if b == 1 else f"full{n}x{b}", "batch": b,
            "sample_eval_s": s, "grad_step_s": gs, "train_step_s": 24.5 * s + gs,

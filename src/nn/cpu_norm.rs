@@ -41,7 +41,7 @@ fn f64_of<T: Float>(v: T) -> f64 {
 }
 
 fn sigmoid<T: Float>(z: T) -> T {
-    T::one() / (T::one() + (-z).exp())
+    T::one() / (T::one() + (-z).exp_fast())
 }
 
 fn slice<T: Float>(t: &Tensor) -> Result<Vec<T>> {

@@ -5,7 +5,7 @@
 //!
 //! f32 and f64 on the CPU; [`softmax_scaled`] returns `None` otherwise.
 
-use super::cpu_kernel::{apply1, contiguous, Float, Kernel1};
+use super::cpu_kernel::{apply1, contiguous, dot, max_scaled, sum, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -15,15 +15,11 @@ fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
         .zip(x.par_chunks(n))
         .with_min_len(super::min_rows(n))
         .for_each(|(o, r)| {
-            let max = r.iter().fold(T::neg_infinity(), |m, &v| {
-                num_traits::Float::max(m, v * scale)
-            });
-            let mut sum = T::zero();
+            let max = max_scaled(r, scale);
             for (o, &v) in o.iter_mut().zip(r) {
-                *o = (v * scale - max).exp();
-                sum += *o;
+                *o = (v * scale - max).exp_fast();
             }
-            let inv = T::one() / sum;
+            let inv = T::one() / sum(o);
             for o in o.iter_mut() {
                 *o *= inv;
             }
@@ -37,7 +33,7 @@ fn backward_impl<T: Float>(g: &[T], y: &[T], n: usize, scale: T) -> Vec<T> {
         .zip(g.par_chunks(n).zip(y.par_chunks(n)))
         .with_min_len(super::min_rows(n))
         .for_each(|(o, (g, y))| {
-            let dot = g.iter().zip(y).fold(T::zero(), |s, (&a, &b)| s + a * b);
+            let dot = dot(g, y);
             for ((o, &a), &b) in o.iter_mut().zip(g).zip(y) {
                 *o = scale * b * (a - dot);
             }
