@@ -308,7 +308,10 @@ fn fast_exp_is_within_a_few_ulp_of_exp() {
         let got = exp_f32(x) as f64;
         worst = worst.max((got - want).abs() / want);
     }
-    println!("fast exp: max rel err {worst:.2e} ({:.2} ulp)", worst / f32::EPSILON as f64);
+    println!(
+        "fast exp: max rel err {worst:.2e} ({:.2} ulp)",
+        worst / f32::EPSILON as f64
+    );
     assert!(worst < 4.0 * f32::EPSILON as f64, "max rel err {worst:e}");
     assert_eq!(exp_f32(0.0), 1.0);
     assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);

@@ -8,7 +8,7 @@
 //! ([`supported`]). The ops carry no backward: they run on inputs without a graph, and
 //! `nn::conv` attaches the input gradient through `nn::frozen`.
 
-use super::cpu_kernel::{apply1, Float, Kernel1};
+use super::cpu_kernel::{apply1, simd_fn, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -159,6 +159,7 @@ unsafe fn matmul_with<T: Float>(
 
 /// The output-row segments of the tile of pixels `p0..p0 + n`: `(oy, ox_from, ox_to, j)` with
 /// `j` the segment's first column in the tile.
+#[inline(always)]
 fn segments(p0: usize, n: usize, ow: usize) -> impl Iterator<Item = (usize, usize, usize, usize)> {
     let mut p = p0;
     std::iter::from_fn(move || {
@@ -175,6 +176,7 @@ fn segments(p0: usize, n: usize, ow: usize) -> impl Iterator<Item = (usize, usiz
 
 /// For kernel column `kj`: the output columns whose input column `ox * s + kj - pad` lies
 /// inside `0..w`, as a range clamped to `from..to`.
+#[inline(always)]
 fn valid_cols(g: &Geom, kj: usize, from: usize, to: usize) -> (usize, usize) {
     let (s, pad, w) = (g.stride, g.padding, g.w);
     let lo = if pad > kj { (pad - kj).div_ceil(s) } else { 0 };
@@ -237,34 +239,48 @@ fn im2col<T: Float>(x: &[T], g: &Geom, p0: usize, n: usize, cols: &mut [T]) {
 
 /// The adjoint of [`im2col`]: adds `cols[r, j]` into the input position it was read from.
 fn col2im<T: Float>(cols: &[T], g: &Geom, p0: usize, n: usize, dx: &mut [T]) {
-    let (k, s, pad, ow) = (g.k, g.stride, g.padding, g.ow());
+    let k = g.k;
     dx.par_chunks_mut(g.h * g.w)
         .with_min_len(super::min_rows(k * k * n))
         .enumerate()
         .for_each(|(ci, dst)| {
-            let rows = &cols[ci * k * k * n..(ci + 1) * k * k * n];
-            for ki in 0..k {
-                for kj in 0..k {
-                    let row = &rows[(ki * k + kj) * n..(ki * k + kj + 1) * n];
-                    for (oy, from, to, j) in segments(p0, n, ow) {
-                        let iy = (oy * s + ki) as isize - pad as isize;
-                        if iy < 0 || iy as usize >= g.h {
-                            continue;
+            col2im_channel(&cols[ci * k * k * n..(ci + 1) * k * k * n], g, (p0, n), dst)
+        });
+}
+
+simd_fn! {
+    /// [`col2im`] for one input channel: `rows` is its `k * k` rows of the tile.
+    fn col2im_channel<T: Float>(rows: &[T], g: &Geom, tile: (usize, usize), dst: &mut [T]) {
+        let (p0, n) = tile;
+        let (k, s, pad, ow) = (g.k, g.stride, g.padding, g.ow());
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &rows[(ki * k + kj) * n..(ki * k + kj + 1) * n];
+                for (oy, from, to, j) in segments(p0, n, ow) {
+                    let iy = (oy * s + ki) as isize - pad as isize;
+                    if iy < 0 || iy as usize >= g.h {
+                        continue;
+                    }
+                    let line = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let (lo, hi) = valid_cols(g, kj, from, to);
+                    if hi == lo {
+                        continue;
+                    }
+                    let first = lo * s + kj - pad;
+                    let seg = &row[j + lo - from..j + hi - from];
+                    if s == 1 {
+                        for (d, v) in line[first..first + seg.len()].iter_mut().zip(seg) {
+                            *d += *v;
                         }
-                        let line = &mut dst[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        let (lo, hi) = valid_cols(g, kj, from, to);
-                        if hi == lo {
-                            continue;
-                        }
-                        let first = lo * s + kj - pad;
-                        let seg = &row[j + lo - from..j + hi - from];
+                    } else {
                         for (d, v) in line[first..].iter_mut().step_by(s).zip(seg) {
                             *d += *v;
                         }
                     }
                 }
             }
-        });
+        }
+    }
 }
 
 fn forward_impl<T: Float>(x: &[T], kernel: &[T], bias: Option<&[T]>, g: &Geom) -> Vec<T> {

@@ -43,7 +43,8 @@ pub fn exp_f32(x: f32) -> f32 {
     const LOW: f32 = -86.6;
     const HIGH: f32 = 88.72;
     let xc = x.clamp(LOW, HIGH);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let shifted = xc * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -51,8 +52,11 @@ pub fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // n - 1 lies in -126..=127: a normal power of two.
-    let half_scale = f32::from_bits(((n as i32 + 126) as u32) << 23);
+    // `shifted`'s low mantissa bits hold n (1.5 * 2^23 + n has the bits 0x4B40_0000 + n), so
+    // 2^(n-1) is built with integer ops (`n as i32` would be a scalar saturating conversion
+    // that stops the loop from vectorising); n - 1 lies in -126..=127: a normal number.
+    let n_bits = shifted.to_bits().wrapping_sub(0x4B40_0000);
+    let half_scale = f32::from_bits(n_bits.wrapping_add(126) << 23);
     let y = (p + p) * half_scale;
     if x < LOW {
         0.0
@@ -65,18 +69,86 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+/// The vector instructions the CPU has: 4 for AVX-512 (F, BW, DQ, VL), 3 for AVX2 + FMA,
+/// 1 for neither (probed once).
+#[inline(always)]
+pub(crate) fn simd_level() -> u8 {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(0);
+    let level = LEVEL.load(Ordering::Relaxed);
+    if level != 0 {
+        return level;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let level = if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+    {
+        4
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        3
+    } else {
+        1
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let level = 1;
+    LEVEL.store(level, Ordering::Relaxed);
+    level
+}
+
+/// Defines `fn name<T: Float>(args) -> ret { body }` compiled three times: for AVX-512, for
+/// AVX2 + FMA and for baseline x86-64, called by what the CPU has ([`simd_level`]). The crate
+/// targets baseline x86-64 (SSE2), so without this the kernels' loops run 4 floats wide on a
+/// machine that does 16. The body is an `#[inline(always)]` function inlined into each
+/// `#[target_feature]` copy, and so must be everything it calls in its loops (no parallel
+/// iterators inside: one call per row or channel). No fused multiply-adds are formed (Rust
+/// does not contract `a * b + c`) and the reductions have a fixed lane order, so all three
+/// copies give the same bits.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name<T: Float>($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body<T: Float>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn v4<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn v3<T: Float>($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                match $crate::nn::cpu_kernel::simd_level() {
+                    // SAFETY: the CPU has the features these copies are compiled for.
+                    4 => return unsafe { v4($($arg),*) },
+                    3 => return unsafe { v3($($arg),*) },
+                    _ => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
 /// Lanes of the reductions below: 16 independent partial results, which the compiler keeps in
 /// vector registers (a serial float sum cannot be vectorised, its order being fixed).
 const LANES: usize = 16;
 
 /// `sum(a[i] * b[i])`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
 pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [T::zero(); LANES];
     for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for i in 0..LANES {
-            acc[i] = acc[i] + ca[i] * cb[i];
+            acc[i] += ca[i] * cb[i];
         }
     }
     let tail = n - n % LANES;
@@ -87,20 +159,65 @@ pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(rest, |s, &v| s + v)
 }
 
+/// `sum(a[i] * (x[i] - mean) * rstd)`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+pub(crate) fn dot_centered<T: Float>(a: &[T], x: &[T], mean: T, rstd: T) -> T {
+    let n = a.len().min(x.len());
+    let (a, x) = (&a[..n], &x[..n]);
+    let mut acc = [T::zero(); LANES];
+    for (ca, cx) in a.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * ((cx[i] - mean) * rstd);
+        }
+    }
+    let tail = n - n % LANES;
+    let rest = a[tail..]
+        .iter()
+        .zip(&x[tail..])
+        .fold(T::zero(), |s, (&v, &xv)| s + v * ((xv - mean) * rstd));
+    acc.iter().fold(rest, |s, &v| s + v)
+}
+
 /// `sum(a)`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
 pub(crate) fn sum<T: Float>(a: &[T]) -> T {
     let mut acc = [T::zero(); LANES];
     let chunks = a.chunks_exact(LANES);
     let rest = chunks.remainder().iter().fold(T::zero(), |s, &v| s + v);
     for c in chunks {
         for i in 0..LANES {
-            acc[i] = acc[i] + c[i];
+            acc[i] += c[i];
         }
     }
     acc.iter().fold(rest, |s, &v| s + v)
 }
 
+/// `sum(a[i])` and `sum((a[i] - mean)^2)` in f64 (group norm's statistics), in 8 lanes each.
+#[inline(always)]
+pub(crate) fn sum_f64<T: Float>(a: &[T], mean: f64) -> (f64, f64) {
+    let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
+    let chunks = a.chunks_exact(8);
+    let (mut rs, mut rq) = (0f64, 0f64);
+    for &v in chunks.remainder() {
+        let v = candle_core::WithDType::to_f64(v);
+        rs += v;
+        rq += (v - mean) * (v - mean);
+    }
+    for c in chunks {
+        for i in 0..8 {
+            let v = candle_core::WithDType::to_f64(c[i]);
+            s[i] += v;
+            q[i] += (v - mean) * (v - mean);
+        }
+    }
+    (
+        s.iter().fold(rs, |a, &v| a + v),
+        q.iter().fold(rq, |a, &v| a + v),
+    )
+}
+
 /// `max(a[i] * scale)` (minus infinity for an empty slice), in [`LANES`] partial maxima.
+#[inline(always)]
 pub(crate) fn max_scaled<T: Float>(a: &[T], scale: T) -> T {
     let mut acc = [T::neg_infinity(); LANES];
     let chunks = a.chunks_exact(LANES);

@@ -7,7 +7,7 @@
 //! f32 and f64 on the CPU with frozen weights only; [`group_norm`] returns `None` otherwise and
 //! the caller uses the composed ops.
 
-use super::cpu_kernel::{apply1, Float, Kernel1};
+use super::cpu_kernel::{apply1, dot_centered, simd_fn, sum, sum_f64, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -36,16 +36,102 @@ impl Geom {
 }
 
 /// The value as f64 (`WithDType`'s, not num_traits' fallible one).
+#[inline(always)]
 fn f64_of<T: Float>(v: T) -> f64 {
     candle_core::WithDType::to_f64(v)
 }
 
+#[inline(always)]
 fn sigmoid<T: Float>(z: T) -> T {
     T::one() / (T::one() + (-z).exp_fast())
 }
 
 fn slice<T: Float>(t: &Tensor) -> Result<Vec<T>> {
     t.flatten_all()?.to_vec1::<T>()
+}
+
+simd_fn! {
+    /// One row (one group of one image) of the forward: its output and (mean, 1 / sigma).
+    fn forward_row<T: Float>(
+        out: &mut [T],
+        row: &[T],
+        w: &[T],
+        b: &[T],
+        g: &Geom,
+        r: usize,
+    ) -> (f64, f64) {
+        let n = row.len();
+        let mean = sum_f64(row, 0.0).0 / n as f64;
+        let var = sum_f64(row, mean).1 / n as f64;
+        let rstd = 1.0 / (var + g.eps).sqrt();
+        let c0 = g.first_channel(r);
+        for (cc, (o, v)) in out
+            .chunks_mut(g.spatial)
+            .zip(row.chunks(g.spatial))
+            .enumerate()
+        {
+            // z = (x - mean) * rstd * w + b = x * scale + shift
+            let scale = rstd * f64_of(w[c0 + cc]);
+            let shift = f64_of(b[c0 + cc]) - mean * scale;
+            let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
+            if g.silu {
+                for (o, &v) in o.iter_mut().zip(v) {
+                    let z = v * scale + shift;
+                    *o = z * sigmoid(z);
+                }
+            } else {
+                for (o, &v) in o.iter_mut().zip(v) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+        (mean, rstd)
+    }
+}
+
+simd_fn! {
+    /// One row of the backward: `out` = d loss / d x given `dy`, for the row `(x, dy)`.
+    fn backward_row<T: Float>(
+        out: &mut [T],
+        rows: (&[T], &[T]),
+        stats: (f64, f64),
+        affine: (&[T], &[T]),
+        g: &Geom,
+        r: usize,
+    ) {
+        let ((xr, dr), (mean, rstd), (w, b)) = (rows, stats, affine);
+        let n = xr.len();
+        let c0 = g.first_channel(r);
+        let (tm, tr) = (T::from_f64(mean), T::from_f64(rstd));
+        // Pass 1: d loss / d xhat into `out`, and its sums against 1 and xhat.
+        let (mut s1, mut s2) = (0.0, 0.0);
+        for (cc, ((o, xs), ds)) in out
+            .chunks_mut(g.spatial)
+            .zip(xr.chunks(g.spatial))
+            .zip(dr.chunks(g.spatial))
+            .enumerate()
+        {
+            let (wc, bc) = (w[c0 + cc], b[c0 + cc]);
+            for ((o, &xv), &d) in o.iter_mut().zip(xs).zip(ds) {
+                let xhat = (xv - tm) * tr;
+                *o = if g.silu {
+                    let z = xhat * wc + bc;
+                    let s = sigmoid(z);
+                    d * s * (T::one() + z * (T::one() - s))
+                } else {
+                    d
+                } * wc;
+            }
+            s1 += f64_of(sum(o));
+            s2 += f64_of(dot_centered(o, xs, tm, tr));
+        }
+        let (m1, m2) = (T::from_f64(s1 / n as f64), T::from_f64(s2 / n as f64));
+        // Pass 2: dx = (d - mean(d) - xhat mean(d xhat)) / sigma.
+        for (o, &xv) in out.iter_mut().zip(xr) {
+            let xhat = (xv - tm) * tr;
+            *o = tr * (*o - m1 - xhat * m2);
+        }
+    }
 }
 
 fn forward_impl<T: Float>(x: &[T], w: &[T], b: &[T], g: &Geom) -> (Vec<T>, Vec<(f64, f64)>) {
@@ -57,32 +143,7 @@ fn forward_impl<T: Float>(x: &[T], w: &[T], b: &[T], g: &Geom) -> (Vec<T>, Vec<(
         .with_min_len(super::min_rows(n))
         .enumerate()
         .for_each(|(r, (out, st))| {
-            let row = &x[r * n..(r + 1) * n];
-            let mean = row.iter().map(|&v| f64_of(v)).sum::<f64>() / n as f64;
-            let var = row.iter().map(|&v| (f64_of(v) - mean).powi(2)).sum::<f64>() / n as f64;
-            let rstd = 1.0 / (var + g.eps).sqrt();
-            *st = (mean, rstd);
-            let c0 = g.first_channel(r);
-            for (cc, (o, v)) in out
-                .chunks_mut(g.spatial)
-                .zip(row.chunks(g.spatial))
-                .enumerate()
-            {
-                // z = (x - mean) * rstd * w + b = x * scale + shift
-                let scale = rstd * f64_of(w[c0 + cc]);
-                let shift = f64_of(b[c0 + cc]) - mean * scale;
-                let (scale, shift) = (T::from_f64(scale), T::from_f64(shift));
-                if g.silu {
-                    for (o, &v) in o.iter_mut().zip(v) {
-                        let z = v * scale + shift;
-                        *o = z * sigmoid(z);
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(v) {
-                        *o = v * scale + shift;
-                    }
-                }
-            }
+            *st = forward_row(out, &x[r * n..(r + 1) * n], w, b, g, r);
         });
     (y, stats)
 }
@@ -101,42 +162,8 @@ fn backward_impl<T: Float>(
         .with_min_len(super::min_rows(n))
         .enumerate()
         .for_each(|(r, out)| {
-            let (mean, rstd) = stats[r];
-            let (xr, dr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let c0 = g.first_channel(r);
-            let (tm, tr) = (T::from_f64(mean), T::from_f64(rstd));
-            // Pass 1: d loss / d xhat into `out`, and its sums against 1 and xhat.
-            let (mut s1, mut s2) = (0.0, 0.0);
-            for (cc, ((o, xs), ds)) in out
-                .chunks_mut(g.spatial)
-                .zip(xr.chunks(g.spatial))
-                .zip(dr.chunks(g.spatial))
-                .enumerate()
-            {
-                let (wc, bc) = (w[c0 + cc], b[c0 + cc]);
-                let (mut a1, mut a2) = (T::zero(), T::zero());
-                for ((o, &xv), &d) in o.iter_mut().zip(xs).zip(ds) {
-                    let xhat = (xv - tm) * tr;
-                    let d = if g.silu {
-                        let z = xhat * wc + bc;
-                        let s = sigmoid(z);
-                        d * s * (T::one() + z * (T::one() - s))
-                    } else {
-                        d
-                    } * wc;
-                    *o = d;
-                    a1 += d;
-                    a2 += d * xhat;
-                }
-                s1 += f64_of(a1);
-                s2 += f64_of(a2);
-            }
-            let (m1, m2) = (T::from_f64(s1 / n as f64), T::from_f64(s2 / n as f64));
-            // Pass 2: dx = (d - mean(d) - xhat mean(d xhat)) / sigma.
-            for (o, &xv) in out.iter_mut().zip(xr) {
-                let xhat = (xv - tm) * tr;
-                *o = tr * (*o - m1 - xhat * m2);
-            }
+            let rows = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
+            backward_row(out, rows, stats[r], (w, b), g, r);
         });
     dx
 }

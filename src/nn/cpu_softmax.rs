@@ -5,9 +5,33 @@
 //!
 //! f32 and f64 on the CPU; [`softmax_scaled`] returns `None` otherwise.
 
-use super::cpu_kernel::{apply1, contiguous, dot, max_scaled, sum, Float, Kernel1};
+use super::cpu_kernel::{apply1, contiguous, dot, max_scaled, simd_fn, sum, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+simd_fn! {
+    /// `o = softmax(scale * r)` for one row.
+    fn softmax_row<T: Float>(o: &mut [T], r: &[T], scale: T) {
+        let max = max_scaled(r, scale);
+        for (o, &v) in o.iter_mut().zip(r) {
+            *o = (v * scale - max).exp_fast();
+        }
+        let inv = T::one() / sum(o);
+        for o in o.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+simd_fn! {
+    /// `o = scale * y * (g - sum(g * y))` for one row.
+    fn softmax_grad_row<T: Float>(o: &mut [T], g: &[T], y: &[T], scale: T) {
+        let dot = dot(g, y);
+        for ((o, &a), &b) in o.iter_mut().zip(g).zip(y) {
+            *o = scale * b * (a - dot);
+        }
+    }
+}
 
 fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
@@ -15,14 +39,7 @@ fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
         .zip(x.par_chunks(n))
         .with_min_len(super::min_rows(n))
         .for_each(|(o, r)| {
-            let max = max_scaled(r, scale);
-            for (o, &v) in o.iter_mut().zip(r) {
-                *o = (v * scale - max).exp_fast();
-            }
-            let inv = T::one() / sum(o);
-            for o in o.iter_mut() {
-                *o *= inv;
-            }
+            softmax_row(o, r, scale);
         });
     y
 }
@@ -33,10 +50,7 @@ fn backward_impl<T: Float>(g: &[T], y: &[T], n: usize, scale: T) -> Vec<T> {
         .zip(g.par_chunks(n).zip(y.par_chunks(n)))
         .with_min_len(super::min_rows(n))
         .for_each(|(o, (g, y))| {
-            let dot = dot(g, y);
-            for ((o, &a), &b) in o.iter_mut().zip(g).zip(y) {
-                *o = scale * b * (a - dot);
-            }
+            softmax_grad_row(o, g, y, scale);
         });
     dx
 }
