@@ -322,3 +322,66 @@ fn fast_exp_is_within_a_few_ulp_of_exp() {
     // Flushed below 2.5e-38 only.
     assert!(exp_f32(-86.5) > 0.0);
 }
+
+/// The kernels are compiled once per instruction set (AVX-512, AVX2 + FMA, baseline) and
+/// chosen at run time; every copy must give the same bits (no contraction into FMAs, fixed
+/// reduction order). Copies the CPU lacks are skipped (the level is capped).
+#[test]
+fn every_instruction_set_copy_gives_the_same_bits() {
+    use reneg::nn::{cpu_norm, cpu_softmax, force_simd_level};
+    let x = randn(500, &[2, 64, 36, 33]).to_dtype(DType::F32).unwrap();
+    let kernel = (randn(501, &[32, 64, 3, 3]) * 0.05)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let w = randn(502, &[64]).to_dtype(DType::F32).unwrap();
+    let b = randn(503, &[64]).to_dtype(DType::F32).unwrap();
+    let dy = randn(504, &[2, 32, 36, 33]).to_dtype(DType::F32).unwrap();
+    let run = || {
+        let sm = cpu_softmax::softmax_scaled(&(&x * 3.0).unwrap(), 0.7)
+            .unwrap()
+            .unwrap();
+        let gn = cpu_norm::group_norm(&x, 8, 1e-5, &w, &b, true)
+            .unwrap()
+            .unwrap();
+        let algo = cpu_conv::Algo::Winograd;
+        let conv = cpu_conv::forward_algo(&x, &kernel, None, 1, 1, 1 << 20, algo).unwrap();
+        let dx = cpu_conv::input_grad_algo(&dy, &kernel, 1, 1, (36, 33), 1 << 20, algo).unwrap();
+        let im2col_dx = cpu_conv::input_grad_algo(
+            &dy,
+            &kernel,
+            1,
+            1,
+            (36, 33),
+            1 << 16,
+            cpu_conv::Algo::Im2col,
+        )
+        .unwrap();
+        let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        [sm, gn, conv, dx, im2col_dx]
+            .iter()
+            .map(bits)
+            .collect::<Vec<_>>()
+    };
+    force_simd_level(1);
+    let baseline = run();
+    for level in [3, 4] {
+        force_simd_level(level);
+        let got = run();
+        for (k, (a, b)) in baseline.iter().zip(&got).enumerate() {
+            assert!(
+                a == b,
+                "kernel {k}: level {level} differs from the baseline copy"
+            );
+        }
+    }
+    force_simd_level(4);
+}

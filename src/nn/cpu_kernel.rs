@@ -69,12 +69,22 @@ pub fn exp_f32(x: f32) -> f32 {
     }
 }
 
+static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Makes the kernels take the given copy (1 baseline, 3 AVX2 + FMA, 4 AVX-512), capped at
+/// what the CPU has: tests check that every copy gives the same bits.
+#[doc(hidden)]
+pub fn force_simd_level(level: u8) {
+    LEVEL.store(0, std::sync::atomic::Ordering::Relaxed);
+    let most = simd_level();
+    LEVEL.store(level.min(most), std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The vector instructions the CPU has: 4 for AVX-512 (F, BW, DQ, VL), 3 for AVX2 + FMA,
 /// 1 for neither (probed once).
 #[inline(always)]
 pub(crate) fn simd_level() -> u8 {
-    use std::sync::atomic::{AtomicU8, Ordering};
-    static LEVEL: AtomicU8 = AtomicU8::new(0);
+    use std::sync::atomic::Ordering;
     let level = LEVEL.load(Ordering::Relaxed);
     if level != 0 {
         return level;

@@ -17,7 +17,7 @@ pub mod norm;
 pub use activation::Activation;
 pub use conv::{Conv2d, Downsample2D};
 #[doc(hidden)]
-pub use cpu_kernel::exp_f32;
+pub use cpu_kernel::{exp_f32, force_simd_level};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
 
