@@ -12,7 +12,8 @@
 //!
 //! A `full` case takes a batch size as `fullNxB` (`full64x4`: 512 px, 4 images; `fullN` is batch 1):
 //! the sampling evaluation is then the UNet on 2B latents and the gradient step is for B prompts.
-//! `RENEG_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the case on the first CUDA
+//! `RENEG_BENCH_BACKWARD=one-pass` takes the gradient step in one pass (`train::step::Backward`;
+//! staged by default). `RENEG_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the case on the first CUDA
 //! device and `RENEG_BENCH_DTYPE=f32|bf16|f16` sets the model dtype (f32 by default). On a GPU
 //! each timing synchronizes the device, the repetitions are `RENEG_BENCH_REPS` (default 5 for a
 //! sampling evaluation, 3 for a gradient step), and `peak_gpu_mb` is the largest device-wide
@@ -26,7 +27,7 @@ use reneg::models::vae::{AutoencoderKL, VaeConfig};
 use reneg::reward::LinearReward;
 use reneg::scheduler::{DdimConfig, DdimScheduler};
 use reneg::tokenizer::ClipTokenizer;
-use reneg::train::step::{gradient_at, reneg_gradient, Objective, Pixels, Sampling};
+use reneg::train::step::{gradient_at, reneg_gradient, Backward, Objective, Pixels, Sampling};
 use reneg::weights::{Vb, Weights};
 use reneg::StableDiffusion;
 use serde_json::json;
@@ -86,6 +87,14 @@ fn bench_dtype() -> DType {
         Ok("bf16") => DType::BF16,
         Ok("f16") => DType::F16,
         Ok(d) => panic!("RENEG_BENCH_DTYPE={d}: expected f32, bf16 or f16"),
+    }
+}
+
+/// `RENEG_BENCH_BACKWARD=one-pass` times the one-pass gradient step (default: staged).
+fn bench_backward() -> Backward {
+    match std::env::var("RENEG_BENCH_BACKWARD").as_deref() {
+        Ok("one-pass") => Backward::OnePass,
+        _ => Backward::Staged,
     }
 }
 
@@ -182,6 +191,7 @@ fn tiny() {
         guidance_scale: 7.5,
         height: 32,
         width: 32,
+        backward: bench_backward(),
     };
     let prompts = ["a red cube on a table".to_string()];
     let secs = time(&dev, reps(5), || {
@@ -190,6 +200,7 @@ fn tiny() {
     println!(
         "{}",
         json!({"impl": "reneg", "case": "tiny", "step_s": secs, "peak_rss_mb": peak_rss_mb(),
+               "backward": format!("{:?}", bench_backward()),
                "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")})
     );
 }
@@ -268,8 +279,19 @@ fn full(latent: usize, batch: usize) {
         pixels: Pixels::Raw,
     };
     let prompts = vec![String::new(); b];
+    let backward = bench_backward();
     let grad_s = time(&dev, reps(if gpu { 3 } else { 1 }), || {
-        gradient_at(&sd, &objective, &neg, &prompts, &cond, &x, 201, 7.5).unwrap();
+        gradient_at(
+            &sd,
+            &objective,
+            &neg,
+            &prompts,
+            &cond,
+            &x,
+            201,
+            (7.5, backward),
+        )
+        .unwrap();
     });
     let gpu_grad_mb = mem.peak_mb();
     if std::env::var_os("RENEG_BENCH_PHASES").is_some() {
@@ -285,6 +307,7 @@ fn full(latent: usize, batch: usize) {
            // evaluations before it on average).
            "train_step_s": 24.5 * sample_s + grad_s,
            "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb(),
+           "backward": format!("{backward:?}"),
            "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")});
     if gpu {
         out["base_gpu_mb"] = json!(GpuMemory::mb(mem.base));

@@ -696,9 +696,20 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
     let out = dir.join("run");
     ok(&train_args(
         out.to_str().unwrap(),
-        &["--config", cfg.to_str().unwrap(), "--steps", "4"],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--backward",
+            "one-pass",
+        ],
     ));
     let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        written.contains("backward = \"one-pass\""),
+        "the backward flag is recorded: {written}"
+    );
     assert!(
         written.contains("steps = 4"),
         "flags override the file: {written}"
@@ -725,6 +736,8 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
             cfg.to_str().unwrap(),
             "--steps",
             "4",
+            "--backward",
+            "one-pass",
             "--resume",
         ],
     ));

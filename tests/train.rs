@@ -13,7 +13,7 @@ use reneg::train::checkpoint::Checkpoint;
 use reneg::train::config::TrainConfig;
 use reneg::train::global::{train, Prompts, Validation};
 use reneg::train::per_sample::{adapt, AdaptConfig};
-use reneg::train::step::{reneg_gradient_from, Objective, Pixels, Sampling};
+use reneg::train::step::{reneg_gradient_from, Backward, Objective, Pixels, Sampling};
 use reneg::StableDiffusion;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -115,37 +115,41 @@ fn training_step_gradient_equals_each_parity_case() {
             rewards: vec![(Box::new(LinearReward(exp["reward_weight"].clone())), 1.0)],
             pixels: Pixels::Raw,
         };
-        let s = Sampling {
-            steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
-            height: meta["height"].as_u64().unwrap() as usize,
-            width: meta["width"].as_u64().unwrap() as usize,
-        };
-        let r = reneg_gradient_from(
-            &mut sd,
-            &objective,
-            &exp["negative_prompt_embeds"],
-            &[meta["prompt"].as_str().unwrap().to_string()],
-            exp["init_latents"].clone(),
-            meta["grad_step_index"].as_u64().unwrap() as usize,
-            &s,
-        )
-        .unwrap();
-        let want = &exp["grad_negative_prompt_embeds"];
-        let diff = max_abs_diff(&r.grad, want);
-        let scale = max_abs(want).max(1e-30);
-        println!(
-            "{}: training-step gradient max rel err {:.3e}",
-            dir.display(),
-            diff / scale
-        );
-        assert!(diff / scale < 1e-3, "{}: {}", dir.display(), diff / scale);
-        let loss = exp["loss"].to_scalar::<f32>().unwrap() as f64;
-        assert!(
-            (r.loss - loss).abs() <= 1e-4 * loss.abs().max(1.0),
-            "loss {} vs {loss}",
-            r.loss
-        );
+        // Both arrangements of the backward give the PyTorch gradient.
+        for backward in [Backward::Staged, Backward::OnePass] {
+            let s = Sampling {
+                steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
+                guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
+                height: meta["height"].as_u64().unwrap() as usize,
+                width: meta["width"].as_u64().unwrap() as usize,
+                backward,
+            };
+            let r = reneg_gradient_from(
+                &mut sd,
+                &objective,
+                &exp["negative_prompt_embeds"],
+                &[meta["prompt"].as_str().unwrap().to_string()],
+                exp["init_latents"].clone(),
+                meta["grad_step_index"].as_u64().unwrap() as usize,
+                &s,
+            )
+            .unwrap();
+            let want = &exp["grad_negative_prompt_embeds"];
+            let diff = max_abs_diff(&r.grad, want);
+            let scale = max_abs(want).max(1e-30);
+            println!(
+                "{} ({backward:?}): training-step gradient max rel err {:.3e}",
+                dir.display(),
+                diff / scale
+            );
+            assert!(diff / scale < 1e-3, "{}: {}", dir.display(), diff / scale);
+            let loss = exp["loss"].to_scalar::<f32>().unwrap() as f64;
+            assert!(
+                (r.loss - loss).abs() <= 1e-4 * loss.abs().max(1.0),
+                "loss {} vs {loss}",
+                r.loss
+            );
+        }
         ran += 1;
     }
     assert!(ran >= 3);
@@ -421,6 +425,7 @@ fn per_sample_adaptation_is_never_worse_than_its_start() {
         guidance_scale: 7.5,
         height: 32,
         width: 32,
+        backward: Default::default(),
     };
     let cfg = AdaptConfig {
         steps: 4,

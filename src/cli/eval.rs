@@ -232,6 +232,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         height: h,
         width: w,
+        backward: args.adapt.adapt_backward,
     };
     let adapt_cfg = args.adapt.config(args.steps);
     let bar = ProgressBar::new(todo.len() as u64);

@@ -145,6 +145,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         height: h,
         width: w,
+        backward: args.adapt.adapt_backward,
     };
 
     let jobs: Vec<Job> = prompt_list

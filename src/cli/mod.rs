@@ -145,6 +145,9 @@ pub struct AdaptArgs {
     pub adapt_patience: usize,
     #[arg(long, default_value_t = 5e-3)]
     pub adapt_lr: f64,
+    /// The adaptation's gradient step: staged (less memory) or one-pass (faster).
+    #[arg(long, value_enum, default_value = "staged")]
+    pub adapt_backward: reneg::train::step::Backward,
 }
 
 impl AdaptArgs {

@@ -73,6 +73,10 @@ pub struct TrainArgs {
     pub val_every: Option<u64>,
     #[arg(long)]
     pub val_seeds: Option<usize>,
+    /// staged: lower peak memory (the UNet's negative branch is recomputed); one-pass: faster,
+    /// the UNet's graph kept through the decoder's backward. Same gradient.
+    #[arg(long, value_enum)]
+    pub backward: Option<reneg::train::step::Backward>,
     /// Never touch the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     pub offline: bool,
@@ -123,6 +127,10 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     put("checkpoint_every", int(a.checkpoint_every));
     put("val_every", int(a.val_every));
     put("val_seeds", uint(a.val_seeds));
+    if let Some(b) = a.backward {
+        let v = toml::Value::try_from(b).map_err(|e| user(format!("--backward: {e}")))?;
+        t.insert("backward".into(), v);
+    }
     if let Some(init) = &a.init {
         let v =
             toml::Value::try_from(Init::parse(init)).map_err(|e| user(format!("--init: {e}")))?;

@@ -98,6 +98,9 @@ pub struct TrainConfig {
     /// Seeds per validation prompt.
     #[serde(default = "d_val_seeds")]
     pub val_seeds: usize,
+    /// How the gradient step's backward is arranged (`staged` or `one-pass`).
+    #[serde(default)]
+    pub backward: crate::train::step::Backward,
 }
 
 fn d_init() -> Init {

@@ -168,6 +168,7 @@ pub fn train(
         guidance_scale: cfg.guidance_scale,
         height: cfg.height.unwrap_or(px),
         width: cfg.width.unwrap_or(px),
+        backward: cfg.backward,
     };
 
     let adam_cfg = AdamWConfig {
