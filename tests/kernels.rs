@@ -385,3 +385,27 @@ fn every_instruction_set_copy_gives_the_same_bits() {
     }
     force_simd_level(4);
 }
+
+#[test]
+fn in_place_softmax_equals_the_fused_one() {
+    use reneg::nn::cpu_softmax;
+    for dtype in [DType::F32, DType::F64] {
+        let x = (randn(510, &[3, 5, 37]) * 4.0)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = cpu_softmax::softmax_scaled(&x, 0.3).unwrap().unwrap();
+        let scratch = x.copy().unwrap();
+        let got = cpu_softmax::softmax_scaled_in_place(scratch, 0.3)
+            .unwrap()
+            .unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{dtype:?}");
+        // Not on a graph: a variable is left alone.
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        assert!(
+            cpu_softmax::softmax_scaled_in_place(var.as_tensor().clone(), 0.3)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

@@ -24,6 +24,20 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `x = softmax(scale * x)` for one row, in place.
+    fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
+        let max = max_scaled(x, scale);
+        for v in x.iter_mut() {
+            *v = (*v * scale - max).exp_fast();
+        }
+        let inv = T::one() / sum(x);
+        for v in x.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+simd_fn! {
     /// `o = scale * y * (g - sum(g * y))` for one row.
     fn softmax_grad_row<T: Float>(o: &mut [T], g: &[T], y: &[T], scale: T) {
         let dot = dot(g, y);
@@ -110,6 +124,58 @@ impl CustomOp2 for Backward {
         };
         Ok((out, yl.shape().clone()))
     }
+}
+
+/// Softmax in place over the last dimension of a contiguous CPU f32/f64 tensor.
+struct InPlace {
+    scale: f64,
+}
+
+impl InPlace {
+    fn rows<T: Float>(&self, v: &mut [T], l: &Layout) -> Result<()> {
+        let n = *l.dims().last().unwrap_or(&1);
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cpu_softmax: not contiguous".into()))?;
+        let scale = T::from_f64(self.scale);
+        v[a..b]
+            .par_chunks_mut(n.max(1))
+            .with_min_len(super::min_rows(n))
+            .for_each(|row| softmax_row_in_place(row, scale));
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp1 for InPlace {
+    fn name(&self) -> &'static str {
+        "cpu-softmax-in-place"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        match s {
+            CpuStorage::F32(v) => self.rows(v, l),
+            CpuStorage::F64(v) => self.rows(v, l),
+            _ => candle_core::bail!("cpu_softmax: f32 or f64 only"),
+        }
+    }
+}
+
+/// `softmax(scale * xs)` over the last dimension, written over `xs` itself, which must be a
+/// scratch tensor of the caller's (attention's scores: no second buffer to allocate and
+/// zero). Returns `xs`, or `None` where the fused kernel does not apply (off the CPU, other
+/// dtypes, a tensor on a graph, or not contiguous).
+pub fn softmax_scaled_in_place(xs: Tensor, scale: f64) -> Result<Option<Tensor>> {
+    let ok = xs.device().is_cpu()
+        && matches!(xs.dtype(), DType::F32 | DType::F64)
+        && xs.rank() > 0
+        && xs.is_contiguous()
+        && !xs.track_op()
+        && !xs.is_variable();
+    if !ok {
+        return Ok(None);
+    }
+    xs.inplace_op1(&InPlace { scale })?;
+    Ok(Some(xs))
 }
 
 /// The input gradient of `y = softmax(scale * x)` given `g` = d loss / d y: fused, no graph.

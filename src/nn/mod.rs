@@ -134,7 +134,7 @@ fn attention_recomputing(
     let out = in_query_blocks(&qd, &kd, &vd, scale, rows, q.dtype())?;
     let probs = move |q: &Tensor, k: &Tensor, r: usize| -> Result<Tensor> {
         let raw = q.narrow(1, r, rows.min(n - r))?.matmul(&k.t()?)?;
-        cpu_softmax::softmax_scaled(&raw, scale)?.ok_or_else(|| {
+        cpu_softmax::softmax_scaled_in_place(raw, scale)?.ok_or_else(|| {
             candle_core::Error::Msg("recomputing attention runs on CPU f32/f64 only".into())
         })
     };
@@ -186,7 +186,9 @@ fn scores_times_v(
     dtype: candle_core::DType,
 ) -> Result<Tensor> {
     let raw = q.matmul(&k.t()?)?;
+    // Without a graph the scores are scratch: softmax overwrites them.
     let fused = match mask {
+        None if !raw.track_op() => cpu_softmax::softmax_scaled_in_place(raw.clone(), scale)?,
         None => cpu_softmax::softmax_scaled(&raw, scale)?,
         Some(_) => None,
     };
