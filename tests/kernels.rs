@@ -409,3 +409,33 @@ fn in_place_softmax_equals_the_fused_one() {
         );
     }
 }
+
+/// The CPU attention kernel (one head at a time, scores in a reused buffer) against the
+/// composed ops, for every block of queries from one row to the whole head.
+#[test]
+fn cpu_attention_matches_the_composed_ops() {
+    use reneg::nn::{cpu_attention, softmax_last_dim};
+    let (q, k, v) = (
+        randn(520, &[3, 11, 8]),
+        randn(521, &[3, 7, 8]),
+        randn(522, &[3, 7, 8]),
+    );
+    let scale = 0.35;
+    let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    let want = softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
+    for rows in [1, 4, 11, 100] {
+        let got = cpu_attention::attention(&q, &k, &v, scale, rows)
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let e = max_abs_diff(&got, &want) / max_abs(&want);
+        assert!(e < 1e-14, "rows {rows}: {e:e}");
+    }
+    let f32s = |t: &candle_core::Tensor| t.to_dtype(DType::F32).unwrap();
+    let got = cpu_attention::attention(&f32s(&q), &f32s(&k), &f32s(&v), scale, 4)
+        .unwrap()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    assert!(max_abs_diff(&got, &want) / max_abs(&want) < 1e-6);
+}

@@ -111,7 +111,7 @@ fn threads() -> gemm::Parallelism {
 /// # Safety
 /// The pointers and strides must describe valid, non-overlapping (for `dst`) memory.
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul<T: Float>(
+pub(crate) unsafe fn matmul<T: Float>(
     mnk: (usize, usize, usize),
     dst: (*mut T, usize, usize),
     accumulate: bool,

@@ -25,7 +25,7 @@ simd_fn! {
 
 simd_fn! {
     /// `x = softmax(scale * x)` for one row, in place.
-    fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
+    pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
         let max = max_scaled(x, scale);
         for v in x.iter_mut() {
             *v = (*v * scale - max).exp_fast();

@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod conv;
+pub mod cpu_attention;
 pub mod cpu_conv;
 mod cpu_kernel;
 pub mod cpu_norm;
@@ -101,9 +102,9 @@ pub fn attention_blocked(
     // latents the full matrix is 2 x 8 x 4096 x 4096).
     let rows = (block / (b * heads * m).max(1)).clamp(1, n);
     let out = if mask.is_none() && !tracked(&q) && !tracked(&k) && !tracked(&v) {
-        in_query_blocks(&q, &k, &v, scale, rows, dtype)?
+        in_query_blocks(&q, &k, &v, scale, block, dtype)?
     } else if mask.is_none() && fast_dtype(&q) && fast_dtype(&k) && fast_dtype(&v) {
-        attention_recomputing(&q, &k, &v, scale, rows)?
+        attention_recomputing(&q, &k, &v, scale, (rows, block))?
     } else {
         scores_times_v(&q, &k, &v, scale, mask, dtype)?
     };
@@ -127,11 +128,11 @@ fn attention_recomputing(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    rows: usize,
+    (rows, block): (usize, usize),
 ) -> Result<Tensor> {
     let n = q.dim(1)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = in_query_blocks(&qd, &kd, &vd, scale, rows, q.dtype())?;
+    let out = in_query_blocks(&qd, &kd, &vd, scale, block, q.dtype())?;
     let probs = move |q: &Tensor, k: &Tensor, r: usize| -> Result<Tensor> {
         let raw = q.narrow(1, r, rows.min(n - r))?.matmul(&k.t()?)?;
         cpu_softmax::softmax_scaled_in_place(raw, scale)?.ok_or_else(|| {
@@ -159,16 +160,26 @@ fn attention_recomputing(
 /// Elements of one block of attention scores (64 MB in f32).
 const SCORES_BLOCK: usize = 16 << 20;
 
-/// [`scores_times_v`] without a mask, `rows` queries at a time.
+/// [`scores_times_v`] without a mask and without a graph, with at most `block` score elements
+/// at a time: one head at a time on the CPU ([`cpu_attention`]), else query blocks over all
+/// heads.
 fn in_query_blocks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
-    rows: usize,
+    block: usize,
     dtype: candle_core::DType,
 ) -> Result<Tensor> {
-    let n = q.dim(1)?;
+    let (bh, n, _) = q.dims3()?;
+    let m = k.dim(1)?;
+    if dtype == q.dtype() {
+        let per_head = (block / m.max(1)).clamp(1, n.max(1));
+        if let Some(out) = cpu_attention::attention(q, k, v, scale, per_head)? {
+            return Ok(out);
+        }
+    }
+    let rows = (block / (bh * m).max(1)).clamp(1, n.max(1));
     let blocks = (0..n)
         .step_by(rows)
         .map(|r| scores_times_v(&q.narrow(1, r, rows.min(n - r))?, k, v, scale, None, dtype))
