@@ -94,7 +94,8 @@ fn bench_dtype() -> DType {
 fn bench_backward() -> Backward {
     match std::env::var("RENEG_BENCH_BACKWARD").as_deref() {
         Ok("one-pass") => Backward::OnePass,
-        _ => Backward::Staged,
+        Ok("staged") | Err(_) => Backward::Staged,
+        Ok(other) => panic!("RENEG_BENCH_BACKWARD={other}: staged or one-pass"),
     }
 }
 

@@ -694,17 +694,15 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
     let cfg = dir.join("cfg.toml");
     std::fs::write(&cfg, "steps = 3\ncheckpoint_every = 2\nlr = 0.02\n").unwrap();
     let out = dir.join("run");
-    ok(&train_args(
-        out.to_str().unwrap(),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--backward",
-            "one-pass",
-        ],
-    ));
+    let flags = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--backward",
+        "one-pass",
+    ];
+    ok(&train_args(out.to_str().unwrap(), &flags));
     let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(
         written.contains("backward = \"one-pass\""),
@@ -731,15 +729,7 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
     // Resuming a finished run is a no-op that keeps the result.
     ok(&train_args(
         out.to_str().unwrap(),
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "--steps",
-            "4",
-            "--backward",
-            "one-pass",
-            "--resume",
-        ],
+        &[&flags[..], &["--resume"]].concat(),
     ));
     let again =
         reneg::embedding::NegativeEmbedding::load(&out.join("embedding.safetensors")).unwrap();

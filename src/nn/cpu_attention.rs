@@ -7,7 +7,7 @@
 //! f32 and f64 on the CPU; [`attention`] returns `None` otherwise.
 
 use super::cpu_conv::matmul;
-use super::cpu_kernel::Float;
+use super::cpu_kernel::{contiguous as slice, Float};
 use super::cpu_softmax::softmax_row_in_place;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -63,10 +63,6 @@ impl Attention {
 
 type Dims = (usize, usize, usize, usize);
 
-fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    super::cpu_kernel::contiguous(v, l)
-}
-
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "cpu-attention"
@@ -98,8 +94,8 @@ impl CustomOp3 for Attention {
 }
 
 /// `softmax(scale q kᵀ) v` for `q`: `[bh, n, d]`, `k`, `v`: `[bh, m, d]`, without a graph,
-/// `rows` queries of one head at a time; `None` off the CPU, for other dtypes or shapes that do
-/// not fit.
+/// `rows` queries of one head at a time; `None` off the CPU, for other dtypes, shapes that do
+/// not fit, or inputs on a graph (the op has no backward; `nn::attention` gives those one).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -108,6 +104,9 @@ pub fn attention(
     rows: usize,
 ) -> Result<Option<Tensor>> {
     let cpu = [q, k, v].iter().all(|t| t.device().is_cpu());
+    if [q, k, v].iter().any(|t| t.is_variable() || t.track_op()) {
+        return Ok(None);
+    }
     let dtype = q.dtype();
     let same = k.dtype() == dtype && v.dtype() == dtype;
     if !cpu || !same || !matches!(dtype, DType::F32 | DType::F64) {
@@ -117,11 +116,7 @@ pub fn attention(
     if bk != bh || bv != bh || dk != d || dv != d || mv != m {
         return Ok(None);
     }
-    let (q, k, v) = (
-        q.detach().contiguous()?,
-        k.detach().contiguous()?,
-        v.detach().contiguous()?,
-    );
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     Ok(Some(q.apply_op3_no_bwd(
         &k,
         &v,

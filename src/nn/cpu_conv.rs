@@ -501,13 +501,12 @@ impl CustomOp1 for WeightGrad {
 
 fn geom(
     x_dims: (usize, usize, usize, usize),
-    kernel: &Tensor,
+    (c_out, kc, k, k2): (usize, usize, usize, usize),
     stride: usize,
     padding: usize,
     (budget, algo): (usize, Algo),
 ) -> Result<Geom> {
     let (b, c_in, h, w) = x_dims;
-    let (c_out, kc, k, k2) = kernel.dims4()?;
     if kc != c_in || k != k2 || h + 2 * padding < k || w + 2 * padding < k || stride == 0 {
         candle_core::bail!(
             "conv2d: input [{b}, {c_in}, {h}, {w}] does not fit kernel [{c_out}, {kc}, {k}, {k2}] (padding {padding}, stride {stride})"
@@ -536,27 +535,12 @@ fn geom(
 #[doc(hidden)]
 pub fn auto_picks_winograd(
     x_dims: (usize, usize, usize, usize),
-    (c_out, c_in, k, k2): (usize, usize, usize, usize),
+    kernel_dims: (usize, usize, usize, usize),
     padding: usize,
     stride: usize,
 ) -> bool {
-    let (b, _, h, w) = x_dims;
-    k == k2
-        && h + 2 * padding >= k
-        && w + 2 * padding >= k
-        && stride > 0
-        && winograd::pays_off(&Geom {
-            b,
-            c_in,
-            c_out,
-            h,
-            w,
-            k,
-            stride,
-            padding,
-            budget: COLS_BUDGET,
-            algo: Algo::Auto,
-        })
+    let plan = (COLS_BUDGET, Algo::Auto);
+    geom(x_dims, kernel_dims, stride, padding, plan).is_ok_and(|g| g.winograd())
 }
 
 /// `conv2d(x, kernel) + bias` (`[b, c_in, h, w]` -> `[b, c_out, h', w']`), without a graph.
@@ -595,7 +579,7 @@ pub fn forward_algo(
     budget: usize,
     algo: Algo,
 ) -> Result<Tensor> {
-    let g = geom(x.dims4()?, kernel, stride, padding, (budget, algo))?;
+    let g = geom(x.dims4()?, kernel.dims4()?, stride, padding, (budget, algo))?;
     x.detach().contiguous()?.apply_op1_no_bwd(&Forward {
         kernel: kernel.contiguous()?,
         bias: bias.map(|b| b.contiguous()).transpose()?,
@@ -644,7 +628,7 @@ pub fn input_grad_algo(
     let c_in = kernel.dim(1)?;
     let g = geom(
         (b, c_in, in_h, in_w),
-        kernel,
+        kernel.dims4()?,
         stride,
         padding,
         (budget, algo),
@@ -675,17 +659,16 @@ pub fn weight_grad(
 pub fn weight_grad_tiled(
     x: &Tensor,
     dy: &Tensor,
-    (c_out, c_in, k, k2): (usize, usize, usize, usize),
+    kernel_dims: (usize, usize, usize, usize),
     padding: usize,
     stride: usize,
     budget: usize,
 ) -> Result<Tensor> {
     let x = x.detach().contiguous()?;
-    let kernel_like = Tensor::zeros((c_out, c_in, k, k2), x.dtype(), x.device())?;
     // im2col: the kernel gradient has no Winograd form here.
     let g = geom(
         x.dims4()?,
-        &kernel_like,
+        kernel_dims,
         stride,
         padding,
         (budget, Algo::Im2col),

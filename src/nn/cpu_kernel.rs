@@ -202,28 +202,27 @@ pub(crate) fn sum<T: Float>(a: &[T]) -> T {
     acc.iter().fold(rest, |s, &v| s + v)
 }
 
-/// `sum(a[i])` and `sum((a[i] - mean)^2)` in f64 (group norm's statistics), in 8 lanes each.
+/// Mean and (biased) variance of `a` in f64 (group norm's statistics): two passes.
 #[inline(always)]
-pub(crate) fn sum_f64<T: Float>(a: &[T], mean: f64) -> (f64, f64) {
-    let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
+pub(crate) fn mean_var_f64<T: Float>(a: &[T]) -> (f64, f64) {
+    let n = a.len().max(1) as f64;
+    let mean = sum_map_f64(a, |v| v) / n;
+    (mean, sum_map_f64(a, |v| (v - mean) * (v - mean)) / n)
+}
+
+/// `sum(f(a[i]))` in f64, in 8 interleaved partial sums.
+#[inline(always)]
+fn sum_map_f64<T: Float>(a: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let to = |v: T| f(candle_core::WithDType::to_f64(v));
+    let mut acc = [0f64; 8];
     let chunks = a.chunks_exact(8);
-    let (mut rs, mut rq) = (0f64, 0f64);
-    for &v in chunks.remainder() {
-        let v = candle_core::WithDType::to_f64(v);
-        rs += v;
-        rq += (v - mean) * (v - mean);
-    }
+    let rest = chunks.remainder().iter().fold(0.0, |s, &v| s + to(v));
     for c in chunks {
         for i in 0..8 {
-            let v = candle_core::WithDType::to_f64(c[i]);
-            s[i] += v;
-            q[i] += (v - mean) * (v - mean);
+            acc[i] += to(c[i]);
         }
     }
-    (
-        s.iter().fold(rs, |a, &v| a + v),
-        q.iter().fold(rq, |a, &v| a + v),
-    )
+    acc.iter().fold(rest, |s, &v| s + v)
 }
 
 /// `max(a[i] * scale)` (minus infinity for an empty slice), in [`LANES`] partial maxima.

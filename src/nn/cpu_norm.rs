@@ -7,7 +7,7 @@
 //! f32 and f64 on the CPU with frozen weights only; [`group_norm`] returns `None` otherwise and
 //! the caller uses the composed ops.
 
-use super::cpu_kernel::{apply1, dot_centered, simd_fn, sum, sum_f64, Float, Kernel1};
+use super::cpu_kernel::{apply1, dot_centered, mean_var_f64, simd_fn, sum, Float, Kernel1};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -60,9 +60,7 @@ simd_fn! {
         g: &Geom,
         r: usize,
     ) -> (f64, f64) {
-        let n = row.len();
-        let mean = sum_f64(row, 0.0).0 / n as f64;
-        let var = sum_f64(row, mean).1 / n as f64;
+        let (mean, var) = mean_var_f64(row);
         let rstd = 1.0 / (var + g.eps).sqrt();
         let c0 = g.first_channel(r);
         for (cc, (o, v)) in out

@@ -10,20 +10,6 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 simd_fn! {
-    /// `o = softmax(scale * r)` for one row.
-    fn softmax_row<T: Float>(o: &mut [T], r: &[T], scale: T) {
-        let max = max_scaled(r, scale);
-        for (o, &v) in o.iter_mut().zip(r) {
-            *o = (v * scale - max).exp_fast();
-        }
-        let inv = T::one() / sum(o);
-        for o in o.iter_mut() {
-            *o *= inv;
-        }
-    }
-}
-
-simd_fn! {
     /// `x = softmax(scale * x)` for one row, in place.
     pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
         let max = max_scaled(x, scale);
@@ -53,7 +39,8 @@ fn forward_impl<T: Float>(x: &[T], n: usize, scale: T) -> Vec<T> {
         .zip(x.par_chunks(n))
         .with_min_len(super::min_rows(n))
         .for_each(|(o, r)| {
-            softmax_row(o, r, scale);
+            o.copy_from_slice(r);
+            softmax_row_in_place(o, scale);
         });
     y
 }
