@@ -420,6 +420,7 @@ fn main() {
     if std::env::var("RENEG_BENCH_RETURN_MEMORY").as_deref() != Ok("1") {
         assert!(reneg::runtime::keep_freed_memory() || !cfg!(target_env = "gnu"));
     }
+    reneg::runtime::fix_thread_count();
     let case = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with('-'))
@@ -430,12 +431,20 @@ fn main() {
         let (n, b) = (n.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
         ([16, 32, 64].contains(&n) && b > 0).then_some((n, b))
     });
-    match (case.as_str(), full_case) {
+    let run = move || {
+        match (case.as_str(), full_case) {
         ("tiny", _) => tiny(),
         ("conv", _) => conv(),
         (_, Some((n, b))) => full(n, b),
         (other, None) => eprintln!(
             "unknown case {other}: tiny, conv, full16, full32, full64, or fullNxB for batch B (full64x4)"
         ),
+    }
+    };
+    // As the `reneg` binary does; RENEG_BENCH_OUTSIDE_POOL=1 runs on the main thread (A/B).
+    if std::env::var("RENEG_BENCH_OUTSIDE_POOL").as_deref() == Ok("1") {
+        run()
+    } else {
+        reneg::runtime::run_on_workers(run)
     }
 }

@@ -37,15 +37,16 @@ enum Command {
 
 fn main() -> ExitCode {
     reneg::runtime::keep_freed_memory();
+    reneg::runtime::fix_thread_count();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = reneg::runtime::run_on_workers(move || match cli.command {
         Command::Generate(args) => cli::generate::run(*args),
         Command::Embedding(cmd) => cli::embedding::run(cmd),
         Command::Score(args) => cli::score::run(args),
         Command::Train(args) => cli::train::run(*args),
         Command::Eval(args) => cli::eval::run(*args),
         Command::Mini(cmd) => cli::mini::run(cmd),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -318,13 +318,17 @@ fn fast_exp_is_within_a_few_ulp_of_exp() {
     assert_eq!(exp_f32(-1000.0), 0.0);
     assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
     assert_eq!(exp_f32(89.0), f32::INFINITY);
+    // The last finite results are computed, not cut off below ln(f32::MAX) = 88.7228.
+    let near_max = exp_f32(88.722);
+    assert!(((near_max as f64) / 88.722f64.exp() - 1.0).abs() < 4.0 * f32::EPSILON as f64);
+    assert_eq!(exp_f32(88.7229), f32::INFINITY);
     assert!(exp_f32(f32::NAN).is_nan());
     // Flushed below 2.5e-38 only.
     assert!(exp_f32(-86.5) > 0.0);
 }
 
 /// The kernels are compiled once per instruction set (AVX-512, AVX2 + FMA, baseline) and
-/// chosen at run time; every copy must give the same bits (no contraction into FMAs, fixed
+/// chosen at run time; every copy must give the same bits (no implicit contraction into FMAs, fixed
 /// reduction order). Copies the CPU lacks are skipped (the level is capped).
 #[test]
 fn every_instruction_set_copy_gives_the_same_bits() {
@@ -438,4 +442,31 @@ fn cpu_attention_matches_the_composed_ops() {
         .to_dtype(DType::F64)
         .unwrap();
     assert!(max_abs_diff(&got, &want) / max_abs(&want) < 1e-6);
+}
+
+/// The binary and the bench run their work inside a pool of the fixed thread count, with a
+/// stack deep enough for autograd's recursive graph walk (rayon's own default is 2 MiB).
+#[test]
+fn work_runs_on_the_pool_with_a_deep_stack() {
+    let threads = reneg::runtime::fix_thread_count();
+    assert!(threads >= 1);
+    let (index, pool_threads, depth) = reneg::runtime::run_on_workers(|| {
+        // About 32 MiB of stack frames: far past 2 MiB and past the main thread's 8 MiB.
+        fn deep(n: usize) -> usize {
+            let pad = std::hint::black_box([n as u8; 1024]);
+            if n == 0 {
+                pad[0] as usize
+            } else {
+                1 + deep(n - 1) + std::hint::black_box(pad[7] as usize * 0)
+            }
+        }
+        (
+            rayon::current_thread_index(),
+            rayon::current_num_threads(),
+            deep(32 * 1024),
+        )
+    });
+    assert!(index.is_some(), "the work did not run on a pool thread");
+    assert_eq!(pool_threads, threads);
+    assert_eq!(depth, 32 * 1024);
 }

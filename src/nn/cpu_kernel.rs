@@ -10,6 +10,7 @@ pub(crate) trait Float: candle_core::WithDType + num_traits::Float {
     /// attention's softmax at 64x64 latents takes hundreds of millions of them); f64 keeps
     /// libm's, so the f64 gradient checks see the exact function.
     fn exp_fast(self) -> Self;
+
 }
 
 impl Float for f32 {
@@ -29,9 +30,17 @@ impl Float for f64 {
 /// `exp(x)` for f32 within a few ulp (tested against f64 over the whole range), branch-free
 /// so that loops over slices vectorise: `x = n ln 2 + r` with `|r| <= ln 2 / 2`, a degree-7
 /// Taylor polynomial for `exp(r)` (truncation error below 1e-8), and `2^n` built in the
-/// exponent bits (as `2 * 2^(n-1)`, so that n = 128 near the top of the range fits). Results
-/// below 2.5e-38 (x < -86.6, next to f32's smallest normal number) are flushed to 0; from
-/// 88.72 on the result is infinite; NaN stays NaN.
+/// exponent bits (as `2 * 2^(n-1)`, so that n = 128 near the top of the range fits; the 2 is
+/// folded into the polynomial's coefficients, which doubles every term exactly). Results
+/// below 2.5e-38 (x < -86.6, next to f32's smallest normal number) are flushed to 0; above
+/// f32's largest value (x > 88.7228) the result is infinite; NaN stays NaN.
+///
+/// The polynomial and the reduction are written as fused multiply-adds (`mul_add`): one
+/// rounding each, so every copy of a kernel gives the same bits whether the CPU fuses them in
+/// hardware or not, and on AVX2 / AVX-512 about twice as fast as separate multiplies and adds
+/// (the loop is bound by the vector ports, not by memory). A copy compiled without FMA (the
+/// baseline one, taken only on CPUs without AVX2) calls libm's `fmaf` instead: slower there,
+/// still exact.
 #[inline(always)]
 pub fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -41,29 +50,36 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     const LOW: f32 = -86.6;
-    const HIGH: f32 = 88.72;
+    // Past ln(f32::MAX) = 88.7228, so that the last finite results are computed, not cut;
+    // n stays at most 128 (n - 1 = 127 is the largest normal exponent) and from 88.7229 on
+    // the product overflows to infinity by itself.
+    const HIGH: f32 = 88.8;
+    // 2 / k! for k = 7 down to 0: Horner's coefficients of 2 exp(r).
+    const COEFFS: [f32; 7] = [
+        2.0 / 720.0,
+        2.0 / 120.0,
+        2.0 / 24.0,
+        2.0 / 6.0,
+        1.0,
+        2.0,
+        2.0,
+    ];
+    // clamp keeps NaN, which then runs through the arithmetic and comes out NaN.
     let xc = x.clamp(LOW, HIGH);
-    let shifted = xc * LOG2E + ROUND;
+    let shifted = xc.mul_add(LOG2E, ROUND);
     let n = shifted - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
+    let mut p2: f32 = 2.0 / 5040.0;
+    for c in COEFFS {
+        p2 = p2.mul_add(r, c);
+    }
     // `shifted`'s low mantissa bits hold n (1.5 * 2^23 + n has the bits 0x4B40_0000 + n), so
     // 2^(n-1) is built with integer ops (`n as i32` would be a scalar saturating conversion
     // that stops the loop from vectorising); n - 1 lies in -126..=127: a normal number.
-    let n_bits = shifted.to_bits().wrapping_sub(0x4B40_0000);
-    let half_scale = f32::from_bits(n_bits.wrapping_add(126) << 23);
-    let y = (p + p) * half_scale;
+    let half_scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 126) << 23);
+    let y = p2 * half_scale;
     if x < LOW {
         0.0
-    } else if x >= HIGH {
-        f32::INFINITY
-    } else if x.is_nan() {
-        x
     } else {
         y
     }
@@ -114,9 +130,10 @@ pub(crate) fn simd_level() -> u8 {
 /// targets baseline x86-64 (SSE2), so without this the kernels' loops run 4 floats wide on a
 /// machine that does 16. The body is an `#[inline(always)]` function inlined into each
 /// `#[target_feature]` copy, and so must be everything it calls in its loops (no parallel
-/// iterators inside: one call per row or channel). No fused multiply-adds are formed (Rust
-/// does not contract `a * b + c`) and the reductions have a fixed lane order, so all three
-/// copies give the same bits.
+/// iterators inside: one call per row or channel). No fused multiply-adds are formed behind
+/// the code's back (Rust does not contract `a * b + c`; the explicit `mul_add`s of
+/// [`exp_f32`] round once on every copy) and the reductions have a fixed lane order, so all
+/// three copies give the same bits.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident<T: Float>($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
