@@ -470,3 +470,99 @@ fn work_runs_on_the_pool_with_a_deep_stack() {
     assert_eq!(pool_threads, threads);
     assert_eq!(depth, 32 * 1024);
 }
+
+/// Φ for f32 (GELU's gate) against libm's f64 erfc, over both tails: the negative tail is
+/// computed directly (not as 1 + erf), so its relative error stays small too.
+#[test]
+fn fast_normal_cdf_is_close_to_the_exact_one() {
+    use reneg::nn::normal_cdf_f32;
+    // In the tail the exponent's argument -x²/2 carries f32's rounding (-36 at x = -8.5, off
+    // by up to 36 * 6e-8), so the bound there is looser; even so it is far tighter
+    // than 1 + erff(x) in f32, whose absolute error of about 6e-8 is a relative error of 2e-3
+    // at x = -4.
+    for (from, to, bound) in [
+        (-3.0f32, 12.0f32, 1e-6),
+        (-6.0, -3.0, 4e-6),
+        (-12.0, -6.0, 2e-5),
+    ] {
+        let mut worst = 0f64;
+        let steps = 200_000;
+        for i in 0..=steps {
+            let x = from + (to - from) * i as f32 / steps as f32;
+            let want = 0.5 * libm::erfc(-(x as f64) * std::f64::consts::FRAC_1_SQRT_2);
+            let got = normal_cdf_f32(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        println!("fast normal cdf on [{from}, {to}]: max rel err {worst:.2e}");
+        assert!(worst < bound, "[{from}, {to}]: max rel err {worst:e}");
+    }
+    assert_eq!(normal_cdf_f32(f32::INFINITY), 1.0);
+    assert_eq!(normal_cdf_f32(f32::NEG_INFINITY), 0.0);
+    assert!(normal_cdf_f32(f32::NAN).is_nan());
+}
+
+/// The fused GELU and GEGLU in f32 against the composed ops in f64, and the f64 kernels
+/// (libm's erfc) against the composed ops exactly enough to be the same function.
+#[test]
+fn fused_gelu_and_geglu_match_the_composed_ops() {
+    use reneg::nn::cpu_gelu;
+    let h64 = (randn(700, &[2, 5, 2 * 37]) * 3.0).unwrap();
+    let composed_gelu = |x: &candle_core::Tensor| {
+        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)
+            .unwrap()
+            .erf()
+            .unwrap()
+            + 1.0)
+            .unwrap();
+        ((x * 0.5).unwrap() * cdf).unwrap()
+    };
+    let half = 37;
+    let (a, b) = (
+        h64.narrow(2, 0, half).unwrap(),
+        h64.narrow(2, half, half).unwrap(),
+    );
+    let want_geglu = (a * composed_gelu(&b)).unwrap();
+    let want_gelu = composed_gelu(&h64);
+    let h32 = h64.to_dtype(DType::F32).unwrap();
+    for (name, got, want) in [
+        (
+            "gelu f64",
+            cpu_gelu::gelu(&h64).unwrap().unwrap(),
+            &want_gelu,
+        ),
+        (
+            "geglu f64",
+            cpu_gelu::geglu(&h64).unwrap().unwrap(),
+            &want_geglu,
+        ),
+        (
+            "gelu f32",
+            cpu_gelu::gelu(&h32).unwrap().unwrap(),
+            &want_gelu,
+        ),
+        (
+            "geglu f32",
+            cpu_gelu::geglu(&h32).unwrap().unwrap(),
+            &want_geglu,
+        ),
+    ] {
+        assert_eq!(got.dims(), want.dims(), "{name}");
+        // Relative to the largest output (|geglu| reaches about 100 here).
+        let size = 1.0
+            + want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+        let err = max_abs_diff(&got.to_dtype(DType::F64).unwrap(), want) / size;
+        let tol = if name.ends_with("f64") { 1e-14 } else { 1e-6 };
+        assert!(
+            err < tol,
+            "{name}: max err {err:e} (relative to the largest output)"
+        );
+    }
+    // An odd last dimension has no halves: no fused GEGLU.
+    assert!(cpu_gelu::geglu(&randn(701, &[2, 5])).unwrap().is_none());
+}

@@ -113,12 +113,20 @@ impl BasicTransformerBlock {
             + &xs)?;
         // GEGLU: the projection's first half is the value, the second half its gate.
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let value = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        let h = (value * crate::nn::activation::gelu_erf(&gate)?)?;
+        let h = match crate::nn::cpu_gelu::geglu(&h)? {
+            Some(h) => h,
+            None => geglu_composed(&h)?,
+        };
         self.ff_out.forward(&h)? + xs
     }
+}
+
+/// GEGLU from basic ops (off the CPU): `value * gelu(gate)` for `h = [value | gate]`.
+fn geglu_composed(h: &Tensor) -> candle_core::Result<Tensor> {
+    let half = h.dim(candle_core::D::Minus1)? / 2;
+    let value = h.narrow(candle_core::D::Minus1, 0, half)?;
+    let gate = h.narrow(candle_core::D::Minus1, half, half)?;
+    value * crate::nn::activation::gelu_erf(&gate)?
 }
 
 enum Projection {

@@ -30,9 +30,14 @@ impl Activation {
     }
 }
 
-/// Exact GELU, x/2 (1 + erf(x / sqrt 2)), composed so that its backward is exact: candle's
-/// fused `gelu_erf` backward uses 6-digit constants (about 1e-6 relative error).
+/// Exact GELU, x/2 (1 + erf(x / sqrt 2)): our fused kernel on the CPU
+/// ([`cpu_gelu::gelu`](super::cpu_gelu::gelu)), elsewhere composed so that its backward is
+/// exact (candle's fused `gelu_erf` backward uses 6-digit constants, about 1e-6 relative
+/// error).
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
+    if let Some(y) = super::cpu_gelu::gelu(xs)? {
+        return Ok(y);
+    }
     let cdf = ((xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
     (xs * 0.5)? * cdf
 }

@@ -11,6 +11,9 @@ pub(crate) trait Float: candle_core::WithDType + num_traits::Float {
     /// libm's, so the f64 gradient checks see the exact function.
     fn exp_fast(self) -> Self;
 
+    /// The standard normal distribution function Φ(x) = erfc(-x / √2) / 2 (GELU's gate):
+    /// vectorisable for f32 ([`normal_cdf_f32`]), libm's `erfc` for f64.
+    fn normal_cdf(self) -> Self;
 }
 
 impl Float for f32 {
@@ -18,12 +21,60 @@ impl Float for f32 {
     fn exp_fast(self) -> f32 {
         exp_f32(self)
     }
+
+    #[inline(always)]
+    fn normal_cdf(self) -> f32 {
+        normal_cdf_f32(self)
+    }
 }
 
 impl Float for f64 {
     #[inline(always)]
     fn exp_fast(self) -> f64 {
         self.exp()
+    }
+
+    #[inline(always)]
+    fn normal_cdf(self) -> f64 {
+        0.5 * libm::erfc(-self * std::f64::consts::FRAC_1_SQRT_2)
+    }
+}
+
+/// Φ(x) for f32, branch-free so that loops vectorise (libm's `erff` is a scalar call: GELU's
+/// erf was a few percent of a sampling evaluation). It takes erfc(z), z = |x| / √2 >= 0, from
+/// the Chebyshev fit of Numerical Recipes (Press et al., `erfcc`: t = 1 / (1 + z / 2),
+/// erfc(z) = t exp(-z² + P(t)), P of degree 9, fractional error below 1.2e-7 for every
+/// z >= 0), then Φ(x) = erfc(z) / 2 for x < 0 and 1 - erfc(z) / 2 otherwise. Computing the
+/// small tail directly, rather than as 1 + erf(x), keeps Φ's relative error small for negative
+/// x too. In f32 the result is within 5e-7 relative of the exact Φ for x >= -3 and within
+/// 4e-6 down to x = -12, where -x²/2's own rounding dominates (tested).
+#[inline(always)]
+pub fn normal_cdf_f32(x: f32) -> f32 {
+    // P(t)'s coefficients, highest degree first, for Horner's scheme.
+    const P: [f32; 9] = [
+        -0.822_152_23,
+        1.488_515_87,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_68,
+        -1.265_512_23,
+    ];
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / z.mul_add(0.5, 1.0);
+    let mut p: f32 = 0.170_872_77;
+    for c in P {
+        p = p.mul_add(t, c);
+    }
+    // t exp(-z² + P(t)) / 2 with -z² = -x² / 2 taken from x itself (z's own rounding, doubled
+    // by the square, would be the largest error in the tail) and added in one rounding.
+    let half_erfc = 0.5 * t * exp_f32((-0.5 * x).mul_add(x, p));
+    if x < 0.0 {
+        half_erfc
+    } else {
+        1.0 - half_erfc
     }
 }
 

@@ -8,6 +8,7 @@ pub mod activation;
 pub mod conv;
 pub mod cpu_attention;
 pub mod cpu_conv;
+pub mod cpu_gelu;
 mod cpu_kernel;
 pub mod cpu_norm;
 pub mod cpu_softmax;
@@ -18,7 +19,7 @@ pub mod norm;
 pub use activation::Activation;
 pub use conv::{Conv2d, Downsample2D};
 #[doc(hidden)]
-pub use cpu_kernel::{exp_f32, force_simd_level};
+pub use cpu_kernel::{exp_f32, force_simd_level, normal_cdf_f32};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
 

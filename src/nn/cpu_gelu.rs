@@ -1,0 +1,193 @@
+//! GELU and GEGLU on the CPU in one pass each, with a fused backward. The composed forms
+//! (`activation::gelu_erf`, the GEGLU of the transformer blocks) make five or six passes over
+//! the feed-forward's widest activation, two of them strided copies of the gate and value
+//! halves, and call libm's scalar `erff` per element; here each output element is computed once
+//! from the input row, with the vectorisable Φ of [`normal_cdf_f32`](super::cpu_kernel).
+//!
+//! gelu(x) = x Φ(x), gelu'(x) = Φ(x) + x φ(x), φ the standard normal density.
+//! geglu([a | b]) = a gelu(b) over the last dimension, halves a and b.
+//!
+//! f32 and f64 on the CPU; the public functions return `None` otherwise.
+
+use super::cpu_kernel::{apply1, contiguous, simd_fn, Float, Kernel1};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// φ(x) = exp(-x² / 2) / √(2π).
+#[inline(always)]
+fn normal_pdf<T: Float>(x: T) -> T {
+    let half = T::from_f64(0.5);
+    let inv_sqrt_2pi =
+        T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    (-(half * x * x)).exp_fast() * inv_sqrt_2pi
+}
+
+simd_fn! {
+    /// `out = x Φ(x)`.
+    fn gelu_row<T: Float>(out: &mut [T], x: &[T]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = x * x.normal_cdf();
+        }
+    }
+}
+
+simd_fn! {
+    /// `dx = g (Φ(x) + x φ(x))`.
+    fn gelu_grad_row<T: Float>(dx: &mut [T], g: &[T], x: &[T]) {
+        for ((d, &g), &x) in dx.iter_mut().zip(g).zip(x) {
+            *d = g * (x.normal_cdf() + x * normal_pdf(x));
+        }
+    }
+}
+
+simd_fn! {
+    /// `out = a gelu(b)` for the row `h = [a | b]` (out has the length of a half).
+    fn geglu_row<T: Float>(out: &mut [T], h: &[T]) {
+        let (a, b) = h.split_at(out.len());
+        for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+            *o = a * (b * b.normal_cdf());
+        }
+    }
+}
+
+simd_fn! {
+    /// `dh = [g gelu(b) | g a gelu'(b)]` for the row `h = [a | b]` and output gradient `g`.
+    fn geglu_grad_row<T: Float>(dh: &mut [T], g: &[T], h: &[T]) {
+        let (a, b) = h.split_at(g.len());
+        let (da, db) = dh.split_at_mut(g.len());
+        for ((((da, db), &g), &a), &b) in da.iter_mut().zip(db.iter_mut()).zip(g).zip(a).zip(b) {
+            let cdf = b.normal_cdf();
+            *da = g * (b * cdf);
+            *db = g * a * (cdf + b * normal_pdf(b));
+        }
+    }
+}
+
+/// Which of the two functions an op computes.
+#[derive(Clone, Copy)]
+enum Kind {
+    Gelu,
+    Geglu,
+}
+
+impl Kind {
+    /// Output elements per input row of `n`.
+    fn out_len(self, n: usize) -> usize {
+        match self {
+            Kind::Gelu => n,
+            Kind::Geglu => n / 2,
+        }
+    }
+}
+
+struct Forward(Kind);
+
+impl Kernel1 for Forward {
+    fn run<T: Float>(&self, x: &[T], l: &Layout) -> Result<Vec<T>> {
+        let n = (*l.dims().last().unwrap_or(&1)).max(1);
+        let m = self.0.out_len(n).max(1);
+        let mut out = vec![T::zero(); x.len() / n * m];
+        let rows = out.par_chunks_mut(m).zip(x.par_chunks(n));
+        let rows = rows.with_min_len(super::min_rows(n));
+        match self.0 {
+            Kind::Gelu => rows.for_each(|(o, x)| gelu_row(o, x)),
+            Kind::Geglu => rows.for_each(|(o, h)| geglu_row(o, h)),
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Kind::Gelu => "cpu-gelu",
+            Kind::Geglu => "cpu-geglu",
+        }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = self.0.out_len(*last);
+        }
+        apply1(self, s, l, Shape::from(dims))
+    }
+}
+
+/// The input gradient from the output gradient `g` and the op's input `x`.
+struct Backward(Kind);
+
+impl Backward {
+    fn run<T: Float>(&self, g: &[T], x: &[T], n: usize) -> Vec<T> {
+        let n = n.max(1);
+        let m = self.0.out_len(n).max(1);
+        let mut dx = vec![T::zero(); x.len()];
+        let rows = dx
+            .par_chunks_mut(n)
+            .zip(g.par_chunks(m).zip(x.par_chunks(n)));
+        let rows = rows.with_min_len(super::min_rows(n));
+        match self.0 {
+            Kind::Gelu => rows.for_each(|(d, (g, x))| gelu_grad_row(d, g, x)),
+            Kind::Geglu => rows.for_each(|(d, (g, h))| geglu_grad_row(d, g, h)),
+        }
+        dx
+    }
+}
+
+impl CustomOp2 for Backward {
+    fn name(&self) -> &'static str {
+        match self.0 {
+            Kind::Gelu => "cpu-gelu-backward",
+            Kind::Geglu => "cpu-geglu-backward",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = *xl.dims().last().unwrap_or(&1);
+        let out = match (g, x) {
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => {
+                CpuStorage::F32(self.run(contiguous(g, gl)?, contiguous(x, xl)?, n))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => {
+                CpuStorage::F64(self.run(contiguous(g, gl)?, contiguous(x, xl)?, n))
+            }
+            _ => candle_core::bail!("cpu_gelu: f32 or f64 only"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+fn fused(xs: &Tensor, kind: Kind) -> Result<Option<Tensor>> {
+    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) || xs.rank() == 0 {
+        return Ok(None);
+    }
+    let x = xs.detach().contiguous()?;
+    let y = x.apply_op1_no_bwd(&Forward(kind))?;
+    if !super::frozen::wants_frozen_path(xs) {
+        return Ok(Some(y));
+    }
+    Ok(Some(super::frozen::attach(xs, y, move |g, _| {
+        g.contiguous()?.apply_op2_no_bwd(&x, &Backward(kind))
+    })?))
+}
+
+/// Exact GELU, `x Φ(x)`, fused; `None` off the CPU or for other dtypes.
+pub fn gelu(xs: &Tensor) -> Result<Option<Tensor>> {
+    fused(xs, Kind::Gelu)
+}
+
+/// GEGLU's product `a gelu(b)` for `h = [a | b]` split in halves over the last dimension (as
+/// diffusers' `GEGLU`: the first half is the value, the second its gate), fused; `None` off the
+/// CPU, for other dtypes or an odd last dimension.
+pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
+    if h.rank() == 0 || h.dim(D::Minus1)? % 2 != 0 {
+        return Ok(None);
+    }
+    fused(h, Kind::Geglu)
+}
