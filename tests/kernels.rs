@@ -451,24 +451,26 @@ fn work_runs_on_the_pool_with_a_deep_stack() {
     let threads = reneg::runtime::fix_thread_count();
     assert!(threads >= 1);
     let (index, pool_threads, depth) = reneg::runtime::run_on_workers(|| {
-        // About 32 MiB of stack frames: far past 2 MiB and past the main thread's 8 MiB.
+        // 8192 frames of over 1 KiB: more than rayon's 2 MiB and the main thread's 8 MiB
+        // (with either as the pool's stack, this overflows).
         fn deep(n: usize) -> usize {
             let pad = std::hint::black_box([n as u8; 1024]);
             if n == 0 {
-                pad[0] as usize
-            } else {
-                1 + deep(n - 1) + std::hint::black_box(pad[7] as usize * 0)
+                return 0;
             }
+            let below = deep(n - 1);
+            // Reading pad after the call keeps the frame (and its 1 KiB) alive across it.
+            below + 1 + usize::from(std::hint::black_box(pad)[7] != n as u8)
         }
         (
             rayon::current_thread_index(),
             rayon::current_num_threads(),
-            deep(32 * 1024),
+            deep(8 * 1024),
         )
     });
     assert!(index.is_some(), "the work did not run on a pool thread");
     assert_eq!(pool_threads, threads);
-    assert_eq!(depth, 32 * 1024);
+    assert_eq!(depth, 8 * 1024);
 }
 
 /// Φ for f32 (GELU's gate) against libm's f64 erfc, over both tails: the negative tail is
