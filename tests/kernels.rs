@@ -414,8 +414,8 @@ fn in_place_softmax_equals_the_fused_one() {
     }
 }
 
-/// The CPU attention kernel (one head at a time, scores in a reused buffer) against the
-/// composed ops, for every block of queries from one row to the whole head.
+/// The CPU attention kernel (scores in a reused buffer) against the composed ops, for every
+/// block of queries from one row to the whole head, with the heads in turn or in parallel.
 #[test]
 fn cpu_attention_matches_the_composed_ops() {
     use reneg::nn::{cpu_attention, softmax_last_dim};
@@ -427,13 +427,22 @@ fn cpu_attention_matches_the_composed_ops() {
     let scale = 0.35;
     let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
     let want = softmax_last_dim(&scores).unwrap().matmul(&v).unwrap();
-    for rows in [1, 4, 11, 100] {
-        let got = cpu_attention::attention(&q, &k, &v, scale, rows)
-            .unwrap()
+    // 3 heads on 1 thread and on 4 (the parallelism inside each head), and on 2 (the heads
+    // in parallel, each block of scores split between the threads).
+    for threads in [1, 2, 4] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
             .unwrap();
-        assert_eq!(got.dims(), want.dims());
-        let e = max_abs_diff(&got, &want) / max_abs(&want);
-        assert!(e < 1e-14, "rows {rows}: {e:e}");
+        for rows in [1, 4, 11, 100] {
+            let got = pool
+                .install(|| cpu_attention::attention(&q, &k, &v, scale, rows))
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let e = max_abs_diff(&got, &want) / max_abs(&want);
+            assert!(e < 1e-14, "{threads} threads, rows {rows}: {e:e}");
+        }
     }
     let f32s = |t: &candle_core::Tensor| t.to_dtype(DType::F32).unwrap();
     let got = cpu_attention::attention(&f32s(&q), &f32s(&k), &f32s(&v), scale, 4)

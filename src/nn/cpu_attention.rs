@@ -6,7 +6,7 @@
 //!
 //! f32 and f64 on the CPU; [`attention`] returns `None` otherwise.
 
-use super::cpu_conv::matmul;
+use super::cpu_conv::matmul_with;
 use super::cpu_kernel::{contiguous as slice, Float};
 use super::cpu_softmax::softmax_row_in_place;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -20,44 +20,121 @@ struct Attention {
 
 impl Attention {
     /// `q`: `[bh, n, d]`, `k`, `v`: `[bh, m, d]`, all contiguous.
+    ///
+    /// With at least as many heads as threads, the heads run in parallel, each on one thread
+    /// from start to end (its own scores buffer, serial gemm): one parallel section per call.
+    /// Parallel gemms and softmax rows inside each head would be three per head and block,
+    /// and on small heads (the tiny pipeline's 256 x 256 scores) the wake-ups between them
+    /// cost more than the work. Fewer heads than threads keep the parallelism inside a head.
     fn run<T: Float>(&self, q: &[T], k: &[T], v: &[T], (bh, n, m, d): Dims) -> Vec<T> {
         let mut out = vec![T::zero(); bh * n * d];
-        let rows = self.rows.clamp(1, n.max(1));
-        let mut scores = vec![T::zero(); rows * m];
-        let scale = T::from_f64(self.scale);
-        for h in 0..bh {
-            let (qh, kh, vh) = (&q[h * n * d..], &k[h * m * d..], &v[h * m * d..]);
-            for r0 in (0..n).step_by(rows) {
-                let len = rows.min(n - r0);
-                // SAFETY: scores holds len x m; the query block is len x d inside q[h]; kᵀ is
-                // a stride view (d x m) of k[h] (m x d).
-                unsafe {
-                    matmul(
-                        (len, m, d),
-                        (scores.as_mut_ptr(), m, 1),
-                        false,
-                        (qh[r0 * d..].as_ptr(), d, 1),
-                        (kh.as_ptr(), 1, d),
-                    )
-                };
-                scores[..len * m]
-                    .par_chunks_mut(m.max(1))
-                    .with_min_len(super::min_rows(m))
-                    .for_each(|row| softmax_row_in_place(row, scale));
-                let dst = &mut out[(h * n + r0) * d..(h * n + r0 + len) * d];
-                // SAFETY: dst is len x d; the probabilities len x m; v[h] m x d.
-                unsafe {
-                    matmul(
-                        (len, d, m),
-                        (dst.as_mut_ptr(), d, 1),
-                        false,
-                        (scores.as_ptr(), m, 1),
-                        (vh.as_ptr(), d, 1),
-                    )
-                };
+        if out.is_empty() || m == 0 {
+            return out;
+        }
+        let threads = rayon::current_num_threads().max(1);
+        let heads = |h: usize| (&q[h * n * d..], &k[h * m * d..], &v[h * m * d..]);
+        if threads > 1 && bh >= threads {
+            // The scores of all threads together stay within the one block of `rows`.
+            let rows = (self.rows / threads).clamp(1, n);
+            // Tiny heads are grouped so that a task holds some 32K scores.
+            let per_task = ((1usize << 15) / (n * m)).max(1);
+            out.par_chunks_mut(n * d)
+                .enumerate()
+                .with_min_len(per_task)
+                .for_each_init(
+                    || vec![T::zero(); rows * m],
+                    |scores, (h, out_h)| {
+                        let serial = Serial;
+                        self.head(heads(h), out_h, scores, rows, (n, m, d), &serial)
+                    },
+                );
+        } else {
+            let rows = self.rows.clamp(1, n);
+            let mut scores = vec![T::zero(); rows * m];
+            for (h, out_h) in out.chunks_mut(n * d).enumerate() {
+                self.head(heads(h), out_h, &mut scores, rows, (n, m, d), &Parallel);
             }
         }
         out
+    }
+
+    /// One head: `out_h` (n x d) from its q (n x d), k and v (m x d), `rows` queries at a
+    /// time through `scores` (at least rows x m).
+    fn head<T: Float, P: Threads>(
+        &self,
+        (qh, kh, vh): (&[T], &[T], &[T]),
+        out_h: &mut [T],
+        scores: &mut [T],
+        rows: usize,
+        (n, m, d): (usize, usize, usize),
+        threads: &P,
+    ) {
+        let scale = T::from_f64(self.scale);
+        for r0 in (0..n).step_by(rows) {
+            let len = rows.min(n - r0);
+            // SAFETY: scores holds len x m; the query block is len x d inside q[h]; kᵀ is
+            // a stride view (d x m) of k[h] (m x d).
+            unsafe {
+                matmul_with(
+                    (len, m, d),
+                    (scores.as_mut_ptr(), m, 1),
+                    false,
+                    (qh[r0 * d..].as_ptr(), d, 1),
+                    (kh.as_ptr(), 1, d),
+                    threads.gemm(),
+                )
+            };
+            threads.softmax_rows(&mut scores[..len * m], m, scale);
+            let dst = &mut out_h[r0 * d..(r0 + len) * d];
+            // SAFETY: dst is len x d; the probabilities len x m; v[h] m x d.
+            unsafe {
+                matmul_with(
+                    (len, d, m),
+                    (dst.as_mut_ptr(), d, 1),
+                    false,
+                    (scores.as_ptr(), m, 1),
+                    (vh.as_ptr(), d, 1),
+                    threads.gemm(),
+                )
+            };
+        }
+    }
+}
+
+/// How the work inside one head is spread: over all threads, or on the calling one.
+trait Threads: Sync {
+    fn gemm(&self) -> gemm::Parallelism;
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T);
+}
+
+/// Inside one head: gemm and the softmax rows on every thread.
+struct Parallel;
+
+impl Threads for Parallel {
+    fn gemm(&self) -> gemm::Parallelism {
+        super::cpu_conv::threads()
+    }
+
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T) {
+        scores
+            .par_chunks_mut(m)
+            .with_min_len(super::min_rows(m))
+            .for_each(|row| softmax_row_in_place(row, scale));
+    }
+}
+
+/// Heads in parallel: everything inside one head on its thread.
+struct Serial;
+
+impl Threads for Serial {
+    fn gemm(&self) -> gemm::Parallelism {
+        gemm::Parallelism::None
+    }
+
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T) {
+        scores
+            .chunks_mut(m)
+            .for_each(|row| softmax_row_in_place(row, scale));
     }
 }
 

@@ -99,7 +99,8 @@ pub fn supported(x: &Tensor, kernel: &Tensor) -> bool {
         && kernel.dim(2).ok() == kernel.dim(3).ok()
 }
 
-fn threads() -> gemm::Parallelism {
+/// gemm's parallelism: candle's thread count, as for its own matmuls.
+pub(crate) fn threads() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
@@ -126,7 +127,7 @@ pub(crate) unsafe fn matmul<T: Float>(
 /// # Safety
 /// As for [`matmul`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn matmul_with<T: Float>(
+pub(crate) unsafe fn matmul_with<T: Float>(
     (m, n, k): (usize, usize, usize),
     dst: (*mut T, usize, usize),
     accumulate: bool,
