@@ -577,3 +577,51 @@ fn fused_gelu_and_geglu_match_the_composed_ops() {
     // An odd last dimension has no halves: no fused GEGLU.
     assert!(cpu_gelu::geglu(&randn(701, &[2, 5])).unwrap().is_none());
 }
+
+/// The CPU linear forward (gemm onto the bias rows, or into an unfilled buffer without a
+/// bias) against candle's matmul and broadcast add, including an empty input dimension (the
+/// output is then the bias, or zeros) and no rows at all.
+#[test]
+fn cpu_linear_matches_matmul_plus_bias() {
+    use candle_core::Tensor;
+    use reneg::nn::cpu_linear::linear;
+    for (i, (rows, k, n)) in [(5, 7, 3), (64, 33, 65), (1, 1, 1), (4, 0, 6), (0, 3, 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 600 + 3 * i as u64;
+        let x = randn(seed, &[rows, k]);
+        let w = randn(seed + 1, &[k, n]);
+        let b = randn(seed + 2, &[n]);
+        let product = if k == 0 {
+            Tensor::zeros((rows, n), DType::F64, &candle_core::Device::Cpu).unwrap()
+        } else {
+            x.matmul(&w).unwrap()
+        };
+        let with_bias = product.broadcast_add(&b).unwrap();
+        for dtype in [DType::F64, DType::F32] {
+            let (x, w, b) = (
+                x.to_dtype(dtype).unwrap(),
+                w.to_dtype(dtype).unwrap(),
+                b.to_dtype(dtype).unwrap(),
+            );
+            let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+            for (got, want) in [
+                (linear(&x, &w, Some(&b)).unwrap().unwrap(), &with_bias),
+                (linear(&x, &w, None).unwrap().unwrap(), &product),
+            ] {
+                assert_eq!(got.dims(), want.dims(), "{rows}x{k}x{n}");
+                let got = got.to_dtype(DType::F64).unwrap();
+                if rows * n > 0 {
+                    let e = max_abs_diff(&got, want) / (1.0 + max_abs(want));
+                    assert!(e < tol, "{rows}x{k}x{n} {dtype:?}: {e:e}");
+                }
+            }
+        }
+    }
+    // A weight on a graph (trainable) is left to candle's ops.
+    let w = candle_core::Var::from_tensor(&randn(650, &[3, 2])).unwrap();
+    assert!(linear(&randn(651, &[4, 3]), w.as_tensor(), None)
+        .unwrap()
+        .is_none());
+}
