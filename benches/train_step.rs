@@ -19,6 +19,11 @@
 //! sampling evaluation, 3 for a gradient step), and `peak_gpu_mb` is the largest device-wide
 //! memory in use (total - free, sampled every 2 ms by a second thread, CUDA context included),
 //! `base_gpu_mb` the same before the weights were made.
+//!
+//! For profiles: `RENEG_BENCH_SAMPLING_ONLY=1` stops a `full` case after the sampling
+//! evaluation, `RENEG_BENCH_PHASES=1` prints the gradient step's phases, and
+//! `RENEG_BENCH_OUTSIDE_POOL=1` / `RENEG_BENCH_RETURN_MEMORY=1` undo the binary's run-time
+//! settings (`reneg::runtime`) for A/B runs.
 
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -273,6 +278,14 @@ fn full(latent: usize, batch: usize) {
         sd.guided_eps(&x, 501, &cond, &negs, 7.5).unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
+    if std::env::var_os("RENEG_BENCH_SAMPLING_ONLY").is_some() {
+        // For profiles of the sampling evaluation alone.
+        println!(
+            "{}",
+            json!({"impl": "reneg", "sample_eval_s": sample_s, "peak_rss_mb": rss_after_sampling})
+        );
+        return;
+    }
     let gpu_sampling_mb = mem.peak_mb();
     mem.reset();
     let objective = Objective {

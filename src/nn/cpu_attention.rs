@@ -1,14 +1,14 @@
-//! Attention without a graph on the CPU, one head at a time: the scores of a block of queries
-//! are written by gemm into one buffer reused for every block (no fresh, zeroed allocation per
-//! block), softmax runs on them in place, and their product with V is written straight into
-//! the output (no per-block tensors to concatenate). At 64x64 latents the scores of one head
-//! are 4096 x 4096.
+//! Attention without a graph on the CPU, head by head: the scores of a block of queries are
+//! written by gemm into one buffer reused for every block (no fresh, zeroed allocation per
+//! block), exponentiated in place, and their product with V is written straight into the
+//! output (no per-block tensors to concatenate), whose rows then take the softmax's 1 / sum.
+//! At 64x64 latents the scores of one head are 4096 x 4096.
 //!
 //! f32 and f64 on the CPU; [`attention`] returns `None` otherwise.
 
 use super::cpu_conv::matmul_with;
 use super::cpu_kernel::{contiguous as slice, Float};
-use super::cpu_softmax::softmax_row_in_place;
+use super::cpu_softmax::softmax_row_unnormalised;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -42,29 +42,32 @@ impl Attention {
                 .enumerate()
                 .with_min_len(per_task)
                 .for_each_init(
-                    || vec![T::zero(); rows * m],
-                    |scores, (h, out_h)| {
-                        let serial = Serial;
-                        self.head(heads(h), out_h, scores, rows, (n, m, d), &serial)
+                    || (vec![T::zero(); rows * m], vec![T::zero(); rows]),
+                    |(scores, sums), (h, out_h)| {
+                        let scratch = (&mut scores[..], &mut sums[..]);
+                        self.head(heads(h), out_h, scratch, rows, (n, m, d), &Serial)
                     },
                 );
         } else {
             let rows = self.rows.clamp(1, n);
-            let mut scores = vec![T::zero(); rows * m];
+            let (mut scores, mut sums) = (vec![T::zero(); rows * m], vec![T::zero(); rows]);
             for (h, out_h) in out.chunks_mut(n * d).enumerate() {
-                self.head(heads(h), out_h, &mut scores, rows, (n, m, d), &Parallel);
+                let scratch = (&mut scores[..], &mut sums[..]);
+                self.head(heads(h), out_h, scratch, rows, (n, m, d), &Parallel);
             }
         }
         out
     }
 
     /// One head: `out_h` (n x d) from its q (n x d), k and v (m x d), `rows` queries at a
-    /// time through `scores` (at least rows x m).
+    /// time through `scores` (at least rows x m) and `inv_sums` (at least rows): the
+    /// probabilities stay unnormalised and each output row is scaled by its 1 / sum instead,
+    /// which saves a pass over the scores.
     fn head<T: Float, P: Threads>(
         &self,
         (qh, kh, vh): (&[T], &[T], &[T]),
         out_h: &mut [T],
-        scores: &mut [T],
+        (scores, inv_sums): (&mut [T], &mut [T]),
         rows: usize,
         (n, m, d): (usize, usize, usize),
         threads: &P,
@@ -84,7 +87,7 @@ impl Attention {
                     threads.gemm(),
                 )
             };
-            threads.softmax_rows(&mut scores[..len * m], m, scale);
+            threads.softmax_rows(&mut scores[..len * m], &mut inv_sums[..len], m, scale);
             let dst = &mut out_h[r0 * d..(r0 + len) * d];
             // SAFETY: dst is len x d; the probabilities len x m; v[h] m x d.
             unsafe {
@@ -97,6 +100,10 @@ impl Attention {
                     threads.gemm(),
                 )
             };
+            // The softmax's normalisation, on the output rows.
+            for (row, &inv) in dst.chunks_mut(d).zip(&inv_sums[..len]) {
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
         }
     }
 }
@@ -104,7 +111,8 @@ impl Attention {
 /// How the work inside one head is spread: over all threads, or on the calling one.
 trait Threads: Sync {
     fn gemm(&self) -> gemm::Parallelism;
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T);
+    /// Unnormalised softmax of each row of m scores, its 1 / sum into `inv_sums`.
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T);
 }
 
 /// Inside one head: gemm and the softmax rows on every thread.
@@ -115,11 +123,12 @@ impl Threads for Parallel {
         super::cpu_conv::threads()
     }
 
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T) {
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T) {
         scores
             .par_chunks_mut(m)
+            .zip(inv_sums.par_iter_mut())
             .with_min_len(super::min_rows(m))
-            .for_each(|row| softmax_row_in_place(row, scale));
+            .for_each(|(row, inv)| *inv = softmax_row_unnormalised(row, scale));
     }
 }
 
@@ -131,10 +140,10 @@ impl Threads for Serial {
         gemm::Parallelism::None
     }
 
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], m: usize, scale: T) {
-        scores
-            .chunks_mut(m)
-            .for_each(|row| softmax_row_in_place(row, scale));
+    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T) {
+        for (row, inv) in scores.chunks_mut(m).zip(inv_sums) {
+            *inv = softmax_row_unnormalised(row, scale);
+        }
     }
 }
 

@@ -24,6 +24,18 @@ simd_fn! {
 }
 
 simd_fn! {
+    /// `x = exp(scale * x - max)` for one row, in place, not normalised: returns `1 / sum`,
+    /// which attention applies to its output row instead (d elements rather than the m here).
+    pub(crate) fn softmax_row_unnormalised<T: Float>(x: &mut [T], scale: T) -> T {
+        let max = max_scaled(x, scale);
+        for v in x.iter_mut() {
+            *v = (*v * scale - max).exp_fast();
+        }
+        T::one() / sum(x)
+    }
+}
+
+simd_fn! {
     /// `o = scale * y * (g - sum(g * y))` for one row.
     fn softmax_grad_row<T: Float>(o: &mut [T], g: &[T], y: &[T], scale: T) {
         let dot = dot(g, y);
