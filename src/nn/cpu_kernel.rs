@@ -220,56 +220,73 @@ pub(crate) use simd_fn;
 /// vector registers (a serial float sum cannot be vectorised, its order being fixed).
 const LANES: usize = 16;
 
-/// `sum(a[i] * b[i])`, in [`LANES`] interleaved partial sums.
+/// Combines `L` partial results pairwise (`L` a power of two): a tree of depth log2 L. A
+/// left-to-right fold is a chain of L dependent operations, 16 adds of 4 cycles each, which in
+/// a softmax row of 77 scores (cross-attention) cost as much as the rest of the row.
+#[inline(always)]
+fn tree<T: Copy, const L: usize>(mut acc: [T; L], f: impl Fn(T, T) -> T) -> T {
+    let mut width = L;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] = f(acc[i], acc[i + width]);
+        }
+    }
+    acc[0]
+}
+
+/// `sum(a[i] * b[i])`, in [`LANES`] interleaved partial sums (the remainder goes into the
+/// first lanes), combined by [`tree`].
 #[inline(always)]
 pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
+    let (ra, rb) = (a.remainder(), b.remainder());
     let mut acc = [T::zero(); LANES];
-    for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+    for (ca, cb) in a.zip(b) {
         for i in 0..LANES {
             acc[i] += ca[i] * cb[i];
         }
     }
-    let tail = n - n % LANES;
-    let rest = a[tail..]
-        .iter()
-        .zip(&b[tail..])
-        .fold(T::zero(), |s, (&x, &y)| s + x * y);
-    acc.iter().fold(rest, |s, &v| s + v)
+    for ((s, &x), &y) in acc.iter_mut().zip(ra).zip(rb) {
+        *s += x * y;
+    }
+    tree(acc, |x, y| x + y)
 }
 
-/// `sum(a[i] * (x[i] - mean) * rstd)`, in [`LANES`] interleaved partial sums.
+/// `sum(a[i] * (x[i] - mean) * rstd)`, as [`dot`].
 #[inline(always)]
 pub(crate) fn dot_centered<T: Float>(a: &[T], x: &[T], mean: T, rstd: T) -> T {
     let n = a.len().min(x.len());
-    let (a, x) = (&a[..n], &x[..n]);
+    let (a, x) = (a[..n].chunks_exact(LANES), x[..n].chunks_exact(LANES));
+    let (ra, rx) = (a.remainder(), x.remainder());
     let mut acc = [T::zero(); LANES];
-    for (ca, cx) in a.chunks_exact(LANES).zip(x.chunks_exact(LANES)) {
+    for (ca, cx) in a.zip(x) {
         for i in 0..LANES {
             acc[i] += ca[i] * ((cx[i] - mean) * rstd);
         }
     }
-    let tail = n - n % LANES;
-    let rest = a[tail..]
-        .iter()
-        .zip(&x[tail..])
-        .fold(T::zero(), |s, (&v, &xv)| s + v * ((xv - mean) * rstd));
-    acc.iter().fold(rest, |s, &v| s + v)
+    for ((s, &v), &xv) in acc.iter_mut().zip(ra).zip(rx) {
+        *s += v * ((xv - mean) * rstd);
+    }
+    tree(acc, |x, y| x + y)
 }
 
-/// `sum(a)`, in [`LANES`] interleaved partial sums.
+/// `sum(a)`, as [`dot`].
 #[inline(always)]
 pub(crate) fn sum<T: Float>(a: &[T]) -> T {
-    let mut acc = [T::zero(); LANES];
     let chunks = a.chunks_exact(LANES);
-    let rest = chunks.remainder().iter().fold(T::zero(), |s, &v| s + v);
+    let rest = chunks.remainder();
+    let mut acc = [T::zero(); LANES];
     for c in chunks {
         for i in 0..LANES {
             acc[i] += c[i];
         }
     }
-    acc.iter().fold(rest, |s, &v| s + v)
+    for (s, &v) in acc.iter_mut().zip(rest) {
+        *s += v;
+    }
+    tree(acc, |x, y| x + y)
 }
 
 /// Mean and (biased) variance of `a` in f64 (group norm's statistics): two passes.
@@ -280,35 +297,40 @@ pub(crate) fn mean_var_f64<T: Float>(a: &[T]) -> (f64, f64) {
     (mean, sum_map_f64(a, |v| (v - mean) * (v - mean)) / n)
 }
 
-/// `sum(f(a[i]))` in f64, in 8 interleaved partial sums.
+/// `sum(f(a[i]))` in f64, in 8 interleaved partial sums, as [`dot`].
 #[inline(always)]
 fn sum_map_f64<T: Float>(a: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let to = |v: T| f(candle_core::WithDType::to_f64(v));
-    let mut acc = [0f64; 8];
     let chunks = a.chunks_exact(8);
-    let rest = chunks.remainder().iter().fold(0.0, |s, &v| s + to(v));
+    let rest = chunks.remainder();
+    let mut acc = [0f64; 8];
     for c in chunks {
         for i in 0..8 {
             acc[i] += to(c[i]);
         }
     }
-    acc.iter().fold(rest, |s, &v| s + v)
+    for (s, &v) in acc.iter_mut().zip(rest) {
+        *s += to(v);
+    }
+    tree(acc, |x, y| x + y)
 }
 
-/// `max(a[i] * scale)` (minus infinity for an empty slice), in [`LANES`] partial maxima.
+/// `max(a[i] * scale)` (minus infinity for an empty slice), in [`LANES`] partial maxima, as
+/// [`dot`].
 #[inline(always)]
 pub(crate) fn max_scaled<T: Float>(a: &[T], scale: T) -> T {
-    let mut acc = [T::neg_infinity(); LANES];
     let chunks = a.chunks_exact(LANES);
-    let rest = chunks.remainder().iter().fold(T::neg_infinity(), |m, &v| {
-        num_traits::Float::max(m, v * scale)
-    });
+    let rest = chunks.remainder();
+    let mut acc = [T::neg_infinity(); LANES];
     for c in chunks {
         for i in 0..LANES {
             acc[i] = num_traits::Float::max(acc[i], c[i] * scale);
         }
     }
-    acc.iter().fold(rest, |m, &v| num_traits::Float::max(m, v))
+    for (m, &v) in acc.iter_mut().zip(rest) {
+        *m = num_traits::Float::max(*m, v * scale);
+    }
+    tree(acc, num_traits::Float::max)
 }
 
 /// The contiguous part of `v` that `l` describes.
