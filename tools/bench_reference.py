@@ -23,6 +23,8 @@ device-wide memory in use, total - free from cudaMemGetInfo, sampled every 2 ms 
 context included: the Rust bench's measure), torch_max_allocated_mb and torch_max_reserved_mb. Without
 --tf32 the float32 matrix products and convolutions run in true f32 (torch.backends.{cuda.matmul,cudnn}
 .allow_tf32 = False; PyTorch's own default lets cuDNN use TF32): reneg's candle build runs f32 in f32.
+RENEG_BENCH_SAMPLING_ONLY=1 stops a full case after the sampling evaluation (as the Rust bench), for
+interleaved runs of the two implementations.
 """
 import argparse
 import os
@@ -203,6 +205,10 @@ def full(n, b=1):
 
     s = timed(reps(5 if gpu else 2), sample_eval)
     rss_sampling = peak_rss_mb()
+    if os.environ.get("RENEG_BENCH_SAMPLING_ONLY"):
+        # As benches/train_step.rs: the sampling evaluation alone, for interleaved A/B runs.
+        mem._stop = True
+        return {"impl": "pytorch", "sample_eval_s": s, "peak_rss_mb": rss_sampling}
     gpu_sampling = mem.take()
     gs = timed(reps(3 if gpu else 1), grad_step)
     gpu_grad = mem.take()
