@@ -50,7 +50,8 @@ pub fn fix_thread_count() -> usize {
     n
 }
 
-/// Runs `f` on one thread of a rayon pool of [`fix_thread_count`]'s size, so that the many
+/// Runs `f` on one thread of a rayon pool of candle's thread count (call [`fix_thread_count`]
+/// first, at start: this function does not write the environment), so that the many
 /// short parallel sections of a forward or backward pass (gemm, convolutions, our kernels) are
 /// forked from inside the pool: the other worker steals its half, and nothing is handed from an
 /// outside thread to a sleeping worker and back through a lock and two wake-ups, as rayon does
@@ -63,7 +64,7 @@ pub fn run_on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // Address space only: pages are committed as they are touched.
     const STACK: usize = 64 << 20;
     match rayon::ThreadPoolBuilder::new()
-        .num_threads(fix_thread_count())
+        .num_threads(candle_core::utils::get_num_threads())
         .stack_size(STACK)
         .thread_name(|i| format!("reneg-{i}"))
         .build()
