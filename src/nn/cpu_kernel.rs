@@ -107,7 +107,7 @@ pub fn exp_f32(x: f32) -> f32 {
     // n stays at most 128 (n - 1 = 127 is the largest normal exponent) and from 88.7229 on
     // the product overflows to infinity by itself.
     const HIGH: f32 = 88.8;
-    // 2 / k! for k = 7 down to 0: Horner's coefficients of 2 exp(r).
+    // 2 / k! for k = 6 down to 0 (k = 7 starts the scheme): Horner's coefficients of 2 exp(r).
     const COEFFS: [f32; 7] = [
         2.0 / 720.0,
         2.0 / 120.0,
