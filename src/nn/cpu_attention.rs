@@ -45,7 +45,7 @@ impl Attention {
                     || (vec![T::zero(); rows * m], vec![T::zero(); rows]),
                     |(scores, sums), (h, out_h)| {
                         let scratch = (&mut scores[..], &mut sums[..]);
-                        self.head(heads(h), out_h, scratch, rows, (n, m, d), &Serial)
+                        self.head(heads(h), out_h, scratch, rows, (n, m, d), false)
                     },
                 );
         } else {
@@ -53,7 +53,7 @@ impl Attention {
             let (mut scores, mut sums) = (vec![T::zero(); rows * m], vec![T::zero(); rows]);
             for (h, out_h) in out.chunks_mut(n * d).enumerate() {
                 let scratch = (&mut scores[..], &mut sums[..]);
-                self.head(heads(h), out_h, scratch, rows, (n, m, d), &Parallel);
+                self.head(heads(h), out_h, scratch, rows, (n, m, d), true);
             }
         }
         out
@@ -62,17 +62,23 @@ impl Attention {
     /// One head: `out_h` (n x d) from its q (n x d), k and v (m x d), `rows` queries at a
     /// time through `scores` (at least rows x m) and `inv_sums` (at least rows): the
     /// probabilities stay unnormalised and each output row is scaled by its 1 / sum instead,
-    /// which saves a pass over the scores.
-    fn head<T: Float, P: Threads>(
+    /// which saves a pass over the scores. With `parallel`, the gemms and the softmax rows use every
+    /// thread; else the calling one.
+    fn head<T: Float>(
         &self,
         (qh, kh, vh): (&[T], &[T], &[T]),
         out_h: &mut [T],
         (scores, inv_sums): (&mut [T], &mut [T]),
         rows: usize,
         (n, m, d): (usize, usize, usize),
-        threads: &P,
+        parallel: bool,
     ) {
         let scale = T::from_f64(self.scale);
+        let threads = if parallel {
+            super::cpu_conv::threads()
+        } else {
+            gemm::Parallelism::None
+        };
         for r0 in (0..n).step_by(rows) {
             let len = rows.min(n - r0);
             // SAFETY: scores holds len x m; the query block is len x d inside q[h]; kᵀ is
@@ -84,10 +90,19 @@ impl Attention {
                     false,
                     (qh[r0 * d..].as_ptr(), d, 1),
                     (kh.as_ptr(), 1, d),
-                    threads.gemm(),
+                    threads,
                 )
             };
-            threads.softmax_rows(&mut scores[..len * m], &mut inv_sums[..len], m, scale);
+            let (block, sums) = (&mut scores[..len * m], &mut inv_sums[..len]);
+            let softmax = |(row, inv): (&mut [T], &mut T)| {
+                *inv = softmax_row_unnormalised(row, scale);
+            };
+            if parallel {
+                let rows = block.par_chunks_mut(m).zip(sums.par_iter_mut());
+                rows.with_min_len(super::min_rows(m)).for_each(softmax);
+            } else {
+                block.chunks_mut(m).zip(sums.iter_mut()).for_each(softmax);
+            }
             let dst = &mut out_h[r0 * d..(r0 + len) * d];
             // SAFETY: dst is len x d; the probabilities len x m; v[h] m x d.
             unsafe {
@@ -97,52 +112,13 @@ impl Attention {
                     false,
                     (scores.as_ptr(), m, 1),
                     (vh.as_ptr(), d, 1),
-                    threads.gemm(),
+                    threads,
                 )
             };
             // The softmax's normalisation, on the output rows.
             for (row, &inv) in dst.chunks_mut(d).zip(&inv_sums[..len]) {
                 row.iter_mut().for_each(|v| *v *= inv);
             }
-        }
-    }
-}
-
-/// How the work inside one head is spread: over all threads, or on the calling one.
-trait Threads: Sync {
-    fn gemm(&self) -> gemm::Parallelism;
-    /// Unnormalised softmax of each row of m scores, its 1 / sum into `inv_sums`.
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T);
-}
-
-/// Inside one head: gemm and the softmax rows on every thread.
-struct Parallel;
-
-impl Threads for Parallel {
-    fn gemm(&self) -> gemm::Parallelism {
-        super::cpu_conv::threads()
-    }
-
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T) {
-        scores
-            .par_chunks_mut(m)
-            .zip(inv_sums.par_iter_mut())
-            .with_min_len(super::min_rows(m))
-            .for_each(|(row, inv)| *inv = softmax_row_unnormalised(row, scale));
-    }
-}
-
-/// Heads in parallel: everything inside one head on its thread.
-struct Serial;
-
-impl Threads for Serial {
-    fn gemm(&self) -> gemm::Parallelism {
-        gemm::Parallelism::None
-    }
-
-    fn softmax_rows<T: Float>(&self, scores: &mut [T], inv_sums: &mut [T], m: usize, scale: T) {
-        for (row, inv) in scores.chunks_mut(m).zip(inv_sums) {
-            *inv = softmax_row_unnormalised(row, scale);
         }
     }
 }

@@ -235,26 +235,15 @@ fn tree<T: Copy, const L: usize>(mut acc: [T; L], f: impl Fn(T, T) -> T) -> T {
     acc[0]
 }
 
-/// `sum(a[i] * b[i])`, in [`LANES`] interleaved partial sums (the remainder goes into the
-/// first lanes), combined by [`tree`].
+/// `sum(a[i] * b[i])`: [`dot_centered`] with mean 0 and rstd 1, both exact, so the bits
+/// are those of a plain dot product in the same lane order.
 #[inline(always)]
 pub(crate) fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
-    let (ra, rb) = (a.remainder(), b.remainder());
-    let mut acc = [T::zero(); LANES];
-    for (ca, cb) in a.zip(b) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
-        }
-    }
-    for ((s, &x), &y) in acc.iter_mut().zip(ra).zip(rb) {
-        *s += x * y;
-    }
-    tree(acc, |x, y| x + y)
+    dot_centered(a, b, T::zero(), T::one())
 }
 
-/// `sum(a[i] * (x[i] - mean) * rstd)`, as [`dot`].
+/// `sum(a[i] * (x[i] - mean) * rstd)`, in [`LANES`] interleaved partial sums (the remainder
+/// goes into the first lanes), combined by [`tree`].
 #[inline(always)]
 pub(crate) fn dot_centered<T: Float>(a: &[T], x: &[T], mean: T, rstd: T) -> T {
     let n = a.len().min(x.len());
@@ -272,7 +261,7 @@ pub(crate) fn dot_centered<T: Float>(a: &[T], x: &[T], mean: T, rstd: T) -> T {
     tree(acc, |x, y| x + y)
 }
 
-/// `sum(a)`, as [`dot`].
+/// `sum(a)`, as [`dot_centered`].
 #[inline(always)]
 pub(crate) fn sum<T: Float>(a: &[T]) -> T {
     let chunks = a.chunks_exact(LANES);
@@ -297,7 +286,7 @@ pub(crate) fn mean_var_f64<T: Float>(a: &[T]) -> (f64, f64) {
     (mean, sum_map_f64(a, |v| (v - mean) * (v - mean)) / n)
 }
 
-/// `sum(f(a[i]))` in f64, in 8 interleaved partial sums, as [`dot`].
+/// `sum(f(a[i]))` in f64, in 8 interleaved partial sums, as [`dot_centered`].
 #[inline(always)]
 fn sum_map_f64<T: Float>(a: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let to = |v: T| f(candle_core::WithDType::to_f64(v));
@@ -316,7 +305,7 @@ fn sum_map_f64<T: Float>(a: &[T], f: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// `max(a[i] * scale)` (minus infinity for an empty slice), in [`LANES`] partial maxima, as
-/// [`dot`].
+/// [`dot_centered`].
 #[inline(always)]
 pub(crate) fn max_scaled<T: Float>(a: &[T], scale: T) -> T {
     let chunks = a.chunks_exact(LANES);

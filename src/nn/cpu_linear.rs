@@ -49,6 +49,42 @@ fn dims(xl: &Layout, wl: &Layout) -> Result<Dims> {
     Ok((rows, k, n))
 }
 
+/// The contiguous part of `s` as `T`s (an error for another dtype).
+fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    contiguous(s.as_slice::<T>()?, l)
+}
+
+/// [`forward`] on the storages: x, wᵀ and, with a bias, the bias, all of dtype `T`.
+fn typed<T: Float>(
+    (x, xl): (&CpuStorage, &Layout),
+    (w, wl): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+    d: Dims,
+) -> Result<Vec<T>> {
+    let b = bias.map(|(b, bl)| slice(b, bl)).transpose()?;
+    Ok(forward(slice(x, xl)?, slice(w, wl)?, b, d))
+}
+
+/// The op's output from its storages: x, wᵀ and, with a bias, the bias, all of x's dtype.
+fn run(
+    (x, xl): (&CpuStorage, &Layout),
+    (w, wl): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let d = dims(xl, wl)?;
+    if let Some((_, bl)) = bias {
+        if bl.shape().elem_count() != d.2 {
+            candle_core::bail!("linear: bias of {:?} for {} outputs", bl.shape(), d.2)
+        }
+    }
+    let out = match x {
+        CpuStorage::F32(_) => CpuStorage::F32(typed((x, xl), (w, wl), bias, d)?),
+        CpuStorage::F64(_) => CpuStorage::F64(typed((x, xl), (w, wl), bias, d)?),
+        _ => candle_core::bail!("cpu_linear: f32 or f64 only"),
+    };
+    Ok((out, Shape::from((d.0, d.2))))
+}
+
 struct NoBias;
 
 impl CustomOp2 for NoBias {
@@ -63,17 +99,7 @@ impl CustomOp2 for NoBias {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims(xl, wl)?;
-        let out = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(forward(contiguous(x, xl)?, contiguous(w, wl)?, None, d))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(forward(contiguous(x, xl)?, contiguous(w, wl)?, None, d))
-            }
-            _ => candle_core::bail!("cpu_linear: f32 or f64 only"),
-        };
-        Ok((out, Shape::from((d.0, d.2))))
+        run((x, xl), (w, wl), None)
     }
 }
 
@@ -93,30 +119,7 @@ impl CustomOp3 for WithBias {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims(xl, wl)?;
-        if bl.shape().elem_count() != d.2 {
-            candle_core::bail!("linear: bias of {:?} for {} outputs", bl.shape(), d.2)
-        }
-        let out = match (x, w, b) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(forward(
-                    contiguous(x, xl)?,
-                    contiguous(w, wl)?,
-                    Some(contiguous(b, bl)?),
-                    d,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(forward(
-                    contiguous(x, xl)?,
-                    contiguous(w, wl)?,
-                    Some(contiguous(b, bl)?),
-                    d,
-                ))
-            }
-            _ => candle_core::bail!("cpu_linear: f32 or f64 only"),
-        };
-        Ok((out, Shape::from((d.0, d.2))))
+        run((x, xl), (w, wl), Some((b, bl)))
     }
 }
 

@@ -12,11 +12,7 @@ use rayon::prelude::*;
 simd_fn! {
     /// `x = softmax(scale * x)` for one row, in place.
     pub(crate) fn softmax_row_in_place<T: Float>(x: &mut [T], scale: T) {
-        let max = max_scaled(x, scale);
-        for v in x.iter_mut() {
-            *v = (*v * scale - max).exp_fast();
-        }
-        let inv = T::one() / sum(x);
+        let inv = softmax_row_unnormalised(x, scale);
         for v in x.iter_mut() {
             *v *= inv;
         }
