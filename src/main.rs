@@ -39,6 +39,10 @@ fn main() -> ExitCode {
     reneg::runtime::keep_freed_memory();
     reneg::runtime::fix_thread_count();
     let cli = Cli::parse();
+    if let Err(e) = reneg::nn::dispatch::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = reneg::runtime::run_on_workers(move || match cli.command {
         Command::Generate(args) => cli::generate::run(*args),
         Command::Embedding(cmd) => cli::embedding::run(cmd),

@@ -6,6 +6,7 @@ use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::weights::Vb;
 use candle_core::Tensor;
 
+#[derive(Clone)]
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,

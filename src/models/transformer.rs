@@ -7,6 +7,7 @@ use crate::weights::Vb;
 use candle_core::Tensor;
 
 /// diffusers' `Attention` with separate to_q/to_k/to_v (no bias) and to_out.0 (bias).
+#[derive(Clone)]
 pub struct CrossAttention {
     to_q: Linear,
     to_k: Linear,
@@ -64,6 +65,7 @@ pub struct TransformerConfig {
     pub upcast_attention: bool,
 }
 
+#[derive(Clone)]
 pub struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: CrossAttention,
@@ -113,22 +115,12 @@ impl BasicTransformerBlock {
             + &xs)?;
         // GEGLU: the projection's first half is the value, the second half its gate.
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
-        let h = match crate::nn::cpu_gelu::geglu(&h)? {
-            Some(h) => h,
-            None => geglu_composed(&h)?,
-        };
+        let h = crate::nn::activation::geglu(&h)?;
         self.ff_out.forward(&h)? + xs
     }
 }
 
-/// GEGLU from basic ops (off the CPU): `value * gelu(gate)` for `h = [value | gate]`.
-fn geglu_composed(h: &Tensor) -> candle_core::Result<Tensor> {
-    let half = h.dim(candle_core::D::Minus1)? / 2;
-    let value = h.narrow(candle_core::D::Minus1, 0, half)?;
-    let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-    value * crate::nn::activation::gelu_erf(&gate)?
-}
-
+#[derive(Clone)]
 enum Projection {
     Conv(Conv2d),
     Linear(Linear),
@@ -144,6 +136,7 @@ impl Projection {
     }
 }
 
+#[derive(Clone)]
 pub struct Transformer2DModel {
     norm: GroupNorm,
     proj_in: Projection,

@@ -286,6 +286,9 @@ pub struct UNetBlock {
     attentions: Vec<Transformer2DModel>,
     downsampler: Option<Downsample2D>,
     upsampler: Option<Conv2d>,
+    /// Each layer (resnet + transformer) recomputed in the backward instead of keeping its
+    /// graph ([`crate::nn::attach::checkpoint2`]).
+    checkpointing: bool,
 }
 
 impl UNetBlock {
@@ -296,10 +299,22 @@ impl UNetBlock {
         temb: &Tensor,
         ctx: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let xs = self.resnets[j].forward(xs, Some(temb))?;
-        match self.attentions.get(j) {
-            Some(attn) => attn.forward(&xs, ctx),
-            None => Ok(xs),
+        let (resnet, attn, temb) = (
+            self.resnets[j].clone(),
+            self.attentions.get(j).cloned(),
+            temb.clone(),
+        );
+        let layer = move |xs: &Tensor, ctx: &Tensor| {
+            let xs = resnet.forward(xs, Some(&temb))?;
+            match &attn {
+                Some(attn) => attn.forward(&xs, ctx),
+                None => Ok(xs),
+            }
+        };
+        if self.checkpointing {
+            crate::nn::attach::checkpoint2(xs, ctx, layer)
+        } else {
+            layer(xs, ctx)
         }
     }
 
@@ -354,15 +369,27 @@ impl UNetBlock {
 }
 
 /// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet.
+#[derive(Clone)]
 pub struct UNetMidBlock {
     resnets: [ResnetBlock2D; 2],
     attention: Transformer2DModel,
+    checkpointing: bool,
 }
 
 impl UNetMidBlock {
     /// # Shapes
     /// `xs`: `[b, c, h, w]` -> same
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        if self.checkpointing {
+            let (block, temb) = (
+                Self {
+                    checkpointing: false,
+                    ..self.clone()
+                },
+                temb.clone(),
+            );
+            return crate::nn::attach::checkpoint2(xs, ctx, move |x, c| block.forward(x, &temb, c));
+        }
         let xs = self.resnets[0].forward(xs, Some(temb))?;
         let xs = self.attention.forward(&xs, ctx)?;
         self.resnets[1].forward(&xs, Some(temb))
@@ -438,6 +465,7 @@ impl UNet2DConditionModel {
                 attentions,
                 downsampler,
                 upsampler: None,
+                checkpointing: false,
             });
         }
 
@@ -450,6 +478,7 @@ impl UNet2DConditionModel {
                 ResnetBlock2D::new(&resnet(c, c, s), &mid.pp("resnets.1"))?,
             ],
             attention: Transformer2DModel::new(&transformer(c, n - 1), &mid.pp("attentions.0"))?,
+            checkpointing: false,
         };
 
         let mut up = Vec::with_capacity(n);
@@ -495,6 +524,7 @@ impl UNet2DConditionModel {
                 attentions,
                 downsampler: None,
                 upsampler,
+                checkpointing: false,
             });
         }
 
@@ -594,6 +624,20 @@ impl UNet2DConditionModel {
     /// # Shapes
     /// `sample`: `[b, in_channels, h, w]` with h, w divisible by 2^(levels-1);
     /// `context`: `[b, 77, cross_attention_dim]` -> `[b, out_channels, h, w]`
+    /// Activation checkpointing of every UNet layer (resnet + transformer, and the mid block)
+    /// on the graph path: the backward recomputes each layer instead of keeping its
+    /// activations. Gradients are unchanged; no effect without a graph.
+    pub fn set_checkpointing(&mut self, on: bool) {
+        for b in self.down.iter_mut().chain(self.up.iter_mut()) {
+            b.checkpointing = on;
+        }
+        self.mid.checkpointing = on;
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.mid.checkpointing
+    }
+
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
         let b = sample.dim(0)?;
         self.forward_each(sample, &vec![timestep; b], context)

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::models::config::{parse_with_raw, require_defaults};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::nn::attach::checkpoint;
 use crate::nn::{attention, upsample_nearest_2x, Conv2d, Downsample2D, GroupNorm, Linear};
 use crate::weights::Vb;
 use candle_core::Tensor;
@@ -145,6 +146,7 @@ impl VaeConfig {
 
 /// The VAE's single-head spatial self-attention (diffusers' `Attention` with a group norm and
 /// a residual connection).
+#[derive(Clone)]
 struct SpatialAttention {
     group_norm: GroupNorm,
     to_q: Linear,
@@ -189,6 +191,7 @@ impl SpatialAttention {
 }
 
 /// `UNetMidBlock2D` without a time embedding: resnet, attention, resnet.
+#[derive(Clone)]
 struct MidBlock {
     resnet0: ResnetBlock2D,
     attention: Option<SpatialAttention>,
@@ -319,6 +322,9 @@ pub struct Decoder {
     up: Vec<DecoderLevel>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// The mid block and each resnet recomputed in the backward instead of keeping their
+    /// graphs ([`crate::nn::attach::checkpoint`]).
+    checkpointing: bool,
 }
 
 impl Decoder {
@@ -357,14 +363,26 @@ impl Decoder {
             up,
             norm_out: GroupNorm::new(cfg.norm_num_groups, ch[0], 1e-6, &vb.pp("conv_norm_out"))?,
             conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &vb.pp("conv_out"))?,
+            checkpointing: false,
         })
     }
 
     fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let xs = self.conv_in.forward(z)?;
+        let mut xs = if self.checkpointing {
+            let mid = self.mid.clone();
+            checkpoint(&xs, move |x| mid.forward(x))?
+        } else {
+            self.mid.forward(&xs)?
+        };
         for level in &self.up {
             for r in &level.resnets {
-                xs = r.forward(&xs, None)?;
+                xs = if self.checkpointing {
+                    let r = r.clone();
+                    checkpoint(&xs, move |x| r.forward(x, None))?
+                } else {
+                    r.forward(&xs, None)?
+                };
             }
             if let Some(us) = &level.upsampler {
                 xs = us.forward(&upsample_nearest_2x(&xs)?)?;
@@ -409,6 +427,16 @@ impl AutoencoderKL {
 
     pub fn scaling_factor(&self) -> f64 {
         self.cfg.scaling_factor
+    }
+
+    /// Activation checkpointing of the decoder's mid block and resnets on the graph path
+    /// (gradients unchanged; no effect without a graph).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.decoder.checkpointing = on;
+    }
+
+    pub fn checkpointing(&self) -> bool {
+        self.decoder.checkpointing
     }
 
     /// Decodes unscaled latents (divide by `scaling_factor` first) to raw, unclamped pixels.

@@ -1,6 +1,8 @@
 //! Activation functions by the names the owners' configs use.
 
-use candle_core::{Result, Tensor};
+use super::attach;
+use super::dispatch::{self, Grad};
+use candle_core::{Result, Tensor, D};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -31,15 +33,68 @@ impl Activation {
 }
 
 /// Exact GELU, x/2 (1 + erf(x / sqrt 2)): our fused kernel on the CPU
-/// ([`cpu_gelu::gelu`](super::cpu_gelu::gelu)), elsewhere composed so that its backward is
-/// exact (candle's fused `gelu_erf` backward uses 6-digit constants, about 1e-6 relative
-/// error).
+/// ([`cpu_gelu::gelu`](super::cpu_gelu::gelu)), elsewhere candle ops with a closed-form
+/// backward g (Φ(x) + x φ(x)) that keeps only x (candle's fused `gelu_erf` backward uses
+/// 6-digit constants, about 1e-6 relative error; the composition keeps four intermediates).
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if let Some(y) = super::cpu_gelu::gelu(xs)? {
-        return Ok(y);
+    let plan = dispatch::plan(&[xs], &[]);
+    if plan.fused && xs.rank() > 0 {
+        return super::cpu_gelu::gelu(xs);
     }
+    if plan.grad == Grad::None {
+        return gelu_composed(xs);
+    }
+    let x = xs.detach();
+    attach::attach(xs, gelu_composed(&x)?, move |g, _| g * gelu_derivative(&x)?)
+}
+
+/// diffusers' GEGLU product `a gelu(b)` for `h = [a | b]` split in halves over the last
+/// dimension (the first half is the value, the second its gate): fused on the CPU
+/// ([`cpu_gelu::geglu`](super::cpu_gelu::geglu)), elsewhere candle ops with a closed-form
+/// backward `[g gelu(b) | g a gelu'(b)]` that keeps only `h`.
+///
+/// # Shapes
+/// `[..., 2 n]` -> `[..., n]`
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let last = h.dims().last().copied().unwrap_or(0);
+    if last % 2 != 0 {
+        candle_core::bail!("geglu: the last dimension ({last}) must be even");
+    }
+    let plan = dispatch::plan(&[h], &[]);
+    if plan.fused {
+        return super::cpu_gelu::geglu(h);
+    }
+    let halves = move |h: &Tensor| -> Result<(Tensor, Tensor)> {
+        let n = last / 2;
+        Ok((h.narrow(D::Minus1, 0, n)?, h.narrow(D::Minus1, n, n)?))
+    };
+    if plan.grad == Grad::None {
+        let (a, b) = halves(h)?;
+        return a * gelu_composed(&b)?;
+    }
+    let hd = h.detach();
+    let (a, b) = halves(&hd)?;
+    let value = (&a * gelu_composed(&b)?)?;
+    attach::attach(h, value, move |g, _| {
+        let (a, b) = halves(&hd)?;
+        let da = (g * gelu_composed(&b)?)?;
+        let db = ((g * a)? * gelu_derivative(&b)?)?;
+        Tensor::cat(&[da, db], D::Minus1)
+    })
+}
+
+/// x Φ(x) from candle ops.
+fn gelu_composed(xs: &Tensor) -> Result<Tensor> {
     let cdf = ((xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
     (xs * 0.5)? * cdf
+}
+
+/// gelu'(x) = Φ(x) + x φ(x) from candle ops.
+fn gelu_derivative(x: &Tensor) -> Result<Tensor> {
+    let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+    let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let pdf = ((x.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
+    cdf + (x * pdf)?
 }
 
 /// GELU's tanh approximation, composed for an exact backward (as [`gelu_erf`]).

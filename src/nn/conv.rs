@@ -1,5 +1,7 @@
 //! `torch.nn.Conv2d` with square kernels, symmetric padding, dilation 1, groups 1.
 
+use super::attach;
+use super::dispatch::{self, Grad};
 use crate::error::Result;
 use crate::weights::Vb;
 use candle_core::Tensor;
@@ -49,33 +51,30 @@ impl Conv2d {
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, out, h', w']`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let tracked = |t: &Tensor| t.is_variable() || t.track_op();
-        let trainable = tracked(&self.weight) || self.bias.as_ref().is_some_and(tracked);
-        if !trainable && super::cpu_conv::supported(xs, &self.weight) {
-            let value = self.cpu_value(xs)?;
-            if !super::frozen::wants_frozen_path(xs) {
-                return Ok(value);
-            }
+        let weights: Vec<&Tensor> = std::iter::once(&self.weight).chain(&self.bias).collect();
+        let plan = dispatch::plan(&[xs], &weights);
+        let fused = plan.fused && super::cpu_conv::supported(xs, &self.weight);
+        let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
+        let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
+        match (fused, plan.grad) {
+            (true, Grad::None) => self.cpu_value(xs),
             // Frozen weights: backward to the input only.
-            let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
-            let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
-            return super::frozen::attach(xs, value, move |g, _| {
+            (true, Grad::InputOnly) => attach::attach(xs, self.cpu_value(xs)?, move |g, _| {
                 super::cpu_conv::input_grad(g, &w, p, s, h, wd)
-            });
+            }),
+            (true, Grad::All) => self.trainable(xs, true),
+            (false, Grad::None) => self.plain(xs),
+            // The input gradient as a convolution (cuDNN's fast algorithms on a GPU), never
+            // candle's conv_transpose2d, and no kernel gradient.
+            (false, Grad::InputOnly) => {
+                attach::attach(xs, self.plain(&xs.detach())?, move |g, _| {
+                    conv2d_input_grad(g, &w, p, s, h, wd)
+                })
+            }
+            // Trainable weights off the fused path: our own backward too (candle's conv2d
+            // backward gives the input gradient a wrong shape for strided kernels on odd sizes).
+            (false, Grad::All) => self.trainable(xs, false),
         }
-        if !trainable && super::frozen::wants_frozen_path(xs) {
-            let value = self.plain(&xs.detach())?;
-            let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
-            let (h, wd) = (xs.dim(2)?, xs.dim(3)?);
-            return super::frozen::attach(xs, value, move |g, _| {
-                super::frozen::conv2d_input_grad(g, &w, p, s, h, wd)
-            });
-        }
-        if trainable && super::cpu_conv::supported(xs, &self.weight) {
-            return self.trainable_cpu(xs);
-        }
-        // No fast path: candle's differentiable conv2d.
-        self.plain(xs)
     }
 
     /// The CPU kernel's output, without a graph.
@@ -89,10 +88,14 @@ impl Conv2d {
         )
     }
 
-    /// Trainable weights on the CPU: the fast forward, with a backward giving the input,
+    /// Trainable weights: the forward (fused or candle's), with a backward giving the input,
     /// kernel and bias gradients (the miniature world's models train through this).
-    fn trainable_cpu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let value = self.cpu_value(xs)?;
+    fn trainable(&self, xs: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        let value = if fused {
+            self.cpu_value(xs)?
+        } else {
+            self.plain(&xs.detach())?
+        };
         let bias = match &self.bias {
             Some(b) => b.clone(),
             // A stand-in operand; its gradient is computed but never used.
@@ -100,15 +103,19 @@ impl Conv2d {
         };
         let (w, p, s) = (self.weight.clone(), self.padding, self.stride);
         let x = xs.detach();
-        let wants_dx = xs.is_variable() || xs.track_op();
-        super::frozen::attach3((xs, &self.weight, &bias), value, move |g| {
+        let wants_dx = dispatch::tracked(xs);
+        attach::attach3((xs, &self.weight, &bias), value, move |g| {
             let (h, wd) = (x.dim(2)?, x.dim(3)?);
-            let dx = if wants_dx {
-                super::cpu_conv::input_grad(g, &w, p, s, h, wd)?
-            } else {
-                x.zeros_like()?
+            let dx = match (wants_dx, fused) {
+                (false, _) => x.zeros_like()?,
+                (true, true) => super::cpu_conv::input_grad(g, &w, p, s, h, wd)?,
+                (true, false) => conv2d_input_grad(g, &w, p, s, h, wd)?,
             };
-            let dw = super::cpu_conv::weight_grad(&x, g, w.dims4()?, p, s)?;
+            let dw = if fused {
+                super::cpu_conv::weight_grad(&x, g, w.dims4()?, p, s)?
+            } else {
+                conv2d_weight_grad(&x, g, w.dim(2)?, p, s)?
+            };
             let db = g.sum((0, 2, 3))?;
             Ok((dx, dw, db))
         })
@@ -150,4 +157,83 @@ impl Downsample2D {
             self.conv.forward(xs)
         }
     }
+}
+
+/// Inserts `s - 1` zeros between the rows and columns of `[b, c, h, w]`.
+fn dilate(g: &Tensor, s: usize) -> candle_core::Result<Tensor> {
+    if s == 1 {
+        return Ok(g.clone());
+    }
+    let (b, c, h, w) = g.dims4()?;
+    g.reshape((b, c, h, 1, w, 1))?
+        .pad_with_zeros(3, 0, s - 1)?
+        .pad_with_zeros(5, 0, s - 1)?
+        .reshape((b, c, h * s, w * s))?
+        .narrow(2, 0, (h - 1) * s + 1)?
+        .narrow(3, 0, (w - 1) * s + 1)
+}
+
+/// The input gradient of `conv2d(x, kernel, padding, stride)` for an input of `in_h x in_w`,
+/// device-generic: a convolution of the dilated, padded gradient with the flipped, transposed
+/// kernel.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    kernel: &Tensor,
+    padding: usize,
+    stride: usize,
+    in_h: usize,
+    in_w: usize,
+) -> candle_core::Result<Tensor> {
+    let k = kernel.dim(2)?;
+    // W'[in, out, i, j] = W[out, in, k-1-i, k-1-j]
+    let flipped = kernel.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    // dx[i] = sum_j D[i + p - j] W[j] for the dilated gradient D: a valid correlation of D,
+    // shifted by k - 1 - p (padded in front, or cropped where the padding exceeds k - 1), with
+    // the flipped kernel, over in + k - 1 positions.
+    let lead = k as isize - 1 - padding as isize;
+    let d = dilate(grad, stride)?;
+    let d = shift_to(&d, 2, lead, in_h + k - 1)?;
+    let d = shift_to(&d, 3, lead, in_w + k - 1)?;
+    d.conv2d(&flipped, 0, 1, 1, 1)
+}
+
+/// `t` along `dim` moved right by `lead` (zeros in front; a negative lead drops elements),
+/// then cut or zero-padded to `len`.
+fn shift_to(t: &Tensor, dim: usize, lead: isize, len: usize) -> candle_core::Result<Tensor> {
+    let t = if lead >= 0 {
+        t.pad_with_zeros(dim, lead as usize, 0)?
+    } else {
+        let drop = (lead.unsigned_abs()).min(t.dim(dim)?);
+        t.narrow(dim, drop, t.dim(dim)? - drop)?
+    };
+    let have = t.dim(dim)?;
+    if have >= len {
+        t.narrow(dim, 0, len)
+    } else {
+        t.pad_with_zeros(dim, 0, len - have)
+    }
+}
+
+/// The kernel gradient of `conv2d(x, kernel, padding, stride)` for a `k x k` kernel given the
+/// output gradient `g`, device-generic: dW[o, i, a, b] = sum over n, y, x of
+/// g[n, o, y, x] xpad[n, i, s y + a, s x + b], a convolution of the padded input (batch and
+/// channels swapped) with the output gradient as a kernel dilated by the stride.
+pub fn conv2d_weight_grad(
+    x: &Tensor,
+    g: &Tensor,
+    k: usize,
+    padding: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    let xt = x
+        .pad_with_zeros(2, padding, padding)?
+        .pad_with_zeros(3, padding, padding)?
+        .transpose(0, 1)?
+        .contiguous()?;
+    let gt = g.transpose(0, 1)?.contiguous()?;
+    let dwt = xt.conv2d(&gt, 0, 1, stride, 1)?;
+    dwt.narrow(2, 0, k)?
+        .narrow(3, 0, k)?
+        .transpose(0, 1)?
+        .contiguous()
 }

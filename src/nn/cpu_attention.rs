@@ -9,7 +9,7 @@
 use super::cpu_conv::matmul_with;
 use super::cpu_kernel::{contiguous as slice, Float};
 use super::cpu_softmax::softmax_row_unnormalised;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 struct Attention {
@@ -156,8 +156,9 @@ impl CustomOp3 for Attention {
 }
 
 /// `softmax(scale q kᵀ) v` for `q`: `[bh, n, d]`, `k`, `v`: `[bh, m, d]`, without a graph,
-/// `rows` queries of one head at a time; `None` off the CPU, for other dtypes, shapes that do
-/// not fit, or inputs on a graph (the op has no backward; `nn::attention` gives those one).
+/// `rows` queries of one head at a time; `None` for shapes that do not fit. The caller's plan
+/// ([`super::dispatch`]) has checked device and dtypes; inputs on a graph are refused (the op
+/// has no backward; `nn::attention` gives those one).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -165,14 +166,8 @@ pub fn attention(
     scale: f64,
     rows: usize,
 ) -> Result<Option<Tensor>> {
-    let cpu = [q, k, v].iter().all(|t| t.device().is_cpu());
-    if [q, k, v].iter().any(|t| t.is_variable() || t.track_op()) {
-        return Ok(None);
-    }
-    let dtype = q.dtype();
-    let same = k.dtype() == dtype && v.dtype() == dtype;
-    if !cpu || !same || !matches!(dtype, DType::F32 | DType::F64) {
-        return Ok(None);
+    if [q, k, v].iter().any(|t| super::dispatch::tracked(t)) {
+        candle_core::bail!("cpu_attention: inputs on a graph (use nn::attention)");
     }
     let ((bh, _, d), (bk, m, dk), (bv, mv, dv)) = (q.dims3()?, k.dims3()?, v.dims3()?);
     if bk != bh || bv != bh || dk != d || dv != d || mv != m {

@@ -7,10 +7,10 @@
 //! gelu(x) = x Φ(x), gelu'(x) = Φ(x) + x φ(x), φ the standard normal density.
 //! geglu([a | b]) = a gelu(b) over the last dimension, halves a and b.
 //!
-//! f32 and f64 on the CPU; the public functions return `None` otherwise.
+//! f32 and f64 on the CPU; `nn::dispatch` decides when they run.
 
 use super::cpu_kernel::{apply1, contiguous, simd_fn, Float, Kernel1};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// φ(x) = exp(-x² / 2) / √(2π).
@@ -163,31 +163,27 @@ impl CustomOp2 for Backward {
     }
 }
 
-fn fused(xs: &Tensor, kind: Kind) -> Result<Option<Tensor>> {
-    if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) || xs.rank() == 0 {
-        return Ok(None);
-    }
+/// The fused op, with its fused backward attached when `xs` carries a graph. The caller's plan
+/// ([`super::dispatch`]) has checked device and dtype.
+fn fused(xs: &Tensor, kind: Kind) -> Result<Tensor> {
     let x = xs.detach().contiguous()?;
     let y = x.apply_op1_no_bwd(&Forward(kind))?;
-    if !super::frozen::wants_frozen_path(xs) {
-        return Ok(Some(y));
+    if !super::dispatch::tracked(xs) {
+        return Ok(y);
     }
-    Ok(Some(super::frozen::attach(xs, y, move |g, _| {
+    super::attach::attach(xs, y, move |g, _| {
         g.contiguous()?.apply_op2_no_bwd(&x, &Backward(kind))
-    })?))
+    })
 }
 
-/// Exact GELU, `x Φ(x)`, fused; `None` off the CPU or for other dtypes.
-pub fn gelu(xs: &Tensor) -> Result<Option<Tensor>> {
+/// Exact GELU, `x Φ(x)`, fused (CPU, f32 or f64, rank 1 or more).
+pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     fused(xs, Kind::Gelu)
 }
 
 /// GEGLU's product `a gelu(b)` for `h = [a | b]` split in halves over the last dimension (as
-/// diffusers' `GEGLU`: the first half is the value, the second its gate), fused; `None` off the
-/// CPU, for other dtypes or an odd last dimension.
-pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
-    if h.rank() == 0 || h.dim(D::Minus1)? % 2 != 0 {
-        return Ok(None);
-    }
+/// diffusers' `GEGLU`: the first half is the value, the second its gate), fused (CPU, f32 or
+/// f64, an even last dimension).
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
     fused(h, Kind::Geglu)
 }

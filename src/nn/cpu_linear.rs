@@ -8,7 +8,7 @@
 
 use super::cpu_conv::{matmul_with, threads};
 use super::cpu_kernel::{contiguous, Float};
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `out[rows x n] = x[rows x k] w[k x n] (+ bias[n])`.
 fn forward<T: Float>(x: &[T], w: &[T], bias: Option<&[T]>, (rows, k, n): Dims) -> Vec<T> {
@@ -124,20 +124,11 @@ impl CustomOp3 for WithBias {
 }
 
 /// `x2 w_t + bias` for `x2`: `[rows, in]`, `w_t`: `[in, out]`, `bias`: `[out]`, without a
-/// graph; `None` off the CPU, for other or mixed dtypes, or any operand on a graph.
-pub fn linear(x2: &Tensor, w_t: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let operands = [Some(x2), Some(w_t), bias];
-    let operands = operands.iter().flatten();
-    let dtype = x2.dtype();
-    for t in operands {
-        let ok = t.device().is_cpu() && t.dtype() == dtype && !t.is_variable() && !t.track_op();
-        if !ok || !matches!(dtype, DType::F32 | DType::F64) {
-            return Ok(None);
-        }
+/// graph. The caller's plan ([`super::dispatch`]) has checked device and dtypes.
+pub fn linear(x2: &Tensor, w_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (x2, w_t) = (x2.detach().contiguous()?, w_t.detach().contiguous()?);
+    match bias {
+        Some(b) => x2.apply_op3_no_bwd(&w_t, &b.detach().contiguous()?, &WithBias),
+        None => x2.apply_op2_no_bwd(&w_t, &NoBias),
     }
-    let (x2, w_t) = (x2.contiguous()?, w_t.contiguous()?);
-    Ok(Some(match bias {
-        Some(b) => x2.apply_op3_no_bwd(&w_t, &b.contiguous()?, &WithBias)?,
-        None => x2.apply_op2_no_bwd(&w_t, &NoBias)?,
-    }))
 }

@@ -8,7 +8,7 @@
 //! the caller uses the composed ops.
 
 use super::cpu_kernel::{apply1, dot_centered, mean_var_f64, simd_fn, sum, Float, Kernel1};
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -228,8 +228,9 @@ impl CustomOp1 for Backward {
     }
 }
 
-/// `silu?(group_norm(x) * weight + bias)` for `x` of `[b, c, ...]`, fused; `None` where the
-/// fast path does not apply (other devices or dtypes, trainable weight or bias).
+/// `silu?(group_norm(x) * weight + bias)` for `x` of `[b, c, ...]` (rank 2 or more), fused,
+/// with an input-only backward when `x` carries a graph. The caller's plan
+/// ([`super::dispatch`]) has checked device and dtypes and that the weights are frozen.
 pub fn group_norm(
     xs: &Tensor,
     groups: usize,
@@ -237,14 +238,7 @@ pub fn group_norm(
     weight: &Tensor,
     bias: &Tensor,
     silu: bool,
-) -> Result<Option<Tensor>> {
-    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
-    let dtype_ok = matches!(xs.dtype(), DType::F32 | DType::F64)
-        && weight.dtype() == xs.dtype()
-        && bias.dtype() == xs.dtype();
-    if !xs.device().is_cpu() || !dtype_ok || tracked(weight) || tracked(bias) || xs.rank() < 2 {
-        return Ok(None);
-    }
+) -> Result<Tensor> {
     let dims = xs.dims();
     let (b, c) = (dims[0], dims[1]);
     let g = Geom {
@@ -263,8 +257,8 @@ pub fn group_norm(
         stats: Mutex::new(None),
     };
     let y = x.apply_op1_no_bwd(&op)?;
-    if !super::frozen::wants_frozen_path(xs) {
-        return Ok(Some(y));
+    if !super::dispatch::tracked(xs) {
+        return Ok(y);
     }
     let stats: Stats = Arc::new(
         op.stats
@@ -281,7 +275,7 @@ pub fn group_norm(
         g,
     };
     let backward = Arc::new(backward);
-    Ok(Some(super::frozen::attach(xs, y, move |dy, _| {
+    super::attach::attach(xs, y, move |dy, _| {
         dy.contiguous()?.apply_op1_no_bwd(backward.as_ref())
-    })?))
+    })
 }

@@ -179,7 +179,8 @@ pub fn softmax_backward(g: &Tensor, y: &Tensor, scale: f64) -> Result<Tensor> {
         .apply_op2_no_bwd(&y.contiguous()?, &Backward { scale })
 }
 
-/// `softmax(scale * xs)` over the last dimension, fused; `None` off the CPU or for other dtypes.
+/// `softmax(scale * xs)` over the last dimension, fused, with its fused backward attached
+/// when `xs` carries a graph; `None` off the CPU or for other dtypes.
 pub fn softmax_scaled(xs: &Tensor, scale: f64) -> Result<Option<Tensor>> {
     if !xs.device().is_cpu() || !matches!(xs.dtype(), DType::F32 | DType::F64) || xs.rank() == 0 {
         return Ok(None);
@@ -188,10 +189,10 @@ pub fn softmax_scaled(xs: &Tensor, scale: f64) -> Result<Option<Tensor>> {
         .detach()
         .contiguous()?
         .apply_op1_no_bwd(&Forward { scale })?;
-    if !super::frozen::wants_frozen_path(xs) {
+    if !super::dispatch::tracked(xs) {
         return Ok(Some(y));
     }
-    Ok(Some(super::frozen::attach(xs, y, move |g, y| {
+    Ok(Some(super::attach::attach(xs, y, move |g, y| {
         g.contiguous()?
             .apply_op2_no_bwd(&y.contiguous()?, &Backward { scale })
     })?))

@@ -1,5 +1,7 @@
 //! `torch.nn.Linear`: y = x W^T + b.
 
+use super::attach;
+use super::dispatch::{self, Grad};
 use crate::error::Result;
 use crate::weights::Vb;
 use candle_core::Tensor;
@@ -19,7 +21,7 @@ fn transposed(weight: &Tensor) -> Tensor {
     let Ok(view) = weight.t() else {
         return weight.clone();
     };
-    if weight.is_variable() || weight.track_op() {
+    if dispatch::tracked(weight) {
         return view;
     }
     view.contiguous().unwrap_or(view)
@@ -58,24 +60,29 @@ impl Linear {
         };
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = xs.reshape((rows, in_dim))?;
-        let frozen = !(self.weight_t.is_variable() || self.weight_t.track_op());
-        let out = if frozen && crate::nn::frozen::wants_frozen_path(xs) {
-            // Frozen weights: forward without a graph, backward to the input only.
-            let value = self.plain(&x2.detach())?;
-            let w = self.weight_t.t()?;
-            crate::nn::frozen::attach(&x2, value, move |g, _| g.matmul(&w))?
-        } else {
-            self.plain(&x2)?
+        let weights: Vec<&Tensor> = std::iter::once(&self.weight_t).chain(&self.bias).collect();
+        let plan = dispatch::plan(&[xs], &weights);
+        let out = match plan.grad {
+            // Frozen weights: forward without a graph, backward to the input only (one
+            // matmul; candle would also compute the weight's gradient).
+            Grad::InputOnly => {
+                let value = self.value(&x2.detach(), plan.fused)?;
+                let w = self.weight_t.t()?;
+                attach::attach(&x2, value, move |g, _| g.matmul(&w))?
+            }
+            Grad::None => self.value(&x2, plan.fused)?,
+            Grad::All => self.value(&x2, false)?,
         };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = self.weight_t.dim(1)?;
         out.reshape(out_dims)
     }
 
-    fn plain(&self, x2: &Tensor) -> candle_core::Result<Tensor> {
-        // Without a graph on the CPU: one gemm onto the bias rows, no zero fill.
-        if let Some(out) = crate::nn::cpu_linear::linear(x2, &self.weight_t, self.bias.as_ref())? {
-            return Ok(out);
+    /// `x2 W^T + b`: the fused CPU op where `fused` (one gemm onto the bias rows, no zero
+    /// fill; no graph), else candle ops.
+    fn value(&self, x2: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        if fused {
+            return super::cpu_linear::linear(x2, &self.weight_t, self.bias.as_ref());
         }
         let out = x2.matmul(&self.weight_t)?;
         match &self.bias {

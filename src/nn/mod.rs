@@ -1,10 +1,13 @@
 //! Differentiable building blocks shared by every model.
 //!
-//! Everything here is composed of candle ops that have a correct backward. candle's fused
-//! `softmax_last_dim`, `layer_norm` and `rms_norm` return a silently wrong gradient, so they are
-//! never used; each block is proven by a finite-difference check in `tests/gradcheck.rs`.
+//! Every op asks [`dispatch`] once how to run (our fused CPU kernels, or device-generic candle
+//! ops) and which gradients to give; ops on frozen weights attach an input-only backward
+//! ([`attach`]). candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` return a
+//! silently wrong gradient, so they are never used; each block is proven by a
+//! finite-difference check in `tests/gradcheck.rs`, with both kernel choices.
 
 pub mod activation;
+pub mod attach;
 pub mod conv;
 pub mod cpu_attention;
 pub mod cpu_conv;
@@ -13,7 +16,7 @@ mod cpu_kernel;
 pub mod cpu_linear;
 pub mod cpu_norm;
 pub mod cpu_softmax;
-pub mod frozen;
+pub mod dispatch;
 pub mod linear;
 pub mod norm;
 
@@ -25,6 +28,7 @@ pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
 
 use candle_core::{Result, Tensor, D};
+use dispatch::Grad;
 
 /// Rows of `row_len` elements per parallel task in the CPU kernels: at least 32K elements, so
 /// small tensors (the tiny models' whole activations) run on one thread without wake-ups.
@@ -99,25 +103,20 @@ pub fn attention_blocked(
         (q, k)
     };
     let scale = 1.0 / (d as f64).sqrt();
-    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
+    let plan = dispatch::plan(&[&q, &k, &v], &[]);
     // The queries go in row blocks so the scores never exceed `block` elements (at 64x64
     // latents the full matrix is 2 x 8 x 4096 x 4096).
     let rows = (block / (b * heads * m).max(1)).clamp(1, n);
-    let out = if mask.is_none() && !tracked(&q) && !tracked(&k) && !tracked(&v) {
-        in_query_blocks(&q, &k, &v, scale, block, dtype)?
-    } else if mask.is_none() && fast_dtype(&q) && fast_dtype(&k) && fast_dtype(&v) {
-        attention_recomputing(&q, &k, &v, scale, (rows, block))?
-    } else {
-        scores_times_v(&q, &k, &v, scale, mask, dtype)?
+    let out = match (mask, plan.grad) {
+        (None, Grad::None) => in_query_blocks(&q, &k, &v, scale, block, plan.fused)?,
+        (None, _) => attention_recomputing(&q, &k, &v, scale, (rows, block), plan.fused)?,
+        // Masked attention (the text encoder's causal mask) is never on ReNeg's gradient path.
+        (Some(_), _) => scores_times_v(&q, &k, &v, scale, mask, dtype, plan.fused)?,
     };
     out.reshape((b, heads, n, d))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, n, inner))
-}
-
-fn fast_dtype(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
 }
 
 /// Attention on the gradient path without keeping the attention probabilities: the forward
@@ -131,17 +130,16 @@ fn attention_recomputing(
     v: &Tensor,
     scale: f64,
     (rows, block): (usize, usize),
+    fused: bool,
 ) -> Result<Tensor> {
     let n = q.dim(1)?;
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-    let out = in_query_blocks(&qd, &kd, &vd, scale, block, q.dtype())?;
+    let out = in_query_blocks(&qd, &kd, &vd, scale, block, fused)?;
     let probs = move |q: &Tensor, k: &Tensor, r: usize| -> Result<Tensor> {
         let raw = q.narrow(1, r, rows.min(n - r))?.matmul(&k.t()?)?;
-        cpu_softmax::softmax_scaled_in_place(raw, scale)?.ok_or_else(|| {
-            candle_core::Error::Msg("recomputing attention runs on CPU f32/f64 only".into())
-        })
+        softmax_scores(raw, scale, fused)
     };
-    frozen::attach3((q, k, v), out, move |dout| {
+    attach::attach3((q, k, v), out, move |dout| {
         let dout = dout.contiguous()?;
         let (mut dk, mut dv) = (kd.zeros_like()?, vd.zeros_like()?);
         let mut dq = Vec::new();
@@ -149,14 +147,45 @@ fn attention_recomputing(
             let len = rows.min(n - r);
             let p = probs(&qd, &kd, r)?;
             let dob = dout.narrow(1, r, len)?;
-            dv = (dv + p.t()?.matmul(&dob)?)?;
+            dv = (dv + p.to_dtype(vd.dtype())?.t()?.matmul(&dob)?)?;
             let dp = dob.matmul(&vd.t()?)?;
-            let ds = cpu_softmax::softmax_backward(&dp, &p, scale)?;
+            let ds = softmax_scores_backward(&dp, &p, scale, fused)?.to_dtype(qd.dtype())?;
             dq.push(ds.matmul(&kd)?);
             dk = (dk + ds.t()?.matmul(&qd.narrow(1, r, len)?)?)?;
         }
         Ok((Tensor::cat(&dq, 1)?, dk, dv))
     })
+}
+
+/// `softmax(scale * raw)` over the last dimension of scratch scores (no graph): in place by
+/// the fused kernel, else from candle ops in f32 (as PyTorch's autocast runs softmax).
+fn softmax_scores(raw: Tensor, scale: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        if let Some(p) = cpu_softmax::softmax_scaled_in_place(raw.clone(), scale)? {
+            return Ok(p);
+        }
+    }
+    softmax_last_dim(&(at_least_f32(&raw)? * scale)?)
+}
+
+/// Half-precision tensors in f32 (softmax statistics, as autocast keeps them); f32 and f64 as
+/// they are.
+fn at_least_f32(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        candle_core::DType::F16 | candle_core::DType::BF16 => t.to_dtype(candle_core::DType::F32),
+        _ => Ok(t.clone()),
+    }
+}
+
+/// The input gradient of `p = softmax(scale * x)` from `dp`: scale p (dp - rowsum(dp p)),
+/// without a graph; in f32 off the fused path.
+fn softmax_scores_backward(dp: &Tensor, p: &Tensor, scale: f64, fused: bool) -> Result<Tensor> {
+    if fused {
+        return cpu_softmax::softmax_backward(dp, p, scale);
+    }
+    let (dp, p) = (at_least_f32(dp)?, at_least_f32(p)?);
+    let dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
+    (dp.broadcast_sub(&dot)? * p)? * scale
 }
 
 /// Elements of one block of attention scores (64 MB in f32).
@@ -171,11 +200,12 @@ fn in_query_blocks(
     v: &Tensor,
     scale: f64,
     block: usize,
-    dtype: candle_core::DType,
+    fused: bool,
 ) -> Result<Tensor> {
     let (bh, n, _) = q.dims3()?;
     let m = k.dim(1)?;
-    if dtype == q.dtype() {
+    let dtype = v.dtype();
+    if fused {
         let per_head = (block / m.max(1)).clamp(1, n.max(1));
         if let Some(out) = cpu_attention::attention(q, k, v, scale, per_head)? {
             return Ok(out);
@@ -184,7 +214,10 @@ fn in_query_blocks(
     let rows = (block / (bh * m).max(1)).clamp(1, n.max(1));
     let blocks = (0..n)
         .step_by(rows)
-        .map(|r| scores_times_v(&q.narrow(1, r, rows.min(n - r))?, k, v, scale, None, dtype))
+        .map(|r| {
+            let qb = q.narrow(1, r, rows.min(n - r))?;
+            scores_times_v(&qb, k, v, scale, None, dtype, fused)
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&blocks, 1)
 }
@@ -197,22 +230,17 @@ fn scores_times_v(
     scale: f64,
     mask: Option<&Tensor>,
     dtype: candle_core::DType,
+    fused: bool,
 ) -> Result<Tensor> {
     let raw = q.matmul(&k.t()?)?;
-    // Without a graph the scores are scratch: softmax overwrites them.
-    let fused = match mask {
-        None if !raw.track_op() => cpu_softmax::softmax_scaled_in_place(raw.clone(), scale)?,
-        None => cpu_softmax::softmax_scaled(&raw, scale)?,
-        Some(_) => None,
-    };
-    let probs = match fused {
-        Some(p) => p,
-        None => {
-            let mut scores = (raw * scale)?;
-            if let Some(mask) = mask {
-                scores = scores.broadcast_add(mask)?;
-            }
-            softmax_last_dim(&scores)?
+    let probs = match mask {
+        // Without a graph the scores are scratch: softmax overwrites them.
+        None if !dispatch::tracked(&raw) => softmax_scores(raw, scale, fused)?,
+        // On a graph (only with a mask: `attention_blocked` recomputes the unmasked case).
+        None => softmax_last_dim(&(at_least_f32(&raw)? * scale)?)?,
+        Some(mask) => {
+            let scores = (at_least_f32(&raw)? * scale)?;
+            softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?
         }
     }
     .to_dtype(dtype)?;

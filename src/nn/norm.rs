@@ -1,15 +1,18 @@
 //! Layer norm and group norm written from basic ops (candle's fused layer norm has no backward
 //! and yields a wrong gradient without an error). Statistics in f32 for half-precision inputs.
 
+use super::attach;
+use super::dispatch::{self, Grad};
 use crate::error::Result;
 use crate::weights::Vb;
 use candle_core::{DType, Tensor, D};
 
 /// Normalises `xs` over its last dimension to zero mean, unit variance (biased, as PyTorch).
-/// On the gradient path the backward is the closed form
-/// dx = (g - mean(g) - x^ mean(g x^)) / sigma, a few passes instead of the composition's many.
+/// On the gradient path (any device) the backward is the closed form
+/// dx = (g - mean(g) - x^ mean(g x^)) / sigma, a few passes instead of the composition's many,
+/// keeping only the output and 1 / sigma rather than every intermediate.
 fn normalize_last(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if super::frozen::wants_frozen_path(xs) {
+    if dispatch::tracked(xs) {
         let x = xs.detach();
         let n = x.dim(D::Minus1)? as f64;
         let centered = x.broadcast_sub(&(x.sum_keepdim(D::Minus1)? / n)?)?;
@@ -18,7 +21,7 @@ fn normalize_last(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
             .recip()?;
         let value = centered.broadcast_mul(&rstd)?;
         drop(centered);
-        return super::frozen::attach(xs, value, move |g, xhat| {
+        return attach::attach(xs, value, move |g, xhat| {
             let mean_g = (g.sum_keepdim(D::Minus1)? / n)?;
             let mean_gx = ((g * xhat)?.sum_keepdim(D::Minus1)? / n)?;
             g.broadcast_sub(&mean_g)?
@@ -43,12 +46,11 @@ fn upcast(xs: &Tensor) -> candle_core::Result<Tensor> {
 /// `x * w + b` with frozen `w`, `b` (broadcast): on the gradient path the backward is
 /// `g * w` alone, without the weight and bias gradients candle would compute.
 fn affine(x: &Tensor, w: &Tensor, b: &Tensor, w_for_grad: &Tensor) -> candle_core::Result<Tensor> {
-    let tracked = |t: &Tensor| t.is_variable() || t.track_op();
     // Trainable weights (a `Var`) take the plain ops, so their gradients are computed too.
-    if super::frozen::wants_frozen_path(x) && !tracked(w) && !tracked(b) {
+    if dispatch::plan(&[x], &[w, b]).grad == Grad::InputOnly {
         let value = x.detach().broadcast_mul(w)?.broadcast_add(b)?;
         let w = w_for_grad.clone();
-        return super::frozen::attach(x, value, move |g, _| g.broadcast_mul(&w));
+        return attach::attach(x, value, move |g, _| g.broadcast_mul(&w));
     }
     x.broadcast_mul(w)?.broadcast_add(b)
 }
@@ -119,10 +121,10 @@ impl GroupNorm {
     }
 
     fn forward_act(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
-        if let Some(y) =
-            super::cpu_norm::group_norm(xs, self.groups, self.eps, &self.weight, &self.bias, silu)?
-        {
-            return Ok(y);
+        let plan = dispatch::plan(&[xs], &[&self.weight, &self.bias]);
+        if plan.fused && plan.grad != Grad::All && xs.rank() >= 2 {
+            let (w, b) = (&self.weight, &self.bias);
+            return super::cpu_norm::group_norm(xs, self.groups, self.eps, w, b, silu);
         }
         let y = self.composed(xs)?;
         if silu {
