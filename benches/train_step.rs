@@ -14,7 +14,11 @@
 //! the sampling evaluation is then the UNet on 2B latents and the gradient step is for B prompts.
 //! `RENEG_BENCH_BACKWARD=one-pass` takes the gradient step in one pass (`train::step::Backward`;
 //! staged by default). `RENEG_BENCH_DEVICE=cuda` (a build with `--features cuda`) runs the case on the first CUDA
-//! device and `RENEG_BENCH_DTYPE=f32|bf16|f16` sets the model dtype (f32 by default). On a GPU
+//! device and `RENEG_BENCH_PRECISION=f32|tf32|bf16|fp16` sets the precision (`reneg::precision`;
+//! f32 by default; `RENEG_BENCH_DTYPE` is its older name), `RENEG_BENCH_CHECKPOINTING=1` turns on
+//! activation checkpointing of the gradient step. Each line has `impl`, `precision`, `batch`,
+//! `sample_eval_s`, `grad_step_s`, `train_step_s`, `peak_mem_mib` (device peak on a GPU, peak
+//! RSS on the CPU), `commit` (`RENEG_COMMIT`, else git's) and `device`. On a GPU
 //! each timing synchronizes the device, the repetitions are `RENEG_BENCH_REPS` (default 5 for a
 //! sampling evaluation, 3 for a gradient step), and `peak_gpu_mb` is the largest device-wide
 //! memory in use (total - free, sampled every 2 ms by a second thread, CUDA context included),
@@ -25,10 +29,11 @@
 //! `RENEG_BENCH_OUTSIDE_POOL=1` / `RENEG_BENCH_RETURN_MEMORY=1` undo the binary's run-time
 //! settings (`reneg::runtime`) for A/B runs.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::{AutoencoderKL, VaeConfig};
+use reneg::precision::Precision;
 use reneg::reward::LinearReward;
 use reneg::scheduler::{DdimConfig, DdimScheduler};
 use reneg::tokenizer::ClipTokenizer;
@@ -85,14 +90,45 @@ fn bench_device() -> Device {
     }
 }
 
-/// The model dtype of `RENEG_BENCH_DTYPE` (`f32`, the default, `bf16` or `f16`).
-fn bench_dtype() -> DType {
-    match std::env::var("RENEG_BENCH_DTYPE").as_deref() {
-        Err(_) | Ok("") | Ok("f32") => DType::F32,
-        Ok("bf16") => DType::BF16,
-        Ok("f16") => DType::F16,
-        Ok(d) => panic!("RENEG_BENCH_DTYPE={d}: expected f32, bf16 or f16"),
-    }
+/// The precision of `RENEG_BENCH_PRECISION` (`f32`, the default, `tf32`, `bf16`, `fp16`;
+/// `RENEG_BENCH_DTYPE` is the older name, with `f16` for fp16), applied to the device.
+fn bench_precision(dev: &Device) -> Precision {
+    let var =
+        std::env::var("RENEG_BENCH_PRECISION").or_else(|_| std::env::var("RENEG_BENCH_DTYPE"));
+    let p = match var.as_deref() {
+        Err(_) | Ok("") | Ok("f32") => Precision::F32,
+        Ok("tf32") => Precision::Tf32,
+        Ok("bf16") => Precision::Bf16,
+        Ok("fp16") | Ok("f16") => Precision::Fp16,
+        Ok(d) => panic!("RENEG_BENCH_PRECISION={d}: expected f32, tf32, bf16 or fp16"),
+    };
+    p.apply(dev);
+    p
+}
+
+/// `RENEG_BENCH_CHECKPOINTING=1` checkpoints the UNet's layers and the decoder's blocks on the
+/// gradient step.
+fn bench_checkpointing() -> bool {
+    matches!(
+        std::env::var("RENEG_BENCH_CHECKPOINTING").as_deref(),
+        Ok("1") | Ok("on")
+    )
+}
+
+/// The commit measured: `RENEG_COMMIT` (tools/gpu_check.sh sets it; the device machine's copy
+/// of the tree has no .git), else `git rev-parse --short HEAD`.
+fn commit() -> String {
+    std::env::var("RENEG_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| {
+            std::process::Command::new("git")
+                .args(["rev-parse", "--short", "HEAD"])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default()
+        })
 }
 
 /// `RENEG_BENCH_BACKWARD=one-pass` times the one-pass gradient step (default: staged).
@@ -177,7 +213,9 @@ impl Drop for GpuMemory {
 }
 
 fn tiny() {
-    let (dev, dtype) = (bench_device(), bench_dtype());
+    let dev = bench_device();
+    let precision = bench_precision(&dev);
+    let dtype = precision.weight_dtype();
     let mut sd = StableDiffusion::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         dtype,
@@ -198,6 +236,7 @@ fn tiny() {
         height: 32,
         width: 32,
         backward: bench_backward(),
+        loss_scale: 1.0,
     };
     let prompts = ["a red cube on a table".to_string()];
     let secs = time(&dev, reps(5), || {
@@ -206,7 +245,8 @@ fn tiny() {
     println!(
         "{}",
         json!({"impl": "reneg", "case": "tiny", "step_s": secs, "peak_rss_mb": peak_rss_mb(),
-               "backward": format!("{:?}", bench_backward()),
+               "backward": format!("{:?}", bench_backward()), "precision": precision.name(),
+               "commit": commit(),
                "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")})
     );
 }
@@ -221,7 +261,9 @@ const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_p
   "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
 
 fn full(latent: usize, batch: usize) {
-    let (dev, dtype) = (bench_device(), bench_dtype());
+    let dev = bench_device();
+    let precision = bench_precision(&dev);
+    let dtype = precision.weight_dtype();
     let gpu = dev.is_cuda();
     let mem = GpuMemory::start(&dev);
     let p = Path::new("<bench config>");
@@ -261,16 +303,21 @@ fn full(latent: usize, batch: usize) {
         &dev,
     )
     .unwrap();
+    let mut sd = sd;
+    sd.set_checkpointing(bench_checkpointing());
+    let sd = sd;
     let b = batch;
-    let cond = reneg::rng::randn(10, &[b, 77, 768], dtype, &dev).unwrap();
-    let neg = reneg::rng::randn(11, &[1, 77, 768], dtype, &dev).unwrap();
+    // Between models everything is in the activation dtype (f32 under bf16/fp16 autocast).
+    let act = sd.dtype();
+    let cond = reneg::rng::randn(10, &[b, 77, 768], act, &dev).unwrap();
+    let neg = reneg::rng::randn(11, &[1, 77, 768], act, &dev).unwrap();
     let negs = neg
         .broadcast_as((b, 77, 768))
         .unwrap()
         .contiguous()
         .unwrap();
-    let x = reneg::rng::randn(12, &[b, 4, latent, latent], dtype, &dev).unwrap();
-    let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], dtype, &dev).unwrap();
+    let x = reneg::rng::randn(12, &[b, 4, latent, latent], act, &dev).unwrap();
+    let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], act, &dev).unwrap();
     dev.synchronize().unwrap();
     let weights_gpu_mb = mem.peak_mb();
     mem.reset();
@@ -303,7 +350,7 @@ fn full(latent: usize, batch: usize) {
             &cond,
             &x,
             201,
-            (7.5, backward),
+            (7.5, backward, 1.0),
         )
         .unwrap();
     });
@@ -322,13 +369,17 @@ fn full(latent: usize, batch: usize) {
            "train_step_s": 24.5 * sample_s + grad_s,
            "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb(),
            "backward": format!("{backward:?}"),
+           "precision": precision.name(), "checkpointing": sd.unet.checkpointing(),
+           "commit": commit(),
            "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")});
+    out["peak_mem_mib"] = json!(peak_rss_mb());
     if gpu {
         out["base_gpu_mb"] = json!(GpuMemory::mb(mem.base));
         out["weights_gpu_mb"] = json!(weights_gpu_mb);
         out["peak_gpu_sampling_mb"] = json!(gpu_sampling_mb);
         out["peak_gpu_grad_mb"] = json!(gpu_grad_mb);
         out["peak_gpu_mb"] = json!(weights_gpu_mb.max(gpu_sampling_mb).max(gpu_grad_mb));
+        out["peak_mem_mib"] = out["peak_gpu_mb"].clone();
     }
     println!("{out}");
 }

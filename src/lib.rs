@@ -13,6 +13,7 @@ pub mod mini;
 pub mod models;
 pub mod nn;
 pub mod pipeline;
+pub mod precision;
 pub mod prompts;
 pub mod reward;
 pub mod rng;

@@ -143,8 +143,22 @@ impl StableDiffusion {
         })
     }
 
+    /// The dtype of what passes between the models (latents, prompt embeddings, pixels): the
+    /// weights' dtype, or f32 for bf16/fp16 weights (autocast; see `crate::precision`).
     pub fn dtype(&self) -> DType {
+        crate::precision::activation_dtype(self.dtype)
+    }
+
+    /// The dtype the weights are stored and multiplied in.
+    pub fn weight_dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Activation checkpointing of the UNet's layers and the VAE decoder's blocks on the
+    /// gradient path (same gradients, less memory, one more forward of each in the backward).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.unet.set_checkpointing(on);
+        self.vae.set_checkpointing(on);
     }
 
     pub fn device(&self) -> &Device {

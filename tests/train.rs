@@ -115,14 +115,22 @@ fn training_step_gradient_equals_each_parity_case() {
             rewards: vec![(Box::new(LinearReward(exp["reward_weight"].clone())), 1.0)],
             pixels: Pixels::Raw,
         };
-        // Both arrangements of the backward give the PyTorch gradient.
-        for backward in [Backward::Staged, Backward::OnePass] {
+        // Both arrangements of the backward give the PyTorch gradient, also with the loss
+        // scaled in the backward (fp16's loss scaling; the gradient comes back unscaled).
+        let arrangements = [
+            (Backward::Staged, 1.0),
+            (Backward::OnePass, 1.0),
+            (Backward::Staged, 65536.0),
+            (Backward::OnePass, 1024.0),
+        ];
+        for (backward, loss_scale) in arrangements {
             let s = Sampling {
                 steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
                 guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
                 height: meta["height"].as_u64().unwrap() as usize,
                 width: meta["width"].as_u64().unwrap() as usize,
                 backward,
+                loss_scale,
             };
             let r = reneg_gradient_from(
                 &mut sd,
@@ -308,6 +316,11 @@ fn a_writer_killed_mid_write_leaves_the_previous_checkpoint_readable() {
         optimizer: opt.clone(),
         step: 7,
         bad_in_row: 0,
+        loss_scaler: reneg::precision::LossScaler {
+            scale: 512.0,
+            good_steps: 3,
+            growth_interval: 2000,
+        },
         config: "a".into(),
     };
     first.save(&path).unwrap();
@@ -320,6 +333,7 @@ fn a_writer_killed_mid_write_leaves_the_previous_checkpoint_readable() {
     assert!(err.is_err());
     let back = Checkpoint::load(&path).unwrap();
     assert_eq!(back.step, 7);
+    assert_eq!(back.loss_scaler, first.loss_scaler);
     let leftovers: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
@@ -426,6 +440,7 @@ fn per_sample_adaptation_is_never_worse_than_its_start() {
         height: 32,
         width: 32,
         backward: Default::default(),
+        loss_scale: 1.0,
     };
     let cfg = AdaptConfig {
         steps: 4,

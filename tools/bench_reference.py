@@ -2,7 +2,7 @@
 """PyTorch / diffusers reference for benches/train_step.rs: the same cases, shapes and step.
 
     /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB
-    python3 tools/bench_reference.py full64x4 --device cuda [--dtype f32|bf16|f16] [--tf32] [--batch B]
+    python3 tools/bench_reference.py full64x4 --device cuda [--precision f32|tf32|bf16|fp16] [--batch B]
 
 (the venv of tools/gen_parity.py: torch 2.15.0, diffusers 0.42.1, transformers 5.23.0). Prints one JSON
 line like the Rust bench; peak RSS is this process's ru_maxrss, so run one case per process
@@ -25,8 +25,15 @@ context included: the Rust bench's measure), torch_max_allocated_mb and torch_ma
 .allow_tf32 = False; PyTorch's own default lets cuDNN use TF32): reneg's candle build runs f32 in f32.
 RENEG_BENCH_SAMPLING_ONLY=1 stops a full case after the sampling evaluation (as the Rust bench), for
 interleaved runs of the two implementations.
+
+--precision is reneg's (src/precision.rs), like for like: f32 (TF32 off), tf32 (TF32 on), bf16 / fp16 (weights
+in the low type, inputs in f32, both timed steps inside torch.autocast(dtype), which runs matmuls and
+convolutions in the low type and norms, softmax and the loss in f32). --dtype f32|bf16|f16 and --tf32 are the
+older spellings. Every line has impl, precision, batch, sample_eval_s, grad_step_s, train_step_s, peak_mem_mib
+(the device peak on a GPU, peak RSS on the CPU), commit ($RENEG_COMMIT) and device.
 """
 import argparse
+import contextlib
 import os
 import threading
 import json
@@ -42,6 +49,15 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 DEV = torch.device("cpu")
 DTYPE = torch.float32
+PRECISION = "f32"
+CHECKPOINTING = False
+
+
+def autocast():
+    """torch.autocast in the low type for bf16 / fp16, nothing for f32 / tf32."""
+    if PRECISION in ("bf16", "fp16"):
+        return torch.autocast(DEV.type, dtype=DTYPE)
+    return contextlib.nullcontext()
 
 
 def sync():
@@ -176,32 +192,40 @@ def full(n, b=1):
         m.requires_grad_(False).eval().to(DEV)
         if DTYPE != torch.float32:
             m.to(DTYPE)
+        if CHECKPOINTING:
+            # diffusers' gradient checkpointing of the UNet's and the decoder's blocks, as
+            # RENEG_BENCH_CHECKPOINTING=1 for the Rust bench.
+            m.enable_gradient_checkpointing()
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     sched.set_timesteps(30)
-    cond = torch.randn(b, 77, 768).to(DEV, DTYPE)
-    neg = torch.randn(1, 77, 768).to(DEV, DTYPE)
-    x = torch.randn(b, 4, n, n).to(DEV, DTYPE)
-    w = torch.randn(b, 3, 8 * n, 8 * n).to(DEV, DTYPE)
+    # Under autocast the inputs stay f32 (as reneg keeps everything between models in f32).
+    act = torch.float32 if PRECISION in ("bf16", "fp16") else DTYPE
+    cond = torch.randn(b, 77, 768).to(DEV, act)
+    neg = torch.randn(1, 77, 768).to(DEV, act)
+    x = torch.randn(b, 4, n, n).to(DEV, act)
+    w = torch.randn(b, 3, 8 * n, 8 * n).to(DEV, act)
     g = 7.5
     weights_gpu = mem.take()
     if gpu:
         torch.cuda.reset_peak_memory_stats(DEV)
 
     def sample_eval():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             out = unet(torch.cat([x, x]), 501, encoder_hidden_states=torch.cat([neg.expand(b, -1, -1), cond])).sample
             u, c = out.chunk(2)
             return u + g * (c - u)
 
     def grad_step():
         v = neg.clone().requires_grad_(True)
-        with torch.no_grad():
-            c = unet(x, 201, encoder_hidden_states=cond).sample
-        u = unet(x, 201, encoder_hidden_states=v.expand(b, -1, -1)).sample
-        x0 = sched.step(u + g * (c - u), 201, x).pred_original_sample
-        img = vae.decode(x0 / 0.18215).sample
-        (-(w * img).sum() / b).backward()
+        with autocast():
+            with torch.no_grad():
+                c = unet(x, 201, encoder_hidden_states=cond).sample
+            u = unet(x, 201, encoder_hidden_states=v.expand(b, -1, -1)).sample
+            x0 = sched.step(u.float() + g * (c.float() - u.float()), 201, x).pred_original_sample
+            img = vae.decode(x0 / 0.18215).sample.float()
+            loss = -(w * img).sum() / b
+        loss.backward()
 
     s = timed(reps(5 if gpu else 2), sample_eval)
     rss_sampling = peak_rss_mb()
@@ -215,7 +239,9 @@ def full(n, b=1):
     out = {"impl": "pytorch", "case": f"full{n}" if b == 1 else f"full{n}x{b}", "batch": b,
            "sample_eval_s": s, "grad_step_s": gs, "train_step_s": 24.5 * s + gs,
            "peak_rss_sampling_mb": rss_sampling, "peak_rss_mb": peak_rss_mb(),
-           "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch.")}
+           "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch."), "precision": PRECISION,
+           "commit": os.environ.get("RENEG_COMMIT", ""), "checkpointing": CHECKPOINTING}
+    out["peak_mem_mib"] = out["peak_rss_mb"]
     if gpu:
         out.update({"base_gpu_mb": mem.base / 2**20, "weights_gpu_mb": weights_gpu,
                     "peak_gpu_sampling_mb": gpu_sampling, "peak_gpu_grad_mb": gpu_grad,
@@ -223,6 +249,7 @@ def full(n, b=1):
                     "torch_max_allocated_mb": torch.cuda.max_memory_allocated(DEV) / 2**20,
                     "torch_max_reserved_mb": torch.cuda.max_memory_reserved(DEV) / 2**20,
                     "tf32": torch.backends.cudnn.allow_tf32, "gpu_name": torch.cuda.get_device_name(DEV)})
+        out["peak_mem_mib"] = out["peak_gpu_mb"]
     mem._stop = True
     return out
 
@@ -232,13 +259,17 @@ if __name__ == "__main__":
     ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN or fullNxB (N latents, B batch)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--batch", type=int, default=None, help="batch size of a full case (default 1)")
-    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
-    ap.add_argument("--tf32", action="store_true", help="let float32 matmuls and convolutions use TF32")
+    ap.add_argument("--precision", default=None, choices=["f32", "tf32", "bf16", "fp16"])
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="older spelling")
+    ap.add_argument("--tf32", action="store_true", help="older spelling of --precision tf32")
+    ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of UNet and VAE")
     args = ap.parse_args()
+    CHECKPOINTING = args.checkpointing
     DEV = torch.device(args.device)
-    DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    torch.backends.cudnn.allow_tf32 = args.tf32
+    PRECISION = args.precision or ("tf32" if args.tf32 else {"f16": "fp16"}.get(args.dtype, args.dtype))
+    DTYPE = {"f32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[PRECISION]
+    torch.backends.cuda.matmul.allow_tf32 = PRECISION == "tf32"
+    torch.backends.cudnn.allow_tf32 = PRECISION == "tf32"
     case = args.case
     if case == "tiny":
         if DEV.type != "cpu" or DTYPE != torch.float32:

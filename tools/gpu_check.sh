@@ -5,7 +5,8 @@
 #   2. reneg's training step with SD1.5's UNet and VAE (random weights) at 512x512, batch 1 and 4;
 #   3. the same step in PyTorch / diffusers (tools/bench_reference.py) on the same GPU.
 # Usage there: `set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/log`. Everything lands in $OUT:
-# log (this output), bench.jsonl (one JSON line per bench), parity_{f32,bf16,f16}.log.
+# log (this output), bench.jsonl (one JSON line per bench, with what else was printed),
+# gpu-<commit>.jsonl (the bench lines alone: commit it as benches/results/), parity_{f32,bf16,f16}.log.
 # Each step has a timeout and the whole run a deadline (DEADLINE seconds, default 390): a step that
 # would start past it is skipped, so the log always says what ran. Every step also records the
 # peak of `nvidia-smi`'s memory.used (sampled every 20 ms) over its process.
@@ -13,7 +14,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-390}
+DEADLINE=${DEADLINE:-480}
+# The commit measured (the device machine's copy of the tree has no .git): written by
+# tools/gpu_prepare.sh beside the binaries it built.
+export RENEG_COMMIT=${RENEG_COMMIT:-$(cat .gpu/commit 2>/dev/null || echo unknown)}
 start=$(date +%s)
 now() { echo $(($(date +%s) - start)); }
 
@@ -82,18 +86,22 @@ ref() { # ARGS...: the PyTorch reference on the GPU
 }
 export -f parity bench ref
 
+# Issue 15's matrix: SD1.5 UNet + VAE (random weights) at 512x512, reneg against PyTorch like for
+# like at each precision (f32: TF32 off on both sides; tf32: on; bf16: autocast), batch 4 first
+# (the gradient step's memory target), then 1, then 16 with checkpointing on both sides.
 step parity-f32 90 'parity f32'
-step reneg-full64-b1 110 'RENEG_BENCH_PHASES=1 bench full64'
-step reneg-full64-b4 140 'bench full64x4'
-step torch-full64-b1 70 'ref full64'
-step torch-full64-b4 80 'ref full64x4'
+for b in 4 1 16; do
+  ck=""; rck=""
+  if [ $b = 16 ]; then ck="RENEG_BENCH_CHECKPOINTING=1"; rck="--checkpointing"; fi
+  for p in f32 tf32 bf16; do
+    phases=""; [ $b = 4 ] && [ $p = f32 ] && phases="RENEG_BENCH_PHASES=1"
+    step "reneg-b$b-$p" 120 "$phases $ck RENEG_BENCH_PRECISION=$p bench full64x$b"
+    step "torch-b$b-$p" 90 "ref full64x$b --precision $p $rck"
+  done
+done
 step parity-bf16 60 'parity bf16'
 step parity-f16 60 'parity f16'
-step torch-full64-b1-tf32 50 'ref full64 --tf32'
-step torch-full64-b4-tf32 60 'ref full64x4 --tf32'
-step reneg-full64-b4-bf16 90 'RENEG_BENCH_DTYPE=bf16 bench full64x4'
-step torch-full64-b4-bf16 60 'ref full64x4 --dtype bf16'
 
 echo "== done at $(now)s"
 echo "== bench lines"
-grep '^{' "$OUT/bench.jsonl"
+grep '^{' "$OUT/bench.jsonl" | tee "$OUT/gpu-${RENEG_COMMIT:-unknown}.jsonl"

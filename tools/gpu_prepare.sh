@@ -9,27 +9,33 @@
 #   TK [/work/cudatk]               toolkit folder: venv with the CUDA 13.0 nvcc wheels + link stubs
 #   TARGET_DIR [/work/cuda-target]  cargo target dir of the CUDA build
 #   CUDA_COMPUTE_CAP [90]           H100 / H200
+#   FEATURES [cudnn]                cargo features (cudnn implies cuda; cuda alone without cuDNN)
 # The toolkit (once; shared/tools/make_cuda_stubs.sh makes the link-only stubs):
 #   python3 -m venv $TK/venv
 #   $TK/venv/bin/pip install nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
 #       nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
 #   shared/tools/make_cuda_stubs.sh $TK/stub/lib ~/.cargo/registry/src/*/cudarc-0.19.10 \
 #       $TK/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcudart.so.13
+#   tools/cuda_stub_extra.sh $TK/stub/lib ~/.cargo/registry/src/*/cudarc-0.19.10   # libcudnn stub
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 src=${1:-$repo}
 TK=${TK:-/work/cudatk}
 TARGET_DIR=${TARGET_DIR:-/work/cuda-target}
 T=$(echo "$TK"/venv/lib/python3*/site-packages/nvidia/cu13)
+mkdir -p "$repo/.gpu"
 (
   cd "$src"
   PATH=$T/bin:$PATH CUDA_HOME=$TK/stub CUDA_PATH=$TK/stub CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90} \
-    nice -n 10 cargo build --release --features cuda --target-dir "$TARGET_DIR" \
+    nice -n 10 cargo build --release --features "${FEATURES:-cudnn}" --target-dir "$TARGET_DIR" \
     --bench train_step --test parity
+  git -C "$repo" rev-parse --short HEAD >"$repo/.gpu/commit.new" 2>/dev/null \
+    || echo unknown >"$repo/.gpu/commit.new"
 )
 newest() { ls -t "$TARGET_DIR"/release/deps/"$1"-* | grep -v '\.d$' | head -1; }
 cd "$repo"
 mkdir -p .gpu/bin
+mv .gpu/commit.new .gpu/commit
 cp "$(newest train_step)" .gpu/bin/train_step
 cp "$(newest parity)" .gpu/bin/parity
 strip .gpu/bin/train_step .gpu/bin/parity

@@ -3,8 +3,8 @@
 //! combines shard folders into the report an unsharded run gives.
 
 use super::{
-    check_dtype, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
-    load_rewards, user, Dtype, ModelArgs,
+    create_out_dir, device, image_size, lib, load_embedding_for, load_model, load_rewards,
+    setup_precision, user, ModelArgs, Precision,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -86,8 +86,11 @@ pub struct EvalArgs {
     /// id; combine the folders with `reneg eval merge`.
     #[arg(long)]
     pub shard: Option<String>,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Dtype,
+    /// Numeric precision: f32, tf32 (tensor-core matmuls on CUDA; f32 on the CPU), bf16 or fp16
+    /// (autocast: low-precision weights and matmuls, f32 norms, softmax, latents and rewards;
+    /// fp16 training scales the loss dynamically). --dtype is an alias.
+    #[arg(long, alias = "dtype", value_enum, default_value = "f32")]
+    pub precision: Precision,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value = "eval")]
@@ -143,8 +146,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         return Err(user("--seeds must be at least 1"));
     }
     let device = device(&args.device)?;
-    let dtype: DType = args.dtype.into();
-    check_dtype(dtype, &device)?;
+    let dtype: DType = setup_precision(args.precision, &device)?;
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
@@ -233,6 +235,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         height: h,
         width: w,
         backward: args.adapt.adapt_backward,
+        loss_scale: 1.0,
     };
     let adapt_cfg = args.adapt.config(args.steps);
     let bar = ProgressBar::new(todo.len() as u64);
@@ -270,7 +273,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             )
             .map_err(lib)?
             .embedding
-            .to_dtype(dtype)?
+            .to_dtype(sd.dtype())?
             .to_device(&device)?
         } else {
             negatives[j].embedding.clone()

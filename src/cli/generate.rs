@@ -3,8 +3,8 @@
 //! front ends do) and one JSON line per image in `images.jsonl`.
 
 use super::{
-    check_dtype, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
-    load_rewards, user, Dtype, ModelArgs,
+    create_out_dir, device, image_size, lib, load_embedding_for, load_model, load_rewards,
+    setup_precision, user, ModelArgs, Precision,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -52,8 +52,11 @@ pub struct GenerateArgs {
     /// instead of seeded noise, to compare with other implementations.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Dtype,
+    /// Numeric precision: f32, tf32 (tensor-core matmuls on CUDA; f32 on the CPU), bf16 or fp16
+    /// (autocast: low-precision weights and matmuls, f32 norms, softmax, latents and rewards;
+    /// fp16 training scales the loss dynamically). --dtype is an alias.
+    #[arg(long, alias = "dtype", value_enum, default_value = "f32")]
+    pub precision: Precision,
     /// Per-sample adaptation: a reward to adapt the negative to each prompt (repeat with
     /// --reward-model for several).
     #[arg(long, value_enum)]
@@ -100,8 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Err(user("--batch-size must be at least 1"));
     }
     let device = device(&args.device)?;
-    let dtype: DType = args.dtype.into();
-    check_dtype(dtype, &device)?;
+    let dtype: DType = setup_precision(args.precision, &device)?;
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
@@ -146,6 +148,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         height: h,
         width: w,
         backward: args.adapt.adapt_backward,
+        loss_scale: 1.0,
     };
 
     let jobs: Vec<Job> = prompt_list
@@ -179,12 +182,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 Some(t) => t
                     .get(job.index)?
                     .unsqueeze(0)?
-                    .to_dtype(dtype)?
+                    .to_dtype(sd.dtype())?
                     .to_device(&device)?,
                 None => reneg::rng::randn(
                     job.seed,
                     &[1, latent_shape[0], latent_shape[1], latent_shape[2]],
-                    dtype,
+                    sd.dtype(),
                     &device,
                 )?,
             });
@@ -225,7 +228,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let name = format!("{:05}-seed{}.safetensors", job.index, job.seed);
                 e.save_safetensors(&dir.join(name)).map_err(lib)?;
             }
-            uncond_b = a.embedding.to_dtype(dtype)?.to_device(&device)?;
+            uncond_b = a.embedding.to_dtype(sd.dtype())?.to_device(&device)?;
         }
         bar.set_message(format!("image {}/{}", batch[0].index + 1, jobs.len()));
         let latents = sd
@@ -267,6 +270,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "width": w,
                 "model": model_name,
                 "dtype": format!("{dtype:?}").to_lowercase(),
+                "precision": args.precision.name(),
             });
             writeln!(jsonl, "{record}").context("writing images.jsonl")?;
             bar.println(path.display().to_string());

@@ -10,7 +10,7 @@ pub mod train;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use clap::ValueEnum;
+pub use reneg::precision::Precision;
 use reneg::StableDiffusion;
 use std::path::PathBuf;
 
@@ -43,23 +43,6 @@ pub fn is_user_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<UserError>().is_some())
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<Dtype> for DType {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => DType::F32,
-            Dtype::F16 => DType::F16,
-            Dtype::Bf16 => DType::BF16,
-        }
-    }
-}
-
 /// `--device cpu` or `cuda[:N]` (CUDA builds only).
 pub fn device(spec: &str) -> Result<Device> {
     match spec {
@@ -84,13 +67,12 @@ pub fn device(spec: &str) -> Result<Device> {
     }
 }
 
-pub fn check_dtype(dtype: DType, device: &Device) -> Result<()> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        return Err(user(
-            "--dtype bf16 is not supported on the CPU (candle has no bf16 matmul there); use f32 or f16",
-        ));
-    }
-    Ok(())
+/// Checks `--precision` against the device, sets its matmul mode, and returns the weights'
+/// dtype.
+pub fn setup_precision(p: Precision, device: &Device) -> Result<DType> {
+    p.check(device).map_err(lib)?;
+    p.apply(device);
+    Ok(p.weight_dtype())
 }
 
 /// Where the model comes from, shared by every command that loads one.

@@ -1,7 +1,7 @@
 //! `reneg train`: learn a global negative embedding by reward feedback. Options come from
 //! `--config FILE.toml`, then flags; the resolved config is written to `--out`.
 
-use super::{check_dtype, device, lib, user, Dtype};
+use super::{device, lib, setup_precision, user, Precision};
 use anyhow::Result;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -89,8 +89,16 @@ pub struct TrainArgs {
     /// Continue from --out's checkpoint (the same config is required).
     #[arg(long)]
     pub resume: bool,
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: Dtype,
+    /// Numeric precision: f32 (default), tf32 (tensor-core matmuls on CUDA; f32 on the CPU),
+    /// bf16 or fp16 (autocast: low-precision weights and matmuls, f32 norms, softmax, latents
+    /// and rewards; fp16 scales the loss dynamically). --dtype is an alias.
+    #[arg(long, alias = "dtype", value_enum)]
+    pub precision: Option<Precision>,
+    /// Activation checkpointing of the gradient step: off, on, or auto (default: on when the
+    /// estimated graph of a micro-batch would not fit in the free device memory).
+    #[arg(long, value_enum)]
+    pub checkpointing: Option<reneg::train::memory::Checkpointing>,
+    /// cpu or cuda[:N]. Under torchrun (WORLD_SIZE > 1), cuda means cuda:LOCAL_RANK.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -130,6 +138,13 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     if let Some(b) = a.backward {
         let v = toml::Value::try_from(b).map_err(|e| user(format!("--backward: {e}")))?;
         t.insert("backward".into(), v);
+    }
+    if let Some(p) = a.precision {
+        t.insert("precision".into(), Value::String(p.name().into()));
+    }
+    if let Some(c) = a.checkpointing {
+        let v = toml::Value::try_from(c).map_err(|e| user(format!("--checkpointing: {e}")))?;
+        t.insert("checkpointing".into(), v);
     }
     if let Some(init) = &a.init {
         let v =
@@ -207,9 +222,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut over = overrides(&a)?;
     mini_defaults(&table, &mut over);
     let cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
-    let device = device(&a.device)?;
-    let dtype: DType = a.dtype.into();
-    check_dtype(dtype, &device)?;
+    let world = reneg::train::distributed::World::from_env().map_err(lib)?;
+    let device = match a.device.as_str() {
+        "cuda" if world.world_size > 1 => device(&format!("cuda:{}", world.local_rank))?,
+        d => device(d)?,
+    };
+    let dtype: DType = setup_precision(cfg.precision, &device)?;
     let prompts: Vec<String> = reneg::prompts::load(&cfg.prompts)
         .map_err(lib)?
         .into_iter()
@@ -260,7 +278,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )
         .expect("valid template"),
     );
-    let outcome = global::train(
+    let mut collective: Box<dyn reneg::train::distributed::Collective> = if world.world_size > 1 {
+        let dir = std::env::var_os("RENEG_DIST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cfg.out.join(".dist"));
+        let group =
+            reneg::train::distributed::FileGroup::new(&dir, world, cfg.micro_batches(), &device)
+                .map_err(lib)?;
+        Box::new(group)
+    } else {
+        Box::new(reneg::train::distributed::Single)
+    };
+    if world.is_main() {
+        println!(
+            "training on {} ({}, {}, activation checkpointing {}{})",
+            cfg.model,
+            format!("{:?}", device.location()).to_lowercase(),
+            cfg.precision.name(),
+            if global::checkpointing_for(&cfg, &sd) {
+                "on"
+            } else {
+                "off"
+            },
+            if world.world_size > 1 {
+                format!(", rank 0 of {}", world.world_size)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let outcome = global::train_in_group(
         &cfg,
         &mut sd,
         &objective,
@@ -270,6 +317,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         },
         init,
         a.resume,
+        collective.as_mut(),
         |m, v| {
             bar.set_position(m.step + 1);
             bar.set_message(format!("reward {:.4}", m.reward_mean));

@@ -174,7 +174,9 @@ impl ClipTextModel {
                 self.cfg.hidden_act,
             )?;
         }
-        Ok(self.final_layer_norm.forward(&xs)?)
+        // Prompt embeddings leave the model in f32 under autocast (`crate::precision`).
+        let out = self.final_layer_norm.forward(&xs)?;
+        Ok(out.to_dtype(crate::precision::activation_dtype(out.dtype()))?)
     }
 }
 

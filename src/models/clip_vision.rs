@@ -211,6 +211,7 @@ impl VisionTower {
                 self.image_size
             )));
         }
+        let pixels = pixels.to_dtype(self.patch_weight.dtype())?;
         let patches = pixels.conv2d(&self.patch_weight, 0, self.patch, 1, 1)?;
         let width = patches.dim(1)?;
         let tokens = patches.flatten_from(2)?.transpose(1, 2)?; // [b, grid², width]

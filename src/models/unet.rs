@@ -683,6 +683,7 @@ impl UNet2DConditionModel {
             xs = block.forward_up(&xs, &mut skips, &temb, context)?;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        // The noise prediction in the latents' dtype (f32 under autocast).
+        Ok(self.conv_out.forward(&xs)?.to_dtype(sample.dtype())?)
     }
 }

@@ -444,11 +444,13 @@ impl AutoencoderKL {
     /// # Shapes
     /// `[b, latent_channels, h, w]` -> `[b, out_channels, h * f, w * f]`, f = 2^(levels - 1)
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        // Pixels in the latents' dtype (f32 under autocast).
+        let out_dtype = z.dtype();
         let z = match &self.post_quant_conv {
             Some(c) => c.forward(z)?,
             None => z.clone(),
         };
-        Ok(self.decoder.forward(&z)?)
+        Ok(self.decoder.forward(&z)?.to_dtype(out_dtype)?)
     }
 
     /// The mean and log-variance of the latent distribution (unscaled).
@@ -468,6 +470,7 @@ impl AutoencoderKL {
             moments = c.forward(&moments)?;
         }
         let lc = self.cfg.latent_channels;
+        let moments = moments.to_dtype(xs.dtype())?;
         let mean = moments.narrow(1, 0, lc)?;
         let logvar = moments.narrow(1, lc, lc)?.clamp(-30f32, 20f32)?;
         Ok((mean, logvar))

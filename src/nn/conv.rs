@@ -51,6 +51,8 @@ impl Conv2d {
     /// # Shapes
     /// `[b, in, h, w]` -> `[b, out, h', w']`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        // Autocast: the input in the kernel's dtype (see `crate::precision`).
+        let xs = &xs.to_dtype(self.weight.dtype())?;
         let weights: Vec<&Tensor> = std::iter::once(&self.weight).chain(&self.bias).collect();
         let plan = dispatch::plan(&[xs], &weights);
         let fused = plan.fused && super::cpu_conv::supported(xs, &self.weight);

@@ -59,6 +59,9 @@ impl Linear {
             candle_core::bail!("linear: a scalar input has no features")
         };
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        // Autocast: a matmul's input in its weight's dtype (f32 activations meet bf16/fp16
+        // weights at model boundaries; see `crate::precision`).
+        let xs = &xs.to_dtype(self.weight_t.dtype())?;
         let x2 = xs.reshape((rows, in_dim))?;
         let weights: Vec<&Tensor> = std::iter::once(&self.weight_t).chain(&self.bias).collect();
         let plan = dispatch::plan(&[xs], &weights);

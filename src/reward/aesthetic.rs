@@ -117,6 +117,7 @@ impl Reward for AestheticReward {
     fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
         check_batch(images, prompts, false)?;
         let emb = self.image_embeds(&self.preprocess.forward(images)?)?;
-        Ok(self.head.forward(&emb)?.squeeze(1)?)
+        let score = self.head.forward(&emb)?.squeeze(1)?;
+        Ok(score.to_dtype(emb.dtype())?)
     }
 }

@@ -45,8 +45,10 @@ pub fn check_batch(images: &Tensor, prompts: &[String], needs_prompts: bool) -> 
     Ok(n)
 }
 
-/// Row-wise L2 normalisation, `[n, d]`.
+/// Row-wise L2 normalisation, `[n, d]`, in f32 for half-precision features (the reward's
+/// final reduction, as autocast runs norms).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let x = &x.to_dtype(crate::precision::activation_dtype(x.dtype()))?;
     let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?;
     Ok(x.broadcast_div(&norm)?)
 }

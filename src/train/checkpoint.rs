@@ -15,6 +15,8 @@ pub struct Checkpoint {
     pub step: u64,
     /// Non-finite steps in a row at the time of saving.
     pub bad_in_row: u64,
+    /// fp16's dynamic loss scale (off for other precisions).
+    pub loss_scaler: crate::precision::LossScaler,
     /// The run's config as TOML, to refuse resuming a different run.
     pub config: String,
 }
@@ -50,6 +52,10 @@ impl Checkpoint {
             ("step", self.step.to_string()),
             ("adam_step", self.optimizer.step.to_string()),
             ("bad_in_row", self.bad_in_row.to_string()),
+            (
+                "loss_scaler",
+                serde_json::to_string(&self.loss_scaler).unwrap_or_default(),
+            ),
             (
                 "adam",
                 serde_json::to_string(&self.optimizer.cfg).unwrap_or_default(),
@@ -100,6 +106,11 @@ impl Checkpoint {
             },
             step: num("step")?,
             bad_in_row: num("bad_in_row")?,
+            // Checkpoints from before loss scaling: no scaling.
+            loss_scaler: match meta.get("loss_scaler") {
+                Some(s) => serde_json::from_str(s).map_err(|e| bad(e.to_string()))?,
+                None => Default::default(),
+            },
             config: get("config")?,
         })
     }

@@ -101,6 +101,12 @@ pub struct TrainConfig {
     /// How the gradient step's backward is arranged (`staged` or `one-pass`).
     #[serde(default)]
     pub backward: crate::train::step::Backward,
+    /// Numeric precision (`f32`, `tf32`, `bf16`, `fp16`; see `crate::precision`).
+    #[serde(default)]
+    pub precision: crate::precision::Precision,
+    /// Activation checkpointing of the gradient step (`off`, `on`, `auto`).
+    #[serde(default)]
+    pub checkpointing: crate::train::memory::Checkpointing,
 }
 
 fn d_init() -> Init {

@@ -5,10 +5,13 @@
 
 use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
+use super::distributed::{sum_in_order, Collective, Contribution};
+use super::memory;
 use super::optim::{cosine_lr, AdamW, AdamWConfig};
 use super::step::{reneg_gradient, sampled_reward, Objective, Sampling};
 use crate::embedding::NegativeEmbedding;
 use crate::error::{Error, Result};
+use crate::precision::LossScaler;
 use crate::rng::SplitMix64;
 use crate::StableDiffusion;
 use candle_core::{DType, Tensor};
@@ -146,8 +149,50 @@ pub fn train(
     prompts: Prompts,
     init: Tensor,
     resume: bool,
+    on_step: impl FnMut(&StepMetrics, Option<&Validation>) -> std::ops::ControlFlow<()>,
+) -> Result<TrainOutcome> {
+    let mut single = super::distributed::Single;
+    train_in_group(
+        cfg,
+        sd,
+        objective,
+        prompts,
+        init,
+        resume,
+        &mut single,
+        on_step,
+    )
+}
+
+/// Whether the gradient step checkpoints activations for `cfg` on `sd`'s device
+/// (`cfg.checkpointing`, with `auto` decided from the estimated graph and the free memory).
+pub fn checkpointing_for(cfg: &TrainConfig, sd: &StableDiffusion) -> bool {
+    let (h, w) = image_size(cfg, sd);
+    let (plain, _) = memory::graph_bytes(sd, cfg.micro_batch_size, h, w, cfg.backward);
+    memory::decide(cfg.checkpointing, plain, memory::free_bytes(sd.device()))
+}
+
+fn image_size(cfg: &TrainConfig, sd: &StableDiffusion) -> (usize, usize) {
+    let px = sd.unet.config().sample_size.unwrap_or(64) * sd.vae_scale();
+    (cfg.height.unwrap_or(px), cfg.width.unwrap_or(px))
+}
+
+/// [`train`] as one rank of a data-parallel group ([`super::distributed`]): this rank computes
+/// its share of each step's micro-batches, `collective` exchanges the gradients, and every
+/// rank applies the same update. Only rank 0 writes files.
+#[allow(clippy::too_many_arguments)]
+pub fn train_in_group(
+    cfg: &TrainConfig,
+    sd: &mut StableDiffusion,
+    objective: &Objective,
+    prompts: Prompts,
+    init: Tensor,
+    resume: bool,
+    collective: &mut dyn Collective,
     mut on_step: impl FnMut(&StepMetrics, Option<&Validation>) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainOutcome> {
+    let world = collective.world();
+    let main = world.is_main();
     let Prompts {
         train: prompts,
         val: val_prompts,
@@ -161,22 +206,28 @@ pub fn train(
     std::fs::create_dir_all(&paths.out)
         .map_err(|e| Error::file(&paths.out, format!("cannot create output folder: {e}")))?;
     let config_text = cfg.to_toml();
-    let f = sd.vae_scale();
-    let px = sd.unet.config().sample_size.unwrap_or(64) * f;
-    let sampling = Sampling {
+    let (height, width) = image_size(cfg, sd);
+    let on = checkpointing_for(cfg, sd);
+    sd.set_checkpointing(on);
+    let mut sampling = Sampling {
         steps: cfg.sampling_steps,
         guidance_scale: cfg.guidance_scale,
-        height: cfg.height.unwrap_or(px),
-        width: cfg.width.unwrap_or(px),
+        height,
+        width,
         backward: cfg.backward,
+        loss_scale: 1.0,
     };
+    let device = sd.device().clone();
 
     let adam_cfg = AdamWConfig {
         lr: cfg.lr,
         weight_decay: cfg.weight_decay,
         ..Default::default()
     };
-    let (mut emb, mut opt, start, mut bad_in_row) = if resume && paths.checkpoint().is_file() {
+    // The embedding and AdamW's state are f32 masters on the model's device.
+    let (mut emb, mut opt, start, mut bad_in_row, mut scaler) = if resume
+        && paths.checkpoint().is_file()
+    {
         let ck = Checkpoint::load(&paths.checkpoint())?;
         if ck.config != config_text {
             return Err(Error::file(
@@ -184,28 +235,33 @@ pub fn train(
                 "was written by a run with another config; resume with the same settings or use a new --out",
             ));
         }
-        truncate_jsonl(&paths.metrics(), ck.step)?;
-        truncate_jsonl(&paths.validation(), ck.step + 1)?;
+        if main {
+            truncate_jsonl(&paths.metrics(), ck.step)?;
+            truncate_jsonl(&paths.validation(), ck.step + 1)?;
+        }
         (
-            ck.embedding.to_dtype(DType::F32)?,
-            ck.optimizer,
+            ck.embedding.to_dtype(DType::F32)?.to_device(&device)?,
+            ck.optimizer.to_device(&device)?,
             ck.step,
             ck.bad_in_row,
+            ck.loss_scaler,
         )
     } else {
-        for p in [paths.metrics(), paths.validation()] {
-            let _ = std::fs::remove_file(p);
+        if main {
+            for p in [paths.metrics(), paths.validation()] {
+                let _ = std::fs::remove_file(p);
+            }
         }
-        let init = init
-            .to_dtype(DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?;
+        let init = init.to_dtype(DType::F32)?.to_device(&device)?;
         let opt = AdamW::new(adam_cfg, &init)?;
-        (init, opt, 0, 0)
+        let scaler = LossScaler::for_precision(cfg.precision);
+        (init, opt, 0, 0, scaler)
     };
-    crate::io::write_atomic(&paths.config(), config_text.as_bytes())?;
+    if main {
+        crate::io::write_atomic(&paths.config(), config_text.as_bytes())?;
+    }
 
     let model_dtype = sd.dtype();
-    let device = sd.device().clone();
     let mut skipped = 0;
     let mut last_val = None;
     let mut null_val: Option<f64> = None;
@@ -222,30 +278,31 @@ pub fn train(
         let clock = std::time::Instant::now();
         let lr = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps);
         let mut rng = SplitMix64::new(mix(cfg.seed, step, 0));
-        let model_emb = emb.to_dtype(model_dtype)?.to_device(&device)?;
-        let mut grad_sum: Option<Tensor> = None;
-        let (mut loss_sum, mut rewards) = (0.0, vec![]);
-        for _ in 0..cfg.micro_batches() {
+        let model_emb = emb.to_dtype(model_dtype)?;
+        sampling.loss_scale = scaler.scale;
+        let mut mine = vec![];
+        for index in 0..cfg.micro_batches() {
+            // Every rank makes every draw, so all ranks agree on every micro-batch.
             let batch: Vec<String> = (0..cfg.micro_batch_size)
                 .map(|_| prompts[(rng.next_u64() % prompts.len() as u64) as usize].clone())
                 .collect();
             let seeds: Vec<u64> = (0..cfg.micro_batch_size).map(|_| rng.next_u64()).collect();
             let k = cfg.sampling_steps - cfg.grad_step_window
                 + (rng.next_u64() % cfg.grad_step_window as u64) as usize;
+            if !world.owns(index) {
+                continue;
+            }
             let r = reneg_gradient(sd, objective, &model_emb, &batch, &seeds, k, &sampling)?;
-            let g = r
-                .grad
-                .to_dtype(DType::F32)?
-                .to_device(&candle_core::Device::Cpu)?;
-            grad_sum = Some(match grad_sum {
-                Some(s) => (s + g)?,
-                None => g,
+            mine.push(Contribution {
+                index,
+                grad: r.grad.to_dtype(DType::F32)?,
+                loss: r.loss,
+                rewards: r.rewards,
             });
-            loss_sum += r.loss;
-            rewards.extend(r.rewards);
         }
+        let (grad_sum, loss_sum, rewards) = sum_in_order(&collective.gather(step, mine)?)?;
         let m = cfg.micro_batches() as f64;
-        let grad = (grad_sum.expect("at least one micro-batch") / m)?;
+        let grad = (grad_sum / m)?;
         let loss = loss_sum / m;
         let grad_norm = grad
             .sqr()?
@@ -254,7 +311,10 @@ pub fn train(
             .to_scalar::<f64>()?
             .sqrt();
         let finite = loss.is_finite() && grad_norm.is_finite();
-        if finite {
+        // Under fp16 loss scaling a non-finite gradient is an overflow of the scaled backward:
+        // the step is skipped and the scale halved, without counting as a bad step.
+        let overflow = !finite && scaler.absorbs_overflow();
+        if scaler.update(finite) {
             bad_in_row = 0;
             let grad = match cfg.max_grad_norm {
                 Some(max) if grad_norm > max => (grad * (max / grad_norm))?,
@@ -262,8 +322,10 @@ pub fn train(
             };
             emb = opt.update(&emb, &grad, lr)?;
         } else {
-            bad_in_row += 1;
             skipped += 1;
+            if !overflow {
+                bad_in_row += 1;
+            }
         }
         let rm = mean(&rewards);
         let rstd = (rewards.iter().map(|r| (r - rm).powi(2)).sum::<f64>()
@@ -279,56 +341,60 @@ pub fn train(
             seconds: clock.elapsed().as_secs_f64(),
             skipped: !finite,
         };
-        append_jsonl(&paths.metrics(), &metrics)?;
+        if main {
+            append_jsonl(&paths.metrics(), &metrics)?;
+        }
         let done = step + 1;
-        if bad_in_row >= cfg.max_bad_steps {
-            save_embedding(&emb, cfg, done, &paths)?;
+        let checkpoint = |opt: &AdamW, scaler: &LossScaler| -> Result<()> {
+            if !main {
+                return Ok(());
+            }
             Checkpoint {
                 embedding: emb.clone(),
                 optimizer: opt.clone(),
                 step: done,
                 bad_in_row,
+                loss_scaler: scaler.clone(),
                 config: config_text.clone(),
             }
             .save(&paths.checkpoint())?;
+            save_embedding(&emb, cfg, done, &paths)
+        };
+        if bad_in_row >= cfg.max_bad_steps {
+            checkpoint(&opt, &scaler)?;
             return Err(Error::Invalid(format!(
                 "stopped after {bad_in_row} steps in a row with a non-finite loss or gradient (step {done}); the last good embedding is in {}",
                 paths.embedding().display()
             )));
         }
         let mut val = None;
-        if cfg.val_every > 0
+        if main
+            && cfg.val_every > 0
             && !val_list.is_empty()
             && (done % cfg.val_every == 0 || done == cfg.steps)
         {
             if null_val.is_none() {
                 let null = sd.encode_prompt("")?;
-                null_val = Some(mean(&sampled_reward(
-                    sd, objective, &null, &val_list, &val_seeds, &sampling,
+                null_val = Some(mean(&validation_rewards(
+                    sd, objective, &null, &val_list, &val_seeds, &sampling, cfg,
                 )?));
             }
-            let cur = emb.to_dtype(model_dtype)?.to_device(&device)?;
+            let cur = emb.to_dtype(model_dtype)?;
             let v = Validation {
                 step: done,
                 null_text: null_val.unwrap_or(f64::NAN),
-                embedding: mean(&sampled_reward(
-                    sd, objective, &cur, &val_list, &val_seeds, &sampling,
+                embedding: mean(&validation_rewards(
+                    sd, objective, &cur, &val_list, &val_seeds, &sampling, cfg,
                 )?),
             };
             append_jsonl(&paths.validation(), &v)?;
             val = Some(v);
         }
         if done % cfg.checkpoint_every == 0 || done == cfg.steps {
-            Checkpoint {
-                embedding: emb.clone(),
-                optimizer: opt.clone(),
-                step: done,
-                bad_in_row,
-                config: config_text.clone(),
+            checkpoint(&opt, &scaler)?;
+            if main {
+                let _ = super::plot::reward_curve(&paths.metrics(), &paths.curve());
             }
-            .save(&paths.checkpoint())?;
-            save_embedding(&emb, cfg, done, &paths)?;
-            let _ = super::plot::reward_curve(&paths.metrics(), &paths.curve());
         }
         let flow = on_step(&metrics, val.as_ref());
         if val.is_some() {
@@ -344,11 +410,34 @@ pub fn train(
             });
         }
     }
-    save_embedding(&emb, cfg, cfg.steps, &paths)?;
+    if main {
+        save_embedding(&emb, cfg, cfg.steps, &paths)?;
+    }
     Ok(TrainOutcome {
         embedding: emb,
         steps_done: cfg.steps,
         skipped,
         last_validation: last_val,
     })
+}
+
+/// Validation rewards of `list` x `seeds`, in micro-batches of the training's size (the whole
+/// list at once would hold every image's latents and activations together).
+fn validation_rewards(
+    sd: &mut StableDiffusion,
+    objective: &Objective,
+    emb: &Tensor,
+    list: &[String],
+    seeds: &[u64],
+    sampling: &Sampling,
+    cfg: &TrainConfig,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(list.len());
+    let size = cfg.micro_batch_size.max(1);
+    for (prompts, seeds) in list.chunks(size).zip(seeds.chunks(size)) {
+        out.extend(sampled_reward(
+            sd, objective, emb, prompts, seeds, sampling,
+        )?);
+    }
+    Ok(out)
 }

@@ -3,7 +3,9 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distributed;
 pub mod global;
+pub mod memory;
 pub mod optim;
 pub mod per_sample;
 pub mod plot;

@@ -45,6 +45,16 @@ impl AdamW {
         })
     }
 
+    /// The state on `device` (a resumed run's, read on the CPU).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            m: self.m.to_device(device)?,
+            v: self.v.to_device(device)?,
+            step: self.step,
+        })
+    }
+
     /// One update of `param` with `grad` at learning rate `lr`; returns the new parameter.
     pub fn update(&mut self, param: &Tensor, grad: &Tensor, lr: f64) -> Result<Tensor> {
         let c = &self.cfg;

@@ -105,6 +105,9 @@ pub struct Sampling {
     pub height: usize,
     pub width: usize,
     pub backward: Backward,
+    /// The loss is multiplied by this before the backward and the gradient divided by it
+    /// after (fp16's dynamic loss scaling, `crate::precision::LossScaler`); 1 otherwise.
+    pub loss_scale: f64,
 }
 
 /// Starting noise for `seeds`, `[n, C, h, w]`.
@@ -185,7 +188,7 @@ pub fn reneg_gradient_from(
         &cond,
         &x,
         timesteps[k],
-        (s.guidance_scale, s.backward),
+        (s.guidance_scale, s.backward, s.loss_scale),
     )
 }
 
@@ -219,7 +222,8 @@ pub fn sampled_reward(
 
 /// The gradient step at timestep `t` from latents `x` (`[n, C, h, w]`, no graph): the guided
 /// noise prediction (guidance scale `g`), x0, decode, rewards, and d loss / d embedding
-/// through the negative branch only, arranged as `backward` says.
+/// through the negative branch only, arranged as `backward` says, with the loss scaled by
+/// `scale` in the backward (the returned gradient is unscaled).
 #[allow(clippy::too_many_arguments)]
 pub fn gradient_at(
     sd: &StableDiffusion,
@@ -229,9 +233,11 @@ pub fn gradient_at(
     cond: &Tensor,
     x: &Tensor,
     t: usize,
-    (g, backward): (f64, Backward),
+    (g, backward, scale): (f64, Backward, f64),
 ) -> Result<StepResult> {
     let n = prompts.len();
+    let unscale =
+        |grad: Tensor| -> Result<Tensor> { Ok(if scale == 1.0 { grad } else { (grad / scale)? }) };
     if backward == Backward::OnePass {
         let c = sd.unet.forward(x, t as f64, cond)?.detach();
         let var = Var::from_tensor(&embedding.detach())?;
@@ -241,14 +247,14 @@ pub fn gradient_at(
         let x0 = sd.guided_x0(&u, &c, t, x, g)?;
         let scores = objective.score(&objective.images(&sd.decode(&x0)?)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
-        let grad = loss
+        let grad = (&loss * scale)?
             .backward()?
             .get(var.as_tensor())
             .cloned()
             .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
         return Ok(StepResult {
             loss: loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
-            grad,
+            grad: unscale(grad)?,
             rewards: scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?,
         });
     }
@@ -266,7 +272,8 @@ pub fn gradient_at(
     let loss = scores.mean_all()?.neg()?;
     let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let rewards = scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
-    let d_x0 = loss
+    // Scaled here; the surrogate's backward then carries the scale to the embedding.
+    let d_x0 = (&loss * scale)?
         .backward()?
         .get(x0.as_tensor())
         .cloned()
@@ -285,7 +292,7 @@ pub fn gradient_at(
         .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
     Ok(StepResult {
         loss: loss_value,
-        grad,
+        grad: unscale(grad)?,
         rewards,
     })
 }
