@@ -20,7 +20,8 @@ pub(crate) const EOS: &str = "<|endoftext|>";
 
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
-    ranks: HashMap<(String, String), usize>,
+    /// Merge ranks keyed `left \0 right` (so a lookup needs no allocation: see [`pair_key`]).
+    ranks: HashMap<String, usize>,
     /// Special tokens matched verbatim in the input text before normalisation.
     specials: Vec<(String, u32)>,
     bos: u32,
@@ -81,11 +82,11 @@ impl ClipTokenizer {
                 specials.push((tok.to_string(), id(tok)?));
             }
         }
-        let ranks = merges
-            .into_iter()
-            .enumerate()
-            .map(|(i, pair)| (pair, i))
-            .collect();
+        let mut ranks = HashMap::with_capacity(merges.len());
+        for (i, (a, b)) in merges.into_iter().enumerate() {
+            // A duplicated merge takes its last rank, as the Python tokenizers' dict does.
+            ranks.insert(pair_key(&mut String::new(), &a, &b).to_string(), i);
+        }
         let word_re = Regex::new(
             r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
@@ -308,35 +309,95 @@ impl ClipTokenizer {
         if let Some(ids) = self.cache.lock().expect("cache lock").get(word) {
             return ids.clone();
         }
-        let mut parts: Vec<String> = word.chars().map(|c| c.to_string()).collect();
-        if let Some(last) = parts.last_mut() {
-            last.push_str("</w>");
-        }
-        loop {
-            let best = parts
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, i))
-                })
-                .min();
-            let Some((_, i)) = best else { break };
-            let merged = format!("{}{}", parts[i], parts[i + 1]);
-            parts[i] = merged;
-            parts.remove(i + 1);
-        }
-        let ids: Vec<u32> = parts
-            .iter()
-            .map(|p| self.encoder.get(p).copied().unwrap_or(self.eos))
+        let ids: Vec<u32> = bpe_merge(word, &self.ranks)
+            .into_iter()
+            .map(|p| self.encoder.get(p.as_str()).copied().unwrap_or(self.eos))
             .collect();
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .insert(word.to_string(), ids.clone());
+        let mut cache = self.cache.lock().expect("cache lock");
+        // Bounded: a stream of distinct words (long prompts without spaces, random text) must
+        // not grow it without end. Cleared whole; the common words come back at once.
+        if cache.len() >= CACHE_WORDS {
+            cache.clear();
+        }
+        cache.insert(word.to_string(), ids.clone());
         ids
     }
+}
+
+/// Words the BPE cache holds at most.
+const CACHE_WORDS: usize = 1 << 16;
+
+/// `left \0 right` in `buf` (cleared first): the key of a merge in `ranks`.
+fn pair_key<'a>(buf: &'a mut String, left: &str, right: &str) -> &'a str {
+    buf.clear();
+    buf.push_str(left);
+    buf.push('\0');
+    buf.push_str(right);
+    buf
+}
+
+/// CLIP's BPE of one word (the last symbol carries `</w>`): repeatedly merges the adjacent pair
+/// of lowest rank, the leftmost first among equal ranks (the reference merges every occurrence
+/// of the chosen pair left to right, which is the same sequence of merges). A heap of candidate
+/// pairs over a linked list of symbols: O(n log n) in the word's length, where rescanning all
+/// pairs after each merge was quadratic (and cloned two strings per lookup).
+fn bpe_merge(word: &str, ranks: &HashMap<String, usize>) -> Vec<String> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let text = format!("{word}</w>");
+    // Symbols as byte ranges of `text`; the last one takes the `</w>`.
+    let start: Vec<usize> = word.char_indices().map(|(i, _)| i).collect();
+    if start.is_empty() {
+        return vec![];
+    }
+    let n = start.len();
+    let mut end: Vec<usize> = start[1..].to_vec();
+    end.push(text.len());
+    let mut next: Vec<usize> = (1..=n).collect(); // n = none
+    let mut prev: Vec<usize> = (0..n).map(|i| i.wrapping_sub(1)).collect(); // usize::MAX = none
+    let mut alive = vec![true; n];
+    let mut buf = String::new();
+    // (rank, left symbol, left end, right end): stale once either symbol has changed.
+    let mut heap = BinaryHeap::new();
+    let push = |heap: &mut BinaryHeap<_>,
+                buf: &mut String,
+                l: usize,
+                r: usize,
+                s: &[usize],
+                e: &[usize]| {
+        if let Some(&rank) = ranks.get(pair_key(buf, &text[s[l]..e[l]], &text[s[r]..e[r]])) {
+            heap.push(Reverse((rank, l, e[l], e[r])));
+        }
+    };
+    for i in 0..n - 1 {
+        push(&mut heap, &mut buf, i, i + 1, &start, &end);
+    }
+    while let Some(Reverse((_, l, l_end, r_end))) = heap.pop() {
+        let r = next[l];
+        if !alive[l] || r >= n || end[l] != l_end || end[r] != r_end {
+            continue;
+        }
+        // Merge r into l.
+        end[l] = end[r];
+        alive[r] = false;
+        next[l] = next[r];
+        if next[r] < n {
+            prev[next[r]] = l;
+        }
+        if prev[l] != usize::MAX {
+            push(&mut heap, &mut buf, prev[l], l, &start, &end);
+        }
+        if next[l] < n {
+            push(&mut heap, &mut buf, l, next[l], &start, &end);
+        }
+    }
+    let mut out = vec![];
+    let mut i = 0;
+    while i < n {
+        out.push(text[start[i]..end[i]].to_string());
+        i = next[i];
+    }
+    out
 }
 
 /// Python's `html.unescape` for the entities prompts use: named basics and numeric forms.
@@ -344,8 +405,10 @@ fn unescape_html(s: &str) -> String {
     if !s.contains('&') {
         return s.to_string();
     }
-    let re = Regex::new(r"&(#[0-9]+|#[xX][0-9a-fA-F]+|amp|lt|gt|quot|apos|nbsp);?")
-        .expect("valid regex");
+    static ENTITY: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    let re = ENTITY.get_or_init(|| {
+        Regex::new(r"&(#[0-9]+|#[xX][0-9a-fA-F]+|amp|lt|gt|quot|apos|nbsp);?").expect("valid regex")
+    });
     re.replace_all(s, |c: &regex::Captures| {
         let e = &c[1];
         let ch = match e {

@@ -12,10 +12,18 @@ use std::path::{Path, PathBuf};
 
 const FIX: &str = "tests/fixtures/embedding";
 
-fn official(name: &str) -> Option<PathBuf> {
-    // The official files live in the workspace's shared data (beside the checkout, also in CI).
+/// An official file from the workspace's shared data (beside the checkout, also in CI). A
+/// missing file fails the test, saying where it belongs and where it comes from.
+fn official(name: &str) -> PathBuf {
     let p = Path::new("../shared/data/reneg-official").join(name);
-    p.is_file().then_some(p)
+    assert!(
+        p.is_file(),
+        "{} is missing: these tests need the official ReNeg embeddings in ../shared/data/reneg-official/ \
+         beside the checkout (the authors' released sd1.4, sd1.5, sd2.1 and pixart-alpha \
+         _reneg_emb.bin files; shared/docs/RENEG.md)",
+        p.display()
+    );
+    p
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -26,10 +34,7 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn official_sd15_file_has_the_published_statistics() {
-    let Some(path) = official("sd1.5_reneg_emb.bin") else {
-        eprintln!("SKIPPED: ../shared/data/reneg-official is not beside this checkout");
-        return;
-    };
+    let path = official("sd1.5_reneg_emb.bin");
     let emb = NegativeEmbedding::load(&path).unwrap();
     let s = emb.stats().unwrap();
     // Values computed independently with PyTorch (see the issue and official_stats.json).
@@ -52,10 +57,7 @@ fn official_files_match_torch_statistics() {
         "sd2.1_reneg_emb.bin",
         "pixart-alpha_reneg_emb.bin",
     ] {
-        let Some(path) = official(name) else {
-            eprintln!("SKIPPED: {name} not found beside this checkout");
-            continue;
-        };
+        let path = official(name);
         let want = &stats[name];
         let s = NegativeEmbedding::load(&path).unwrap().stats().unwrap();
         let shape: Vec<usize> = serde_json::from_value(want["shape"].clone()).unwrap();
@@ -123,15 +125,13 @@ fn export_round_trips_exactly_in_both_formats() {
     let back = NegativeEmbedding::load(&pt).unwrap();
     assert_eq!(max_abs_diff(&back.tensor, &src.tensor), 0.0);
     // The official file survives import -> export -> read, bit for bit.
-    if let Some(path) = official("sd2.1_reneg_emb.bin") {
-        let o = NegativeEmbedding::load(&path).unwrap();
-        let out = tmp("sd21.pt");
-        o.save(&out).unwrap();
-        assert_eq!(
-            max_abs_diff(&NegativeEmbedding::load(&out).unwrap().tensor, &o.tensor),
-            0.0
-        );
-    }
+    let o = NegativeEmbedding::load(&official("sd2.1_reneg_emb.bin")).unwrap();
+    let out = tmp("sd21.pt");
+    o.save(&out).unwrap();
+    assert_eq!(
+        max_abs_diff(&NegativeEmbedding::load(&out).unwrap().tensor, &o.tensor),
+        0.0
+    );
 }
 
 #[test]
@@ -186,6 +186,22 @@ fn bad_files_name_themselves() {
     .unwrap();
     let err = NegativeEmbedding::load(&two).unwrap_err().to_string();
     assert!(err.contains("2 tensors"), "{err}");
+    // An empty [1, 0, D] or [1, L, 0] tensor (issue 16: `embedding inspect` indexed an empty
+    // vector) is refused by name.
+    for shape in [(1, 0, 8), (1, 77, 0)] {
+        let empty = tmp("empty.safetensors");
+        let t = Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), &empty)
+            .unwrap();
+        let err = NegativeEmbedding::load(&empty).unwrap_err().to_string();
+        assert!(
+            err.contains("empty.safetensors") && err.contains("empty tensor"),
+            "{err}"
+        );
+    }
+    let empty = NegativeEmbedding::new(Tensor::zeros((1, 0, 8), DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    assert!(empty.stats().unwrap_err().to_string().contains("empty"));
 }
 
 #[test]
@@ -208,4 +224,45 @@ fn width_and_length_are_checked_against_the_model() {
     assert!(err.contains("60") && err.contains("77"), "{err}");
     emb.check_fits(77, 1024, Path::new("x.safetensors"))
         .unwrap();
+}
+
+/// The storage view arithmetic of `torch_file` takes shape, stride and offset from the file:
+/// each malformed combination is an error naming the file, never a panic or a huge allocation
+/// (issue 16); a legitimate strided view (a transpose) gathers the right values.
+#[test]
+fn malformed_storage_views_are_errors() {
+    use reneg::torch_file::gather;
+    use reneg::torch_file::pickle::{StorageDtype, TensorRef};
+    let data: Vec<u8> = (0..6u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
+    let view = |shape: Vec<usize>, stride: Vec<usize>, offset: usize| TensorRef {
+        storage_key: "0".into(),
+        dtype: StorageDtype::F32,
+        offset,
+        shape,
+        stride,
+    };
+    let path = Path::new("weights.pt");
+    // [2, 3] stored row-major, read as its transpose [3, 2] with strides (1, 3).
+    let (t, _) = gather(&data, &view(vec![3, 2], vec![1, 3], 0), path).unwrap();
+    assert_eq!(
+        t.to_vec2::<f32>().unwrap(),
+        [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
+    );
+    for (name, v) in [
+        ("lengths differ", view(vec![2, 3], vec![3], 0)),
+        (
+            "zero stride, huge shape",
+            view(vec![1 << 40, 1 << 20], vec![0, 0], 0),
+        ),
+        ("shape overflows", view(vec![usize::MAX, 3], vec![3, 1], 0)),
+        ("stride overflows", view(vec![2, 3], vec![usize::MAX, 1], 0)),
+        ("offset past the storage", view(vec![2, 3], vec![3, 1], 1)),
+        ("offset overflows", view(vec![1], vec![1], usize::MAX)),
+    ] {
+        let err = gather(&data, &v, path).unwrap_err().to_string();
+        assert!(
+            err.contains("weights.pt") && err.contains("corrupt"),
+            "{name}: {err}"
+        );
+    }
 }

@@ -64,8 +64,13 @@ fn unsupported_unet_config_values_are_named() {
     assert!(msg.contains("SimpleCrossAttnDownBlock2D"), "{msg}");
     let msg = unet_err(with(base.clone(), "attention_head_dim", json!([8, 8, 8])));
     assert!(msg.contains("attention_head_dim"), "{msg}");
-    let msg = unet_err(with(base, "norm_num_groups", json!(7)));
+    let msg = unet_err(with(base.clone(), "norm_num_groups", json!(7)));
     assert!(msg.contains("norm_num_groups"), "{msg}");
+    // Zero groups or heads: an error naming the key, not a division by zero (issue 16).
+    let msg = unet_err(with(base.clone(), "norm_num_groups", json!(0)));
+    assert!(msg.contains("norm_num_groups"), "{msg}");
+    let msg = unet_err(with(base, "attention_head_dim", json!(0)));
+    assert!(msg.contains("attention_head_dim"), "{msg}");
 }
 
 #[test]
@@ -88,6 +93,9 @@ fn unsupported_vae_and_scheduler_values_are_named() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("shift_factor"), "{err}");
+    let err = VaeConfig::from_value(json!({"norm_num_groups": 0}), Path::new("vae/config.json"))
+        .unwrap_err();
+    assert!(err.to_string().contains("norm_num_groups"), "{err}");
     let err = DdimConfig::from_value(
         json!({"_class_name": "FlowMatchEulerDiscreteScheduler"}),
         Path::new("scheduler_config.json"),

@@ -5,9 +5,12 @@
 //! so an error shows where it arises. Kinds not implemented yet are reported as skipped.
 //!
 //! By default everything runs on the CPU in f32. `RENEG_TEST_DEVICE=cuda` runs the models on the
-//! first CUDA device (a build with `--features cuda`), and `RENEG_TEST_DTYPE=bf16|f16` loads them
-//! in that precision: then the errors are printed (with a summary per tensor) but not asserted,
-//! since the tolerances are f32's. f32 on any device keeps the usual tolerances.
+//! first CUDA device (a build with `--features cuda`), and `RENEG_TEST_DTYPE=bf16|f16` runs them
+//! in that precision's autocast (`reneg::precision`). f32 on any device keeps the usual
+//! tolerances. In bf16/fp16, every tensor that a case's `autocast.safetensors` has a PyTorch
+//! autocast result for (`tools/gen_autocast.py`, docs/parity-autocast.md) is asserted: reneg's
+//! error against the f32 reference at most 1.5x PyTorch autocast's; other tensors are
+//! reported. `autocast_fp16_parity` does that for fp16 on the CPU in every run.
 
 mod common;
 
@@ -55,14 +58,39 @@ struct Expected {
     dtype: DType,
 }
 
+/// The prefix of a dtype's tensors in `autocast.safetensors`.
+fn autocast_name(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F16 => Some("fp16"),
+        DType::BF16 => Some("bf16"),
+        _ => None,
+    }
+}
+
+/// PyTorch autocast's results for `dtype` from a case's `autocast.safetensors` (empty in f32
+/// or without the file), keyed by tensor name.
+fn autocast_references(dir: &Path, dtype: DType) -> HashMap<String, Tensor> {
+    let (Some(prefix), path) = (autocast_name(dtype), dir.join("autocast.safetensors")) else {
+        return HashMap::new();
+    };
+    if !path.is_file() {
+        return HashMap::new();
+    }
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&format!("{prefix}/"))?.to_string(), v)))
+        .collect()
+}
+
 impl Expected {
-    fn load(dir: &Path) -> Self {
+    fn load(dir: &Path, dev: &Device, dtype: DType) -> Self {
         Self {
             tensors: candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
                 .unwrap(),
             dir: dir.to_path_buf(),
-            dev: test_device(),
-            dtype: test_dtype(),
+            dev: dev.clone(),
+            dtype,
         }
     }
 
@@ -72,10 +100,11 @@ impl Expected {
             .unwrap_or_else(|| panic!("{}: expected.safetensors lacks {n}", self.dir.display()))
     }
 
-    /// The reference's tensor as a model input: on the test device, in the test dtype.
+    /// The reference's tensor as a model input: on the test device, in the dtype between
+    /// models (the test dtype, or f32 under bf16/fp16 autocast).
     fn input(&self, n: &str) -> Tensor {
         self.get(n)
-            .to_dtype(self.dtype)
+            .to_dtype(reneg::precision::activation_dtype(self.dtype))
             .unwrap()
             .to_device(&self.dev)
             .unwrap()
@@ -143,6 +172,8 @@ struct Report {
     strict: bool,
     /// (tensor, error) of every comparison, for the low-precision summary.
     errors: Vec<(String, f64)>,
+    /// PyTorch autocast's results in the test's low precision: the tensors asserted then.
+    autocast: HashMap<String, Tensor>,
 }
 
 impl Report {
@@ -158,6 +189,34 @@ impl Report {
         }
         let e = rel_err(got, want);
         self.errors.push((name.to_string(), e));
+        if !self.strict {
+            if let Some(torch) = self.autocast.get(name) {
+                // Issue 15: at most 1.5x PyTorch autocast's error against the same f32 reference.
+                // The loss, one sum of terms of both signs, is reported only: its relative
+                // error swings several-fold with the order of roundings (0.7e-3 to 8.3e-3 over
+                // three equivalent arrangements of our own code on sd15-tiny), while the x0 and
+                // the decoded image it is a linear function of are asserted.
+                let bound = 1.5 * rel_err(torch, want);
+                let ok = e <= bound || name == "loss";
+                println!(
+                    "  {name:<30} max rel err {e:.3e} (PyTorch autocast {:.3e}, bound {bound:.3e}) {}",
+                    bound / 1.5,
+                    match (e <= bound, ok) {
+                        (true, _) => "ok",
+                        (false, true) => "over (reported: a scalar sum)",
+                        (false, false) => "FAIL",
+                    }
+                );
+                if !ok {
+                    self.failures.push(format!(
+                        "{}: {name} rel err {e:.3e} > 1.5 x PyTorch autocast's {:.3e}",
+                        self.case,
+                        bound / 1.5
+                    ));
+                }
+                return;
+            }
+        }
         let ok = e < tol;
         println!(
             "  {name:<30} max rel err {e:.3e} (tol {tol:.0e}) {}",
@@ -195,10 +254,10 @@ impl Report {
     }
 }
 
-fn run_pipeline_case(dir: &Path, report: &mut Report) {
+fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
     let case: PipelineCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    let expected = Expected::load(dir);
+    let expected = Expected::load(dir, dev, dtype);
     let (exp, dev, dtype) = (&expected.tensors, expected.dev.clone(), expected.dtype);
     let e = |n: &str| expected.input(n);
     let want = |n: &str| expected.want(n);
@@ -340,9 +399,9 @@ fn run_pipeline_case(dir: &Path, report: &mut Report) {
 }
 
 /// Reward cases: features, score and d score / d pixels from the already preprocessed pixels.
-fn run_reward_case(dir: &Path, kind: &str, report: &mut Report) {
+fn run_reward_case(dir: &Path, kind: &str, dev: &Device, dtype: DType, report: &mut Report) {
     use reneg::reward::{l2_normalize, load, rowwise_dot};
-    let expected = Expected::load(dir);
+    let expected = Expected::load(dir, dev, dtype);
     let (exp, dev, dtype) = (&expected.tensors, expected.dev.clone(), expected.dtype);
     let e = |n: &str| expected.input(n);
     let want = |n: &str| expected.want(n);
@@ -423,16 +482,26 @@ fn run_reward_case(dir: &Path, kind: &str, report: &mut Report) {
 
 #[test]
 fn parity_cases() {
+    run_cases(&test_device(), test_dtype(), false);
+}
+
+/// fp16 autocast on the CPU, asserted against PyTorch's autocast on every pipeline case (each
+/// must have its `autocast.safetensors`).
+#[test]
+fn autocast_fp16_parity() {
+    run_cases(&Device::Cpu, DType::F16, true);
+}
+
+fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
     let cases = common::parity_case_dirs();
     assert!(!cases.is_empty(), "no parity cases found");
-    let (dev, dtype) = (test_device(), test_dtype());
     let strict = dtype == DType::F32;
     println!(
         "parity on {dev:?} in {dtype:?}{}",
         if strict {
             ""
         } else {
-            ": errors reported, not asserted"
+            ": tensors with a PyTorch autocast result asserted within 1.5x its error, others reported"
         }
     );
     let mut failures = vec![];
@@ -450,6 +519,9 @@ fn parity_cases() {
                 .unwrap_or("unknown")
                 .to_string()
         };
+        if pipelines_only && kind != "pipeline" {
+            continue;
+        }
         if !["pipeline", "openclip", "hf-clip", "aesthetic"].contains(&kind.as_str()) {
             println!("case {name}: SKIPPED (kind `{kind}` is not implemented yet)");
             skipped.push(name);
@@ -459,16 +531,24 @@ fn parity_cases() {
         // A case that cannot even load (an unsupported config, say) fails by name; the
         // remaining cases still run.
         let outcome = std::panic::catch_unwind(|| {
+            let autocast = autocast_references(&dir, dtype);
+            if !strict && kind == "pipeline" && autocast.is_empty() {
+                panic!(
+                    "no {dtype:?} autocast references in {}/autocast.safetensors; write them with tools/gen_autocast.py",
+                    dir.display()
+                );
+            }
             let mut report = Report {
                 case: name.clone(),
                 failures: vec![],
                 strict,
                 errors: vec![],
+                autocast,
             };
             if kind == "pipeline" {
-                run_pipeline_case(&dir, &mut report);
+                run_pipeline_case(&dir, dev, dtype, &mut report);
             } else {
-                run_reward_case(&dir, &kind, &mut report);
+                run_reward_case(&dir, &kind, dev, dtype, &mut report);
             }
             (report.failures, report.errors)
         });

@@ -90,3 +90,33 @@ fn missing_tokenizer_folder_is_an_error_naming_it() {
         .unwrap();
     assert!(err.to_string().contains("no-such-dir"), "{err}");
 }
+
+/// A long prompt without spaces (one 20,000-character word): the heap-based BPE merges it
+/// (the time is printed, not asserted: speed is for benchmarks), the same ids every time, and
+/// entity-laden open_clip input goes through the once-compiled regex.
+#[test]
+fn long_words_and_entities_tokenize() {
+    let tok = reneg::tokenizer::ClipTokenizer::embedded("<|endoftext|>").unwrap();
+    let word = "abcdefghij".repeat(2000);
+    let t = std::time::Instant::now();
+    let ids = tok.tokens(&word);
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "20,000-character word: {} tokens in {:.1} ms",
+        ids.len(),
+        secs * 1e3
+    );
+    assert!(ids.len() > 1000, "{}", ids.len());
+    // Deterministic, and a second call (from the cache) gives the same ids.
+    assert_eq!(tok.tokens(&word), ids);
+    // HTML entities in an open_clip tokenizer's input, many times (the regex is compiled once).
+    let oc = reneg::tokenizer::ClipTokenizer::open_clip().unwrap();
+    let text = "a &amp; b &#x41; &lt;c&gt; ".repeat(500);
+    let ids = oc.tokens(&text);
+    let expect = oc.tokens("a & b A <c> ");
+    assert_eq!(
+        ids.len(),
+        500 * expect.len(),
+        "entities unescaped the same way each time"
+    );
+}

@@ -93,6 +93,27 @@ impl NegativeEmbedding {
                 ))
             }
         };
+        if tensor.elem_count() == 0 {
+            return Err(Error::file(
+                path,
+                format!(
+                    "holds an empty tensor of shape {:?}; a negative embedding has at least one token and one width",
+                    tensor.dims()
+                ),
+            ));
+        }
+        let tensor = match tensor.rank() {
+            3 => tensor,
+            _ => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "holds a tensor of shape {:?}; a negative embedding is [1, tokens, width]",
+                        tensor.dims()
+                    ),
+                ))
+            }
+        };
         Ok(Self {
             tensor: tensor.to_dtype(DType::F32)?,
             metadata,
@@ -163,7 +184,12 @@ impl NegativeEmbedding {
             .to_scalar::<f64>()?)
             / (n - 1.0).max(1.0);
         let mut norms: Vec<f64> = t.squeeze(0)?.sqr()?.sum(1)?.sqrt()?.to_vec1::<f64>()?;
-        let row0 = norms[0];
+        let Some(&row0) = norms.first() else {
+            return Err(Error::Invalid(format!(
+                "the embedding of shape {:?} is empty: nothing to summarise",
+                self.tensor.dims()
+            )));
+        };
         norms.sort_by(f64::total_cmp);
         Ok(Stats {
             shape: self.tensor.dims().to_vec(),

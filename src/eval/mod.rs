@@ -107,6 +107,9 @@ pub struct Record {
     pub negative: usize,
     pub negative_label: String,
     pub reward: String,
+    /// A non-finite score (a reward that returned NaN) is kept as `null` and read back as NaN:
+    /// reports count it, resume and merge read it.
+    #[serde(with = "nan_as_null")]
     pub score: f64,
     pub image: String,
     pub prompt: String,
@@ -125,7 +128,10 @@ impl Record {
 }
 
 /// Reads `results.jsonl` of `dir`. A last line cut short by an interruption is dropped (and
-/// cut from the file, so appending stays valid); any other bad line is an error.
+/// cut from the file, so appending stays valid); any other bad line is an error, and so is a
+/// record whose image path is not the one its (negative, prompt, seed) names: merge and the
+/// report read and write those paths under their folders, so an edited `../` or absolute path
+/// must never reach them.
 pub fn load_records(dir: &Path) -> Result<Vec<Record>> {
     let path = dir.join(RESULTS);
     let text = match std::fs::read_to_string(&path) {
@@ -145,9 +151,22 @@ pub fn load_records(dir: &Path) -> Result<Vec<Record>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| {
+            let r: Record = serde_json::from_str(l).map_err(|e| {
                 Error::file(&path, format!("line {}: not a result record ({e})", i + 1))
-            })
+            })?;
+            let want = Manifest::image_path(r.negative, r.prompt_index, r.seed);
+            if Path::new(&r.image) != want {
+                return Err(Error::file(
+                    &path,
+                    format!(
+                        "line {}: image {:?} is not this record's image ({}); the file was edited or is not from reneg eval",
+                        i + 1,
+                        r.image,
+                        want.display()
+                    ),
+                ));
+            }
+            Ok(r)
         })
         .collect()
 }
@@ -174,4 +193,21 @@ pub fn append_records(dir: &Path, records: &[Record]) -> Result<()> {
 /// order-independent form a report is built from.
 pub fn dedup(records: Vec<Record>) -> BTreeMap<(usize, u64, usize, String), Record> {
     records.into_iter().map(|r| (r.key(), r)).collect()
+}
+
+/// JSON has no NaN or infinity: non-finite scores are written as `null` and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
 }

@@ -13,6 +13,11 @@ pub struct Row {
     pub negative: String,
     #[serde(flatten)]
     pub summary: Summary,
+    /// Complete units where this negative's score is not finite (a reward that returned NaN).
+    /// Units with a non-finite score for any negative are left out of this reward's paired
+    /// statistics (`summary.n` counts the rest).
+    #[serde(default)]
+    pub non_finite: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -79,12 +84,25 @@ pub fn build(m: &Manifest, records: Vec<Record>) -> Report {
         .filter_map(|p| p.category.clone())
         .collect();
     for reward in &m.rewards {
+        let all = matrix(&by_key, &complete, m.negatives.len(), reward);
+        let non_finite: Vec<usize> = all
+            .iter()
+            .map(|s| s.iter().filter(|v| !v.is_finite()).count())
+            .collect();
+        // Paired statistics over the units where every negative has a finite score.
+        let complete: Vec<(usize, u64)> = complete
+            .iter()
+            .enumerate()
+            .filter(|&(u, _)| all.iter().all(|s| s[u].is_finite()))
+            .map(|(_, &unit)| unit)
+            .collect();
         let scores = matrix(&by_key, &complete, m.negatives.len(), reward);
         for (j, summary) in stats::summarize(&scores).into_iter().enumerate() {
             results.push(Row {
                 reward: reward.clone(),
                 negative: m.negatives[j].clone(),
                 summary,
+                non_finite: non_finite[j],
             });
         }
         for cat in &cats {
@@ -140,11 +158,12 @@ pub fn markdown(r: &Report, m: &Manifest) -> String {
         m.width, m.height, stats::RESAMPLES, r.negatives.first().map(String::as_str).unwrap_or("")
     ));
     for reward in &r.rewards {
-        s.push_str(&format!("## {reward}\n\n| negative | mean | 95% CI | vs first | 95% CI of difference | win rate |\n|---|---|---|---|---|---|\n"));
-        for row in r.results.iter().filter(|x| &x.reward == reward) {
+        s.push_str(&format!("## {reward}\n\n| negative | mean | 95% CI | vs first | 95% CI of difference | win rate | non-finite |\n|---|---|---|---|---|---|---|\n"));
+        let rows: Vec<&Row> = r.results.iter().filter(|x| &x.reward == reward).collect();
+        for row in &rows {
             let u = &row.summary;
             s.push_str(&format!(
-                "| `{}` | {} | [{}, {}] | {:+.4} | [{:+.4}, {:+.4}] | {} |\n",
+                "| `{}` | {} | [{}, {}] | {:+.4} | [{:+.4}, {:+.4}] | {} | {} |\n",
                 row.negative,
                 fmt(u.mean),
                 fmt(u.ci95[0]),
@@ -152,7 +171,15 @@ pub fn markdown(r: &Report, m: &Manifest) -> String {
                 u.delta_vs_first,
                 u.delta_ci95[0],
                 u.delta_ci95[1],
-                pct(u.win_rate_vs_first)
+                pct(u.win_rate_vs_first),
+                row.non_finite
+            ));
+        }
+        let bad: usize = rows.iter().map(|r| r.non_finite).sum();
+        if bad > 0 {
+            s.push_str(&format!(
+                "\n{bad} score(s) of this reward are not finite (NaN); their units are left out of the statistics above ({} unit(s) remain).\n",
+                rows.first().map_or(0, |r| r.summary.n)
             ));
         }
         s.push('\n');

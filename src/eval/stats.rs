@@ -32,16 +32,17 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// The 2.5% and 97.5% percentiles of `v` (sorted in place), widened to contain `point`: a
-/// percentile interval can miss its own estimate for tiny, skewed samples, and an interval
-/// that excludes the reported mean would only confuse.
-fn interval(v: &mut [f64], point: f64) -> [f64; 2] {
+/// The 2.5% and 97.5% percentiles of `v` (sorted in place): the order statistics at ranks
+/// round(q (R - 1)). Reported as they are, also where they miss the point estimate (a
+/// percentile interval can, for tiny or skewed samples, or by a rounding error where every
+/// resample gives the same value).
+fn interval(v: &mut [f64]) -> [f64; 2] {
     if v.is_empty() {
         return [f64::NAN, f64::NAN];
     }
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
-    [at(0.025).min(point), at(0.975).max(point)]
+    [at(0.025), at(0.975)]
 }
 
 /// Summaries of `scores[negative][unit]` (all negatives scored on the same units, in the same
@@ -75,9 +76,9 @@ pub fn summarize(scores: &[Vec<f64>]) -> Vec<Summary> {
             Summary {
                 n: units,
                 mean: means[j],
-                ci95: interval(&mut boot[j], means[j]),
+                ci95: interval(&mut boot[j]),
                 delta_vs_first: delta,
-                delta_ci95: interval(&mut boot_delta[j], delta),
+                delta_ci95: interval(&mut boot_delta[j]),
                 win_rate_vs_first: (j > 0 && units > 0).then(|| win_rate(s, &scores[0])),
             }
         })

@@ -224,7 +224,7 @@ impl UNetConfig {
             Error::unsupported(f, "norm_num_groups", "null", "group norm is required")
         })?;
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if c % groups != 0 {
+            if groups == 0 || !c.is_multiple_of(groups) {
                 return Err(Error::unsupported(
                     f,
                     "norm_num_groups",
@@ -237,7 +237,7 @@ impl UNetConfig {
             .attention_head_dim
             .per_level(n, "attention_head_dim", f)?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 {
+            if h == 0 || !c.is_multiple_of(h) {
                 return Err(Error::unsupported(
                     f,
                     "attention_head_dim",

@@ -126,7 +126,7 @@ impl VaeConfig {
         if let Some(c) = cfg
             .block_out_channels
             .iter()
-            .find(|&&c| c % cfg.norm_num_groups != 0)
+            .find(|&&c| cfg.norm_num_groups == 0 || !c.is_multiple_of(cfg.norm_num_groups))
         {
             return Err(Error::unsupported(
                 path,

@@ -83,18 +83,22 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// x Φ(x) from candle ops.
+/// x Φ(x) from candle ops; half-precision inputs are computed in f32 and rounded once, as
+/// PyTorch's one GELU kernel does (five roundings in f16 doubled the error).
 fn gelu_composed(xs: &Tensor) -> Result<Tensor> {
-    let cdf = ((xs * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-    (xs * 0.5)? * cdf
+    let x = crate::nn::at_least_f32(xs)?;
+    let cdf = ((&x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+    ((&x * 0.5)? * cdf)?.to_dtype(xs.dtype())
 }
 
-/// gelu'(x) = Φ(x) + x φ(x) from candle ops.
-fn gelu_derivative(x: &Tensor) -> Result<Tensor> {
+/// gelu'(x) = Φ(x) + x φ(x) from candle ops (in f32 for half-precision inputs, as
+/// [`gelu_composed`]).
+fn gelu_derivative(xs: &Tensor) -> Result<Tensor> {
+    let x = &crate::nn::at_least_f32(xs)?;
     let cdf = (((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5)?;
     let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
     let pdf = ((x.sqr()? * -0.5)?.exp()? * inv_sqrt_2pi)?;
-    cdf + (x * pdf)?
+    (cdf + (x * pdf)?)?.to_dtype(xs.dtype())
 }
 
 /// GELU's tanh approximation, composed for an exact backward (as [`gelu_erf`]).

@@ -58,7 +58,8 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `q`: `[b, n, heads * d]`, `k`, `v`: `[b, m, heads * d]` -> `[b, n, heads * d]`.
-/// Scores are computed in f32 when `upcast` is set (diffusers' `upcast_attention`/`upcast_softmax`).
+/// Scores of half-precision inputs are computed and normalised in f32 (which is what diffusers'
+/// `upcast_attention` / `upcast_softmax` ask for; `upcast` is kept for the configs that say so).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -94,7 +95,11 @@ pub fn attention_blocked(
     let dtype = q.dtype();
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let half = matches!(dtype, candle_core::DType::F16 | candle_core::DType::BF16);
-    let (q, k) = if upcast && half {
+    // Half-precision scores are computed and normalised in f32 (as PyTorch's fused attention
+    // kernels accumulate them under autocast, and as diffusers' `upcast_attention` asks), so
+    // `upcast` changes nothing more; the probabilities meet V in V's dtype.
+    let _ = upcast;
+    let (q, k) = if half {
         (
             q.to_dtype(candle_core::DType::F32)?,
             k.to_dtype(candle_core::DType::F32)?,
@@ -170,7 +175,7 @@ fn softmax_scores(raw: Tensor, scale: f64, fused: bool) -> Result<Tensor> {
 
 /// Half-precision tensors in f32 (softmax statistics, as autocast keeps them); f32 and f64 as
 /// they are.
-fn at_least_f32(t: &Tensor) -> Result<Tensor> {
+pub(crate) fn at_least_f32(t: &Tensor) -> Result<Tensor> {
     match t.dtype() {
         candle_core::DType::F16 | candle_core::DType::BF16 => t.to_dtype(candle_core::DType::F32),
         _ => Ok(t.clone()),

@@ -79,8 +79,15 @@ impl LayerNorm {
     /// # Shapes
     /// `[..., dim]` -> `[..., dim]`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let normed = normalize_last(&upcast(xs)?, self.eps)?.to_dtype(xs.dtype())?;
-        affine(&normed, &self.weight, &self.bias, &self.weight)
+        // Half-precision inputs (autocast): statistics, normalisation and affine in f32,
+        // rounded once to the input's dtype, as PyTorch's autocast runs layer_norm in f32.
+        let x = upcast(xs)?;
+        let (w, b) = (
+            self.weight.to_dtype(x.dtype())?,
+            self.bias.to_dtype(x.dtype())?,
+        );
+        let normed = normalize_last(&x, self.eps)?;
+        affine(&normed, &w, &b, &w)?.to_dtype(xs.dtype())
     }
 }
 
@@ -126,25 +133,31 @@ impl GroupNorm {
             let (w, b) = (&self.weight, &self.bias);
             return super::cpu_norm::group_norm(xs, self.groups, self.eps, w, b, silu);
         }
-        let y = self.composed(xs)?;
-        if silu {
-            y.silu()
-        } else {
-            Ok(y)
-        }
+        // Half-precision inputs (autocast): norm, affine and SiLU in f32, rounded once.
+        let y = self.composed_f32(xs)?;
+        let y = if silu { y.silu()? } else { y };
+        y.to_dtype(xs.dtype())
     }
 
     /// Group norm from basic ops (half precision, other devices, trainable weights).
     pub fn composed(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.composed_f32(xs)?.to_dtype(xs.dtype())
+    }
+
+    /// [`Self::composed`] before rounding back: in f32 for half-precision inputs.
+    fn composed_f32(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let grouped = upcast(xs)?.reshape((b, self.groups, ()))?;
-        let normed = normalize_last(&grouped, self.eps)?
-            .to_dtype(xs.dtype())?
-            .reshape(dims.as_slice())?;
+        let x = upcast(xs)?;
+        let grouped = x.reshape((b, self.groups, ()))?;
+        let normed = normalize_last(&grouped, self.eps)?.reshape(dims.as_slice())?;
         let mut wshape = vec![1usize; dims.len()];
         wshape[1] = c;
-        let w = self.weight.reshape(wshape.as_slice())?;
-        affine(&normed, &w, &self.bias.reshape(wshape.as_slice())?, &w)
+        let w = self
+            .weight
+            .to_dtype(x.dtype())?
+            .reshape(wshape.as_slice())?;
+        let bias = self.bias.to_dtype(x.dtype())?;
+        affine(&normed, &w, &bias.reshape(wshape.as_slice())?, &w)
     }
 }

@@ -37,10 +37,7 @@ impl<'a> Archive<'a> {
                 bad("a PyTorch file needs <prefix>/data.pkl; this zip has none".into())
             })?;
         let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-        let mut pkl = vec![];
-        zip.by_name(&pkl_name)
-            .and_then(|mut f| f.read_to_end(&mut pkl).map_err(Into::into))
-            .map_err(|e| bad(format!("cannot read data.pkl: {e}")))?;
+        let pkl = read_entry(&mut zip, &pkl_name, path)?;
         if let Ok(mut bo) = zip.by_name(&format!("{prefix}byteorder")) {
             let mut s = String::new();
             let _ = bo.read_to_string(&mut s);
@@ -53,61 +50,129 @@ impl<'a> Archive<'a> {
 
     /// The tensor `t` describes, gathered from its storage into a contiguous f32 tensor.
     fn tensor(&mut self, t: &TensorRef) -> Result<(Tensor, DType)> {
-        let path = self.path;
-        let bad = |msg: String| Error::file(path, msg);
-        let mut data = vec![];
-        self.zip
-            .by_name(&format!("{}data/{}", self.prefix, t.storage_key))
-            .and_then(|mut f| f.read_to_end(&mut data).map_err(Into::into))
-            .map_err(|e| bad(format!("tensor storage {} missing: {e}", t.storage_key)))?;
-        let elem = t.dtype.size();
-        let numel: usize = t.shape.iter().product();
-        // Index of the last element viewed, to check the view lies within the storage.
-        let last = t.offset
-            + t.shape
-                .iter()
-                .zip(&t.stride)
-                .map(|(&n, &s)| n.saturating_sub(1) * s)
-                .sum::<usize>();
-        if numel > 0 && (last + 1) * elem > data.len() {
-            return Err(bad(
-                "tensor view reaches past its storage: file is corrupt".into()
+        let name = format!("{}data/{}", self.prefix, t.storage_key);
+        if self.zip.index_for_name(&name).is_none() {
+            return Err(Error::file(
+                self.path,
+                format!("tensor storage {} missing", t.storage_key),
             ));
         }
-        let value = |i: usize| -> f32 {
-            let b = &data[i * elem..(i + 1) * elem];
-            match t.dtype {
-                StorageDtype::F32 => f32::from_le_bytes(b.try_into().unwrap()),
-                StorageDtype::F64 => f64::from_le_bytes(b.try_into().unwrap()) as f32,
-                StorageDtype::F16 => half::f16::from_le_bytes(b.try_into().unwrap()).to_f32(),
-                StorageDtype::BF16 => half::bf16::from_le_bytes(b.try_into().unwrap()).to_f32(),
-            }
-        };
-        // Gather the strided view.
-        let mut out = Vec::with_capacity(numel);
-        let mut idx = vec![0usize; t.shape.len()];
-        for _ in 0..numel {
-            let pos = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
-            out.push(value(pos));
-            for d in (0..idx.len()).rev() {
-                idx[d] += 1;
-                if idx[d] < t.shape[d] {
-                    break;
-                }
-                idx[d] = 0;
-            }
-        }
-        let stored = match t.dtype {
-            StorageDtype::F32 => DType::F32,
-            StorageDtype::F16 => DType::F16,
-            StorageDtype::BF16 => DType::BF16,
-            StorageDtype::F64 => DType::F64,
-        };
-        Ok((
-            Tensor::from_vec(out, t.shape.as_slice(), &Device::Cpu)?,
-            stored,
-        ))
+        let data = read_entry(&mut self.zip, &name, self.path)?;
+        gather(&data, t, self.path)
     }
+}
+
+/// The tensor that `t` views in the storage bytes `data`, gathered into a contiguous f32
+/// tensor, with the dtype it was stored in. Shape, stride and offset come from the file: every
+/// bound is checked, with checked arithmetic, before anything is allocated or indexed.
+pub fn gather(data: &[u8], t: &TensorRef, path: &Path) -> Result<(Tensor, DType)> {
+    let corrupt = |what: &str| Error::file(path, format!("tensor {what}: file is corrupt"));
+    let elem = t.dtype.size();
+    if t.shape.len() != t.stride.len() {
+        return Err(corrupt("shape and stride differ in length"));
+    }
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &n| a.checked_mul(n))
+        .ok_or_else(|| corrupt("shape overflows"))?;
+    // Views larger than their storage (expanded, zero-stride tensors) would let a tiny file
+    // ask for any allocation; torch.save writes weights and embeddings whole.
+    if numel > data.len() / elem.max(1) {
+        return Err(corrupt("view has more elements than its storage"));
+    }
+    if numel > 0 {
+        // Index of the last element viewed: the view must lie within the storage.
+        let last = t
+            .shape
+            .iter()
+            .zip(&t.stride)
+            .try_fold(t.offset, |a, (&n, &s)| {
+                a.checked_add((n - 1).checked_mul(s)?)
+            })
+            .ok_or_else(|| corrupt("view overflows"))?;
+        let end = last
+            .checked_add(1)
+            .and_then(|e| e.checked_mul(elem))
+            .ok_or_else(|| corrupt("view overflows"))?;
+        if end > data.len() {
+            return Err(corrupt("view reaches past its storage"));
+        }
+    }
+    let value = |i: usize| -> f32 {
+        let b = &data[i * elem..(i + 1) * elem];
+        match t.dtype {
+            StorageDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            StorageDtype::F64 => {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }
+            StorageDtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            StorageDtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        }
+    };
+    // Gather the strided view (every index below `last`, checked above).
+    let mut out = Vec::with_capacity(numel);
+    let mut idx = vec![0usize; t.shape.len()];
+    for _ in 0..numel {
+        let pos = t.offset + idx.iter().zip(&t.stride).map(|(i, s)| i * s).sum::<usize>();
+        out.push(value(pos));
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < t.shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    let stored = match t.dtype {
+        StorageDtype::F32 => DType::F32,
+        StorageDtype::F16 => DType::F16,
+        StorageDtype::BF16 => DType::BF16,
+        StorageDtype::F64 => DType::F64,
+    };
+    Ok((
+        Tensor::from_vec(out, t.shape.as_slice(), &Device::Cpu)?,
+        stored,
+    ))
+}
+
+/// How much larger than its compressed bytes a zip entry may declare itself: torch.save stores
+/// entries uncompressed, so a large ratio is a zip bomb, not a PyTorch file.
+const MAX_INFLATION: u64 = 64;
+
+/// The bytes of zip entry `name`, at most its declared size, which must be plausible (at most
+/// [`MAX_INFLATION`] times its compressed size, or 1 MiB) and must all be there.
+fn read_entry(
+    zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>,
+    name: &str,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let bad = |msg: String| Error::file(path, msg);
+    let f = zip
+        .by_name(name)
+        .map_err(|e| bad(format!("cannot read {name}: {e}")))?;
+    let declared = f.size();
+    let limit = f
+        .compressed_size()
+        .saturating_mul(MAX_INFLATION)
+        .max(1 << 20);
+    if declared > limit {
+        return Err(bad(format!(
+            "{name} declares {declared} bytes from {} compressed: not a PyTorch file (a zip bomb?)",
+            f.compressed_size()
+        )));
+    }
+    let mut data = Vec::new();
+    f.take(declared)
+        .read_to_end(&mut data)
+        .map_err(|e| bad(format!("cannot read {name}: {e}")))?;
+    if data.len() as u64 != declared {
+        return Err(bad(format!(
+            "{name} is cut short ({} of {declared} bytes)",
+            data.len()
+        )));
+    }
+    Ok(data)
 }
 
 /// Reads the single tensor of a `torch.save` zip file, as f32, with the dtype it was stored in.
