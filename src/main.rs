@@ -35,10 +35,39 @@ enum Command {
     Mini(cli::mini::MiniCommand),
 }
 
+/// clap's errors in one line (their first paragraph, which names the flag; usage and hints
+/// dropped), exit code 2; `--help` and `--version` print as clap prints them.
+fn parse_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(if e.use_stderr() { 2 } else { 0 })
+        }
+        _ => {
+            // The error's first paragraph (for a missing argument, the list of what is missing).
+            let text = e.to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see --help)", first.join(" "));
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     reneg::runtime::keep_freed_memory();
     reneg::runtime::fix_thread_count();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_error(e),
+    };
     if let Err(e) = reneg::nn::dispatch::check_env() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -54,7 +83,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            // One line, whatever the messages hold (a TOML error spans lines, for one).
+            let chain: Vec<String> = e
+                .chain()
+                .map(|c| {
+                    c.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect();
             eprintln!("error: {}", chain.join(": "));
             if cli::is_user_error(&e) {
                 ExitCode::from(2)

@@ -3,8 +3,8 @@
 //! combines shard folders into the report an unsharded run gives.
 
 use super::{
-    create_out_dir, device, image_size, lib, load_embedding_for, load_model, load_rewards,
-    setup_precision, user, ModelArgs, Precision,
+    check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
+    load_rewards, setup_precision, user, ModelArgs, Precision,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -150,6 +150,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
+    check_steps(&mut sd, args.steps)?;
     let (h, w) = image_size(&sd, args.height, args.width)?;
     let rewards = load_rewards(&args.reward, &args.reward_model, dtype, &device)?;
     let reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();

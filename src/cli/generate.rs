@@ -3,8 +3,8 @@
 //! front ends do) and one JSON line per image in `images.jsonl`.
 
 use super::{
-    create_out_dir, device, image_size, lib, load_embedding_for, load_model, load_rewards,
-    setup_precision, user, ModelArgs, Precision,
+    check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
+    load_rewards, setup_precision, user, ModelArgs, Precision,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -107,6 +107,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
+    check_steps(&mut sd, args.steps)?;
     let (h, w) = image_size(&sd, args.height, args.width)?;
     let f = sd.vae_scale();
     let latent_shape = [sd.latent_channels(), h / f, w / f];

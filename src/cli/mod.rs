@@ -145,6 +145,13 @@ impl AdaptArgs {
 }
 
 /// Creates the output folder (a user error naming it when that fails).
+/// `--steps` checked against the model's scheduler before anything is written.
+pub fn check_steps(sd: &mut StableDiffusion, steps: usize) -> Result<()> {
+    sd.scheduler
+        .set_timesteps(steps)
+        .map_err(|e| user(format!("--steps {steps}: {e}")))
+}
+
 pub fn create_out_dir(out: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| {
         user(format!(

@@ -93,6 +93,15 @@ impl NegativeEmbedding {
                 ))
             }
         };
+        if !matches!(
+            stored_dtype,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64
+        ) {
+            return Err(Error::file(
+                path,
+                format!("holds {stored_dtype:?} values; a negative embedding is floating point"),
+            ));
+        }
         if tensor.elem_count() == 0 {
             return Err(Error::file(
                 path,

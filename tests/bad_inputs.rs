@@ -1,0 +1,214 @@
+//! The bad-input table (issue 16): missing, empty, truncated, wrong-shaped, wrong-dtype and
+//! wrong-family files and bad flags across every subcommand. Each must exit with code 2, print
+//! exactly one line on stderr that names the offending file or flag, never panic, and leave no
+//! output file behind.
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
+const AESTHETIC: &str = "tests/fixtures/parity/reward-aesthetic/reward";
+const HPS: &str = "tests/fixtures/parity/reward-openclip-gelu/reward";
+
+fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("reneg-bad-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+fn save(path: &Path, t: Tensor) {
+    candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), path).unwrap();
+}
+
+/// Every file under `dir` (recursively).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            if e.path().is_dir() {
+                files_under(&e.path())
+            } else {
+                vec![e.path()]
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
+    let d = tempdir("table");
+    let p = |name: &str| d.join(name).to_str().unwrap().to_string();
+    // Files the cases point at.
+    std::fs::create_dir_all(d.join("empty-dir")).unwrap();
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    std::fs::write(d.join("blank.txt"), "\n  \n").unwrap();
+    std::fs::write(d.join("prompts.txt"), "a red cube\n").unwrap();
+    std::fs::write(d.join("bad.json"), "{\"not\": [1, 2]").unwrap();
+    std::fs::write(d.join("numbers.json"), "[1, 2, 3]").unwrap();
+    std::fs::write(d.join("no-column.tsv"), "Text\tCategory\na cat\tAnimals\n").unwrap();
+    std::fs::write(d.join("garbage.safetensors"), b"definitely not safetensors").unwrap();
+    std::fs::write(d.join("image.png"), b"\x89PNG\r\n\x1a\n not really").unwrap();
+    std::fs::write(d.join("a-file"), "x").unwrap();
+    std::fs::write(d.join("pairs.jsonl"), "{\"image\": \"nope.png\"}\n").unwrap();
+    std::fs::write(d.join("bad-config.toml"), "steps = \"many\"\n").unwrap();
+    std::fs::write(d.join("unknown-key.toml"), "stepz = 3\n").unwrap();
+    let emb = |name: &str, t: Tensor| save(&d.join(name), t);
+    emb(
+        "wide.safetensors",
+        Tensor::zeros((1, 77, 768), DType::F32, &Device::Cpu).unwrap(),
+    );
+    emb(
+        "short.safetensors",
+        Tensor::zeros((1, 10, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    emb(
+        "empty-emb.safetensors",
+        Tensor::zeros((1, 0, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    emb(
+        "ints.safetensors",
+        Tensor::zeros((1, 77, 32), DType::U32, &Device::Cpu).unwrap(),
+    );
+    emb(
+        "rank4.safetensors",
+        Tensor::zeros((1, 1, 77, 32), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let good = std::fs::read("tests/fixtures/embedding/torch_saved.safetensors").unwrap();
+    std::fs::write(d.join("truncated.safetensors"), &good[..good.len() / 2]).unwrap();
+    let pt = std::fs::read("tests/fixtures/embedding/torch_saved.pt").unwrap();
+    std::fs::write(d.join("truncated.pt"), &pt[..pt.len() / 2]).unwrap();
+    // Models: a corrupt UNet, an unknown scheduler, a wrong-family folder, a broken config.
+    copy_dir(Path::new(SD15), &d.join("corrupt-unet"));
+    std::fs::write(
+        d.join("corrupt-unet/unet/diffusion_pytorch_model.safetensors"),
+        b"garbage",
+    )
+    .unwrap();
+    copy_dir(Path::new(SD15), &d.join("no-groups"));
+    let cfg = d.join("no-groups/vae/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["norm_num_groups"] = serde_json::json!(0);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    copy_dir(Path::new(SD15), &d.join("no-unet-config"));
+    std::fs::remove_file(d.join("no-unet-config/unet/config.json")).unwrap();
+
+    let out = |i: usize| d.join(format!("out{i}"));
+    // (arguments, what the one line must contain); `{out}` is the case's own output folder.
+    let cases: Vec<(String, String)> = vec![
+        // generate
+        (format!("generate --model no/such/model --prompt x --out {{out}}"), "no/such/model".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("empty-dir")), "model_index.json".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("corrupt-unet")), "diffusion_pytorch_model.safetensors".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("no-groups")), "norm_num_groups".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("no-unet-config")), "config.json".into()),
+        (format!("generate --model {AESTHETIC} --prompt x --out {{out}}"), "model_index.json".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("garbage.safetensors")), "garbage.safetensors".into()),
+        (format!("generate --model {SD15} --prompts {} --out {{out}}", p("empty.txt")), "empty.txt".into()),
+        (format!("generate --model {SD15} --prompts {} --out {{out}}", p("blank.txt")), "blank.txt".into()),
+        (format!("generate --model {SD15} --prompts {} --out {{out}}", p("bad.json")), "bad.json".into()),
+        (format!("generate --model {SD15} --prompts {} --out {{out}}", p("numbers.json")), "numbers.json".into()),
+        (format!("generate --model {SD15} --prompts {} --out {{out}}", p("no-column.tsv")), "no-column.tsv".into()),
+        (format!("generate --model {SD15} --prompts no/such.txt --out {{out}}"), "no/such.txt".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("wide.safetensors")), "768".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("short.safetensors")), "short.safetensors".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("empty-emb.safetensors")), "empty-emb.safetensors".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("ints.safetensors")), "ints.safetensors".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("truncated.safetensors")), "truncated.safetensors".into()),
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", p("truncated.pt")), "truncated.pt".into()),
+        (format!("generate --model {SD15} --prompt x --init-latents {} --out {{out}}", p("garbage.safetensors")), "garbage.safetensors".into()),
+        (format!("generate --model {SD15} --prompt x --height 30 --out {{out}}"), "--height".into()),
+        (format!("generate --model {SD15} --prompt x --steps 0 --out {{out}}"), "--steps".into()),
+        (format!("generate --model {SD15} --prompt x --steps many --out {{out}}"), "--steps".into()),
+        (format!("generate --model {SD15} --prompt x --precision bf16 --out {{out}}"), "bf16".into()),
+        (format!("generate --model {SD15} --prompt x --precision f8 --out {{out}}"), "--precision".into()),
+        (format!("generate --model {SD15} --prompt x --device tpu --out {{out}}"), "--device".into()),
+        (format!("generate --model {SD15} --prompt x --out {}/out", p("a-file")), "a-file".into()),
+        (format!("generate --model {SD15} --prompt x --reward aesthetic --reward-model {AESTHETIC} --batch-size 2 --out {{out}}"), "--batch-size".into()),
+        (format!("generate --model {SD15} --prompt x --reward aesthetic --out {{out}}"), "--reward-model".into()),
+        (format!("generate --model {SD15} --prompt x --reward hps --reward-model {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
+        // eval
+        (format!("eval --model {SD15} --prompt x --negative null --negative bogus:thing --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "bogus".into()),
+        (format!("eval --model {SD15} --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --shard 3/2 --out {{out}}"), "--shard".into()),
+        (format!("eval --model {SD15} --prompts {} --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}", p("empty.txt")), "empty.txt".into()),
+        (format!("eval --model {SD15} --prompt x --negative {} --reward aesthetic --reward-model {AESTHETIC} --out {{out}}", p("wide.safetensors")), "wide.safetensors".into()),
+        (format!("eval merge {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
+        // train
+        (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("empty.txt")), "empty.txt".into()),
+        (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts no/such.txt --out {{out}}"), "no/such.txt".into()),
+        (format!("train --config {} --out {{out}}", p("bad-config.toml")), "bad-config.toml".into()),
+        (format!("train --config {} --out {{out}}", p("unknown-key.toml")), "stepz".into()),
+        (format!("train --config no/such.toml --out {{out}}"), "no/such.toml".into()),
+        (format!("train --model {SD15} --reward judge-quality --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "judge".into()),
+        (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --batch-size 3 --micro-batch-size 2 --out {{out}}", p("prompts.txt")), "batch".into()),
+        (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --init file:{} --out {{out}}", p("prompts.txt"), p("wide.safetensors")), "wide.safetensors".into()),
+        // score
+        (format!("score --reward aesthetic --reward-model {AESTHETIC} {}", p("image.png")), "image.png".into()),
+        (format!("score --reward aesthetic --reward-model {AESTHETIC} no/such.png"), "no/such.png".into()),
+        // The offending file is the image the pairs file names.
+        (format!("score --reward hps --reward-model {HPS} --pairs {}", p("pairs.jsonl")), "nope.png".into()),
+        (format!("score --reward aesthetic --reward-model {} {}", p("empty-dir"), p("image.png")), "empty-dir".into()),
+        // embedding
+        (format!("embedding inspect {}", p("garbage.safetensors")), "garbage.safetensors".into()),
+        (format!("embedding inspect {}", p("empty-emb.safetensors")), "empty-emb.safetensors".into()),
+        (format!("embedding inspect {}", p("rank4.safetensors")), "rank4.safetensors".into()),
+        ("embedding inspect tests/fixtures/embedding/malicious.pt".into(), "malicious.pt".into()),
+        ("embedding inspect tests/fixtures/embedding/legacy_format.pt".into(), "legacy_format.pt".into()),
+        (format!("embedding import {} --out {{out}}/e.safetensors", p("truncated.pt")), "truncated.pt".into()),
+        (format!("embedding export {} --format pt --out {{out}}/e.pt", p("ints.safetensors")), "ints.safetensors".into()),
+        (format!("embedding encode --model {} --text x --out {{out}}/e.safetensors", p("empty-dir")), "model_index.json".into()),
+        // mini
+        (format!("mini experiment --mini {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
+        // the kernel switch
+        ("embedding inspect tests/fixtures/embedding/torch_saved.pt RENEG_KERNELS=fast".into(), "RENEG_KERNELS".into()),
+    ];
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    let mut failures = vec![];
+    for (i, (args, needle)) in cases.iter().enumerate() {
+        let o = out(i);
+        let line = args.replace("{out}", o.to_str().unwrap());
+        let mut words: Vec<&str> = line.split_whitespace().collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reneg"));
+        if let Some(pos) = words.iter().position(|w| w.starts_with("RENEG_KERNELS=")) {
+            let (k, v) = words.remove(pos).split_once('=').unwrap();
+            cmd.env(k, v);
+        } else {
+            cmd.env_remove("RENEG_KERNELS");
+        }
+        let r = cmd.args(&words).output().unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        let left = files_under(&o);
+        let ok = r.status.code() == Some(2)
+            && lines.len() == 1
+            && err.contains(needle.as_str())
+            && !err.contains("panicked")
+            && left.is_empty();
+        if !ok {
+            failures.push(format!(
+                "case {i} `{line}`: exit {:?}, {} stderr line(s), wanted {needle:?}, left {left:?}:\n{err}",
+                r.status.code(),
+                lines.len()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
