@@ -115,7 +115,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     // (arguments, what the one line must contain); `{out}` is the case's own output folder.
     let cases: Vec<(String, String)> = vec![
         // generate
-        (format!("generate --model no/such/model --prompt x --out {{out}}"), "no/such/model".into()),
+        ("generate --model no/such/model --prompt x --out {out}".to_string(), "no/such/model".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("empty-dir")), "model_index.json".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("corrupt-unet")), "diffusion_pytorch_model.safetensors".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("no-groups")), "norm_num_groups".into()),
@@ -156,7 +156,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts no/such.txt --out {{out}}"), "no/such.txt".into()),
         (format!("train --config {} --out {{out}}", p("bad-config.toml")), "bad-config.toml".into()),
         (format!("train --config {} --out {{out}}", p("unknown-key.toml")), "stepz".into()),
-        (format!("train --config no/such.toml --out {{out}}"), "no/such.toml".into()),
+        ("train --config no/such.toml --out {out}".to_string(), "no/such.toml".into()),
         (format!("train --model {SD15} --reward judge-quality --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "judge".into()),
         (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --batch-size 3 --micro-batch-size 2 --out {{out}}", p("prompts.txt")), "batch".into()),
         (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --init file:{} --out {{out}}", p("prompts.txt"), p("wide.safetensors")), "wide.safetensors".into()),
