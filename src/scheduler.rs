@@ -125,6 +125,15 @@ impl DdimConfig {
                 ));
             }
         }
+        if cfg.num_train_timesteps == 0 {
+            // Found by the fuzzer (tests/fuzz.rs): no training timesteps indexed an empty table.
+            return Err(Error::unsupported(
+                path,
+                "num_train_timesteps",
+                0,
+                "must be at least 1",
+            ));
+        }
         if cfg.thresholding {
             return Err(Error::unsupported(
                 path,

@@ -105,6 +105,10 @@ fn unsupported_vae_and_scheduler_values_are_named() {
         err.to_string().contains("FlowMatchEulerDiscreteScheduler"),
         "{err}"
     );
+    // A crash the fuzzer found (examples/fuzz.rs): zero training timesteps.
+    let err =
+        DdimConfig::from_value(json!({"num_train_timesteps": 0}), Path::new("s.json")).unwrap_err();
+    assert!(err.to_string().contains("num_train_timesteps"), "{err}");
     let err =
         DdimConfig::from_value(json!({"thresholding": true}), Path::new("s.json")).unwrap_err();
     assert!(err.to_string().contains("thresholding"), "{err}");

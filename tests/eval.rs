@@ -313,26 +313,59 @@ fn eval_bad_input_exits_2_with_one_line() {
         assert!(err.contains(needle), "{needle}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
-    // No --model: the built-in miniature world.
+    // No --model: the built-in miniature world, embedded in the binary and written to the data
+    // dir on first use; run from a folder holding a stray `assets/mini` that must not be used.
     let default_out = dir.join("default-model");
-    let o = reneg(&[
-        "eval",
-        "--prompt",
-        "a small red circle in the centre, on a grey background",
-        "--negative",
-        "null",
-        "--reward",
-        "judge-quality",
-        "--reward-model",
-        reneg::mini::default_root().join("judge").to_str().unwrap(),
-        "--steps",
-        "2",
-        "--out",
-        default_out.to_str().unwrap(),
-    ]);
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("assets/mini/pipeline")).unwrap();
+    std::fs::write(
+        elsewhere.join("assets/mini/pipeline/model_index.json"),
+        "stray",
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
+        .current_dir(&elsewhere)
+        .env("RENEG_DATA_DIR", &data)
+        .env_remove("RENEG_MINI")
+        .args([
+            "eval",
+            "--prompt",
+            "a small red circle in the centre, on a grey background",
+            "--negative",
+            "null",
+            "--reward",
+            "judge-quality",
+            "--reward-model",
+            reneg::mini::default_root().join("judge").to_str().unwrap(),
+            "--steps",
+            "2",
+            "--out",
+            default_out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("model: ")
+            && first.contains(data.to_str().unwrap())
+            && first.ends_with("/pipeline"),
+        "the first line names the built-in model: {stdout}"
+    );
     let manifest = std::fs::read_to_string(default_out.join("eval.json")).unwrap();
-    assert!(manifest.contains("assets/mini/pipeline"), "{manifest}");
+    assert!(manifest.contains("mini-"), "{manifest}");
+    // The written world is the committed one, file for file.
+    let written = first.trim_start_matches("model: ");
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "model_index.json",
+    ] {
+        let a = std::fs::read(Path::new(written).join(f)).unwrap();
+        let b = std::fs::read(reneg::mini::default_model().join(f)).unwrap();
+        assert!(a == b, "{f} differs from assets/mini");
+    }
     // Merging a folder that is not an eval output.
     let o = reneg(&[
         "eval",

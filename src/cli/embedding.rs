@@ -126,7 +126,7 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             let t = sd.encode_prompt(&text).map_err(lib)?;
             let mut emb = NegativeEmbedding::new(t).map_err(lib)?;
             tool_metadata(&mut emb);
-            emb.metadata.insert("base_model".into(), model.name());
+            emb.metadata.insert("base_model".into(), model.name()?);
             emb.metadata.insert("text".into(), text);
             emb.save(&out).map_err(lib)?;
             println!("{} {:?}", out.display(), emb.tensor.dims());

@@ -183,7 +183,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
 
     let manifest = Manifest {
-        model: args.model.name(),
+        model: args.model.name()?,
         prompts: prompt_list,
         seeds: args.seeds,
         base_seed: args.seed,

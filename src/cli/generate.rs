@@ -84,7 +84,7 @@ struct Job {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let model_name = args.model.name();
+    let model_name = args.model.name()?;
     let mut prompt_list: Vec<Prompt> = args
         .prompt
         .iter()

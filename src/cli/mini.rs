@@ -228,7 +228,10 @@ fn parse<T: clap::Parser>(argv: &[String]) -> Result<T> {
 }
 
 fn experiment(a: ExperimentArgs) -> Result<()> {
-    let mini = a.mini.clone().unwrap_or_else(reneg::mini::default_root);
+    let mini = match a.mini.clone() {
+        Some(m) => m,
+        None => super::builtin::mini_root()?,
+    };
     if !mini.join("pipeline/model_index.json").is_file() {
         return Err(super::user(format!(
             "{}: not a miniature world (no pipeline/model_index.json); run `reneg mini train --out {}` first",

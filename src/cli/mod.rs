@@ -1,6 +1,7 @@
 //! Command implementations and what they share: model and device options, and the mapping
 //! of errors to exit codes.
 
+pub mod builtin;
 pub mod embedding;
 pub mod eval;
 pub mod generate;
@@ -96,11 +97,12 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The `--model` value, or the built-in miniature-world pipeline.
-    pub fn name(&self) -> String {
-        self.model
-            .clone()
-            .unwrap_or_else(|| reneg::mini::default_model().display().to_string())
+    /// The `--model` value, or the built-in miniature-world pipeline (`builtin`).
+    pub fn name(&self) -> Result<String> {
+        match &self.model {
+            Some(m) => Ok(m.clone()),
+            None => Ok(builtin::mini_root()?.join("pipeline").display().to_string()),
+        }
     }
 }
 
@@ -112,7 +114,11 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
             prediction_type: m.prediction_type.clone(),
         },
     };
-    reneg::source::load(&m.name(), &options, dtype, device).map_err(lib)
+    let name = m.name()?;
+    let sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;
+    // The model a command runs, first (it may be the built-in one, written on first use).
+    println!("model: {name}");
+    Ok(sd)
 }
 
 /// Per-sample adaptation settings, shared by `generate --reward` and `eval`'s `per-sample:`

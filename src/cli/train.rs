@@ -193,7 +193,10 @@ fn mini_defaults(file: &toml::Table, over: &mut toml::Table) {
     if given(over, "model") {
         return;
     }
-    let root = reneg::mini::default_root();
+    let Ok(root) = super::builtin::mini_root() else {
+        // Unwritable data dir: the model stays unset, and the config check names it.
+        return;
+    };
     let s = |p: std::path::PathBuf| Value::String(p.display().to_string());
     over.insert("model".into(), s(root.join("pipeline")));
     if !given(over, "rewards") {

@@ -13,17 +13,14 @@ pub use degrade::{Degradation, Family};
 pub use scene::Scene;
 use std::path::PathBuf;
 
-/// The committed miniature world (`assets/mini`): from the working directory when run in the
-/// repository, else from where this crate was built.
+/// The committed miniature world in this source tree (`assets/mini`): what the tests and the
+/// recipe's comparisons read. The binary's default model is its embedded copy
+/// (`cli::builtin`), which works wherever the binary is installed.
 pub fn default_root() -> PathBuf {
-    let local = PathBuf::from("assets/mini");
-    if local.join("pipeline").is_dir() {
-        return local;
-    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/mini")
 }
 
-/// The built-in default model: the miniature world's diffusers pipeline.
+/// The committed miniature world's diffusers pipeline.
 pub fn default_model() -> PathBuf {
     default_root().join("pipeline")
 }
