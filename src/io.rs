@@ -111,3 +111,16 @@ pub fn write_png(img: &Rgb, path: &Path, parameters: Option<&str>) -> Result<()>
         w.finish().map_err(std::io::Error::other)
     })
 }
+
+/// A file mapped into memory, for weights: read on demand by the OS instead of copied whole
+/// into a buffer first (a weights file is then in memory once, as its tensors).
+pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::file(path, "file not found"),
+        _ => Error::file(path, format!("cannot read: {e}")),
+    })?;
+    // SAFETY: the map is read-only and dropped before the function that asked for it returns
+    // its tensors; as with every memory-mapped reader (candle's, safetensors'), a file truncated
+    // by another process meanwhile is outside what reneg can guard against.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map: {e}")))
+}

@@ -115,8 +115,7 @@ impl Weights {
         if !path.is_file() {
             return Err(Error::file(path, "weights file not found"));
         }
-        let bytes =
-            std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let bytes = crate::io::map_file(path)?;
         Self::from_bytes(&bytes, path, dtype, device)
     }
 

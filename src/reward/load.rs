@@ -36,7 +36,7 @@ pub enum RewardKind {
 /// Reads a state dict from safetensors or a PyTorch file, dropping the wrappers checkpoints
 /// add (`state_dict.`, `module.`).
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+    let bytes = crate::io::map_file(path)?;
     let raw = if crate::torch_file::is_zip(&bytes) {
         crate::torch_file::read_state_dict(&bytes, path)?
     } else {
