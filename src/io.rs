@@ -124,3 +124,51 @@ pub fn map_file(path: &Path) -> Result<memmap2::Mmap> {
     // by another process meanwhile is outside what reneg can guard against.
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map: {e}")))
 }
+
+/// `tensors` (any float dtype, any device) as the bytes of an f32 safetensors file with
+/// `metadata` in its header: what the project's own files (embeddings, checkpoints, gradient
+/// exchange) are written as. `what` names the file kind in an error.
+pub fn safetensors_f32(
+    tensors: &[(&str, &candle_core::Tensor)],
+    metadata: std::collections::HashMap<String, String>,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let data = tensors
+        .iter()
+        .map(|(_, t)| -> Result<Vec<u8>> {
+            Ok(t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, t), d)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), d)
+                .map(|v| (*name, v))
+                .map_err(|e| Error::Invalid(format!("{what}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Invalid(format!("{what}: {e}")))
+}
+
+/// The tensors (on the CPU) and header metadata of a safetensors file's `bytes`; `bad` turns a
+/// reader's message into the caller's error.
+pub fn read_safetensors_meta(
+    bytes: &[u8],
+    bad: impl Fn(String) -> Error,
+) -> Result<(
+    std::collections::HashMap<String, candle_core::Tensor>,
+    std::collections::HashMap<String, String>,
+)> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, &candle_core::Device::Cpu)
+        .map_err(|e| bad(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
+}

@@ -140,7 +140,7 @@ fn generic_path_matches_the_fused_kernels_op_by_op() {
                     x.narrow(2, 6, 6).unwrap(),
                     x.narrow(2, 12, 6).unwrap(),
                 );
-                nn::attention_blocked(&q, &k, &v, 3, None, false, 2 * 3 * 2 * 9).unwrap()
+                nn::attention_blocked(&q, &k, &v, 3, None, 2 * 3 * 2 * 9).unwrap()
             }),
             &qkv,
         ),
@@ -152,8 +152,9 @@ fn generic_path_matches_the_fused_kernels_op_by_op() {
         let ey = max_abs_diff(&y_fused, &y_generic) / (1.0 + max_abs(&y_fused));
         let eg = max_abs_diff(&g_fused, &g_generic) / (1.0 + max_abs(&g_fused));
         println!("auto vs generic {name:<40} output {ey:.1e} input gradient {eg:.1e}");
-        assert!(ey < 1e-12, "{name}: outputs differ by {ey:e}");
-        assert!(eg < 1e-12, "{name}: input gradients differ by {eg:e}");
+        // Measured: at most 4.5e-16 (summation orders differ, nothing else).
+        assert!(ey < 1e-14, "{name}: outputs differ by {ey:e}");
+        assert!(eg < 1e-14, "{name}: input gradients differ by {eg:e}");
         assert!(
             max_abs(&g_fused) > 1e-3,
             "{name}: a vanishing gradient tests nothing"
@@ -214,7 +215,8 @@ fn checkpointing_keeps_the_gradients() {
             ("decoder gradient wrt latents", &plain.3, &ckpt.3),
         ] {
             let e = max_abs_diff(a, b) / max_abs(a);
-            assert!(e < 1e-12, "{k:?} {name}: checkpointed differs by {e:e}");
+            // Measured: 0 to 2.0e-15 (the recomputed block adds its gradient in another order).
+            assert!(e < 2e-14, "{k:?} {name}: checkpointed differs by {e:e}");
             assert!(max_abs(a) > 1e-6, "{name}: nothing to compare");
         }
     }

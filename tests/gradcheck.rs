@@ -150,7 +150,7 @@ fn attention_recomputing_backward_in_blocks() {
     );
     let block = 2 * 2 * 5 * 2;
     let att = |q: &Tensor, k: &Tensor, v: &Tensor| {
-        nn::attention_blocked(q, k, v, 2, None, false, block).unwrap()
+        nn::attention_blocked(q, k, v, 2, None, block).unwrap()
     };
     assert_gradient("attention blocks wrt q", |x| att(x, &k, &v), &q);
     assert_gradient("attention blocks wrt k", |x| att(&q, x, &v), &k);
@@ -159,7 +159,7 @@ fn attention_recomputing_backward_in_blocks() {
 
 #[test]
 fn attention_self_and_cross() {
-    let attn = CrossAttention::new(8, 12, 2, 4, false, &random_vb(7)).unwrap();
+    let attn = CrossAttention::new(8, 12, 2, 4, &random_vb(7)).unwrap();
     let ctx = randn(8, &[2, 5, 12]);
     let x = randn(9, &[2, 6, 8]);
     assert_gradient(
@@ -172,9 +172,9 @@ fn attention_self_and_cross() {
         |q| attn.forward(q, Some(&ctx)).unwrap(),
         &x,
     );
-    let self_attn = CrossAttention::new(8, 8, 2, 4, true, &random_vb(10)).unwrap();
+    let self_attn = CrossAttention::new(8, 8, 2, 4, &random_vb(10)).unwrap();
     assert_gradient(
-        "self-attention (upcast)",
+        "self-attention",
         |q| self_attn.forward(q, None).unwrap(),
         &x,
     );
@@ -189,7 +189,6 @@ fn transformer_cfg(linear: bool) -> TransformerConfig {
         cross_attention_dim: 12,
         groups: 4,
         use_linear_projection: linear,
-        upcast_attention: false,
     }
 }
 

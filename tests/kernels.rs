@@ -286,9 +286,9 @@ fn attention_in_query_blocks_equals_the_whole() {
         randn(401, &[2, 5, 8]),
         randn(402, &[2, 5, 8]),
     );
-    let whole = reneg::nn::attention_blocked(&q, &k, &v, 2, None, false, usize::MAX).unwrap();
+    let whole = reneg::nn::attention_blocked(&q, &k, &v, 2, None, usize::MAX).unwrap();
     for block in [1, 2 * 2 * 5 * 2, 2 * 2 * 5 * 4 + 3] {
-        let blocked = reneg::nn::attention_blocked(&q, &k, &v, 2, None, false, block).unwrap();
+        let blocked = reneg::nn::attention_blocked(&q, &k, &v, 2, None, block).unwrap();
         assert_eq!(blocked.dims(), whole.dims());
         let e = max_abs_diff(&blocked, &whole);
         assert!(e < 1e-14, "block {block}: {e:e}");

@@ -320,7 +320,9 @@ fn fp16_autocast_keeps_f32_between_models_and_follows_the_f32_gradient() {
     assert!(rel(&got.grad) < 0.08 && rel(&scaled.grad) < 0.08);
     let between = max_abs_diff(&got.grad, &scaled.grad) / max_abs(&got.grad);
     assert!(
-        between < 1e-2,
+        // Measured 2.5e-3: scaling by a power of two is exact, except where it rescues
+        // gradients f16 would flush to zero.
+        between < 5e-3,
         "scaled and unscaled fp16 gradients differ by {between:e}"
     );
     assert!((got.rewards[0] - want.rewards[0]).abs() < 0.04);

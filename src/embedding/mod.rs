@@ -141,24 +141,14 @@ impl NegativeEmbedding {
     /// Saves as safetensors (one tensor named [`TENSOR_NAME`], metadata in the header),
     /// atomically.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let data: Vec<u8> = self
-            .tensor
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            self.tensor.dims().to_vec(),
-            &data,
-        )
-        .map_err(|e| Error::Invalid(format!("cannot serialise embedding: {e}")))?;
         let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         meta.entry("format".into())
             .or_insert_with(|| "reneg negative embedding".into());
-        let bytes = safetensors::tensor::serialize([(TENSOR_NAME, view)], Some(meta))
-            .map_err(|e| Error::Invalid(format!("cannot serialise embedding: {e}")))?;
+        let bytes = crate::io::safetensors_f32(
+            &[(TENSOR_NAME, &self.tensor)],
+            meta,
+            "cannot serialise embedding",
+        )?;
         crate::io::write_atomic(path, &bytes)
     }
 

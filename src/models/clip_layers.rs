@@ -77,7 +77,6 @@ impl ClipEncoderLayer {
             &self.v_proj.forward(&h)?,
             heads,
             mask,
-            false,
         )?;
         let xs = (xs + self.out_proj.forward(&a)?)?;
         let h = self.layer_norm2.forward(&xs)?;

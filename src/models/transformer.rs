@@ -14,7 +14,6 @@ pub struct CrossAttention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    upcast: bool,
 }
 
 impl CrossAttention {
@@ -23,7 +22,6 @@ impl CrossAttention {
         context_dim: usize,
         heads: usize,
         head_dim: usize,
-        upcast: bool,
         vb: &Vb,
     ) -> Result<Self> {
         let inner = heads * head_dim;
@@ -33,7 +31,6 @@ impl CrossAttention {
             to_v: Linear::new(context_dim, inner, false, &vb.pp("to_v"))?,
             to_out: Linear::new(inner, query_dim, true, &vb.pp("to_out").pp(0))?,
             heads,
-            upcast,
         })
     }
 
@@ -47,7 +44,6 @@ impl CrossAttention {
             &self.to_v.forward(ctx)?,
             self.heads,
             None,
-            self.upcast,
         )?;
         self.to_out.forward(&out)
     }
@@ -62,7 +58,6 @@ pub struct TransformerConfig {
     pub cross_attention_dim: usize,
     pub groups: usize,
     pub use_linear_projection: bool,
-    pub upcast_attention: bool,
 }
 
 #[derive(Clone)]
@@ -82,21 +77,13 @@ impl BasicTransformerBlock {
         let ff_inner = 4 * dim;
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, &vb.pp("norm1"))?,
-            attn1: CrossAttention::new(
-                dim,
-                dim,
-                cfg.heads,
-                cfg.head_dim,
-                cfg.upcast_attention,
-                &vb.pp("attn1"),
-            )?,
+            attn1: CrossAttention::new(dim, dim, cfg.heads, cfg.head_dim, &vb.pp("attn1"))?,
             norm2: LayerNorm::new(dim, 1e-5, &vb.pp("norm2"))?,
             attn2: CrossAttention::new(
                 dim,
                 cfg.cross_attention_dim,
                 cfg.heads,
                 cfg.head_dim,
-                cfg.upcast_attention,
                 &vb.pp("attn2"),
             )?,
             norm3: LayerNorm::new(dim, 1e-5, &vb.pp("norm3"))?,

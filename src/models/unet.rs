@@ -48,6 +48,8 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// diffusers' flag for attention scores in f32; reneg always computes half-precision
+    /// scores in f32 (`nn::attention`), so it is read and changes nothing.
     #[serde(default)]
     pub upcast_attention: bool,
     #[serde(default)]
@@ -430,7 +432,6 @@ impl UNet2DConditionModel {
             cross_attention_dim: lv.cross_dim[level],
             groups: lv.groups,
             use_linear_projection: cfg.use_linear_projection,
-            upcast_attention: cfg.upcast_attention,
         };
 
         let mut down = Vec::with_capacity(n);

@@ -179,7 +179,6 @@ impl SpatialAttention {
             &self.to_v.forward(&t)?,
             1,
             None,
-            true,
         )?;
         let out = self
             .to_out

@@ -58,17 +58,16 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
 ///
 /// # Shapes
 /// `q`: `[b, n, heads * d]`, `k`, `v`: `[b, m, heads * d]` -> `[b, n, heads * d]`.
-/// Scores of half-precision inputs are computed and normalised in f32 (which is what diffusers'
-/// `upcast_attention` / `upcast_softmax` ask for; `upcast` is kept for the configs that say so).
+/// Scores of half-precision inputs are always computed and normalised in f32 (what diffusers'
+/// `upcast_attention` / `upcast_softmax` ask for, so those config values need no flag here).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
-    upcast: bool,
 ) -> Result<Tensor> {
-    attention_blocked(q, k, v, heads, mask, upcast, SCORES_BLOCK)
+    attention_blocked(q, k, v, heads, mask, SCORES_BLOCK)
 }
 
 /// [`attention`] with at most `block` score elements at a time where the mask allows it (tests
@@ -80,7 +79,6 @@ pub fn attention_blocked(
     v: &Tensor,
     heads: usize,
     mask: Option<&Tensor>,
-    upcast: bool,
     block: usize,
 ) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
@@ -96,9 +94,7 @@ pub fn attention_blocked(
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let half = matches!(dtype, candle_core::DType::F16 | candle_core::DType::BF16);
     // Half-precision scores are computed and normalised in f32 (as PyTorch's fused attention
-    // kernels accumulate them under autocast, and as diffusers' `upcast_attention` asks), so
-    // `upcast` changes nothing more; the probabilities meet V in V's dtype.
-    let _ = upcast;
+    // kernels accumulate them under autocast); the probabilities meet V in V's dtype.
     let (q, k) = if half {
         (
             q.to_dtype(candle_core::DType::F32)?,
@@ -176,10 +172,7 @@ fn softmax_scores(raw: Tensor, scale: f64, fused: bool) -> Result<Tensor> {
 /// Half-precision tensors in f32 (softmax statistics, as autocast keeps them); f32 and f64 as
 /// they are.
 pub(crate) fn at_least_f32(t: &Tensor) -> Result<Tensor> {
-    match t.dtype() {
-        candle_core::DType::F16 | candle_core::DType::BF16 => t.to_dtype(candle_core::DType::F32),
-        _ => Ok(t.clone()),
-    }
+    t.to_dtype(crate::precision::activation_dtype(t.dtype()))
 }
 
 /// The input gradient of `p = softmax(scale * x)` from `dp`: scale p (dp - rowsum(dp p)),
@@ -241,11 +234,14 @@ fn scores_times_v(
     let probs = match mask {
         // Without a graph the scores are scratch: softmax overwrites them.
         None if !dispatch::tracked(&raw) => softmax_scores(raw, scale, fused)?,
-        // On a graph (only with a mask: `attention_blocked` recomputes the unmasked case).
-        None => softmax_last_dim(&(at_least_f32(&raw)? * scale)?)?,
-        Some(mask) => {
-            let scores = (at_least_f32(&raw)? * scale)?;
-            softmax_last_dim(&scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?)?
+        // Masked (the text encoder's causal mask; `attention_blocked` recomputes the unmasked
+        // case on a graph): composed, so its backward is candle's.
+        _ => {
+            let mut scores = (at_least_f32(&raw)? * scale)?;
+            if let Some(mask) = mask {
+                scores = scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?;
+            }
+            softmax_last_dim(&scores)?
         }
     }
     .to_dtype(dtype)?;

@@ -5,7 +5,7 @@ use super::attach;
 use super::dispatch::{self, Grad};
 use crate::error::Result;
 use crate::weights::Vb;
-use candle_core::{DType, Tensor, D};
+use candle_core::{Tensor, D};
 
 /// Normalises `xs` over its last dimension to zero mean, unit variance (biased, as PyTorch).
 /// On the gradient path (any device) the backward is the closed form
@@ -34,13 +34,6 @@ fn normalize_last(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let centered = xs.broadcast_sub(&mean)?;
     let var = (centered.sqr()?.sum_keepdim(D::Minus1)? / n)?;
     centered.broadcast_div(&(var + eps)?.sqrt()?)
-}
-
-fn upcast(xs: &Tensor) -> candle_core::Result<Tensor> {
-    match xs.dtype() {
-        DType::F16 | DType::BF16 => xs.to_dtype(DType::F32),
-        _ => Ok(xs.clone()),
-    }
 }
 
 /// `x * w + b` with frozen `w`, `b` (broadcast): on the gradient path the backward is
@@ -81,7 +74,7 @@ impl LayerNorm {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         // Half-precision inputs (autocast): statistics, normalisation and affine in f32,
         // rounded once to the input's dtype, as PyTorch's autocast runs layer_norm in f32.
-        let x = upcast(xs)?;
+        let x = super::at_least_f32(xs)?;
         let (w, b) = (
             self.weight.to_dtype(x.dtype())?,
             self.bias.to_dtype(x.dtype())?,
@@ -148,7 +141,7 @@ impl GroupNorm {
     fn composed_f32(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let x = upcast(xs)?;
+        let x = super::at_least_f32(xs)?;
         let grouped = x.reshape((b, self.groups, ()))?;
         let normed = normalize_last(&grouped, self.eps)?.reshape(dims.as_slice())?;
         let mut wshape = vec![1usize; dims.len()];

@@ -3,7 +3,7 @@
 
 use super::optim::{AdamW, AdamWConfig};
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -21,33 +21,8 @@ pub struct Checkpoint {
     pub config: String,
 }
 
-fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    Ok(t.to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect())
-}
-
 impl Checkpoint {
     pub fn save(&self, path: &Path) -> Result<()> {
-        let names = ["embedding", "adam_m", "adam_v"];
-        let tensors = [&self.embedding, &self.optimizer.m, &self.optimizer.v];
-        let data = tensors
-            .iter()
-            .map(|t| f32_bytes(t))
-            .collect::<Result<Vec<_>>>()?;
-        let views = names
-            .iter()
-            .zip(&tensors)
-            .zip(&data)
-            .map(|((n, t), d)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), d)
-                    .map(|v| (*n, v))
-                    .map_err(|e| Error::Invalid(format!("checkpoint: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let meta: HashMap<String, String> = [
             ("step", self.step.to_string()),
             ("adam_step", self.optimizer.step.to_string()),
@@ -66,8 +41,12 @@ impl Checkpoint {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = safetensors::tensor::serialize(views, Some(meta))
-            .map_err(|e| Error::Invalid(format!("checkpoint: {e}")))?;
+        let tensors = [
+            ("embedding", &self.embedding),
+            ("adam_m", &self.optimizer.m),
+            ("adam_v", &self.optimizer.v),
+        ];
+        let bytes = crate::io::safetensors_f32(&tensors, meta, "checkpoint")?;
         crate::io::write_atomic(path, &bytes)
     }
 
@@ -80,11 +59,7 @@ impl Checkpoint {
                 format!("corrupt checkpoint: {m}; delete it to start over"),
             )
         };
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let (tensors, meta) = crate::io::read_safetensors_meta(&bytes, bad)?;
         let get = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}`")));
         let num =
             |k: &str| -> Result<u64> { get(k)?.parse().map_err(|_| bad(format!("bad `{k}`"))) };

@@ -18,7 +18,7 @@
 //! trait and waits for a device session. Only rank 0 writes the run's files.
 
 use crate::error::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -162,19 +162,6 @@ impl FileGroup {
         let dir = self.step_dir(step);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::file(&dir, format!("cannot create: {e}")))?;
-        let grad = c.grad.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let data: Vec<u8> = grad
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
-            grad.dims().to_vec(),
-            &data,
-        )
-        .map_err(|e| Error::Invalid(format!("exchange: {e}")))?;
         // f64s by their bits: exact (NaN included), so every rank sums the same numbers.
         let bits = |v: &f64| format!("{:016x}", v.to_bits());
         let meta: HashMap<String, String> = [
@@ -186,8 +173,7 @@ impl FileGroup {
         ]
         .into_iter()
         .collect();
-        let bytes = safetensors::tensor::serialize([("grad", view)], Some(meta))
-            .map_err(|e| Error::Invalid(format!("exchange: {e}")))?;
+        let bytes = crate::io::safetensors_f32(&[("grad", &c.grad)], meta, "exchange")?;
         crate::io::write_atomic(&dir.join(format!("mb-{}.safetensors", c.index)), &bytes)
     }
 
@@ -195,11 +181,7 @@ impl FileGroup {
         let bytes =
             std::fs::read(path).map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
         let bad = |m: String| Error::file(path, format!("corrupt exchange file: {m}"));
-        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-            .map_err(|e| bad(e.to_string()))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let (tensors, meta) = crate::io::read_safetensors_meta(&bytes, bad)?;
         let field = |k: &str| meta.get(k).cloned().ok_or_else(|| bad(format!("no `{k}`")));
         let number = |s: &str| -> Result<f64> {
             u64::from_str_radix(s, 16)
