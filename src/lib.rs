@@ -9,7 +9,6 @@ pub mod embedding;
 pub mod error;
 pub mod eval;
 pub mod io;
-pub mod mini;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

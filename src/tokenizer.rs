@@ -15,8 +15,8 @@ use std::sync::Mutex;
 use unicode_normalization::UnicodeNormalization;
 
 const EMBEDDED_BPE: &[u8] = include_bytes!("../assets/clip-tokenizer/bpe_simple_vocab_16e6.txt.gz");
-pub(crate) const BOS: &str = "<|startoftext|>";
-pub(crate) const EOS: &str = "<|endoftext|>";
+pub const BOS: &str = "<|startoftext|>";
+pub const EOS: &str = "<|endoftext|>";
 
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
@@ -37,7 +37,7 @@ pub struct ClipTokenizer {
 }
 
 /// GPT-2's reversible map from bytes to printable unicode characters.
-pub(crate) fn bytes_to_unicode() -> [char; 256] {
+pub fn bytes_to_unicode() -> [char; 256] {
     let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
         .chain(0xA1..=0xAC)
         .chain(0xAE..=0xFF)

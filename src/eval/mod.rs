@@ -34,6 +34,49 @@ pub struct Manifest {
     pub rewards: Vec<String>,
     /// Per-sample adaptation settings (steps, patience, lr), when a per-sample negative is used.
     pub adapt: Option<(usize, usize, f64)>,
+    /// What each reward is to the negatives compared (reward name -> a sentence): which
+    /// negatives were trained or adapted on it, or that it only evaluates. The report states
+    /// it under each reward, so an optimised score is never read as an independent one.
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, String>,
+}
+
+/// What each reward is to the negatives compared ([`Manifest::roles`]). `rewards`: each
+/// reward's name and whether it is evaluation-only; `trained_on[j]`: the rewards negative
+/// `j`'s embedding was trained on (from its metadata; empty for prompts).
+pub fn reward_roles(
+    negatives: &[String],
+    specs: &[negative::NegativeSpec],
+    trained_on: &[Vec<String>],
+    rewards: &[(String, bool)],
+) -> std::collections::BTreeMap<String, String> {
+    use negative::NegativeSpec;
+    rewards
+        .iter()
+        .map(|(name, evaluation_only)| {
+            let role = if *evaluation_only {
+                "Independent: an evaluation-only score; no negative here was trained or adapted on it."
+                    .to_string()
+            } else {
+                let mut by: Vec<String> = Vec::new();
+                for (j, spec) in specs.iter().enumerate() {
+                    let neg = &negatives[j];
+                    if trained_on.get(j).is_some_and(|t| t.contains(name)) {
+                        by.push(format!("`{neg}` starts from an embedding trained on it (on the training prompts)"));
+                    }
+                    if matches!(spec, NegativeSpec::PerSample(_)) {
+                        by.push(format!("`{neg}` adapts on it, on the very image it scores here"));
+                    }
+                }
+                if by.is_empty() {
+                    "Not optimised by any negative compared here.".to_string()
+                } else {
+                    format!("Optimised: {}.", by.join("; "))
+                }
+            };
+            (name.clone(), role)
+        })
+        .collect()
 }
 
 /// The file a run's manifest is kept in.

@@ -158,7 +158,11 @@ pub fn markdown(r: &Report, m: &Manifest) -> String {
         m.width, m.height, stats::RESAMPLES, r.negatives.first().map(String::as_str).unwrap_or("")
     ));
     for reward in &r.rewards {
-        s.push_str(&format!("## {reward}\n\n| negative | mean | 95% CI | vs first | 95% CI of difference | win rate | non-finite |\n|---|---|---|---|---|---|---|\n"));
+        s.push_str(&format!("## {reward}\n\n"));
+        if let Some(role) = m.roles.get(reward) {
+            s.push_str(&format!("*{role}*\n\n"));
+        }
+        s.push_str("| negative | mean | 95% CI | vs first | 95% CI of difference | win rate | non-finite |\n|---|---|---|---|---|---|---|\n");
         let rows: Vec<&Row> = r.results.iter().filter(|x| &x.reward == reward).collect();
         for row in &rows {
             let u = &row.summary;

@@ -27,10 +27,6 @@ pub enum RewardKind {
     Aesthetic,
     /// CLIP score (any transformers CLIPModel folder).
     Clip,
-    /// The miniature world's judge, P(no degradation) x 100 (evaluation only).
-    JudgeQuality,
-    /// The miniature world's judge, P(shapes and colours as captioned) x 100 (evaluation only).
-    JudgeMatch,
 }
 
 /// Reads a state dict from safetensors or a PyTorch file, dropping the wrappers checkpoints
@@ -231,16 +227,5 @@ pub fn load(
         }
         RewardKind::Clip => Box::new(load_hf_clip(path, ClipScoring::ClipScore, dtype, device)?),
         RewardKind::Aesthetic => Box::new(load_aesthetic(path, dtype, device)?),
-        RewardKind::JudgeQuality | RewardKind::JudgeMatch => {
-            use crate::mini::judge::{Judge, JudgeReward, JudgeScore};
-            Box::new(JudgeReward {
-                judge: Judge::load(path, dtype, device)?,
-                score: if kind == RewardKind::JudgeQuality {
-                    JudgeScore::Quality
-                } else {
-                    JudgeScore::Match
-                },
-            })
-        }
     })
 }

@@ -43,7 +43,7 @@ impl Objective {
             Ok(())
         } else {
             Err(Error::Invalid(
-                "nothing to optimise: give a reward that is not evaluation-only (judge-quality and judge-match only evaluate)".into(),
+                "nothing to optimise: every reward given is evaluation-only (a judge); give one that can be optimised".into(),
             ))
         }
     }

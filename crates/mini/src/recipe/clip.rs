@@ -6,13 +6,13 @@ use super::{
     batch, fit, mkdir, save_vars, token_ids_trimmed, vars_of, write_json, Layout, ModelReport,
 };
 use super::{CHECK_SEED, TRAIN_SEED};
-use crate::error::Result;
-use crate::mini::{vocab, DataConfig};
-use crate::reward::hf_clip::HfClipModel;
-use crate::reward::preprocess::Preprocess;
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{Vb, Weights};
+use crate::{vocab, DataConfig};
 use candle_core::{DType, Device, Tensor, D};
+use reneg::error::Result;
+use reneg::reward::hf_clip::HfClipModel;
+use reneg::reward::preprocess::Preprocess;
+use reneg::tokenizer::ClipTokenizer;
+use reneg::weights::{Vb, Weights};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -58,7 +58,14 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let model = HfClipModel::new(&cfg_path, &vb)?;
     let logit_scale = vb.get(&[], "logit_scale")?;
     let pre = Preprocess::clip(32);
-    let data = DataConfig::default();
+    // CLIP learns from whole-scene captions only ("..., blurry"): its contrastive loss pairs
+    // each image with one caption, and a bare "blurry" would match every blurred image of the
+    // batch. (This is also the data of the world's first version, whose CLIP the second keeps.)
+    let data = DataConfig {
+        quality_only_share: 0.0,
+        quality_mostly_share: 0.0,
+        ..DataConfig::default()
+    };
     let clock = Instant::now();
 
     let logits = |start: u64, data_seed: u64| -> Result<Tensor> {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 macro_rules! embedded {
     ($($path:literal,)*) => {
-        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/mini/", $path)) as &[u8]),)*]
+        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/mini/", $path)) as &[u8]),)*]
     };
 }
 

@@ -5,15 +5,15 @@
 
 use super::{batch, fit, mkdir, save_vars, token_ids, vars_of, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
-use crate::error::Result;
-use crate::mini::DataConfig;
-use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::rng::{randn, SplitMix64};
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{Vb, Weights};
+use crate::DataConfig;
 use candle_core::{DType, Device, Tensor};
+use reneg::error::Result;
+use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
+use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
+use reneg::models::vae::{AutoencoderKL, VaeConfig};
+use reneg::rng::{randn, SplitMix64};
+use reneg::tokenizer::ClipTokenizer;
+use reneg::weights::{Vb, Weights};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -25,14 +25,14 @@ const TRAIN_TIMESTEPS: usize = 1000;
 pub fn config() -> Value {
     json!({
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
-        "act_fn": "silu", "attention_head_dim": 4, "block_out_channels": [64, 128],
+        "act_fn": "silu", "attention_head_dim": 4, "block_out_channels": [32, 64, 128],
         "center_input_sample": false, "cross_attention_dim": super::clip::WIDTH,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0,
         "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
         "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 16,
-        "sample_size": 8, "use_linear_projection": false, "upcast_attention": false,
+        "sample_size": 16, "use_linear_projection": false, "upcast_attention": false,
     })
 }
 
@@ -134,7 +134,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         let col = |v: Vec<f32>| Tensor::from_vec(v, (BATCH, 1, 1, 1), dev);
         let xt = (x0.broadcast_mul(&col(sa)?)? + noise.broadcast_mul(&col(sb)?)?)?;
         let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        Ok::<_, crate::error::Error>((xt, tsf, ctx, noise))
+        Ok::<_, reneg::error::Error>((xt, tsf, ctx, noise))
     };
     let final_loss = fit("unet", vars_of(&vb.vars()), steps, 1e-3, |step| {
         let (xt, ts, ctx, noise) = noised(TRAIN_SEED, (step * BATCH) as u64, &mut rng, true)?;

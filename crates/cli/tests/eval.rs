@@ -1,14 +1,21 @@
 //! `reneg eval` end to end on the tiny SD1.5 pipeline with two tiny rewards: the report's
 //! sanity, sharded runs merged equal to the unsharded run, resume, and bad input.
 
+/// A path under the repository root (the tests run in this crate's folder).
+macro_rules! repo {
+    ($p:literal) => {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../", $p)
+    };
+}
+
 use reneg::eval::report::Report;
 use reneg::eval::Record;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
-const AESTHETIC: &str = "tests/fixtures/parity/reward-aesthetic/reward";
-const CLIP: &str = "tests/fixtures/parity/reward-hfclip/reward";
+const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
+const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
+const CLIP: &str = repo!("tests/fixtures/parity/reward-hfclip/reward");
 
 fn reneg(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_reneg"))
@@ -337,7 +344,7 @@ fn eval_bad_input_exits_2_with_one_line() {
             "--reward",
             "judge-quality",
             "--reward-model",
-            reneg::mini::default_root().join("judge").to_str().unwrap(),
+            reneg_mini::default_root().join("judge").to_str().unwrap(),
             "--steps",
             "2",
             "--out",
@@ -363,7 +370,7 @@ fn eval_bad_input_exits_2_with_one_line() {
         "model_index.json",
     ] {
         let a = std::fs::read(Path::new(written).join(f)).unwrap();
-        let b = std::fs::read(reneg::mini::default_model().join(f)).unwrap();
+        let b = std::fs::read(reneg_mini::default_model().join(f)).unwrap();
         assert!(a == b, "{f} differs from assets/mini");
     }
     // Merging a folder that is not an eval output.
@@ -384,9 +391,10 @@ fn eval_bad_input_exits_2_with_one_line() {
 #[test]
 fn bootstrap_and_win_rates_match_the_independent_reference() {
     use reneg::eval::stats::summarize;
-    let fixture: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string("tests/fixtures/eval/stats.json").unwrap())
-            .unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo!("tests/fixtures/eval/stats.json")).unwrap(),
+    )
+    .unwrap();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
     let num = |v: &serde_json::Value| v.as_f64().unwrap();
     for (name, case) in fixture.as_object().unwrap() {
@@ -459,6 +467,7 @@ fn nan_scores_are_recorded_counted_and_do_not_break_later_runs() {
         negatives: vec!["null".into(), "x".into()],
         rewards: vec!["r".into()],
         adapt: None,
+        roles: Default::default(),
     };
     let mut recs = vec![];
     for p in 0..2 {

@@ -3,10 +3,10 @@
 //! words instead of CLIP's 49,408 tokens. A token-embedding table of the real size would be
 //! most of each tiny model's bytes. Every byte keeps its token, so any text still tokenizes.
 
-use crate::error::{Error, Result};
-use crate::mini::degrade::QUALITY_WORDS;
-use crate::mini::scene::{BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES};
-use crate::tokenizer::{bytes_to_unicode, BOS, EOS};
+use crate::degrade::QUALITY_WORDS;
+use crate::scene::{BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES};
+use reneg::error::{Error, Result};
+use reneg::tokenizer::{bytes_to_unicode, BOS, EOS};
 use serde_json::json;
 use std::path::Path;
 
@@ -126,7 +126,7 @@ pub fn write_tokenizer(dir: &Path) -> Result<()> {
         ),
     ];
     for (name, text) in files {
-        crate::io::write_atomic(&dir.join(name), text.as_bytes())?;
+        reneg::io::write_atomic(&dir.join(name), text.as_bytes())?;
     }
     Ok(())
 }

@@ -1,6 +1,10 @@
-//! The miniature world of issue 8: deterministic captioned scenes and the degradations
+//! The miniature world (issues 8 and 17): deterministic captioned scenes and the degradations
 //! people dislike (`scene`, `degrade`), its tokenizer (`vocab`), the recipe that trains its
 //! models from scratch (`recipe`) and the independent judge (`judge`).
+//!
+//! A crate of its own: the core library (`reneg`) does not know the world. The judge reaches
+//! the core's reward interface ([`reneg::reward::Reward`]) from outside, as any
+//! evaluation-only scorer would.
 
 pub mod degrade;
 pub mod judge;
@@ -8,8 +12,8 @@ pub mod recipe;
 pub mod scene;
 pub mod vocab;
 
-use crate::rng::SplitMix64;
 pub use degrade::{Degradation, Family};
+use reneg::rng::SplitMix64;
 pub use scene::Scene;
 use std::path::PathBuf;
 
@@ -17,7 +21,9 @@ use std::path::PathBuf;
 /// recipe's comparisons read. The binary's default model is its embedded copy
 /// (`cli::builtin`), which works wherever the binary is installed.
 pub fn default_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/mini")
+    // The world's files sit at the repository root, beside the crates that use them.
+    let p = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/mini"));
+    std::fs::canonicalize(&p).unwrap_or(p)
 }
 
 /// The committed miniature world's diffusers pipeline.
@@ -32,8 +38,13 @@ pub struct DataConfig {
     pub size: usize,
     /// Share of examples that are degraded.
     pub degraded_share: f64,
-    /// Share of degraded examples whose caption names the degradation ("..., blurry").
+    /// Share of degraded examples whose caption names the degradation.
     pub quality_word_share: f64,
+    /// Of those, the share captioned with the quality word alone ("blurry") and the share
+    /// captioned mostly by it ("a blurry image of a red circle"), as web captions often are;
+    /// the rest keep the whole scene ("..., on a grey background, blurry").
+    pub quality_only_share: f64,
+    pub quality_mostly_share: f64,
     /// Which degradation parameters (the reward's or the judge's).
     pub family: Family,
 }
@@ -44,6 +55,8 @@ impl Default for DataConfig {
             size: 32,
             degraded_share: 0.4,
             quality_word_share: 0.5,
+            quality_only_share: 0.25,
+            quality_mostly_share: 0.25,
             family: Family::Reward,
         }
     }
@@ -78,10 +91,27 @@ pub fn example(seed: u64, index: u64, cfg: &DataConfig) -> Example {
     });
     let image = match &degradation {
         Some(d) => {
-            if rng.uniform() < cfg.quality_word_share {
-                caption = format!("{caption}, {}", degrade::QUALITY_WORDS[d.kind()]);
+            let worded = rng.uniform() < cfg.quality_word_share;
+            let image = d.apply(&clean, cfg.size, &mut rng);
+            if worded {
+                // The form is drawn last, so the images (and the captions of the world's
+                // first version, which had only the last form) do not depend on it.
+                let word = degrade::QUALITY_WORDS[d.kind()];
+                let u = rng.uniform();
+                let first = &scene.shapes[0];
+                caption = if u < cfg.quality_only_share {
+                    word.to_string()
+                } else if u < cfg.quality_only_share + cfg.quality_mostly_share {
+                    format!(
+                        "a {word} image of a {} {}",
+                        scene::COLOURS[first.colour].0,
+                        first.kind.name()
+                    )
+                } else {
+                    format!("{caption}, {word}")
+                };
             }
-            d.apply(&clean, cfg.size, &mut rng)
+            image
         }
         None => clean,
     };

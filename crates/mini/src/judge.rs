@@ -6,13 +6,13 @@
 //! probability that every position holds what the caption says (shape and colour named, or
 //! empty when the caption names nothing there).
 
-use crate::error::{read_json, Error, Result};
-use crate::mini::degrade::KINDS;
-use crate::mini::scene::{Scene, COLOURS, POSITIONS, SHAPES};
-use crate::nn::{Conv2d, GroupNorm, Linear};
-use crate::reward::{check_batch, Reward};
-use crate::weights::{Vb, Weights};
+use crate::degrade::KINDS;
+use crate::scene::{Scene, COLOURS, POSITIONS, SHAPES};
 use candle_core::{DType, Device, Tensor, D};
+use reneg::error::{read_json, Error, Result};
+use reneg::nn::{Conv2d, GroupNorm, Linear};
+use reneg::reward::{check_batch, Reward};
+use reneg::weights::{Vb, Weights};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -208,6 +208,19 @@ pub fn recognised(out: &JudgeOutput, scenes: &[Scene]) -> Result<Vec<bool>> {
         .iter()
         .map(|v| v.iter().all(|&(s, c)| s && c))
         .collect())
+}
+
+/// The judge in `dir` as the evaluation-only reward giving `score`.
+pub fn load_reward(
+    score: JudgeScore,
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Box<dyn Reward>> {
+    Ok(Box::new(JudgeReward {
+        judge: Judge::load(dir, dtype, device)?,
+        score,
+    }))
 }
 
 /// Which of the two judge scores a [`JudgeReward`] reports.

@@ -10,10 +10,10 @@ pub mod reward;
 pub mod unet;
 pub mod vae;
 
-use crate::error::{Error, Result};
-use crate::mini::{example, DataConfig, Example};
+use crate::{example, DataConfig, Example};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
+use reneg::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,8 +38,8 @@ impl Default for Budget {
     fn default() -> Self {
         Self {
             clip: 600,
-            vae: 500,
-            unet: 1400,
+            vae: 800,
+            unet: 3600,
             reward: 800,
             judge: 1000,
         }
@@ -114,9 +114,27 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
     write_prompts(&layout)?;
     let b = &cfg.budget;
     let done = |dir: &Path, file: &str| !cfg.force && dir.join(file).is_file();
-    // Two chains at a time (a tiny model's step uses about one core of two): the CLIP and
-    // then the VAE beside the reward and then the judge; the UNet needs the first two.
-    let chain_a = || -> Result<Vec<ModelReport>> {
+    // Two chains at a time (a tiny model's step uses about one core of two). The CLIP and
+    // then the VAE beside the reward; then the UNet (on the CLIP text tower and the VAE)
+    // beside the judge (calibrated on VAE round trips).
+    let both = |a: &(dyn Fn() -> Result<Vec<ModelReport>> + Sync),
+                b: &(dyn Fn() -> Result<Vec<ModelReport>> + Sync)|
+     -> Result<Vec<ModelReport>> {
+        let (ra, rb) = std::thread::scope(|s| {
+            let hb = s.spawn(b);
+            let ra = a();
+            let rb = hb.join().unwrap_or_else(|_| {
+                Err(Error::Invalid(
+                    "mini train: a training thread panicked".into(),
+                ))
+            });
+            (ra, rb)
+        });
+        let mut r = ra?;
+        r.extend(rb?);
+        Ok(r)
+    };
+    let clip_vae = || -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
         if !done(&layout.clip(), "model.safetensors") {
             r.push(clip::train(&layout, cfg.seed, b.clip, device)?);
@@ -129,34 +147,32 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         }
         Ok(r)
     };
-    let chain_b = || -> Result<Vec<ModelReport>> {
+    let reward = || -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
         if !done(&layout.reward(), "open_clip_model.safetensors") {
             r.push(reward::train(&layout, cfg.seed, b.reward, device)?);
         }
-        if !done(&layout.judge(), crate::mini::judge::WEIGHTS_FILE) {
+        Ok(r)
+    };
+    let unet = || -> Result<Vec<ModelReport>> {
+        let mut r = Vec::new();
+        if !done(
+            &layout.pipeline().join("unet"),
+            "diffusion_pytorch_model.safetensors",
+        ) {
+            r.push(unet::train(&layout, cfg.seed, b.unet, device)?);
+        }
+        Ok(r)
+    };
+    let judge = || -> Result<Vec<ModelReport>> {
+        let mut r = Vec::new();
+        if !done(&layout.judge(), crate::judge::WEIGHTS_FILE) {
             r.push(judge::train(&layout, cfg.seed, b.judge, device)?);
         }
         Ok(r)
     };
-    let (a, bb) = std::thread::scope(|s| {
-        let hb = s.spawn(chain_b);
-        let a = chain_a();
-        let bb = hb.join().unwrap_or_else(|_| {
-            Err(Error::Invalid(
-                "mini train: a training thread panicked".into(),
-            ))
-        });
-        (a, bb)
-    });
-    let mut reports = a?;
-    reports.extend(bb?);
-    if !done(
-        &layout.pipeline().join("unet"),
-        "diffusion_pytorch_model.safetensors",
-    ) {
-        reports.push(unet::train(&layout, cfg.seed, b.unet, device)?);
-    }
+    let mut reports = both(&clip_vae, &reward)?;
+    reports.extend(both(&unet, &judge)?);
     // Keep earlier reports of models this run skipped.
     let path = layout.root.join("recipe.json");
     let mut all: Vec<ModelReport> = std::fs::read_to_string(&path)
@@ -168,32 +184,52 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         all.push(r.clone());
     }
     let text = serde_json::to_string_pretty(&all).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::write_atomic(&path, text.as_bytes())?;
+    reneg::io::write_atomic(&path, text.as_bytes())?;
     Ok(reports)
 }
 
 /// Training and held-out prompt files for ReNeg in the miniature world: clean captions of
-/// scenes from a seed no model trained on.
+/// distinct scenes (one caption per canonical scene) from a seed no model trained on. The
+/// training prompts come only from scenes outside the held-out partition
+/// ([`crate::Scene::is_heldout`]) and the held-out prompts only from inside it, so no
+/// evaluation scene is a training scene under another wording.
 fn write_prompts(layout: &Layout) -> Result<()> {
     mkdir(&layout.prompts())?;
+    let (train, heldout) = prompt_sets();
+    let text = |v: &[String]| v.join("\n") + "\n";
+    reneg::io::write_atomic(&layout.prompts().join("train.txt"), text(&train).as_bytes())?;
+    reneg::io::write_atomic(
+        &layout.prompts().join("heldout.txt"),
+        text(&heldout).as_bytes(),
+    )
+}
+
+/// Prompts in ReNeg's training and held-out files.
+pub const TRAIN_PROMPTS: usize = 400;
+pub const HELDOUT_PROMPTS: usize = 48;
+
+/// `(training prompts, held-out prompts)`: see [`write_prompts`].
+pub fn prompt_sets() -> (Vec<String>, Vec<String>) {
     let cfg = DataConfig {
         degraded_share: 0.0,
         ..DataConfig::default()
     };
-    let captions = |from: u64, n: u64| -> String {
-        let mut lines: Vec<String> = (from..from + n)
-            .map(|i| example(PROMPT_SEED, i, &cfg).caption)
-            .collect();
-        lines.dedup();
-        lines.join("\n") + "\n"
+    let draw = |from: u64, n: usize, heldout: bool| -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut i = from;
+        while out.len() < n {
+            let e = example(PROMPT_SEED, i, &cfg);
+            i += 1;
+            if e.scene.is_heldout() == heldout && seen.insert(e.scene.canonical()) {
+                out.push(e.caption);
+            }
+        }
+        out
     };
-    crate::io::write_atomic(
-        &layout.prompts().join("train.txt"),
-        captions(0, 400).as_bytes(),
-    )?;
-    crate::io::write_atomic(
-        &layout.prompts().join("heldout.txt"),
-        captions(10_000, 48).as_bytes(),
+    (
+        draw(0, TRAIN_PROMPTS, false),
+        draw(10_000, HELDOUT_PROMPTS, true),
     )
 }
 
@@ -203,7 +239,7 @@ pub(crate) fn mkdir(dir: &Path) -> Result<()> {
 
 pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-    crate::io::write_atomic(path, text.as_bytes())
+    reneg::io::write_atomic(path, text.as_bytes())
 }
 
 /// Examples `start..start + n` of dataset `seed` and their images as `[n, 3, s, s]` in [0, 1].
@@ -305,7 +341,7 @@ pub(crate) fn fit(
 
 /// Token ids of `texts` as `[n, max_len]`.
 pub(crate) fn token_ids(
-    tok: &crate::tokenizer::ClipTokenizer,
+    tok: &reneg::tokenizer::ClipTokenizer,
     texts: &[String],
     dev: &Device,
 ) -> Result<Tensor> {
@@ -317,7 +353,7 @@ pub(crate) fn token_ids(
 /// changes nothing (causal attention: no token sees the padding after it) and saves most of
 /// the text tower's work on short captions.
 pub(crate) fn token_ids_trimmed(
-    tok: &crate::tokenizer::ClipTokenizer,
+    tok: &reneg::tokenizer::ClipTokenizer,
     texts: &[String],
     dev: &Device,
 ) -> Result<Tensor> {

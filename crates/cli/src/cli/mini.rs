@@ -3,7 +3,7 @@
 
 use super::{device, lib};
 use anyhow::Result;
-use reneg::mini::recipe::{self, Budget, RecipeConfig};
+use reneg_mini::recipe::{self, Budget, RecipeConfig};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Subcommand)]
@@ -29,16 +29,16 @@ pub struct ExperimentArgs {
     #[arg(long, default_value = "runs/mini")]
     pub out: PathBuf,
     /// ReNeg training steps for the global embedding.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 400)]
     pub train_steps: u64,
     /// Use this global embedding instead of training one (e.g. the committed
     /// assets/mini/negatives/reneg-global.safetensors).
     #[arg(long)]
     pub embedding: Option<PathBuf>,
     /// Held-out prompts evaluated (from the mini folder's prompts/heldout.txt).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 48)]
     pub prompts: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub seeds: usize,
     /// Leave out the per-sample negative (the slowest part).
     #[arg(long)]
@@ -146,7 +146,7 @@ pub fn experiment_train_args(mini: &Path, out: &Path, steps: u64, device: &str) 
         ("--grad-step-window", "5".into()),
         ("--height", "32".into()),
         ("--width", "32".into()),
-        ("--val-every", (steps / 3).max(1).to_string()),
+        ("--val-every", (steps / 4).max(1).to_string()),
         ("--val-seeds", "2".into()),
     ] {
         v.push(k.into());

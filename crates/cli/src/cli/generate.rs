@@ -2,6 +2,7 @@
 //! Writes one PNG per image (generation parameters in a `parameters` text chunk, as other SD
 //! front ends do) and one JSON line per image in `images.jsonl`.
 
+use super::rewards::RewardArg;
 use super::{
     check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
     load_rewards, setup_precision, user, ModelArgs, Precision,
@@ -11,7 +12,6 @@ use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
 use reneg::prompts::{self, Prompt};
-use reneg::reward::load::RewardKind;
 use reneg::train::per_sample::adapt;
 use reneg::train::step::{Objective, Sampling};
 use std::io::Write;
@@ -60,7 +60,7 @@ pub struct GenerateArgs {
     /// Per-sample adaptation: a reward to adapt the negative to each prompt (repeat with
     /// --reward-model for several).
     #[arg(long, value_enum)]
-    pub reward: Vec<RewardKind>,
+    pub reward: Vec<RewardArg>,
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
     // Per-sample adaptation (with --reward).

@@ -2,15 +2,16 @@
 //! their owners' layouts, the judge recognises what the generator draws, and `reneg mini
 //! experiment` reproduces the committed experiment's numbers.
 
+#[path = "../../../tests/common/mod.rs"]
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use reneg::mini::judge::{per_shape, recognised, Judge};
-use reneg::mini::recipe::CHECK_SEED;
-use reneg::mini::scene::Scene;
-use reneg::mini::{default_root, example, DataConfig, Family};
 use reneg::reward::load::{load, RewardKind};
 use reneg::StableDiffusion;
+use reneg_mini::judge::{load_reward, per_shape, recognised, Judge, JudgeScore};
+use reneg_mini::recipe::CHECK_SEED;
+use reneg_mini::scene::Scene;
+use reneg_mini::{default_root, example, DataConfig, Family};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -51,17 +52,18 @@ fn committed_models_load_in_their_owners_layouts() {
     // The pipeline's tokenizer is the world's (711 tokens), not CLIP's 49,408.
     assert_eq!(
         sd.tokenizer.eos_id() as usize + 1,
-        reneg::mini::vocab::vocab_size()
+        reneg_mini::vocab::vocab_size()
     );
     let e = sd.encode_prompt(caption).unwrap();
     assert_eq!(e.dims(), &[1, 77, 64]);
-    for (kind, dir) in [
-        (RewardKind::Hps, "reward"),
-        (RewardKind::Clip, "clip"),
-        (RewardKind::JudgeQuality, "judge"),
-        (RewardKind::JudgeMatch, "judge"),
-    ] {
-        let r = load(kind, &root.join(dir), DType::F32, &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    let rewards = [
+        load(RewardKind::Hps, &root.join("reward"), DType::F32, &dev).unwrap(),
+        load(RewardKind::Clip, &root.join("clip"), DType::F32, &dev).unwrap(),
+        load_reward(JudgeScore::Quality, &root.join("judge"), DType::F32, &dev).unwrap(),
+        load_reward(JudgeScore::Match, &root.join("judge"), DType::F32, &dev).unwrap(),
+    ];
+    for r in rewards {
         let img = Tensor::full(0.5f32, (1, 3, 32, 32), &Device::Cpu).unwrap();
         let s = r.score(&img, &[caption.to_string()]).unwrap();
         assert_eq!(s.dims(), &[1]);
@@ -268,4 +270,106 @@ fn experiment_reproduces_the_committed_numbers() {
         compared += 1;
     }
     assert_eq!(compared, 3 * 3, "three negatives by three rewards");
+}
+
+#[test]
+fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
+    use std::process::Command;
+    let out = std::env::temp_dir().join(format!("reneg-mini-recipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_reneg"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "mini",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "0.003",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = String::from_utf8_lossy(&o.stdout).to_string();
+    for m in ["clip", "vae", "unet", "reward", "judge"] {
+        assert!(report.contains(&format!("{m}: ")), "{report}");
+    }
+    // Everything is written: a rerun trains nothing.
+    let o = run(&[
+        "mini",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--scale",
+        "0.003",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("already"));
+    // The pipeline generates; the reward and judge score.
+    let img_dir = out.join("images");
+    let o = run(&[
+        "generate",
+        "--model",
+        out.join("pipeline").to_str().unwrap(),
+        "--prompt",
+        "a small red circle in the centre, on a grey background",
+        "--steps",
+        "3",
+        "--out",
+        img_dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let png = img_dir.join("00000-seed0.png");
+    for (kind, dir) in [
+        ("hps", "reward"),
+        ("judge-match", "judge"),
+        ("clip", "clip"),
+    ] {
+        let o = run(&[
+            "score",
+            "--reward",
+            kind,
+            "--reward-model",
+            out.join(dir).to_str().unwrap(),
+            "--prompt",
+            "a small red circle in the centre, on a grey background",
+            "--out",
+            out.join(format!("scores-{kind}.json")).to_str().unwrap(),
+            png.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{kind}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A judge is never optimised against.
+    let o = run(&[
+        "train",
+        "--model",
+        out.join("pipeline").to_str().unwrap(),
+        "--reward",
+        "judge-quality",
+        "--reward-model",
+        out.join("judge").to_str().unwrap(),
+        "--prompts",
+        out.join("prompts/train.txt").to_str().unwrap(),
+        "--out",
+        out.join("neg").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("evaluation-only"));
+    let _ = std::fs::remove_dir_all(&out);
 }

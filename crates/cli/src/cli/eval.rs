@@ -2,6 +2,7 @@
 //! scores each image with each reward, and writes the comparison report; `reneg eval merge`
 //! combines shard folders into the report an unsharded run gives.
 
+use super::rewards::RewardArg;
 use super::{
     check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
     load_rewards, setup_precision, user, ModelArgs, Precision,
@@ -11,7 +12,6 @@ use candle_core::{DType, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
 use reneg::prompts::{self, Prompt};
-use reneg::reward::load::RewardKind;
 use reneg::train::per_sample::adapt;
 use reneg::train::step::{noise, to_unit, Objective, Sampling};
 use std::collections::BTreeSet;
@@ -68,7 +68,7 @@ pub struct EvalArgs {
     pub negatives: Vec<String>,
     /// A reward to score with (repeat, each with its --reward-model).
     #[arg(long, value_enum, required = true)]
-    pub reward: Vec<RewardKind>,
+    pub reward: Vec<RewardArg>,
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
     #[arg(long, default_value_t = 30)]
@@ -159,6 +159,10 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             "the same reward is given twice; give each reward once",
         ));
     }
+    let reward_flags: Vec<(String, bool)> = rewards
+        .iter()
+        .map(|(r, _)| (r.name().to_string(), r.evaluation_only()))
+        .collect();
     let objective = Objective::new(rewards);
     if specs
         .iter()
@@ -181,6 +185,26 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // The rewards each embedding was trained on, from its metadata (`reneg train` writes
+    // "kind:model:weight" items joined by commas).
+    let trained_on: Vec<Vec<String>> = specs
+        .iter()
+        .map(|spec| match spec {
+            NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
+                reneg::embedding::NegativeEmbedding::load(p)
+                    .ok()
+                    .and_then(|e| e.metadata.get("reward").cloned())
+                    .map(|r| {
+                        r.split(',')
+                            .filter_map(|item| item.split(':').next())
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }
+            _ => vec![],
+        })
+        .collect();
 
     let manifest = Manifest {
         model: args.model.name()?,
@@ -198,6 +222,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.adapt.adapt_patience,
             args.adapt.adapt_lr,
         )),
+        roles: eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags),
     };
     match Manifest::load(&args.out).map_err(lib)? {
         Some(old) if old != manifest => {

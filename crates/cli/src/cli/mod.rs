@@ -6,6 +6,7 @@ pub mod embedding;
 pub mod eval;
 pub mod generate;
 pub mod mini;
+pub mod rewards;
 pub mod score;
 pub mod train;
 
@@ -188,7 +189,7 @@ pub fn image_size(
 
 /// `--reward KIND --reward-model PATH` pairs, loaded, each with weight 1.
 pub fn load_rewards(
-    kinds: &[reneg::reward::load::RewardKind],
+    kinds: &[rewards::RewardArg],
     models: &[PathBuf],
     dtype: DType,
     device: &Device,
@@ -199,12 +200,7 @@ pub fn load_rewards(
     kinds
         .iter()
         .zip(models)
-        .map(|(k, m)| {
-            Ok((
-                reneg::reward::load::load(*k, m, dtype, device).map_err(lib)?,
-                1.0,
-            ))
-        })
+        .map(|(k, m)| Ok((k.load(m, dtype, device).map_err(lib)?, 1.0)))
         .collect()
 }
 

@@ -1,15 +1,15 @@
 //! `reneg score`: score images with a reward model; prints a table and writes JSON.
 
+use super::rewards::RewardArg;
 use super::{lib, user};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use reneg::reward::load::{self, RewardKind};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
     #[arg(long, value_enum)]
-    pub reward: RewardKind,
+    pub reward: RewardArg,
     /// The reward model: a folder in its owner's layout, or (HPS) a weights file.
     #[arg(long)]
     pub reward_model: PathBuf,
@@ -72,8 +72,10 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     if pairs.is_empty() {
         return Err(user("no images: pass PNG files or --pairs FILE"));
     }
-    let reward =
-        load::load(args.reward, &args.reward_model, DType::F32, &Device::Cpu).map_err(lib)?;
+    let reward = args
+        .reward
+        .load(&args.reward_model, DType::F32, &Device::Cpu)
+        .map_err(lib)?;
     let mut rows = vec![];
     println!("{:>10}  {:<40}  prompt", reward.name(), "image");
     for (path, prompt) in &pairs {

@@ -1,14 +1,14 @@
-//! The tiny VAE: a diffusers `AutoencoderKL` (32x32 RGB <-> 8x8x4 latents) trained on clean and
+//! The tiny VAE: a diffusers `AutoencoderKL` (32x32 RGB <-> 16x16x4 latents, one downsampling) trained on clean and
 //! degraded images with a pixel loss and a small KL term. Its `scaling_factor` is set, as for
 //! Stable Diffusion, to one over the standard deviation of the training latents.
 
 use super::{batch, fit, mkdir, save_vars, vars_of, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
-use crate::error::Result;
-use crate::mini::DataConfig;
-use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::weights::{Vb, Weights};
+use crate::DataConfig;
 use candle_core::{DType, Device, Tensor};
+use reneg::error::Result;
+use reneg::models::vae::{AutoencoderKL, VaeConfig};
+use reneg::weights::{Vb, Weights};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Instant;
@@ -20,9 +20,9 @@ pub fn config(scaling_factor: f64) -> Value {
     json!({
         "_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1",
         "act_fn": "silu", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-        "block_out_channels": [32, 64, 64],
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [32, 64],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
         "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 32,
         "scaling_factor": scaling_factor, "force_upcast": false,
         "mid_block_add_attention": true, "use_quant_conv": true, "use_post_quant_conv": true,
@@ -44,7 +44,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         let x = ((images * 2.0)? - 1.0)?;
         let (mean, logvar) = vae.encode(&x)?;
         noise_seed = noise_seed.wrapping_add(1);
-        let eps = crate::rng::randn(noise_seed, mean.dims(), DType::F32, dev)?;
+        let eps = reneg::rng::randn(noise_seed, mean.dims(), DType::F32, dev)?;
         let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
         let recon = vae.decode(&z)?;
         let mse = (recon - &x)?.sqr()?.mean_all()?;

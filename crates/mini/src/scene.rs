@@ -2,9 +2,9 @@
 //! position on a plain background, rendered anti-aliased, with a caption that names them.
 //! Everything is drawn from a seed, so a dataset is a pure function of its seed.
 
-use crate::rng::SplitMix64;
+use reneg::rng::SplitMix64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ShapeKind {
     Circle,
@@ -59,7 +59,10 @@ pub const POSITIONS: [(&str, [f32; 2]); 5] = [
 
 pub const SIZES: [(&str, f32); 2] = [("small", 0.14), ("large", 0.24)];
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// One canonical scene in this many is held out (see [`Scene::is_heldout`]).
+pub const HELDOUT_ONE_IN: u64 = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Shape {
     pub kind: ShapeKind,
     /// Indices into [`COLOURS`], [`POSITIONS`], [`SIZES`].
@@ -68,7 +71,7 @@ pub struct Shape {
     pub size: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Scene {
     pub shapes: Vec<Shape>,
     /// Index into [`BACKGROUNDS`].
@@ -105,6 +108,35 @@ impl Scene {
             shapes,
             background: pick(rng, BACKGROUNDS.len()),
         }
+    }
+
+    /// The scene as a composition: its shapes in position order. Two captions that name the
+    /// same shapes in the other order describe the same canonical scene.
+    pub fn canonical(&self) -> Scene {
+        let mut shapes = self.shapes.clone();
+        shapes.sort_by_key(|s| s.position);
+        Scene {
+            shapes,
+            background: self.background,
+        }
+    }
+
+    /// Whether this composition belongs to the held-out partition of the world's scenes: one
+    /// in [`HELDOUT_ONE_IN`] canonical scenes, chosen by a hash of the composition, so the
+    /// partition is a fixed property of the scene and not of where it was drawn. ReNeg's
+    /// training prompts come only from the other scenes, its evaluation prompts only from
+    /// these.
+    pub fn is_heldout(&self) -> bool {
+        let c = self.canonical();
+        let mut h = reneg::rng::SplitMix64::new(0x0004_E1D0_u64 ^ (c.background as u64 + 1));
+        let mut acc = h.next_u64();
+        for s in &c.shapes {
+            let code = ((s.kind as u64 * 8 + s.colour as u64) * 8 + s.position as u64) * 4
+                + s.size as u64
+                + 1;
+            acc = reneg::rng::SplitMix64::new(acc ^ code).next_u64();
+        }
+        acc.is_multiple_of(HELDOUT_ONE_IN)
     }
 
     /// "a large red circle on the left and a small blue square at the top, on a grey background"

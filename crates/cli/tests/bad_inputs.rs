@@ -3,13 +3,20 @@
 //! exactly one line on stderr that names the offending file or flag, never panic, and leave no
 //! output file behind.
 
+/// A path under the repository root (the tests run in this crate's folder).
+macro_rules! repo {
+    ($p:literal) => {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../", $p)
+    };
+}
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
-const AESTHETIC: &str = "tests/fixtures/parity/reward-aesthetic/reward";
-const HPS: &str = "tests/fixtures/parity/reward-openclip-gelu/reward";
+const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
+const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
+const HPS: &str = repo!("tests/fixtures/parity/reward-openclip-gelu/reward");
 
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-bad-{tag}-{}", std::process::id()));
@@ -91,9 +98,9 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         "rank4.safetensors",
         Tensor::zeros((1, 1, 77, 32), DType::F32, &Device::Cpu).unwrap(),
     );
-    let good = std::fs::read("tests/fixtures/embedding/torch_saved.safetensors").unwrap();
+    let good = std::fs::read(repo!("tests/fixtures/embedding/torch_saved.safetensors")).unwrap();
     std::fs::write(d.join("truncated.safetensors"), &good[..good.len() / 2]).unwrap();
-    let pt = std::fs::read("tests/fixtures/embedding/torch_saved.pt").unwrap();
+    let pt = std::fs::read(repo!("tests/fixtures/embedding/torch_saved.pt")).unwrap();
     std::fs::write(d.join("truncated.pt"), &pt[..pt.len() / 2]).unwrap();
     // Models: a corrupt UNet, an unknown scheduler, a wrong-family folder, a broken config.
     copy_dir(Path::new(SD15), &d.join("corrupt-unet"));

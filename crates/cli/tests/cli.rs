@@ -1,10 +1,17 @@
 //! The `reneg` binary end to end, in temporary folders, on the parity pipelines.
 
+/// A path under the repository root (the tests run in this crate's folder).
+macro_rules! repo {
+    ($p:literal) => {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../", $p)
+    };
+}
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
+const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
 
 fn reneg(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_reneg"))
@@ -153,7 +160,7 @@ fn batches_and_prompt_files_give_the_same_images() {
 #[test]
 fn init_latents_reproduce_each_parity_case_image() {
     for case in ["sd15-tiny", "sd2-tiny", "sd-variant"] {
-        let cdir = PathBuf::from("tests/fixtures/parity").join(case);
+        let cdir = PathBuf::from(repo!("tests/fixtures/parity")).join(case);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(cdir.join("case.json")).unwrap())
                 .unwrap();
@@ -386,7 +393,7 @@ fn bad_input_exits_2_with_one_line_naming_the_problem() {
                 "--prompt".into(),
                 "x".into(),
                 "--negative-embedding".into(),
-                "tests/fixtures/embedding/not_a_tensor.pt".into(),
+                repo!("tests/fixtures/embedding/not_a_tensor.pt").into(),
             ],
             "not a single tensor",
         ),
@@ -456,7 +463,7 @@ fn bad_input_exits_2_with_one_line_naming_the_problem() {
             vec![
                 "embedding".into(),
                 "inspect".into(),
-                "tests/fixtures/embedding/malicious.pt".into(),
+                repo!("tests/fixtures/embedding/malicious.pt").into(),
             ],
             "os.system",
         ),
@@ -505,7 +512,7 @@ fn single_file_checkpoint_gives_the_folders_image() {
         single.to_str().unwrap(),
         &["--model-config", cfg.to_str().unwrap()],
     );
-    args[2] = "tests/fixtures/parity/sd15-tiny/single_file.safetensors";
+    args[2] = repo!("tests/fixtures/parity/sd15-tiny/single_file.safetensors");
     ok(&args);
     assert_eq!(
         read_png(&single.join("00000-seed5.png")).0,
@@ -557,7 +564,7 @@ fn score_prints_a_table_and_writes_json() {
         "--reward",
         "hps",
         "--reward-model",
-        "tests/fixtures/parity/reward-openclip-gelu/reward",
+        repo!("tests/fixtures/parity/reward-openclip-gelu/reward"),
         "--prompt",
         "a red cube",
         "--out",
@@ -587,7 +594,7 @@ fn score_prints_a_table_and_writes_json() {
         "--reward",
         "hps",
         "--reward-model",
-        "tests/fixtures/parity/reward-openclip-gelu/reward",
+        repo!("tests/fixtures/parity/reward-openclip-gelu/reward"),
         "--pairs",
         pairs.to_str().unwrap(),
         "--out",
@@ -603,7 +610,7 @@ fn score_prints_a_table_and_writes_json() {
         "--reward",
         "aesthetic",
         "--reward-model",
-        "tests/fixtures/parity/reward-aesthetic/reward",
+        repo!("tests/fixtures/parity/reward-aesthetic/reward"),
         "--out",
         out.to_str().unwrap(),
         png.to_str().unwrap(),
@@ -617,7 +624,7 @@ fn score_prints_a_table_and_writes_json() {
                 "--reward",
                 "hps",
                 "--reward-model",
-                "tests/fixtures/parity/reward-openclip-gelu/reward",
+                repo!("tests/fixtures/parity/reward-openclip-gelu/reward"),
                 "--prompt",
                 "a",
                 "--prompt",
@@ -646,7 +653,7 @@ fn score_prints_a_table_and_writes_json() {
                 "--reward",
                 "pickscore",
                 "--reward-model",
-                "tests/fixtures/parity/reward-openclip-gelu/reward",
+                repo!("tests/fixtures/parity/reward-openclip-gelu/reward"),
                 "--prompt",
                 "a",
                 png.to_str().unwrap(),
@@ -668,9 +675,9 @@ fn train_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         "--reward",
         "aesthetic",
         "--reward-model",
-        "tests/fixtures/parity/reward-aesthetic/reward",
+        repo!("tests/fixtures/parity/reward-aesthetic/reward"),
         "--prompts",
-        "tests/fixtures/train/train_prompts.txt",
+        repo!("tests/fixtures/train/train_prompts.txt"),
         "--out",
         out,
         "--batch-size",
@@ -790,7 +797,7 @@ fn generate_adapts_per_sample_and_saves_the_embeddings() {
             "--reward",
             "aesthetic",
             "--reward-model",
-            "tests/fixtures/parity/reward-aesthetic/reward",
+            repo!("tests/fixtures/parity/reward-aesthetic/reward"),
             "--adapt-steps",
             "3",
             "--adapt-lr",
@@ -843,7 +850,7 @@ fn train_bad_input_exits_2() {
                 "--model",
                 SD15,
                 "--prompts",
-                "tests/fixtures/train/train_prompts.txt",
+                repo!("tests/fixtures/train/train_prompts.txt"),
                 "--out",
                 o_str,
             ],

@@ -1,12 +1,12 @@
 //! `reneg train`: learn a global negative embedding by reward feedback. Options come from
 //! `--config FILE.toml`, then flags; the resolved config is written to `--out`.
 
+use super::rewards::RewardArg;
 use super::{device, lib, setup_precision, user, Precision};
 use anyhow::Result;
 use candle_core::DType;
 use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
-use reneg::reward::load::RewardKind;
 use reneg::train::config::{Init, TrainConfig};
 use reneg::train::global::{self, Prompts};
 use reneg::train::step::Objective;
@@ -24,7 +24,7 @@ pub struct TrainArgs {
     pub model: Option<String>,
     /// Reward kind; repeat with --reward-model (and --reward-weight) for several.
     #[arg(long, value_enum)]
-    pub reward: Vec<RewardKind>,
+    pub reward: Vec<RewardArg>,
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
     #[arg(long)]
@@ -168,19 +168,25 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
             .zip(&a.reward_model)
             .enumerate()
             .map(|(i, (k, m))| {
+                let kind = k.core().ok_or_else(|| {
+                    user(format!(
+                        "--reward {}: evaluation-only (the miniature world's judge scores in `reneg eval`); training cannot optimise it",
+                        k.flag()
+                    ))
+                })?;
                 let mut e = toml::Table::new();
                 e.insert(
                     "kind".into(),
-                    toml::Value::try_from(k).expect("kind serialises"),
+                    toml::Value::try_from(kind).expect("kind serialises"),
                 );
                 e.insert("model".into(), Value::String(m.display().to_string()));
                 e.insert(
                     "weight".into(),
                     Value::Float(a.reward_weight.get(i).copied().unwrap_or(1.0)),
                 );
-                Value::Table(e)
+                Ok(Value::Table(e))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         t.insert("rewards".into(), Value::Array(list));
     }
     Ok(t)

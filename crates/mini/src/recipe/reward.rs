@@ -6,14 +6,14 @@
 
 use super::{fit, mkdir, save_vars, token_ids_trimmed, vars_of, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
-use crate::error::Result;
-use crate::mini::{preference_pair, vocab, Family};
-use crate::models::open_clip::{OpenClipConfig, OpenClipModel};
-use crate::reward::open_clip::HpsReward;
-use crate::reward::preprocess::Preprocess;
-use crate::tokenizer::ClipTokenizer;
-use crate::weights::{Vb, Weights};
+use crate::{preference_pair, vocab, Family};
 use candle_core::{DType, Device, Tensor};
+use reneg::error::Result;
+use reneg::models::open_clip::{OpenClipConfig, OpenClipModel};
+use reneg::reward::open_clip::HpsReward;
+use reneg::reward::preprocess::Preprocess;
+use reneg::tokenizer::ClipTokenizer;
+use reneg::weights::{Vb, Weights};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Instant;

@@ -4,12 +4,19 @@
 //! every file the run has written must read back with the project's own readers: no
 //! half-written file is ever seen.
 
+/// A path under the repository root (the tests run in this crate's folder).
+macro_rules! repo {
+    ($p:literal) => {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../", $p)
+    };
+}
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
-const AESTHETIC: &str = "tests/fixtures/parity/reward-aesthetic/reward";
+const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
+const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
 
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-kill-{tag}-{}", std::process::id()));
@@ -155,7 +162,7 @@ fn killed_train_resumes_to_the_uninterrupted_embedding() {
             "--reward-model",
             AESTHETIC,
             "--prompts",
-            "tests/fixtures/train/train_prompts.txt",
+            repo!("tests/fixtures/train/train_prompts.txt"),
             "--batch-size",
             "1",
             "--sampling-steps",

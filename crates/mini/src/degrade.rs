@@ -4,7 +4,7 @@
 //! for the independent judge), so a judge that agrees with the reward is not just reading
 //! back the reward's own training distribution.
 
-use crate::rng::SplitMix64;
+use reneg::rng::SplitMix64;
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
