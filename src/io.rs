@@ -153,8 +153,37 @@ pub fn safetensors_f32(
                 .map_err(|e| Error::Invalid(format!("{what}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::tensor::serialize(views, Some(metadata))
-        .map_err(|e| Error::Invalid(format!("{what}: {e}")))
+    let bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::Invalid(format!("{what}: {e}")))?;
+    sorted_header(bytes).map_err(|e| Error::Invalid(format!("{what}: {e}")))
+}
+
+/// A safetensors file's bytes with its JSON header's keys in sorted order (tensor names, and
+/// the metadata's keys), so the same content always gives the same bytes: the safetensors
+/// crate writes the metadata in hash-map order, which changes from run to run. The header
+/// keeps its length (the same entries, compactly written) and the crate's padding (spaces
+/// to a multiple of 8 bytes); the data offsets are relative to the data, which is unchanged.
+pub fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or("no header")?,
+    ) as usize;
+    let header = bytes.get(8..8 + n).ok_or("header past the end")?;
+    // serde_json's map is ordered by key (the preserve_order feature is not enabled).
+    let value: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
+    let mut sorted = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    if sorted.len() > n {
+        return Err(format!("sorted header is {} bytes, not {n}", sorted.len()));
+    }
+    sorted.resize(n, b' ');
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..8]);
+    out.extend_from_slice(&sorted);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// The tensors (on the CPU) and header metadata of a safetensors file's `bytes`; `bad` turns a

@@ -5,6 +5,7 @@
 //! [`nn`] holds the differentiable building blocks (no fused ops without a backward);
 //! [`scheduler`] is DDIM; [`pipeline`] ties them into guided sampling and the gradient step.
 
+pub mod chart;
 pub mod embedding;
 pub mod error;
 pub mod eval;

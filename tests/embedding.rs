@@ -266,3 +266,39 @@ fn malformed_storage_views_are_errors() {
         );
     }
 }
+
+#[test]
+fn the_same_embedding_is_saved_as_the_same_bytes() {
+    // The metadata is a map; saved twice (each save hashes it anew) the bytes must not differ.
+    let t = candle_core::Tensor::arange(0f32, 77.0 * 8.0, &candle_core::Device::Cpu)
+        .unwrap()
+        .reshape((1, 77, 8))
+        .unwrap();
+    let mut e = reneg::embedding::NegativeEmbedding::new(t).unwrap();
+    for k in 0..12 {
+        e.metadata.insert(format!("key{k}"), format!("value {k}"));
+    }
+    let dir = std::env::temp_dir().join(format!("reneg-emb-bytes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.safetensors"), dir.join("b.safetensors"));
+    e.save_safetensors(&a).unwrap();
+    e.save_safetensors(&b).unwrap();
+    let (ba, bb) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert!(ba == bb, "two saves differ");
+    // Still a valid file, read back with its metadata.
+    let back = reneg::embedding::NegativeEmbedding::load(&a).unwrap();
+    assert_eq!(
+        back.metadata.get("key7").map(String::as_str),
+        Some("value 7")
+    );
+    let header = String::from_utf8_lossy(
+        &ba[8..8 + u64::from_le_bytes(ba[..8].try_into().unwrap()) as usize],
+    )
+    .to_string();
+    let (k1, k2) = (
+        header.find("\"key1\"").unwrap(),
+        header.find("\"key2\"").unwrap(),
+    );
+    assert!(k1 < k2, "{header}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

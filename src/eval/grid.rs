@@ -1,6 +1,6 @@
 //! Pictures of a comparison: image grids (prompt rows x negative columns) and a bar chart of
-//! the mean reward per negative with its interval. No text is drawn (plotters is built
-//! without a font backend); `report.md` says what the rows, columns and colours are.
+//! the mean reward per negative with its interval, titled, with axes and a legend naming
+//! each negative (`crate::chart` holds the font).
 
 use super::report::Report;
 use super::Manifest;
@@ -64,15 +64,19 @@ pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// One panel per reward: a bar per negative (mean) with its 95% interval as a whisker.
+/// One panel per reward: a bar per negative (mean) with its 95% interval as a whisker; the
+/// legend under the panels names each negative by its colour.
 pub fn bar_chart(r: &Report, out: &Path) -> Result<()> {
-    let tmp = out.with_extension("tmp.png");
     let panels = r.rewards.len().max(1);
-    {
-        let root = BitMapBackend::new(&tmp, (260 * panels as u32, 320)).into_drawing_area();
+    let legend_rows = r.negatives.len();
+    let legend_h = 16 + 22 * legend_rows as u32;
+    crate::chart::write_png(out, |tmp| {
+        let root =
+            BitMapBackend::new(tmp, (300 * panels as u32, 360 + legend_h)).into_drawing_area();
         let draw = |e: DrawingAreaErrorKind<_>| Error::file(out, format!("cannot draw: {e}"));
         root.fill(&WHITE).map_err(draw)?;
-        for (area, reward) in root.split_evenly((1, panels)).iter().zip(&r.rewards) {
+        let (top, legend) = root.split_vertically(360);
+        for (area, reward) in top.split_evenly((1, panels)).iter().zip(&r.rewards) {
             let rows: Vec<_> = r.results.iter().filter(|x| &x.reward == reward).collect();
             let lo = rows
                 .iter()
@@ -89,12 +93,21 @@ pub fn bar_chart(r: &Report, out: &Path) -> Result<()> {
             let base = lo - pad;
             let mut chart = ChartBuilder::on(area)
                 .margin(14)
+                .caption(crate::chart::shorten(reward, 28), crate::chart::text(18.0))
+                .x_label_area_size(30)
+                .y_label_area_size(58)
                 .build_cartesian_2d(0f64..rows.len() as f64, base..hi + pad)
                 .map_err(draw)?;
             chart
                 .configure_mesh()
                 .disable_x_mesh()
                 .light_line_style(WHITE)
+                // The bars are numbered as in the legend instead.
+                .x_labels(0)
+                .x_desc("negative (numbered as in the legend)")
+                .y_desc("mean score, 95% CI")
+                .axis_desc_style(crate::chart::text(14.0))
+                .label_style(crate::chart::text(13.0))
                 .draw()
                 .map_err(draw)?;
             for (j, row) in rows.iter().enumerate() {
@@ -104,6 +117,13 @@ pub fn bar_chart(r: &Report, out: &Path) -> Result<()> {
                     .draw_series(std::iter::once(Rectangle::new(
                         [(x + 0.15, base), (x + 0.85, row.summary.mean)],
                         RGBColor(cr, cg, cb).filled(),
+                    )))
+                    .map_err(draw)?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        format!("{}", j + 1),
+                        (x + 0.44, base + pad * 0.9),
+                        crate::chart::text(14.0),
                     )))
                     .map_err(draw)?;
                 let [a, b] = row.summary.ci95;
@@ -123,7 +143,22 @@ pub fn bar_chart(r: &Report, out: &Path) -> Result<()> {
                 }
             }
         }
-        root.present().map_err(draw)?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot write: {e}")))
+        // The legend: colour, number, the negative as given.
+        let max_chars = (300 * panels) / 8;
+        for (j, name) in r.negatives.iter().enumerate() {
+            let (cr, cg, cb) = COLOURS[j % COLOURS.len()];
+            let y = 8 + 22 * j as i32;
+            legend
+                .draw(&Rectangle::new(
+                    [(16, y + 2), (32, y + 16)],
+                    RGBColor(cr, cg, cb).filled(),
+                ))
+                .map_err(draw)?;
+            let label = crate::chart::shorten(&format!("{}  {name}", j + 1), max_chars);
+            legend
+                .draw(&Text::new(label, (40, y + 1), crate::chart::text(14.0)))
+                .map_err(draw)?;
+        }
+        root.present().map_err(draw)
+    })
 }

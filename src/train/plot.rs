@@ -36,27 +36,54 @@ pub fn reward_curve(metrics: &Path, out: &Path) -> Result<()> {
             (x.max(s), lo.min(r), hi.max(r))
         });
     let pad = ((ymax - ymin) * 0.05).max(1e-6);
-    let tmp = out.with_extension("png.tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (640, 360)).into_drawing_area();
+    let n = points.len();
+    crate::chart::write_png(out, |tmp| {
+        let root = BitMapBackend::new(tmp, (720, 420)).into_drawing_area();
         let draw = |e: DrawingAreaErrorKind<_>| Error::file(out, format!("cannot draw: {e}"));
         root.fill(&WHITE).map_err(draw)?;
         let mut chart = ChartBuilder::on(&root)
-            .margin(12)
+            .margin(14)
+            .caption(
+                format!("Reward during training ({n} steps)"),
+                crate::chart::text(20.0),
+            )
+            .x_label_area_size(44)
+            .y_label_area_size(64)
             .build_cartesian_2d(0f64..xmax.max(1.0), (ymin - pad)..(ymax + pad))
             .map_err(draw)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            .y_desc("reward (batch mean)")
+            .axis_desc_style(crate::chart::text(15.0))
+            .label_style(crate::chart::text(13.0))
             .draw()
             .map_err(draw)?;
+        let light = RGBColor(170, 190, 230);
         chart
-            .draw_series(LineSeries::new(points, RGBColor(170, 190, 230)))
-            .map_err(draw)?;
+            .draw_series(LineSeries::new(points, light))
+            .map_err(draw)?
+            .label("each step")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], light));
         chart
             .draw_series(LineSeries::new(smooth, BLUE.stroke_width(2)))
+            .map_err(draw)?
+            .label(if window == 1 {
+                "running mean (1 step)".to_string()
+            } else {
+                format!("running mean over {window} steps")
+            })
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .label_font(crate::chart::text(13.0))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
             .map_err(draw)?;
-        root.present().map_err(draw)?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::file(out, format!("cannot write: {e}")))
+        root.present().map_err(draw)
+    })
 }

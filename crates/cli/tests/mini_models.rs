@@ -6,12 +6,13 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
+use reneg::eval::Record;
 use reneg::reward::load::{load, RewardKind};
 use reneg::StableDiffusion;
 use reneg_mini::judge::{load_reward, per_shape, recognised, Judge, JudgeScore};
 use reneg_mini::recipe::CHECK_SEED;
 use reneg_mini::scene::Scene;
-use reneg_mini::{default_root, example, DataConfig, Family};
+use reneg_mini::{default_root, example, DataConfig, Example, Family};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -32,16 +33,24 @@ fn reneg(args: &[&str]) -> std::process::Output {
         .expect("run reneg")
 }
 
-/// Stated accuracies (README, "The miniature world"): the judge on held-out renderings with
-/// its own degradations, and on images the committed generator draws for held-out prompts.
-const JUDGE_RENDERED_SCENE_ACCURACY: f64 = 0.85;
-const JUDGE_RENDERED_DEGRADATION_ACCURACY: f64 = 0.80;
-/// Per shape the caption names, at its position (chance: 1/4 for the shape, "empty" counted,
-/// and 1/7 for the colour): on held-out renderings passed through the pipeline's VAE, and on
-/// images the generator draws for held-out captions.
-const JUDGE_DECODED_SHAPE_ACCURACY: f64 = 0.40;
-const JUDGE_DECODED_COLOUR_ACCURACY: f64 = 0.70;
-const JUDGE_GENERATED_COLOUR_ACCURACY: f64 = 0.35;
+/// Stated accuracies (README, "The miniature world"), set a little below what the committed
+/// models measured (the measured values are in the comments and in CI's output; each bar sits
+/// about three binomial standard errors of its sample below the measurement, so a model that
+/// reads as well as the committed one passes and a clearly worse one fails).
+/// The judge on held-out renderings with its own degradations, crisp and after a VAE round
+/// trip: every shape and colour of a scene, and the degradation (6 classes).
+const JUDGE_CRISP_SCENE_ACCURACY: f64 = f64::NAN;
+const JUDGE_CRISP_DEGRADATION_ACCURACY: f64 = f64::NAN;
+const JUDGE_ROUND_TRIP_SCENE_ACCURACY: f64 = f64::NAN;
+const JUDGE_ROUND_TRIP_DEGRADATION_ACCURACY: f64 = f64::NAN;
+/// On images the generator draws with null text for the held-out captions (the experiment's
+/// baseline): per shape the caption names, the judge's shape (chance 1/4, "empty" counted)
+/// and colour (chance 1/7) at its position. The bars are 0.6 and 0.8.
+const JUDGE_GENERATED_SHAPE_ACCURACY: f64 = f64::NAN;
+const JUDGE_GENERATED_COLOUR_ACCURACY: f64 = f64::NAN;
+/// The judge's quality score on those images lies well inside (10, 90), so it can move both
+/// ways.
+const JUDGE_GENERATED_QUALITY_RANGE: (f64, f64) = (f64::NAN, f64::NAN);
 
 #[test]
 fn committed_models_load_in_their_owners_layouts() {
@@ -56,6 +65,10 @@ fn committed_models_load_in_their_owners_layouts() {
     );
     let e = sd.encode_prompt(caption).unwrap();
     assert_eq!(e.dims(), &[1, 77, 64]);
+    // 32x32 images, 16x16x4 latents (docs/mini-world-v2.md).
+    let img = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let (mean, _) = sd.vae.encode(&img).unwrap();
+    assert_eq!(mean.dims(), &[1, 4, 16, 16]);
     let dev = Device::Cpu;
     let rewards = [
         load(RewardKind::Hps, &root.join("reward"), DType::F32, &dev).unwrap(),
@@ -74,41 +87,72 @@ fn committed_models_load_in_their_owners_layouts() {
     emb.check_fits(77, 64, &global).unwrap();
 }
 
-#[test]
-fn judge_recognises_rendered_scenes_and_degradations() {
-    let judge = Judge::load(&mini().join("judge"), DType::F32, &Device::Cpu).unwrap();
-    let cfg = DataConfig {
-        degraded_share: 0.5,
-        family: Family::Judge,
-        ..DataConfig::default()
-    };
-    // Examples the judge did not train on.
-    let ex: Vec<_> = (50_000..50_256)
-        .map(|i| example(CHECK_SEED, i, &cfg))
-        .collect();
-    let data: Vec<f32> = ex.iter().flat_map(|e| e.image.clone()).collect();
-    let images = Tensor::from_vec(data, (ex.len(), 3, 32, 32), &Device::Cpu).unwrap();
-    let out = judge.forward(&images).unwrap();
+/// Images in [0, 1] after the pipeline's VAE (encode to the latent mean, decode, clamp).
+fn round_trip(sd: &StableDiffusion, images: &Tensor) -> Tensor {
+    let (mean, _) = sd
+        .vae
+        .encode(&((images * 2.0).unwrap() - 1.0).unwrap())
+        .unwrap();
+    let decoded = sd.vae.decode(&mean).unwrap();
+    ((decoded.clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 0.5).unwrap()
+}
+
+/// (every shape and colour of the scene, degradation class) accuracy of the judge.
+fn scene_and_degradation_accuracy(judge: &Judge, images: &Tensor, ex: &[Example]) -> (f64, f64) {
+    let out = judge.forward(images).unwrap();
     let scenes: Vec<Scene> = ex.iter().map(|e| e.scene.clone()).collect();
-    let scene_acc = recognised(&out, &scenes)
+    let scene = recognised(&out, &scenes)
         .unwrap()
         .iter()
         .filter(|&&r| r)
         .count() as f64
         / ex.len() as f64;
     let pred = out.quality.argmax(1).unwrap().to_vec1::<u32>().unwrap();
-    let deg_acc = ex
+    let degradation = ex
         .iter()
         .zip(&pred)
         .filter(|(e, &p)| e.degradation.map_or(0, |d| d.kind() as u32 + 1) == p)
         .count() as f64
         / ex.len() as f64;
-    println!("judge on renderings: shapes and colours {scene_acc:.3}, degradation {deg_acc:.3}");
-    assert!(scene_acc >= JUDGE_RENDERED_SCENE_ACCURACY, "{scene_acc}");
-    assert!(deg_acc >= JUDGE_RENDERED_DEGRADATION_ACCURACY, "{deg_acc}");
+    (scene, degradation)
 }
 
-/// Shape and colour accuracy of the judge per named shape, over images `[n, 3, 32, 32]`.
+#[test]
+fn judge_reads_renderings_and_their_vae_round_trips() {
+    let root = mini();
+    let sd = StableDiffusion::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let judge = Judge::load(&root.join("judge"), DType::F32, &Device::Cpu).unwrap();
+    let cfg = DataConfig {
+        degraded_share: 0.5,
+        family: Family::Judge,
+        ..DataConfig::default()
+    };
+    // Examples the judge did not train on (another seed than its training data).
+    let ex: Vec<Example> = (50_000..50_256)
+        .map(|i| example(CHECK_SEED, i, &cfg))
+        .collect();
+    let data: Vec<f32> = ex.iter().flat_map(|e| e.image.clone()).collect();
+    let images = Tensor::from_vec(data, (ex.len(), 3, 32, 32), &Device::Cpu).unwrap();
+    let (scene, degradation) = scene_and_degradation_accuracy(&judge, &images, &ex);
+    let (rt_scene, rt_degradation) =
+        scene_and_degradation_accuracy(&judge, &round_trip(&sd, &images), &ex);
+    println!(
+        "judge on {} held-out renderings: crisp: scene {scene:.3}, degradation {degradation:.3}; after the VAE: scene {rt_scene:.3}, degradation {rt_degradation:.3}",
+        ex.len()
+    );
+    assert!(scene >= JUDGE_CRISP_SCENE_ACCURACY, "{scene}");
+    assert!(
+        degradation >= JUDGE_CRISP_DEGRADATION_ACCURACY,
+        "{degradation}"
+    );
+    assert!(rt_scene >= JUDGE_ROUND_TRIP_SCENE_ACCURACY, "{rt_scene}");
+    assert!(
+        rt_degradation >= JUDGE_ROUND_TRIP_DEGRADATION_ACCURACY,
+        "{rt_degradation}"
+    );
+}
+
+/// Shape and colour accuracy of the judge per named shape.
 fn accuracy_per_shape(judge: &Judge, images: &Tensor, scenes: &[Scene]) -> (f64, f64, usize) {
     let (mut shapes, mut colours, mut named) = (0, 0, 0);
     for v in per_shape(&judge.forward(images).unwrap(), scenes).unwrap() {
@@ -126,46 +170,17 @@ fn accuracy_per_shape(judge: &Judge, images: &Tensor, scenes: &[Scene]) -> (f64,
 }
 
 #[test]
-fn judge_recognises_shapes_and_colours_through_the_generators_decoder() {
-    // Held-out clean renderings, encoded and decoded by the pipeline's VAE: images as the
-    // generator's decoder draws them, with known content.
-    let root = mini();
-    let sd = StableDiffusion::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
-    let judge = Judge::load(&root.join("judge"), DType::F32, &Device::Cpu).unwrap();
-    let cfg = DataConfig {
-        degraded_share: 0.0,
-        ..DataConfig::default()
-    };
-    let ex: Vec<_> = (60_000..60_128)
-        .map(|i| example(CHECK_SEED, i, &cfg))
-        .collect();
-    let data: Vec<f32> = ex.iter().flat_map(|e| e.image.clone()).collect();
-    let images = Tensor::from_vec(data, (ex.len(), 3, 32, 32), &Device::Cpu).unwrap();
-    let (mean, _) = sd
-        .vae
-        .encode(&((images * 2.0).unwrap() - 1.0).unwrap())
-        .unwrap();
-    let decoded = sd.vae.decode(&mean).unwrap();
-    let decoded = ((decoded.clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 0.5).unwrap();
-    let scenes: Vec<Scene> = ex.iter().map(|e| e.scene.clone()).collect();
-    let (shape_acc, colour_acc, named) = accuracy_per_shape(&judge, &decoded, &scenes);
-    println!("judge on decoded renderings ({named} shapes): shape {shape_acc:.3}, colour {colour_acc:.3}");
-    assert!(shape_acc >= JUDGE_DECODED_SHAPE_ACCURACY, "{shape_acc}");
-    assert!(colour_acc >= JUDGE_DECODED_COLOUR_ACCURACY, "{colour_acc}");
-}
-
-#[test]
-fn judge_recognises_the_colours_the_generator_draws() {
+fn judge_reads_what_the_generator_draws_for_held_out_captions() {
     let root = mini();
     let out = tempfile_dir("judge-generated");
     let prompts: Vec<String> = std::fs::read_to_string(root.join("prompts/heldout.txt"))
         .unwrap()
         .lines()
-        .take(32)
         .map(str::to_string)
         .collect();
     let list = out.join("prompts.txt");
     std::fs::write(&list, prompts.join("\n")).unwrap();
+    // The experiment's baseline: null text, DDIM 20 steps, guidance 7.5, seed 0.
     let o = reneg(&[
         "generate",
         "--prompts",
@@ -196,13 +211,30 @@ fn judge_recognises_the_colours_the_generator_draws() {
     let images = Tensor::from_vec(data, (pngs.len(), 3, 32, 32), &Device::Cpu).unwrap();
     let scenes: Vec<Scene> = prompts.iter().map(|p| Scene::parse(p).unwrap()).collect();
     let (shape_acc, colour_acc, named) = accuracy_per_shape(&judge, &images, &scenes);
-    // The generator's shapes are blobs (README, "The miniature world"): only the colour at the
-    // named position is asked for; the shape accuracy is printed.
-    println!("judge on generated images ({named} named shapes): shape {shape_acc:.3}, colour {colour_acc:.3}");
+    let quality = judge
+        .forward(&images)
+        .unwrap()
+        .quality
+        .narrow(1, 0, 1)
+        .unwrap()
+        .exp()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+        * 100.0;
+    println!(
+        "judge on {} null-text generations of the held-out captions ({named} named shapes): shape {shape_acc:.3}, colour {colour_acc:.3}, judge-quality mean {quality:.1}",
+        pngs.len()
+    );
+    assert!(shape_acc >= JUDGE_GENERATED_SHAPE_ACCURACY, "{shape_acc}");
     assert!(
         colour_acc >= JUDGE_GENERATED_COLOUR_ACCURACY,
         "{colour_acc}"
     );
+    let (lo, hi) = JUDGE_GENERATED_QUALITY_RANGE;
+    assert!(lo < quality && quality < hi, "{quality}");
 }
 
 fn tempfile_dir(name: &str) -> PathBuf {
@@ -212,64 +244,83 @@ fn tempfile_dir(name: &str) -> PathBuf {
     d
 }
 
-fn report(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+fn records(path: &Path) -> Vec<Record> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
+/// How far a rerun's score may lie from the committed one (scores are x100). The pipeline is
+/// deterministic: on the machine that made the committed run the rerun is bit for bit
+/// (measured difference 0). On another CPU the matrix kernels may sum in another order; the
+/// device-generic kernels (RENEG_KERNELS=generic), which sum in another order, moved the
+/// scores of these units by at most MEASURED; the tolerance is ten times that.
+const REPRODUCTION_TOLERANCE: f64 = f64::NAN;
+/// Units rerun: the first prompts of the committed experiment, its first seed.
+const REPRODUCED_PROMPTS: usize = 4;
+
 #[test]
-fn experiment_reproduces_the_committed_numbers() {
+fn experiment_reproduces_the_committed_scores() {
     let root = mini();
     let committed = root.join("experiment");
-    let manifest = report(&committed.join("eval.json"));
-    let seeds = manifest["seeds"].as_u64().unwrap();
-    let prompts = manifest["prompts"].as_array().map_or(0, Vec::len);
+    let want = records(&committed.join("results.jsonl"));
     let out = tempfile_dir("experiment");
     let global = root.join("negatives/reneg-global.safetensors");
-    // Per-sample adaptation is left out to keep the test short; the fixed negatives are rerun.
+    // Every negative, per-sample included, on a few units.
     let o = reneg(&[
         "mini",
         "experiment",
         "--embedding",
         global.to_str().unwrap(),
-        "--no-per-sample",
         "--prompts",
-        &prompts.to_string(),
+        &REPRODUCED_PROMPTS.to_string(),
         "--seeds",
-        &seeds.to_string(),
+        "1",
         "--out",
         out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let want = report(&committed.join("report.json"));
-    let got = report(&out.join("eval/report.json"));
-    let rows = |r: &serde_json::Value| r["results"].as_array().unwrap().clone();
-    let negs = |r: &serde_json::Value| r["negatives"].as_array().unwrap().clone();
-    let (wn, gn) = (negs(&want), negs(&got));
-    let mut compared = 0;
-    for g in rows(&got) {
-        let j = gn.iter().position(|n| *n == g["negative"]).unwrap();
-        let w = rows(&want)
-            .into_iter()
-            .find(|w| w["reward"] == g["reward"] && w["negative"] == wn[j])
-            .unwrap();
-        let (m, lo, hi) = (
-            g["mean"].as_f64().unwrap(),
-            w["ci95"][0].as_f64().unwrap(),
-            w["ci95"][1].as_f64().unwrap(),
-        );
-        println!(
-            "{} / {}: {m:.3} vs committed [{lo:.3}, {hi:.3}]",
-            g["reward"], wn[j]
-        );
+    let got = records(&out.join("eval/results.jsonl"));
+    assert_eq!(
+        got.len(),
+        REPRODUCED_PROMPTS * 4 * 3,
+        "units x negatives x rewards"
+    );
+    let mut worst: f64 = 0.0;
+    for g in &got {
+        let w = want
+            .iter()
+            .find(|w| w.key() == g.key())
+            .unwrap_or_else(|| panic!("no committed record for {:?}", g.key()));
+        assert_eq!(w.prompt, g.prompt);
+        let d = (g.score - w.score).abs();
+        worst = worst.max(d);
         assert!(
-            lo <= m && m <= hi,
-            "{} {}: {m} outside [{lo}, {hi}]",
-            g["reward"],
-            wn[j]
+            d <= REPRODUCTION_TOLERANCE,
+            "{:?}: {} vs committed {}",
+            g.key(),
+            g.score,
+            w.score
         );
-        compared += 1;
     }
-    assert_eq!(compared, 3 * 3, "three negatives by three rewards");
+    println!("experiment rerun on {REPRODUCED_PROMPTS} units: largest difference to the committed scores {worst:e}");
+    // The report says which scores were optimised and which are independent.
+    let md = std::fs::read_to_string(out.join("eval/report.md")).unwrap();
+    assert!(
+        md.contains("adapts on it, on the very image it scores here"),
+        "{md}"
+    );
+    assert!(
+        md.contains("trained on it (on the training prompts)"),
+        "{md}"
+    );
+    assert_eq!(
+        md.matches("Independent: an evaluation-only score").count(),
+        2,
+        "{md}"
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The built-in default model: the committed miniature world (`assets/mini`), embedded in the
-//! binary, so that an installed `reneg` (`cargo install --path .`) has it wherever it runs and
+//! binary, so that an installed `reneg` (`cargo install --path crates/cli`) has it wherever it runs and
 //! never picks up a folder that happens to be called `assets/mini` in the working directory.
 //!
 //! On first use the files are written to `<data dir>/mini-<hash of the contents>/` (the data
