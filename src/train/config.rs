@@ -206,6 +206,21 @@ impl TrainConfig {
         self.batch_size / self.micro_batch_size
     }
 
+    /// The value each optional setting takes when neither the TOML file nor a flag gives it
+    /// (the serde defaults above), by key: what `train --help` shows. Settings without a
+    /// default value (the required ones, and those whose absence means "none") are left out.
+    pub fn default_values() -> toml::Table {
+        let minimal = "model = \"\"\nprompts = \"\"\nout = \"\"\nrewards = []\n";
+        let Ok(cfg) = toml::from_str::<TrainConfig>(minimal) else {
+            return toml::Table::new();
+        };
+        let mut t = toml::Table::try_from(&cfg).unwrap_or_default();
+        for k in ["model", "prompts", "out", "rewards"] {
+            t.remove(k);
+        }
+        t
+    }
+
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }

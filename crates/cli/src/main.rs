@@ -3,7 +3,7 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -64,7 +64,11 @@ fn parse_error(e: clap::Error) -> ExitCode {
 fn main() -> ExitCode {
     reneg::runtime::keep_freed_memory();
     reneg::runtime::fix_thread_count();
-    let cli = match Cli::try_parse() {
+    let command = Cli::command().mut_subcommand("train", cli::train::document_defaults);
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(e) => return parse_error(e),
     };

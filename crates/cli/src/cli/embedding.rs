@@ -13,7 +13,9 @@ pub enum EmbeddingCommand {
     /// Read a PyTorch .bin/.pt (never running code from it) or safetensors file of one tensor
     /// and save it as a reneg safetensors embedding with metadata.
     Import {
+        /// The file to import (.bin/.pt or .safetensors).
         file: PathBuf,
+        /// The reneg embedding to write (.safetensors).
         #[arg(long)]
         out: PathBuf,
         /// The base model it was learned for, recorded in the metadata.
@@ -22,14 +24,18 @@ pub enum EmbeddingCommand {
     },
     /// Write an embedding as safetensors, or as a .pt/.bin that torch.load reads back.
     Export {
+        /// The embedding to export.
         file: PathBuf,
+        /// safetensors, or pt (a file torch.load reads back as the tensor).
         #[arg(long, value_enum)]
         format: Format,
+        /// The file to write.
         #[arg(long)]
         out: PathBuf,
     },
     /// Shape, statistics, and which text encoder it fits.
     Inspect {
+        /// The embedding file (.safetensors, .bin, .pt).
         file: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -43,6 +49,7 @@ pub enum EmbeddingCommand {
         /// The text; empty for the null-text embedding.
         #[arg(long, default_value = "")]
         text: String,
+        /// The embedding file to write (.safetensors).
         #[arg(long)]
         out: PathBuf,
     },

@@ -69,14 +69,19 @@ pub struct EvalArgs {
     /// A reward to score with (repeat, each with its --reward-model).
     #[arg(long, value_enum, required = true)]
     pub reward: Vec<RewardArg>,
+    /// The model of each --reward, in the same order.
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
+    /// DDIM sampling steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
+    /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
+    /// Image width in pixels (default: the model's).
     #[arg(long)]
     pub width: Option<usize>,
     // Per-sample negatives (all rewards that are not evaluation-only, equal weights).
@@ -91,8 +96,10 @@ pub struct EvalArgs {
     /// fp16 training scales the loss dynamically). --dtype is an alias.
     #[arg(long, alias = "dtype", value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Output folder: images, results.jsonl, report, grids, chart (resumes).
     #[arg(long, default_value = "eval")]
     pub out: PathBuf,
 }

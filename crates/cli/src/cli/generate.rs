@@ -33,8 +33,10 @@ pub struct GenerateArgs {
     /// A learned negative embedding (.safetensors, or a PyTorch .bin/.pt such as the official ReNeg files).
     #[arg(long)]
     pub negative_embedding: Option<PathBuf>,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
+    /// DDIM sampling steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
     /// Base seed: image i (counting over all prompts) uses seed + i.
@@ -43,6 +45,7 @@ pub struct GenerateArgs {
     /// Image height in pixels (default: the UNet's sample_size times the VAE factor).
     #[arg(long)]
     pub height: Option<usize>,
+    /// Image width in pixels (default: as the height).
     #[arg(long)]
     pub width: Option<usize>,
     /// Images per UNet batch.
@@ -61,6 +64,7 @@ pub struct GenerateArgs {
     /// --reward-model for several).
     #[arg(long, value_enum)]
     pub reward: Vec<RewardArg>,
+    /// The model of each --reward, in the same order.
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
     // Per-sample adaptation (with --reward).

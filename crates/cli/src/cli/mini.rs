@@ -26,6 +26,7 @@ pub struct ExperimentArgs {
     /// The miniature world's folder (default: the built-in one, assets/mini).
     #[arg(long)]
     pub mini: Option<PathBuf>,
+    /// Output folder (train/ and eval/ inside; resumes).
     #[arg(long, default_value = "runs/mini")]
     pub out: PathBuf,
     /// ReNeg training steps for the global embedding.
@@ -38,11 +39,13 @@ pub struct ExperimentArgs {
     /// Held-out prompts evaluated (from the mini folder's prompts/heldout.txt).
     #[arg(long, default_value_t = 48)]
     pub prompts: usize,
+    /// Seeds per held-out prompt.
     #[arg(long, default_value_t = 3)]
     pub seeds: usize,
     /// Leave out the per-sample negative (the slowest part).
     #[arg(long)]
     pub no_per_sample: bool,
+    /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -52,6 +55,7 @@ pub struct TrainArgs {
     /// Where the models go (the built-in default model lives in assets/mini).
     #[arg(long, default_value = "assets/mini")]
     pub out: PathBuf,
+    /// Seed of every model's initial weights (their data has its own fixed seeds).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Multiplies every model's training steps (1 = the committed models' recipe).
@@ -60,6 +64,7 @@ pub struct TrainArgs {
     /// Retrain models that already exist in --out.
     #[arg(long)]
     pub force: bool,
+    /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }

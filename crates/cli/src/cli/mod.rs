@@ -132,6 +132,7 @@ pub struct AdaptArgs {
     /// Stop adapting after this many steps without improvement.
     #[arg(long, default_value_t = 3)]
     pub adapt_patience: usize,
+    /// Adaptation learning rate (Adam).
     #[arg(long, default_value_t = 5e-3)]
     pub adapt_lr: f64,
     /// The adaptation's gradient step: staged (less memory) or one-pass (faster).

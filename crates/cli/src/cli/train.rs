@@ -25,52 +25,73 @@ pub struct TrainArgs {
     /// Reward kind; repeat with --reward-model (and --reward-weight) for several.
     #[arg(long, value_enum)]
     pub reward: Vec<RewardArg>,
+    /// The model of each --reward, in the same order (default: the miniature world's reward).
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
+    /// The weight of each --reward in the objective (default: 1 each).
     #[arg(long)]
     pub reward_weight: Vec<f64>,
     /// Training prompts (.txt, .tsv with a Prompt column, .json).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// Held-out prompts, scored with fixed noise every --val-every steps (reported, never used to select).
     #[arg(long)]
     pub val_prompts: Option<PathBuf>,
     /// null, prompt:TEXT, or an embedding file.
     #[arg(long)]
     pub init: Option<String>,
+    /// Output folder: embedding, checkpoint, metrics, reward curve.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Optimisation steps.
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Peak learning rate (AdamW, cosine decay after the warm-up).
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Linear warm-up steps.
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// AdamW weight decay.
     #[arg(long)]
     pub weight_decay: Option<f64>,
+    /// Prompts per optimisation step (accumulated over micro-batches).
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Prompts per forward/backward pass.
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Classifier-free guidance scale of the sampling.
     #[arg(long)]
     pub guidance_scale: Option<f64>,
+    /// DDIM steps of each sampled trajectory.
     #[arg(long)]
     pub sampling_steps: Option<usize>,
+    /// The gradient step is drawn from the last this-many sampling steps.
     #[arg(long)]
     pub grad_step_window: Option<usize>,
+    /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
+    /// Image width in pixels (default: the model's).
     #[arg(long)]
     pub width: Option<usize>,
+    /// Seed of prompt order, noise and gradient steps.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Clip the gradient to this norm (default: no clipping).
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
+    /// Stop after this many non-finite steps in a row.
     #[arg(long)]
     pub max_bad_steps: Option<u64>,
+    /// Write a resumable checkpoint every this-many steps.
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Validate every this-many steps.
     #[arg(long)]
     pub val_every: Option<u64>,
+    /// Seeds per validation prompt.
     #[arg(long)]
     pub val_seeds: Option<usize>,
     /// staged: lower peak memory (the UNet's negative branch is recomputed); one-pass: faster,
@@ -190,6 +211,26 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
         t.insert("rewards".into(), Value::Array(list));
     }
     Ok(t)
+}
+
+/// `train --help` with each option's default from [`TrainConfig::default_values`], the one
+/// place that decides them (the flags stay unset, so that a TOML file can give them).
+pub fn document_defaults(cmd: clap::Command) -> clap::Command {
+    let mut cmd = cmd;
+    for (key, value) in TrainConfig::default_values() {
+        if !cmd.get_arguments().any(|a| a.get_id().as_str() == key) {
+            continue;
+        }
+        let shown = match &value {
+            toml::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        cmd = cmd.mut_arg(key.as_str(), |a| {
+            let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+            a.help(format!("{help} [default: {shown}]"))
+        });
+    }
+    cmd
 }
 
 /// Without a model, the built-in miniature world: its pipeline, and (unless given) its
