@@ -24,6 +24,8 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler: DdimScheduler,
     pub root: PathBuf,
+    /// Textual-inversion embeddings prompts may use by name ([`Self::add_textual_inversion`]).
+    pub textual_inversions: Vec<crate::embedding::textual_inversion::TextualInversion>,
     dtype: DType,
     device: Device,
 }
@@ -138,6 +140,7 @@ impl StableDiffusion {
             vae,
             scheduler,
             root: root.to_path_buf(),
+            textual_inversions: Vec::new(),
             dtype,
             device: device.clone(),
         })
@@ -185,9 +188,82 @@ impl StableDiffusion {
         Ok(Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?)
     }
 
-    /// The text encoder's last hidden state for `text`: `[1, 77, embed_dim]`.
+    /// The text encoder's last hidden state for `text`: `[1, 77, embed_dim]`. Names of
+    /// textual-inversion embeddings in `text` take their vectors' places; a text without
+    /// them is encoded exactly as without any loaded.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
-        self.text_encoder.forward(&self.tokenize(text)?)
+        use crate::embedding::textual_inversion::{split, Piece};
+        let names: Vec<&str> = self
+            .textual_inversions
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        // Split even without embeddings loaded: `embedding:NAME` must name a loaded one.
+        let pieces = split(text, &names).map_err(Error::Invalid)?;
+        if !pieces.iter().any(|p| matches!(p, Piece::Embedding(_))) {
+            return self.text_encoder.forward(&self.tokenize(text)?);
+        }
+        let tok = &self.tokenizer;
+        let max = tok.max_len();
+        let mut ids = vec![tok.bos_id()];
+        let mut overrides: Vec<(usize, Tensor)> = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Text(t) => ids.extend(tok.tokens(t)),
+                Piece::Embedding(j) => {
+                    let ti = &self.textual_inversions[j];
+                    for k in 0..ti.len() {
+                        overrides.push((ids.len(), ti.vectors.get(k)?));
+                        // A placeholder id; its embedding is replaced.
+                        ids.push(tok.bos_id());
+                    }
+                }
+            }
+        }
+        // Truncated as a plain prompt is: BOS, at most max - 2 tokens, EOS, padding.
+        ids.truncate(max - 1);
+        overrides.retain(|(p, _)| *p < max - 1);
+        ids.push(tok.eos_id());
+        ids.resize(max, tok.pad_id());
+        let ids = Tensor::from_vec(ids, (1, max), &self.device)?;
+        self.text_encoder
+            .forward_with_token_embeddings(&ids, &overrides)
+    }
+
+    /// An error if `text` uses `embedding:NAME` with no such embedding loaded (what
+    /// [`Self::encode_prompt`] would refuse), without encoding it: commands check every
+    /// prompt before they write anything.
+    pub fn check_prompt(&self, text: &str) -> Result<()> {
+        let names: Vec<&str> = self
+            .textual_inversions
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        crate::embedding::textual_inversion::split(text, &names)
+            .map(|_| ())
+            .map_err(Error::Invalid)
+    }
+
+    /// Makes `ti` usable by name in this model's prompts (replacing one of the same name).
+    /// `path` names its file in an error.
+    pub fn add_textual_inversion(
+        &mut self,
+        ti: crate::embedding::textual_inversion::TextualInversion,
+        path: &Path,
+    ) -> Result<()> {
+        let width = self.text_encoder.hidden_size();
+        if ti.width() != width {
+            return Err(Error::file(
+                path,
+                format!(
+                    "textual-inversion vectors of width {}, but this model's text encoder takes {width} (an embedding for another model family)",
+                    ti.width()
+                ),
+            ));
+        }
+        self.textual_inversions.retain(|t| t.name != ti.name);
+        self.textual_inversions.push(ti);
+        Ok(())
     }
 
     /// Checks an externally supplied (e.g. learned negative) embedding against this model.

@@ -94,6 +94,23 @@ pub fn targets() -> Vec<Target> {
             }),
         },
         Target {
+            name: "textual-inversion embedding (A1111 .pt, emb_params, learned_embeds)",
+            seeds: vec![
+                read("tests/fixtures/ti/tinyneg.pt"),
+                read("tests/fixtures/ti/tinyneg.safetensors"),
+                read("tests/fixtures/ti/learned_embeds.bin"),
+            ],
+            text: false,
+            run: Box::new(|b, s| {
+                use reneg::embedding::textual_inversion::{split, TextualInversion};
+                if let Ok(t) = TextualInversion::load(&put(s, "ti.pt", b), "ti") {
+                    let _ = (t.len(), t.width());
+                }
+                // The prompt splitter on the same bytes as text.
+                let _ = split(&String::from_utf8_lossy(b), &["ti", "<tok>"]);
+            }),
+        },
+        Target {
             name: "model weights (safetensors header as the loaders use it)",
             seeds: vec![read(&format!("{SD15}/text_encoder/model.safetensors"))],
             text: false,

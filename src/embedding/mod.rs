@@ -3,6 +3,8 @@
 //! official ReNeg `torch.save` files (read without running any code); saves safetensors with
 //! metadata in the header and PyTorch-loadable `.pt`/`.bin` files.
 
+pub mod textual_inversion;
+
 use crate::error::{Error, Result};
 use crate::torch_file;
 use candle_core::{DType, Device, Tensor};

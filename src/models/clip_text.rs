@@ -144,6 +144,18 @@ impl ClipTextModel {
     /// # Shapes
     /// `input_ids`: `[b, n]` (u32 or i64) -> `last_hidden_state`: `[b, n, hidden]`
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_token_embeddings(input_ids, &[])
+    }
+
+    /// [`Self::forward`] with the input token embedding at some positions of the first (or
+    /// only) sequence replaced: `(position, [hidden] vector)`. Textual-inversion embeddings
+    /// enter the text encoder this way (transformers does it with added tokens whose rows
+    /// hold the vectors; the result is the same).
+    pub fn forward_with_token_embeddings(
+        &self,
+        input_ids: &Tensor,
+        overrides: &[(usize, Tensor)],
+    ) -> Result<Tensor> {
         let (b, n) = input_ids.dims2()?;
         if n > self.cfg.max_position_embeddings {
             return Err(crate::Error::Invalid(format!(
@@ -159,10 +171,21 @@ impl ClipTextModel {
                 self.cfg.vocab_size
             )));
         }
-        let tok =
-            self.token_embedding
-                .index_select(&ids, 0)?
-                .reshape((b, n, self.cfg.hidden_size))?;
+        let mut tok = self.token_embedding.index_select(&ids, 0)?;
+        if !overrides.is_empty() {
+            let dtype = tok.dtype();
+            let rows = (0..b * n)
+                .map(|i| match overrides.iter().find(|(p, _)| *p == i) {
+                    Some((_, v)) => Ok(v
+                        .to_dtype(dtype)?
+                        .to_device(tok.device())?
+                        .reshape((1, self.cfg.hidden_size))?),
+                    None => tok.narrow(0, i, 1),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            tok = Tensor::cat(&rows, 0)?;
+        }
+        let tok = tok.reshape((b, n, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, n)?;
         let mut xs = tok.broadcast_add(&pos)?;
         let mask = causal_mask(n, xs.dtype(), xs.device())?;

@@ -152,6 +152,13 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {SD15} --prompt x --reward aesthetic --reward-model {AESTHETIC} --batch-size 2 --out {{out}}"), "--batch-size".into()),
         (format!("generate --model {SD15} --prompt x --reward aesthetic --out {{out}}"), "--reward-model".into()),
         (format!("generate --model {SD15} --prompt x --reward hps --reward-model {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
+        // Textual-inversion embeddings (issue 19): another model's width, an undefined name,
+        // a missing file, a file that holds no vectors.
+        (format!("generate --model {SD15} --embedding {} --prompt x --out {{out}}", repo!("tests/fixtures/ti/wide.safetensors")), "wide.safetensors".into()),
+        (format!("generate --model {SD15} --prompt cat,embedding:easynegative --out {{out}}"), "embedding:easynegative".into()),
+        (format!("eval --model {SD15} --prompt embedding:easynegative --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "embedding:easynegative".into()),
+        (format!("generate --model {SD15} --embedding neg={} --prompt x --out {{out}}", p("missing.pt")), "missing.pt".into()),
+        (format!("generate --model {SD15} --embedding {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/not_a_tensor.pt")), "not_a_tensor.pt".into()),
         // eval
         (format!("eval --model {SD15} --prompt x --negative null --negative bogus:thing --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "bogus".into()),
         (format!("eval --model {SD15} --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --shard 3/2 --out {{out}}"), "--shard".into()),

@@ -95,6 +95,12 @@ pub struct ModelArgs {
     /// For single-file checkpoints: epsilon or v_prediction (inferred otherwise).
     #[arg(long)]
     pub prediction_type: Option<String>,
+    /// A textual-inversion embedding (A1111 .pt, emb_params .safetensors, diffusers
+    /// learned_embeds) that prompts and negative prompts may use by name, as NAME=FILE or FILE
+    /// (the name is the file's stem); write the name as a word or as embedding:NAME. Repeat
+    /// for several.
+    #[arg(long = "embedding", value_name = "NAME=FILE")]
+    pub embeddings: Vec<String>,
 }
 
 impl ModelArgs {
@@ -116,7 +122,13 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
         },
     };
     let name = m.name()?;
-    let sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;
+    let mut sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;
+    for spec in &m.embeddings {
+        use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
+        let (ti_name, file) = parse_spec(spec);
+        let ti = TextualInversion::load(&file, &ti_name).map_err(lib)?;
+        sd.add_textual_inversion(ti, &file).map_err(lib)?;
+    }
     // The model a command runs, first (it may be the built-in one, written on first use).
     println!("model: {name}");
     Ok(sd)
