@@ -14,6 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod pipeline;
 pub mod precision;
+pub mod prompt_syntax;
 pub mod prompts;
 pub mod reward;
 pub mod rng;

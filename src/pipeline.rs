@@ -188,46 +188,128 @@ impl StableDiffusion {
         Ok(Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?)
     }
 
-    /// The text encoder's last hidden state for `text`: `[1, 77, embed_dim]`. Names of
-    /// textual-inversion embeddings in `text` take their vectors' places; a text without
-    /// them is encoded exactly as without any loaded.
+    /// The text encoder's last hidden state for `text`: `[1, 77 k, embed_dim]`, k = 1 for a
+    /// prompt of at most 75 tokens. Beyond that, as AUTOMATIC1111 does, the prompt is cut into
+    /// chunks of 75 tokens (at the last comma if one is within the last 20), each encoded as a
+    /// prompt of its own and concatenated; `BREAK` starts a new chunk. A1111's emphasis
+    /// (`(word:1.3)`, `(word)`, `[word]`; `crate::prompt_syntax`) scales each token's output
+    /// and then the chunk back to its mean. Names of textual-inversion embeddings take their
+    /// vectors' places. A plain prompt (no syntax, no names, at most 75 tokens) is encoded
+    /// exactly as transformers' tokenizer and text encoder do.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
         use crate::embedding::textual_inversion::{split, Piece};
+        use crate::prompt_syntax::{is_plain, parse, Part};
         let names: Vec<&str> = self
             .textual_inversions
             .iter()
             .map(|t| t.name.as_str())
             .collect();
+        let tok = &self.tokenizer;
+        let chunk_len = tok.max_len() - 2;
         // Split even without embeddings loaded: `embedding:NAME` must name a loaded one.
-        let pieces = split(text, &names).map_err(Error::Invalid)?;
-        if !pieces.iter().any(|p| matches!(p, Piece::Embedding(_))) {
+        let has_names = split(text, &names)
+            .map_err(Error::Invalid)?
+            .iter()
+            .any(|p| matches!(p, Piece::Embedding(_)));
+        if !has_names && is_plain(text) && tok.tokens(text).len() <= chunk_len {
             return self.text_encoder.forward(&self.tokenize(text)?);
         }
-        let tok = &self.tokenizer;
-        let max = tok.max_len();
-        let mut ids = vec![tok.bos_id()];
-        let mut overrides: Vec<(usize, Tensor)> = Vec::new();
-        for p in pieces {
-            match p {
-                Piece::Text(t) => ids.extend(tok.tokens(t)),
-                Piece::Embedding(j) => {
-                    let ti = &self.textual_inversions[j];
-                    for k in 0..ti.len() {
-                        overrides.push((ids.len(), ti.vectors.get(k)?));
-                        // A placeholder id; its embedding is replaced.
-                        ids.push(tok.bos_id());
+        // Tokens with their weights and (for embeddings) vectors; None marks BREAK.
+        let mut items: Vec<Option<(u32, f64, Option<Tensor>)>> = Vec::new();
+        for part in parse(text) {
+            match part {
+                Part::Break => items.push(None),
+                Part::Text(t, w) => {
+                    for piece in split(&t, &names).map_err(Error::Invalid)? {
+                        match piece {
+                            Piece::Text(t) => items
+                                .extend(tok.tokens(t).into_iter().map(|id| Some((id, w, None)))),
+                            Piece::Embedding(j) => {
+                                let ti = &self.textual_inversions[j];
+                                for k in 0..ti.len() {
+                                    // A placeholder id; its input embedding is replaced.
+                                    items.push(Some((tok.bos_id(), w, Some(ti.vectors.get(k)?))));
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
-        // Truncated as a plain prompt is: BOS, at most max - 2 tokens, EOS, padding.
-        ids.truncate(max - 1);
-        overrides.retain(|(p, _)| *p < max - 1);
-        ids.push(tok.eos_id());
-        ids.resize(max, tok.pad_id());
-        let ids = Tensor::from_vec(ids, (1, max), &self.device)?;
-        self.text_encoder
-            .forward_with_token_embeddings(&ids, &overrides)
+        let chunks = chunk_tokens(items, chunk_len, tok.tokens(",").first().copied());
+        let mut outs = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut ids = vec![tok.bos_id()];
+            let mut weights = vec![1f32];
+            let mut overrides: Vec<(usize, Tensor)> = Vec::new();
+            for (id, w, v) in chunk {
+                if let Some(v) = v {
+                    overrides.push((ids.len(), v));
+                }
+                ids.push(id);
+                weights.push(w as f32);
+            }
+            ids.push(tok.eos_id());
+            ids.resize(tok.max_len(), tok.pad_id());
+            weights.resize(tok.max_len(), 1.0);
+            let n = ids.len();
+            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+            let z = self
+                .text_encoder
+                .forward_with_token_embeddings(&ids, &overrides)?;
+            let z = if weights.iter().all(|&w| w == 1.0) {
+                z
+            } else {
+                // A1111: scale each token's output, then the chunk back to its mean.
+                let w = Tensor::from_vec(weights, (1, n, 1), &self.device)?.to_dtype(z.dtype())?;
+                let before = z.mean_all()?;
+                let scaled = z.broadcast_mul(&w)?;
+                let after = scaled.mean_all()?;
+                scaled.broadcast_mul(&(before / after)?)?
+            };
+            outs.push(z);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// Prompt embeddings of different lengths (chunk counts, [`Self::encode_prompt`]) made
+    /// equal by appending the empty prompt's chunk to the shorter ones, as A1111 pads the
+    /// shorter of prompt and negative, and concatenated along the batch: `[sum b_i, L, D]`.
+    pub fn cat_contexts(&self, contexts: &[&Tensor]) -> Result<Tensor> {
+        let longest = contexts
+            .iter()
+            .map(|t| t.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        if contexts
+            .iter()
+            .all(|t| t.dim(1).is_ok_and(|l| l == longest))
+        {
+            return Ok(Tensor::cat(contexts, 0)?);
+        }
+        let empty = self.text_encoder.forward(&self.tokenize("")?)?;
+        let chunk = empty.dim(1)?;
+        let padded = contexts
+            .iter()
+            .map(|t| {
+                let (b, l, _) = t.dims3()?;
+                if l == longest {
+                    return Ok((*t).clone());
+                }
+                if (longest - l) % chunk != 0 {
+                    return Err(Error::Invalid(format!(
+                        "prompt embeddings of {l} and {longest} tokens cannot be padded to one length in chunks of {chunk}"
+                    )));
+                }
+                let fill = empty
+                    .to_dtype(t.dtype())?
+                    .repeat((b, (longest - l) / chunk, 1))?;
+                Ok(Tensor::cat(&[*t, &fill], 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&padded, 0)?)
     }
 
     /// An error if `text` uses `embedding:NAME` with no such embedding loaded (what
@@ -308,7 +390,7 @@ impl StableDiffusion {
             (u, c)
         } else {
             let x2 = Tensor::cat(&[latents, latents], 0)?;
-            let ctx = Tensor::cat(&[uncond, cond], 0)?;
+            let ctx = self.cat_contexts(&[uncond, cond])?;
             let out = self.unet.forward(&x2, t as f64, &ctx)?;
             (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
         };
@@ -370,4 +452,62 @@ impl StableDiffusion {
         self.scheduler
             .pred_original_sample(&eps, t, &latents.detach())
     }
+}
+
+/// A1111's chunking: tokens (id, weight, vector) into chunks of at most `len`. A full chunk
+/// ends after its last comma when that comma is within the last 20 tokens (the rest moves
+/// to the next chunk); `None` (BREAK) ends a chunk; a textual-inversion embedding's vectors
+/// stay in one chunk. An empty prompt is one empty chunk.
+type Token = (u32, f64, Option<Tensor>);
+
+fn chunk_tokens(items: Vec<Option<Token>>, len: usize, comma: Option<u32>) -> Vec<Vec<Token>> {
+    const COMMA_BACKTRACK: usize = 20;
+    let mut chunks: Vec<Vec<Token>> = Vec::new();
+    let mut chunk: Vec<Token> = Vec::new();
+    let mut last_comma: Option<usize> = None;
+    let mut i = 0;
+    while i < items.len() {
+        let Some(item) = &items[i] else {
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
+            i += 1;
+            continue;
+        };
+        if Some(item.0) == comma && item.2.is_none() {
+            last_comma = Some(chunk.len());
+        } else if chunk.len() == len {
+            if let Some(c) = last_comma.filter(|&c| len - c <= COMMA_BACKTRACK) {
+                let moved = chunk.split_off(c + 1);
+                chunks.push(std::mem::replace(&mut chunk, moved));
+                last_comma = None;
+            }
+        }
+        if chunk.len() == len {
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
+        }
+        if item.2.is_some() {
+            // An embedding's vectors are not split across chunks.
+            let run = items[i..]
+                .iter()
+                .take_while(|t| t.as_ref().is_some_and(|t| t.2.is_some()))
+                .count()
+                .min(len);
+            if chunk.len() + run > len {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
+            }
+            for t in items[i..i + run].iter().flatten() {
+                chunk.push(t.clone());
+            }
+            i += run;
+            continue;
+        }
+        chunk.push(item.clone());
+        i += 1;
+    }
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
 }

@@ -222,9 +222,10 @@ pub fn targets() -> Vec<Target> {
             run: Box::new(|b, s| tokenizer_with(s, "tokenizer_config.json", b)),
         },
         Target {
-            name: "prompt text (tokenizer input)",
+            name: "prompt text (tokenizer input, A1111 emphasis syntax)",
             seeds: vec![
                 b"a large red circle on the left &amp; a small <|endoftext|> square!!".to_vec(),
+                b"a (red:1.3) cat, [[blurry]], \\(x\\) BREAK (unclosed :0.5) ]".to_vec(),
             ],
             text: true,
             run: Box::new(|b, _| {
@@ -240,6 +241,7 @@ pub fn targets() -> Vec<Target> {
                 });
                 let _ = tok.encode(&String::from_utf8_lossy(b));
                 let _ = oc.encode(&String::from_utf8_lossy(b));
+                let _ = reneg::prompt_syntax::parse(&String::from_utf8_lossy(b));
             }),
         },
         Target {

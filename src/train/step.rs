@@ -126,13 +126,14 @@ pub fn to_unit(images: &Tensor) -> Result<Tensor> {
     Ok(((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 
-/// Text embeddings of `prompts`, `[n, L, D]`.
+/// Text embeddings of `prompts`, `[n, L, D]` (long prompts' extra chunks padded with the
+/// empty prompt's, [`StableDiffusion::cat_contexts`]).
 pub fn encode_all(sd: &StableDiffusion, prompts: &[String]) -> Result<Tensor> {
     let e = prompts
         .iter()
         .map(|p| sd.encode_prompt(p))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&e, 0)?)
+    sd.cat_contexts(&e.iter().collect::<Vec<_>>())
 }
 
 /// The negative embedding repeated for a batch of `n`.

@@ -202,7 +202,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             conds.push(sd.encode_prompt(&job.prompt.text).map_err(lib)?);
         }
         let noise = Tensor::cat(&noise, 0)?;
-        let cond = Tensor::cat(&conds, 0)?;
+        let cond = sd
+            .cat_contexts(&conds.iter().collect::<Vec<_>>())
+            .map_err(lib)?;
         let mut uncond_b = uncond
             .broadcast_as((b, uncond.dim(1)?, uncond.dim(2)?))?
             .contiguous()?;
