@@ -53,6 +53,20 @@ const DIFFUSERS_WEIGHTS: &[&str] = &[
 ];
 const TRANSFORMERS_WEIGHTS: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
 
+/// A diffusers `AutoencoderKL` folder (`config.json` and its weights).
+fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Result<AutoencoderKL> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "VAE folder not found"));
+    }
+    let cfg = VaeConfig::load(&dir.join("config.json"))?;
+    let vb = Vb::new(Weights::load(
+        &weights_file(dir, DIFFUSERS_WEIGHTS)?,
+        dtype,
+        device,
+    )?);
+    AutoencoderKL::new(cfg, &vb)
+}
+
 impl StableDiffusion {
     /// Loads a diffusers pipeline folder (with `model_index.json`).
     pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -88,14 +102,7 @@ impl StableDiffusion {
         )?);
         let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
 
-        let vae_dir = root.join("vae");
-        let vae_cfg = VaeConfig::load(&vae_dir.join("config.json"))?;
-        let vae_vb = Vb::new(Weights::load(
-            &weights_file(&vae_dir, DIFFUSERS_WEIGHTS)?,
-            dtype,
-            device,
-        )?);
-        let vae = AutoencoderKL::new(vae_cfg, &vae_vb)?;
+        let vae = load_vae(&root.join("vae"), dtype, device)?;
 
         let scheduler = DdimScheduler::new(DdimConfig::load(
             &root.join("scheduler/scheduler_config.json"),
@@ -310,6 +317,21 @@ impl StableDiffusion {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&padded, 0)?)
+    }
+
+    /// Replaces the VAE with the diffusers `AutoencoderKL` in `dir` (e.g. a fine-tuned
+    /// decoder such as sd-vae-ft-mse), which must share the UNet's latent channels.
+    pub fn replace_vae(&mut self, dir: &Path) -> Result<()> {
+        let vae = load_vae(dir, self.weight_dtype(), &self.device)?;
+        let (have, want) = (vae.config().latent_channels, self.latent_channels());
+        if have != want {
+            return Err(Error::file(
+                dir,
+                format!("a VAE with {have} latent channels; this model's UNet takes {want}"),
+            ));
+        }
+        self.vae = vae;
+        Ok(())
     }
 
     /// An error if `text` uses `embedding:NAME` with no such embedding loaded (what

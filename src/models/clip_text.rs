@@ -92,6 +92,8 @@ pub struct ClipTextModel {
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
     cfg: ClipTextConfig,
+    /// Last layers left out ([`Self::set_clip_skip`]); 0 runs them all.
+    clip_skip: usize,
 }
 
 impl ClipTextModel {
@@ -130,7 +132,22 @@ impl ClipTextModel {
                 &tm.pp("final_layer_norm"),
             )?,
             cfg,
+            clip_skip: 0,
         })
+    }
+
+    /// Leaves out the last `skip` layers: the output is the hidden state `skip` layers before
+    /// the last, through the final layer norm, as diffusers' `clip_skip` (its `clip_skip=1` is
+    /// AUTOMATIC1111's "Clip skip 2").
+    pub fn set_clip_skip(&mut self, skip: usize) -> Result<()> {
+        if skip >= self.layers.len() {
+            return Err(crate::Error::Invalid(format!(
+                "--clip-skip {skip}: this text encoder has {} layers; skip fewer",
+                self.layers.len()
+            )));
+        }
+        self.clip_skip = skip;
+        Ok(())
     }
 
     pub fn config(&self) -> &ClipTextConfig {
@@ -189,7 +206,7 @@ impl ClipTextModel {
         let pos = self.position_embedding.narrow(0, 0, n)?;
         let mut xs = tok.broadcast_add(&pos)?;
         let mask = causal_mask(n, xs.dtype(), xs.device())?;
-        for layer in &self.layers {
+        for layer in &self.layers[..self.layers.len() - self.clip_skip] {
             xs = layer.forward(
                 &xs,
                 Some(&mask),

@@ -159,6 +159,10 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("eval --model {SD15} --prompt embedding:easynegative --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "embedding:easynegative".into()),
         (format!("generate --model {SD15} --embedding neg={} --prompt x --out {{out}}", p("missing.pt")), "missing.pt".into()),
         (format!("generate --model {SD15} --embedding {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/not_a_tensor.pt")), "not_a_tensor.pt".into()),
+        // --clip-skip past the text encoder's layers, a missing --vae, no images per prompt.
+        (format!("generate --model {SD15} --clip-skip 99 --prompt x --out {{out}}"), "--clip-skip".into()),
+        (format!("generate --model {SD15} --vae {} --prompt x --out {{out}}", p("no-vae")), "no-vae".into()),
+        (format!("generate --model {SD15} --num-images-per-prompt 0 --prompt x --out {{out}}"), "--num-images-per-prompt".into()),
         // eval
         (format!("eval --model {SD15} --prompt x --negative null --negative bogus:thing --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "bogus".into()),
         (format!("eval --model {SD15} --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --shard 3/2 --out {{out}}"), "--shard".into()),

@@ -48,6 +48,9 @@ pub struct GenerateArgs {
     /// Image width in pixels (default: as the height).
     #[arg(long)]
     pub width: Option<usize>,
+    /// Images per prompt (seeds counted on over all images).
+    #[arg(long, default_value_t = 1)]
+    pub num_images_per_prompt: usize,
     /// Images per UNet batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
@@ -106,6 +109,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.batch_size == 0 {
         return Err(user("--batch-size must be at least 1"));
     }
+    if args.num_images_per_prompt == 0 {
+        return Err(user("--num-images-per-prompt must be at least 1"));
+    }
     let device = device(&args.device)?;
     let dtype: DType = setup_precision(args.precision, &device)?;
     create_out_dir(&args.out)?;
@@ -130,7 +136,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     };
     let init = match &args.init_latents {
-        Some(p) => Some(load_init_latents(p, &latent_shape, prompt_list.len())?),
+        Some(p) => Some(load_init_latents(
+            p,
+            &latent_shape,
+            prompt_list.len() * args.num_images_per_prompt,
+        )?),
         None => None,
     };
 
@@ -159,8 +169,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         loss_scale: 1.0,
     };
 
+    let n = args.num_images_per_prompt;
     let jobs: Vec<Job> = prompt_list
         .into_iter()
+        .flat_map(|p| std::iter::repeat_n(p, n))
         .enumerate()
         .map(|(i, prompt)| Job {
             index: i,
@@ -279,6 +291,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "height": h,
                 "width": w,
                 "model": model_name,
+                "vae": args.model.vae.as_ref().map(|p| p.display().to_string()),
+                "clip_skip": args.model.clip_skip,
+                "embeddings": args.model.embeddings,
                 "dtype": format!("{dtype:?}").to_lowercase(),
                 "precision": args.precision.name(),
             });

@@ -101,6 +101,13 @@ pub struct ModelArgs {
     /// for several.
     #[arg(long = "embedding", value_name = "NAME=FILE")]
     pub embeddings: Vec<String>,
+    /// A diffusers AutoencoderKL folder to use instead of the model's VAE (e.g. sd-vae-ft-mse).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// Leave out the text encoder's last N layers (diffusers' clip_skip; 1 is AUTOMATIC1111's
+    /// "Clip skip 2").
+    #[arg(long, default_value_t = 0)]
+    pub clip_skip: usize,
 }
 
 impl ModelArgs {
@@ -123,6 +130,10 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
     };
     let name = m.name()?;
     let mut sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;
+    if let Some(vae) = &m.vae {
+        sd.replace_vae(vae).map_err(lib)?;
+    }
+    sd.text_encoder.set_clip_skip(m.clip_skip).map_err(lib)?;
     for spec in &m.embeddings {
         use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
         let (ti_name, file) = parse_spec(spec);

@@ -1,0 +1,91 @@
+//! `--clip-skip` against diffusers' clip_skip (tests/fixtures/clip_skip, written by
+//! tools/gen_clip_skip_fixture.py) and `--vae`'s swap of the decoder (issue 19).
+
+use candle_core::{DType, Device, Tensor};
+use reneg::StableDiffusion;
+use std::path::Path;
+
+fn model() -> StableDiffusion {
+    StableDiffusion::load(
+        Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn max_abs(t: Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn clip_skip_takes_an_earlier_layer_through_the_final_norm_as_diffusers_does() {
+    let case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string("tests/fixtures/clip_skip/case.json").unwrap(),
+    )
+    .unwrap();
+    let prompt = case["prompt"].as_str().unwrap();
+    let want = candle_core::safetensors::load(
+        "tests/fixtures/clip_skip/expected.safetensors",
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut sd = model();
+    let mut outs = Vec::new();
+    for k in 0..3 {
+        sd.text_encoder.set_clip_skip(k).unwrap();
+        let got = sd.encode_prompt(prompt).unwrap();
+        let w = &want[&format!("skip_{k}")];
+        let err = max_abs((&got - w).unwrap()) / max_abs(w.clone());
+        println!("clip skip {k}: relative error {err:.2e}");
+        assert!(err < 1e-5, "skip {k}: {err}");
+        outs.push(got);
+    }
+    // Each skip changes the output (a skip that did nothing would pass the k = 0 check only).
+    assert!(max_abs((&outs[0] - &outs[1]).unwrap()) > 1e-3);
+    assert!(max_abs((&outs[1] - &outs[2]).unwrap()) > 1e-3);
+    let layers = case["layers"].as_u64().unwrap() as usize;
+    let e = sd
+        .text_encoder
+        .set_clip_skip(layers)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--clip-skip") && e.contains(&format!("{layers} layers")),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_swapped_vae_decodes_as_its_own_pipeline_and_a_folder_without_one_is_refused() {
+    let mut sd = model();
+    let z = Tensor::randn(0f32, 1.0, (1, 4, 4, 4), &Device::Cpu).unwrap();
+    let before = sd.decode(&z).unwrap();
+    // The same folder again: the same decoder.
+    sd.replace_vae(Path::new("tests/fixtures/parity/sd15-tiny/pipeline/vae"))
+        .unwrap();
+    assert_eq!(max_abs((sd.decode(&z).unwrap() - &before).unwrap()), 0.0);
+    // Another pipeline's VAE with the same latent width decodes differently, and exactly as
+    // that pipeline decodes.
+    let other = Path::new("tests/fixtures/parity/sd2-tiny/pipeline");
+    sd.replace_vae(&other.join("vae")).unwrap();
+    let swapped = sd.decode(&z).unwrap();
+    assert!(max_abs((&swapped - &before).unwrap()) > 1e-3);
+    let theirs = StableDiffusion::load(other, DType::F32, &Device::Cpu)
+        .unwrap()
+        .decode(&z)
+        .unwrap();
+    assert_eq!(max_abs((&swapped - &theirs).unwrap()), 0.0);
+    let e = sd
+        .replace_vae(Path::new("tests/fixtures/parity/sd15-tiny/pipeline/unet"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unet"), "{e}");
+}
