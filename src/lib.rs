@@ -10,6 +10,7 @@ pub mod embedding;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

@@ -70,6 +70,17 @@ fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Result<AutoencoderKL> 
 impl StableDiffusion {
     /// Loads a diffusers pipeline folder (with `model_index.json`).
     pub fn load(root: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_loras(root, dtype, device, &[])
+    }
+
+    /// [`Self::load`] with LoRAs merged into the UNet's and the text encoder's weights.
+    pub fn load_with_loras(
+        root: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::Lora],
+    ) -> Result<Self> {
+        use crate::lora::{merge_all, Component};
         if !root.is_dir() {
             return Err(Error::file(root, "model folder not found"));
         }
@@ -86,20 +97,17 @@ impl StableDiffusion {
 
         let te_dir = root.join("text_encoder");
         let te_cfg = ClipTextConfig::load(&te_dir.join("config.json"))?;
-        let te_vb = Vb::new(Weights::load(
-            &weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?,
-            dtype,
-            device,
-        )?);
+        let mut te_w = Weights::load(&weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?, dtype, device)?;
+        merge_all(loras, Component::TextEncoder, te_w.tensors_mut())?;
+        let te_vb = Vb::new(te_w);
         let text_encoder = ClipTextModel::new(te_cfg, &te_vb)?;
 
         let unet_dir = root.join("unet");
         let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
-        let unet_vb = Vb::new(Weights::load(
-            &weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?,
-            dtype,
-            device,
-        )?);
+        let mut unet_w =
+            Weights::load(&weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?, dtype, device)?;
+        merge_all(loras, Component::Unet, unet_w.tensors_mut())?;
+        let unet_vb = Vb::new(unet_w);
         let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
 
         let vae = load_vae(&root.join("vae"), dtype, device)?;

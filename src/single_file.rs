@@ -641,6 +641,17 @@ pub fn load(
     dtype: DType,
     device: &Device,
 ) -> Result<crate::StableDiffusion> {
+    load_with_loras(path, overrides, dtype, device, &[])
+}
+
+/// [`load`] with LoRAs merged into the converted UNet and text encoder weights.
+pub fn load_with_loras(
+    path: &Path,
+    overrides: &Overrides,
+    dtype: DType,
+    device: &Device,
+    loras: &[crate::lora::Lora],
+) -> Result<crate::StableDiffusion> {
     use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
     use crate::models::unet::{UNet2DConditionModel, UNetConfig};
     use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -648,7 +659,13 @@ pub fn load(
     use crate::tokenizer::ClipTokenizer;
     use crate::weights::{Vb, Weights};
 
-    let c = convert(path, overrides)?;
+    let mut c = convert(path, overrides)?;
+    crate::lora::merge_all(loras, crate::lora::Component::Unet, &mut c.unet)?;
+    crate::lora::merge_all(
+        loras,
+        crate::lora::Component::TextEncoder,
+        &mut c.text_encoder,
+    )?;
     let label = |what: &str| PathBuf::from(format!("{} ({what})", path.display()));
     let vb = |t: HashMap<String, Tensor>, what: &str| {
         Vb::new(Weights::from_tensors(t, &label(what), dtype, device))

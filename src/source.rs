@@ -15,6 +15,8 @@ pub struct LoadOptions {
     pub offline: bool,
     /// Overrides for single-file checkpoints (see [`single_file::Overrides`]).
     pub single_file: Overrides,
+    /// LoRAs merged into the UNet and text encoder at load.
+    pub loras: Vec<crate::lora::Lora>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,9 +101,11 @@ pub fn load(
     device: &Device,
 ) -> Result<StableDiffusion> {
     match resolve(spec, options)? {
-        ModelSource::Folder(dir) => StableDiffusion::load(&dir, dtype, device),
+        ModelSource::Folder(dir) => {
+            StableDiffusion::load_with_loras(&dir, dtype, device, &options.loras)
+        }
         ModelSource::SingleFile(file) => {
-            single_file::load(&file, &options.single_file, dtype, device)
+            single_file::load_with_loras(&file, &options.single_file, dtype, device, &options.loras)
         }
     }
 }

@@ -146,6 +146,11 @@ impl Weights {
         }
     }
 
+    /// The tensors by name, to change before a model is built from them (LoRA merging).
+    pub fn tensors_mut(&mut self) -> &mut HashMap<String, Tensor> {
+        &mut self.tensors
+    }
+
     pub fn file(&self) -> &Path {
         &self.file
     }

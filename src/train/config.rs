@@ -107,6 +107,9 @@ pub struct TrainConfig {
     /// Activation checkpointing of the gradient step (`off`, `on`, `auto`).
     #[serde(default)]
     pub checkpointing: crate::train::memory::Checkpointing,
+    /// LoRAs merged into the model at load, `FILE` or `FILE:SCALE` (`crate::lora`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 fn d_init() -> Init {

@@ -163,6 +163,9 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {SD15} --clip-skip 99 --prompt x --out {{out}}"), "--clip-skip".into()),
         (format!("generate --model {SD15} --vae {} --prompt x --out {{out}}", p("no-vae")), "no-vae".into()),
         (format!("generate --model {SD15} --num-images-per-prompt 0 --prompt x --out {{out}}"), "--num-images-per-prompt".into()),
+        // LoRAs: a missing file, a file that is not a LoRA.
+        (format!("generate --model {SD15} --lora {}:0.8 --prompt x --out {{out}}", p("missing-lora.safetensors")), "missing-lora.safetensors".into()),
+        (format!("generate --model {SD15} --lora {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/torch_saved.safetensors")), "torch_saved.safetensors".into()),
         // eval
         (format!("eval --model {SD15} --prompt x --negative null --negative bogus:thing --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "bogus".into()),
         (format!("eval --model {SD15} --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --shard 3/2 --out {{out}}"), "--shard".into()),

@@ -293,6 +293,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "model": model_name,
                 "vae": args.model.vae.as_ref().map(|p| p.display().to_string()),
                 "clip_skip": args.model.clip_skip,
+                "loras": args.model.lora,
                 "embeddings": args.model.embeddings,
                 "dtype": format!("{dtype:?}").to_lowercase(),
                 "precision": args.precision.name(),

@@ -101,6 +101,10 @@ pub struct ModelArgs {
     /// for several.
     #[arg(long = "embedding", value_name = "NAME=FILE")]
     pub embeddings: Vec<String>,
+    /// A LoRA (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder at
+    /// load, FILE or FILE:SCALE (scale 1 by default); repeat for several.
+    #[arg(long)]
+    pub lora: Vec<String>,
     /// A diffusers AutoencoderKL folder to use instead of the model's VAE (e.g. sd-vae-ft-mse).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -120,6 +124,17 @@ impl ModelArgs {
     }
 }
 
+/// `--lora FILE[:SCALE]` values, read.
+pub fn load_loras(specs: &[String]) -> Result<Vec<reneg::lora::Lora>> {
+    specs
+        .iter()
+        .map(|s| {
+            let (file, scale) = reneg::lora::parse_spec(s).map_err(user)?;
+            reneg::lora::Lora::load(&file, scale).map_err(lib)
+        })
+        .collect()
+}
+
 pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<StableDiffusion> {
     let options = reneg::source::LoadOptions {
         offline: m.offline,
@@ -127,6 +142,7 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
             config_dir: m.model_config.clone(),
             prediction_type: m.prediction_type.clone(),
         },
+        loras: load_loras(&m.lora)?,
     };
     let name = m.name()?;
     let mut sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;

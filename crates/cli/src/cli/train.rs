@@ -22,6 +22,10 @@ pub struct TrainArgs {
     /// built-in miniature world, with its reward and prompts unless given).
     #[arg(long)]
     pub model: Option<String>,
+    /// A LoRA (kohya or diffusers/PEFT safetensors) merged into the model at load, FILE or
+    /// FILE:SCALE; repeat for several.
+    #[arg(long)]
+    pub lora: Vec<String>,
     /// Reward kind; repeat with --reward-model (and --reward-weight) for several.
     #[arg(long, value_enum)]
     pub reward: Vec<RewardArg>,
@@ -133,6 +137,14 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     };
     let path = |p: &Option<PathBuf>| p.as_ref().map(|p| Value::String(p.display().to_string()));
     put("model", a.model.clone().map(Value::String));
+    if !a.lora.is_empty() {
+        put(
+            "loras",
+            Some(Value::Array(
+                a.lora.iter().cloned().map(Value::String).collect(),
+            )),
+        );
+    }
     put("prompts", path(&a.prompts));
     put("val_prompts", path(&a.val_prompts));
     put("out", path(&a.out));
@@ -297,6 +309,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             config_dir: a.model_config.clone(),
             prediction_type: a.prediction_type.clone(),
         },
+        loras: super::load_loras(&cfg.loras)?,
     };
     let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
     let rewards = cfg
