@@ -24,6 +24,8 @@ pub struct StableDiffusion {
     pub vae: AutoencoderKL,
     pub scheduler: DdimScheduler,
     pub root: PathBuf,
+    /// How prompts are read ([`crate::prompt_syntax::PromptSyntax`]; diffusers' way by default).
+    pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
     /// Textual-inversion embeddings prompts may use by name ([`Self::add_textual_inversion`]).
     pub textual_inversions: Vec<crate::embedding::textual_inversion::TextualInversion>,
     dtype: DType,
@@ -156,6 +158,7 @@ impl StableDiffusion {
             scheduler,
             root: root.to_path_buf(),
             textual_inversions: Vec::new(),
+            prompt_syntax: Default::default(),
             dtype,
             device: device.clone(),
         })
@@ -203,17 +206,20 @@ impl StableDiffusion {
         Ok(Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?)
     }
 
-    /// The text encoder's last hidden state for `text`: `[1, 77 k, embed_dim]`, k = 1 for a
-    /// prompt of at most 75 tokens. Beyond that, as AUTOMATIC1111 does, the prompt is cut into
-    /// chunks of 75 tokens (at the last comma if one is within the last 20), each encoded as a
-    /// prompt of its own and concatenated; `BREAK` starts a new chunk. A1111's emphasis
-    /// (`(word:1.3)`, `(word)`, `[word]`; `crate::prompt_syntax`) scales each token's output
-    /// and then the chunk back to its mean. Names of textual-inversion embeddings take their
-    /// vectors' places. A plain prompt (no syntax, no names, at most 75 tokens) is encoded
-    /// exactly as transformers' tokenizer and text encoder do.
+    /// The text encoder's last hidden state for `text`: `[1, 77 k, embed_dim]`.
+    ///
+    /// With the default [`PromptSyntax::Plain`](crate::prompt_syntax::PromptSyntax) k = 1:
+    /// the text is encoded as diffusers encodes it, its tokens past 75 cut off. With
+    /// `A1111`, as AUTOMATIC1111 does, a longer prompt is cut into chunks of 75 tokens (at the
+    /// last comma if one is within the last 20), each encoded as a prompt of its own and
+    /// concatenated; `BREAK` starts a new chunk; the emphasis (`(word:1.3)`, `(word)`,
+    /// `[word]`) scales each token's output and then the chunk back to its mean. Either way
+    /// names of textual-inversion embeddings take their vectors' places, and a text without
+    /// syntax, names or more than 75 tokens is encoded exactly as transformers does.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
         use crate::embedding::textual_inversion::{split, Piece};
-        use crate::prompt_syntax::{is_plain, parse, Part};
+        use crate::prompt_syntax::{is_plain, parse, Part, PromptSyntax};
+        let a1111 = self.prompt_syntax == PromptSyntax::A1111;
         let names: Vec<&str> = self
             .textual_inversions
             .iter()
@@ -226,12 +232,17 @@ impl StableDiffusion {
             .map_err(Error::Invalid)?
             .iter()
             .any(|p| matches!(p, Piece::Embedding(_)));
-        if !has_names && is_plain(text) && tok.tokens(text).len() <= chunk_len {
+        if !has_names && (!a1111 || (is_plain(text) && tok.tokens(text).len() <= chunk_len)) {
             return self.text_encoder.forward(&self.tokenize(text)?);
         }
+        let parts = if a1111 {
+            parse(text)
+        } else {
+            vec![Part::Text(text.to_string(), 1.0)]
+        };
         // Tokens with their weights and (for embeddings) vectors; None marks BREAK.
         let mut items: Vec<Option<(u32, f64, Option<Tensor>)>> = Vec::new();
-        for part in parse(text) {
+        for part in parts {
             match part {
                 Part::Break => items.push(None),
                 Part::Text(t, w) => {
@@ -251,7 +262,12 @@ impl StableDiffusion {
                 }
             }
         }
-        let chunks = chunk_tokens(items, chunk_len, tok.tokens(",").first().copied());
+        let chunks = if a1111 {
+            chunk_tokens(items, chunk_len, tok.tokens(",").first().copied())
+        } else {
+            // One chunk, cut at 75 tokens as the tokenizer cuts a plain prompt.
+            vec![items.into_iter().flatten().take(chunk_len).collect()]
+        };
         let mut outs = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let mut ids = vec![tok.bos_id()];

@@ -4,6 +4,28 @@
 //! apply to the end of the prompt, as in A1111. The encoder (`pipeline`) turns the weighted
 //! pieces into tokens, chunks of 75 and a scaled embedding.
 
+/// How prompts are read: as diffusers reads them (the default: text truncated to 75
+/// tokens, brackets are text), or with AUTOMATIC1111's emphasis and long-prompt chunking.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptSyntax {
+    /// diffusers / transformers: at most 75 tokens, the rest cut off; no emphasis.
+    #[default]
+    Plain,
+    /// AUTOMATIC1111: (word:1.3), (word), [word], BREAK, and chunks of 75 tokens.
+    A1111,
+}
+
 /// A piece of a parsed prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Part {

@@ -3,19 +3,21 @@
 //! tests/fixtures/prompt_syntax).
 
 use candle_core::{DType, Device, Tensor};
-use reneg::prompt_syntax::{parse, Part};
+use reneg::prompt_syntax::{parse, Part, PromptSyntax};
 use reneg::StableDiffusion;
 use std::path::Path;
 
 const FIX: &str = "tests/fixtures/prompt_syntax";
 
 fn model() -> StableDiffusion {
-    StableDiffusion::load(
+    let mut sd = StableDiffusion::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         DType::F32,
         &Device::Cpu,
     )
-    .unwrap()
+    .unwrap();
+    sd.prompt_syntax = PromptSyntax::A1111;
+    sd
 }
 
 fn case() -> serde_json::Value {
@@ -112,6 +114,32 @@ fn plain_prompts_encode_exactly_as_before_and_contexts_pad_with_the_empty_chunk(
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(same, 0.0, "{text:?}");
+    }
+    // Without A1111's syntax (the default) a long prompt is cut at 75 tokens and brackets are
+    // text, as diffusers reads them.
+    let mut plain = model();
+    plain.prompt_syntax = PromptSyntax::Plain;
+    for text in [
+        case()["prompts"][4]["prompt"].as_str().unwrap(),
+        "a (red:1.3) cat BREAK a dog",
+    ] {
+        let got = plain.encode_prompt(text).unwrap();
+        let want = plain
+            .text_encoder
+            .forward(&plain.tokenize(text).unwrap())
+            .unwrap();
+        assert_eq!(got.dims(), &[1, 77, 32]);
+        let d = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(d, 0.0, "{text:?}");
     }
     // A one-chunk negative beside a two-chunk prompt: the negative gets the empty chunk.
     let short = sd.encode_prompt("blurry").unwrap();

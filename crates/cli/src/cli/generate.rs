@@ -294,6 +294,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "vae": args.model.vae.as_ref().map(|p| p.display().to_string()),
                 "clip_skip": args.model.clip_skip,
                 "loras": args.model.lora,
+                "prompt_syntax": args.model.prompt_syntax,
                 "embeddings": args.model.embeddings,
                 "dtype": format!("{dtype:?}").to_lowercase(),
                 "precision": args.precision.name(),

@@ -105,6 +105,10 @@ pub struct ModelArgs {
     /// load, FILE or FILE:SCALE (scale 1 by default); repeat for several.
     #[arg(long)]
     pub lora: Vec<String>,
+    /// How prompts are read: plain (diffusers: cut at 75 tokens, brackets are text) or a1111
+    /// (AUTOMATIC1111's emphasis (word:1.3), (word), [word], BREAK, and chunks of 75 tokens).
+    #[arg(long, value_enum, default_value = "plain")]
+    pub prompt_syntax: reneg::prompt_syntax::PromptSyntax,
     /// A diffusers AutoencoderKL folder to use instead of the model's VAE (e.g. sd-vae-ft-mse).
     #[arg(long)]
     pub vae: Option<PathBuf>,
@@ -150,6 +154,7 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
         sd.replace_vae(vae).map_err(lib)?;
     }
     sd.text_encoder.set_clip_skip(m.clip_skip).map_err(lib)?;
+    sd.prompt_syntax = m.prompt_syntax;
     for spec in &m.embeddings {
         use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
         let (ti_name, file) = parse_spec(spec);
