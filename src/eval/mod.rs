@@ -39,6 +39,11 @@ pub struct Manifest {
     /// it under each reward, so an optimised score is never read as an independent one.
     #[serde(default)]
     pub roles: std::collections::BTreeMap<String, String>,
+    /// What else shapes the model's images ("lora=FILE:0.7", "embedding=NAME=FILE",
+    /// "vae=DIR", "clip_skip=1", "prompt_syntax=a1111"), so that resuming with other files
+    /// or settings is refused as other negatives or prompts are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_options: Vec<String>,
 }
 
 /// What each reward is to the negatives compared ([`Manifest::roles`]). `rewards`: each

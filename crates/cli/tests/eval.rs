@@ -468,6 +468,7 @@ fn nan_scores_are_recorded_counted_and_do_not_break_later_runs() {
         rewards: vec!["r".into()],
         adapt: None,
         roles: Default::default(),
+        model_options: vec![],
     };
     let mut recs = vec![];
     for p in 0..2 {
@@ -533,4 +534,29 @@ fn records_whose_image_path_leaves_the_folder_are_refused() {
             "{err}"
         );
     }
+}
+
+/// An evaluation resumed with another LoRA, textual-inversion file, VAE, clip skip or prompt
+/// syntax would mix images of two models: the manifest records them and the rerun is refused.
+#[test]
+fn resuming_with_other_model_options_is_refused() {
+    let dir = tempdir("options");
+    let tsv = prompts(&dir);
+    let out = dir.join("out");
+    run_eval(&tsv, &out, &["--limit", "1"]);
+    for extra in [
+        vec!["--clip-skip", "1"],
+        vec!["--prompt-syntax", "a1111"],
+        vec!["--lora", repo!("tests/fixtures/lora/kohya.safetensors")],
+    ] {
+        let mut args = eval_args(&tsv, &out, &["--limit", "1"]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let o = reneg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("other settings"), "{extra:?}: {err}");
+    }
+    // The same settings resume.
+    run_eval(&tsv, &out, &["--limit", "1"]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

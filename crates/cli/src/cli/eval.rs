@@ -233,6 +233,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.adapt.adapt_lr,
         )),
         roles: eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags),
+        model_options: args.model.options(),
     };
     match Manifest::load(&args.out).map_err(lib)? {
         Some(old) if old != manifest => {

@@ -119,6 +119,23 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The options besides the model that change its images, as `key=value` lines (empty
+    /// when all are at their defaults): recorded in an evaluation's manifest.
+    pub fn options(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lora.iter().map(|l| format!("lora={l}")).collect();
+        v.extend(self.embeddings.iter().map(|e| format!("embedding={e}")));
+        if let Some(vae) = &self.vae {
+            v.push(format!("vae={}", vae.display()));
+        }
+        if self.clip_skip != 0 {
+            v.push(format!("clip_skip={}", self.clip_skip));
+        }
+        if self.prompt_syntax != reneg::prompt_syntax::PromptSyntax::Plain {
+            v.push("prompt_syntax=a1111".into());
+        }
+        v
+    }
+
     /// The `--model` value, or the built-in miniature-world pipeline (`builtin`).
     pub fn name(&self) -> Result<String> {
         match &self.model {
