@@ -28,6 +28,9 @@ pub struct StableDiffusion {
     pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
     /// Textual-inversion embeddings prompts may use by name ([`Self::add_textual_inversion`]).
     pub textual_inversions: Vec<crate::embedding::textual_inversion::TextualInversion>,
+    /// The empty prompt's encoding, made once on first need: [`Self::cat_contexts`] pads
+    /// with it at every sampling step.
+    empty_chunk: std::sync::OnceLock<Tensor>,
     dtype: DType,
     device: Device,
 }
@@ -159,6 +162,7 @@ impl StableDiffusion {
             root: root.to_path_buf(),
             textual_inversions: Vec::new(),
             prompt_syntax: Default::default(),
+            empty_chunk: std::sync::OnceLock::new(),
             dtype,
             device: device.clone(),
         })
@@ -320,7 +324,13 @@ impl StableDiffusion {
         {
             return Ok(Tensor::cat(contexts, 0)?);
         }
-        let empty = self.text_encoder.forward(&self.tokenize("")?)?;
+        let empty = match self.empty_chunk.get() {
+            Some(e) => e.clone(),
+            None => {
+                let e = self.text_encoder.forward(&self.tokenize("")?)?;
+                self.empty_chunk.get_or_init(|| e).clone()
+            }
+        };
         let chunk = empty.dim(1)?;
         let padded = contexts
             .iter()
@@ -341,6 +351,14 @@ impl StableDiffusion {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&padded, 0)?)
+    }
+
+    /// The text encoder's clip skip ([`ClipTextModel::set_clip_skip`]); use this rather than
+    /// the text encoder's own setter, so that the cached empty-prompt chunk follows it.
+    pub fn set_clip_skip(&mut self, skip: usize) -> Result<()> {
+        self.text_encoder.set_clip_skip(skip)?;
+        self.empty_chunk = std::sync::OnceLock::new();
+        Ok(())
     }
 
     /// Replaces the VAE with the diffusers `AutoencoderKL` in `dir` (e.g. a fine-tuned

@@ -3,7 +3,10 @@
 //! (alpha / rank = 0.5; linear layers, 1x1 and 3x3 convolutions, the text encoder) and the
 //! diffusers/PEFT layout.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{max_abs, max_abs_diff};
 use reneg::lora::{parse_spec, Lora};
 use reneg::StableDiffusion;
 use std::collections::HashMap;
@@ -13,17 +16,7 @@ const PIPE: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
 const FIX: &str = "tests/fixtures/lora";
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let m = |t: Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap() as f64
-    };
-    m((a - b).unwrap()) / m(b.clone())
+    max_abs_diff(a, b) / max_abs(b)
 }
 
 fn outputs(sd: &StableDiffusion, latents: &Tensor) -> (Tensor, Tensor) {
@@ -53,7 +46,8 @@ fn merged_loras_give_diffusers_fused_outputs_in_both_layouts() {
             rel_err(&e, &want[&format!("{name}_eps")]),
         );
         println!("{name} LoRA at {scale}: text {et:.2e}, eps {ee:.2e} (relative)");
-        assert!(et < 1e-5 && ee < 1e-5, "{name}: {et} {ee}");
+        // Measured at most 3.9e-7 (text) and 3.4e-6 (UNet output).
+        assert!(et < 1e-6 && ee < 1e-5, "{name}: {et} {ee}");
         // The LoRA changes the UNet's output (a merge that did nothing would fail above, unless
         // the fixture were degenerate: check it is not).
         assert!(rel_err(&e, &be) > 1e-2, "{name}");

@@ -2,7 +2,10 @@
 //! transformers' tokenizer and text encoder (tools/gen_prompt_syntax_fixtures.py,
 //! tests/fixtures/prompt_syntax).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::{max_abs, max_abs_diff};
 use reneg::prompt_syntax::{parse, Part, PromptSyntax};
 use reneg::StableDiffusion;
 use std::path::Path;
@@ -63,25 +66,8 @@ fn long_and_weighted_prompts_encode_as_the_reference() {
         let got = sd.encode_prompt(text).unwrap();
         let want = &expected[&format!("embeds_{i}")];
         assert_eq!(got.dims(), want.dims(), "{text:?}");
-        let err = (&got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs_diff(&got, want);
+        let scale = max_abs(want);
         // Relative to the largest value, as the parity suite measures (the mean rescaling of
         // weighted chunks amplifies f32 rounding in both implementations).
         let rel = err / scale;
@@ -103,16 +89,7 @@ fn plain_prompts_encode_exactly_as_before_and_contexts_pad_with_the_empty_chunk(
             .forward(&sd.tokenize(text).unwrap())
             .unwrap();
         let new = sd.encode_prompt(text).unwrap();
-        let same = (&old - &new)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let same = max_abs_diff(&old, &new);
         assert_eq!(same, 0.0, "{text:?}");
     }
     // Without A1111's syntax (the default) a long prompt is cut at 75 tokens and brackets are
@@ -129,16 +106,7 @@ fn plain_prompts_encode_exactly_as_before_and_contexts_pad_with_the_empty_chunk(
             .forward(&plain.tokenize(text).unwrap())
             .unwrap();
         assert_eq!(got.dims(), &[1, 77, 32]);
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert_eq!(d, 0.0, "{text:?}");
     }
     // A one-chunk negative beside a two-chunk prompt: the negative gets the empty chunk.
@@ -148,15 +116,6 @@ fn plain_prompts_encode_exactly_as_before_and_contexts_pad_with_the_empty_chunk(
     assert_eq!(both.dims(), &[2, 154, 32]);
     let tail: Tensor = both.get(0).unwrap().narrow(0, 77, 77).unwrap();
     let empty = sd.encode_prompt("").unwrap().squeeze(0).unwrap();
-    let d = (tail - empty)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&tail, &empty);
     assert_eq!(d, 0.0);
 }

@@ -117,9 +117,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
-    for p in &prompt_list {
-        sd.check_prompt(&p.text).map_err(lib)?;
-    }
+    super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
     let (h, w) = image_size(&sd, args.height, args.width)?;
     let f = sd.vae_scale();

@@ -156,6 +156,15 @@ pub fn load_loras(specs: &[String]) -> Result<Vec<reneg::lora::Lora>> {
         .collect()
 }
 
+/// Refuses, before anything is written, prompts that `sd` could not encode (an
+/// `embedding:NAME` with no such embedding loaded).
+pub fn check_prompts(sd: &StableDiffusion, prompts: &[reneg::prompts::Prompt]) -> Result<()> {
+    for p in prompts {
+        sd.check_prompt(&p.text).map_err(lib)?;
+    }
+    Ok(())
+}
+
 pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<StableDiffusion> {
     let options = reneg::source::LoadOptions {
         offline: m.offline,
@@ -170,7 +179,7 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
     if let Some(vae) = &m.vae {
         sd.replace_vae(vae).map_err(lib)?;
     }
-    sd.text_encoder.set_clip_skip(m.clip_skip).map_err(lib)?;
+    sd.set_clip_skip(m.clip_skip).map_err(lib)?;
     sd.prompt_syntax = m.prompt_syntax;
     for spec in &m.embeddings {
         use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
