@@ -77,12 +77,19 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         Ok(img.matmul(&txt.t()?)?.broadcast_mul(&scale)?)
     };
     let labels = Tensor::arange(0u32, BATCH as u32, dev)?;
-    let final_loss = fit("clip", vars_of(&vb.vars()), steps, 2e-3, |step| {
-        let l = logits((step * BATCH) as u64, TRAIN_SEED)?;
-        let a = candle_nn::loss::cross_entropy(&l, &labels)?;
-        let b = candle_nn::loss::cross_entropy(&l.t()?, &labels)?;
-        Ok(((a + b)? * 0.5)?)
-    })?;
+    let final_loss = fit(
+        "clip",
+        vars_of(&vb.vars()),
+        steps,
+        2e-3,
+        &super::checkpoint_path(layout, "clip"),
+        |step| {
+            let l = logits((step * BATCH) as u64, TRAIN_SEED)?;
+            let a = candle_nn::loss::cross_entropy(&l, &labels)?;
+            let b = candle_nn::loss::cross_entropy(&l.t()?, &labels)?;
+            Ok(((a + b)? * 0.5)?)
+        },
+    )?;
 
     // Held-out retrieval: is each image's own caption its best match in a batch of 64?
     let mut hits = 0usize;

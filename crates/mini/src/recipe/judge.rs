@@ -110,17 +110,24 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let judge = Judge::new(cfg.clone(), &vb)?;
     let data = data();
     let clock = Instant::now();
-    let final_loss = fit("judge", vars_of(&vb.vars()), steps, 2e-3, |step| {
-        let (images, ex) = mixed_batch(
-            &vae,
-            TRAIN_SEED ^ 0x1D6E,
-            (step * BATCH) as u64,
-            BATCH,
-            &data,
-            dev,
-        )?;
-        loss(&judge, &images, &ex, dev)
-    })?;
+    let final_loss = fit(
+        "judge",
+        vars_of(&vb.vars()),
+        steps,
+        2e-3,
+        &super::checkpoint_path(layout, "judge"),
+        |step| {
+            let (images, ex) = mixed_batch(
+                &vae,
+                TRAIN_SEED ^ 0x1D6E,
+                (step * BATCH) as u64,
+                BATCH,
+                &data,
+                dev,
+            )?;
+            loss(&judge, &images, &ex, dev)
+        },
+    )?;
     // Held-out checks, on crisp renderings and on round trips separately.
     let mut right = [[0usize; 2]; 2];
     let mut total = 0usize;

@@ -12,7 +12,6 @@ pub mod vae;
 
 use crate::{example, DataConfig, Example};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::Optimizer;
 use reneg::error::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,7 +38,7 @@ impl Default for Budget {
         Self {
             clip: 600,
             vae: 800,
-            unet: 3600,
+            unet: 10_800,
             reward: 800,
             judge: 1000,
         }
@@ -114,6 +113,12 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
     write_prompts(&layout)?;
     let b = &cfg.budget;
     let done = |dir: &Path, file: &str| !cfg.force && dir.join(file).is_file();
+    if cfg.force {
+        // Retraining from scratch: unfinished state of an earlier run is not resumed.
+        for m in ["clip", "vae", "reward", "unet", "judge"] {
+            remove_checkpoint(&layout, m)?;
+        }
+    }
     // Two chains at a time (a tiny model's step uses about one core of two). The CLIP and
     // then the VAE beside the reward; then the UNet (on the CLIP text tower and the VAE)
     // beside the judge (calibrated on VAE round trips).
@@ -138,12 +143,14 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
         if !done(&layout.clip(), "model.safetensors") {
             r.push(clip::train(&layout, cfg.seed, b.clip, device)?);
+            remove_checkpoint(&layout, "clip")?;
         }
         if !done(
             &layout.pipeline().join("vae"),
             "diffusion_pytorch_model.safetensors",
         ) {
             r.push(vae::train(&layout, cfg.seed, b.vae, device)?);
+            remove_checkpoint(&layout, "vae")?;
         }
         Ok(r)
     };
@@ -151,6 +158,7 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
         if !done(&layout.reward(), "open_clip_model.safetensors") {
             r.push(reward::train(&layout, cfg.seed, b.reward, device)?);
+            remove_checkpoint(&layout, "reward")?;
         }
         Ok(r)
     };
@@ -161,6 +169,7 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
             "diffusion_pytorch_model.safetensors",
         ) {
             r.push(unet::train(&layout, cfg.seed, b.unet, device)?);
+            remove_checkpoint(&layout, "unet")?;
         }
         Ok(r)
     };
@@ -168,6 +177,7 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
         if !done(&layout.judge(), crate::judge::WEIGHTS_FILE) {
             r.push(judge::train(&layout, cfg.seed, b.judge, device)?);
+            remove_checkpoint(&layout, "judge")?;
         }
         Ok(r)
     };
@@ -288,33 +298,58 @@ pub(crate) fn save_vars(
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
+/// How often (in steps) an unfinished model's state is written: a long model (the UNet runs
+/// for hours on two cores) loses at most this much work to an interruption.
+const CHECKPOINT_EVERY: usize = 100;
+
 /// AdamW with linear warm-up and cosine decay, a loss per step from `step_loss`; logs every
 /// tenth of the run. Returns the mean loss over the last tenth.
+///
+/// Every [`CHECKPOINT_EVERY`] steps the parameters, the optimiser's moments, the step and the
+/// recent losses are written atomically to `checkpoint`; a rerun that finds the file resumes
+/// from it, and the file is removed once the model is done. `step_loss` must depend only on
+/// the step (no state carried between steps), so a resumed run computes what an uninterrupted
+/// one would.
 pub(crate) fn fit(
     name: &str,
     vars: Vec<Var>,
     steps: usize,
     lr: f64,
+    checkpoint: &Path,
     mut step_loss: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<f64> {
-    let params = candle_nn::ParamsAdamW {
+    use reneg::train::optim::{AdamW, AdamWConfig};
+    let cfg = AdamWConfig {
         lr,
         weight_decay: 0.01,
-        ..Default::default()
+        ..AdamWConfig::default()
     };
-    let mut opt = candle_nn::AdamW::new(vars, params)?;
+    let mut states: Vec<AdamW> = vars
+        .iter()
+        .map(|v| AdamW::new(cfg.clone(), v.as_tensor()))
+        .collect::<Result<_>>()?;
+    let mut recent: Vec<f64> = Vec::new();
+    let first = if checkpoint.is_file() {
+        let (step, losses) = restore(checkpoint, &vars, &mut states, steps)?;
+        eprintln!(
+            "mini {name}: resuming at step {step}/{steps} from {}",
+            checkpoint.display()
+        );
+        recent = losses;
+        step
+    } else {
+        0
+    };
     let warmup = (steps / 20).max(1);
     let start = Instant::now();
-    let mut recent: Vec<f64> = Vec::new();
     let every = (steps / 10).max(1);
-    for step in 0..steps {
+    for step in first..steps {
         let f = if step < warmup {
             (step + 1) as f64 / warmup as f64
         } else {
             let p = (step - warmup) as f64 / (steps - warmup).max(1) as f64;
             0.5 * (1.0 + (std::f64::consts::PI * p).cos())
         };
-        opt.set_learning_rate(lr * f.max(0.02));
         let loss = step_loss(step)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
@@ -322,7 +357,13 @@ pub(crate) fn fit(
                 "{name}: the loss became {value} at step {step}; lower the learning rate"
             )));
         }
-        opt.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        for (var, st) in vars.iter().zip(states.iter_mut()) {
+            if let Some(g) = grads.get(var) {
+                let next = st.update(var.as_tensor(), g, lr * f.max(0.02))?;
+                var.set(&next)?;
+            }
+        }
         recent.push(value);
         if recent.len() > every {
             recent.remove(0);
@@ -335,8 +376,106 @@ pub(crate) fn fit(
                 start.elapsed().as_secs_f64()
             );
         }
+        if (step + 1) % CHECKPOINT_EVERY == 0 && step + 1 < steps {
+            save_checkpoint(checkpoint, step + 1, &vars, &states, &recent)?;
+        }
     }
     Ok(recent.iter().sum::<f64>() / recent.len().max(1) as f64)
+}
+
+/// Removes model `name`'s checkpoint once the model itself is written.
+fn remove_checkpoint(layout: &Layout, name: &str) -> Result<()> {
+    let path = checkpoint_path(layout, name);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::file(&path, format!("cannot remove: {e}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The checkpoint file of model `name` under the recipe's output folder.
+pub(crate) fn checkpoint_path(layout: &Layout, name: &str) -> PathBuf {
+    layout.root.join(format!(".{name}.partial.safetensors"))
+}
+
+fn save_checkpoint(
+    path: &Path,
+    step: usize,
+    vars: &[Var],
+    states: &[AdamWState],
+    recent: &[f64],
+) -> Result<()> {
+    let mut map: HashMap<String, Tensor> = HashMap::new();
+    for (i, (v, st)) in vars.iter().zip(states).enumerate() {
+        map.insert(format!("param.{i}"), v.as_tensor().detach());
+        map.insert(format!("m.{i}"), st.m.clone());
+        map.insert(format!("v.{i}"), st.v.clone());
+    }
+    let steps: Vec<i64> = states.iter().map(|s| s.step as i64).collect();
+    map.insert(
+        "optimiser_steps".into(),
+        Tensor::from_vec(steps, states.len(), &Device::Cpu)?,
+    );
+    map.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
+    map.insert(
+        "recent_losses".into(),
+        Tensor::from_vec(recent.to_vec(), recent.len(), &Device::Cpu)?,
+    );
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&map, &tmp)
+        .map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot write: {e}")))
+}
+
+type AdamWState = reneg::train::optim::AdamW;
+
+/// Loads a checkpoint written by [`save_checkpoint`] into `vars` and `states`; returns the
+/// step to continue from and the recent losses. Refuses a file for another model or run.
+fn restore(
+    path: &Path,
+    vars: &[Var],
+    states: &mut [AdamWState],
+    steps: usize,
+) -> Result<(usize, Vec<f64>)> {
+    let bad = |why: String| {
+        Error::file(
+            path,
+            format!("{why}; it is not this model's checkpoint, delete it to start over"),
+        )
+    };
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let get = |k: &str| map.get(k).ok_or_else(|| bad(format!("it has no `{k}`")));
+    let step = get("step")?.to_vec1::<i64>()?[0] as usize;
+    if step >= steps {
+        return Err(bad(format!("it is at step {step} of a {steps}-step run")));
+    }
+    let opt_steps = get("optimiser_steps")?.to_vec1::<i64>()?;
+    if opt_steps.len() != vars.len() {
+        return Err(bad(format!(
+            "it holds {} tensors, the model {}",
+            opt_steps.len(),
+            vars.len()
+        )));
+    }
+    for (i, (v, st)) in vars.iter().zip(states.iter_mut()).enumerate() {
+        let p = get(&format!("param.{i}"))?;
+        if p.dims() != v.dims() {
+            return Err(bad(format!(
+                "tensor {i} has shape {:?}, not {:?}",
+                p.dims(),
+                v.dims()
+            )));
+        }
+        let dev = v.device();
+        v.set(&p.to_device(dev)?)?;
+        st.m = get(&format!("m.{i}"))?.to_device(dev)?;
+        st.v = get(&format!("v.{i}"))?.to_device(dev)?;
+        st.step = opt_steps[i] as u64;
+    }
+    let recent = get("recent_losses")?.to_vec1::<f64>()?;
+    Ok((step, recent))
 }
 
 /// Token ids of `texts` as `[n, max_len]`.
@@ -370,4 +509,76 @@ pub(crate) fn token_ids_trimmed(
 
 pub(crate) fn vars_of(list: &[(String, Var)]) -> Vec<Var> {
     list.iter().map(|(_, v)| v.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A least-squares fit of 3 parameters to a fixed target: the loss of step `s` weights
+    /// the coordinates by the step, so a resumed run that replayed or skipped a step, or lost
+    /// the optimiser's moments, ends somewhere else.
+    fn run_fit(vars: &[Var], steps: usize, ckpt: &Path, fail_at: Option<usize>) -> Result<f64> {
+        let target = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)?;
+        fit("toy", vars.to_vec(), steps, 0.05, ckpt, |step| {
+            if Some(step) == fail_at {
+                return Err(Error::Invalid("interrupted".into()));
+            }
+            let w = Tensor::new(
+                &[1.0f32, 1.0 + (step % 7) as f32, 2.0 + (step % 3) as f32],
+                &Device::Cpu,
+            )?;
+            Ok((vars[0].as_tensor() - &target)?.sqr()?.mul(&w)?.sum_all()?)
+        })
+    }
+
+    fn fresh() -> Var {
+        Var::from_tensor(&Tensor::new(&[0.0f32, 0.0, 0.0], &Device::Cpu).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_interrupted_fit_resumes_to_the_uninterrupted_result() {
+        let dir = std::env::temp_dir().join(format!("reneg-fit-resume-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ckpt = dir.join(".toy.partial.safetensors");
+        let _ = std::fs::remove_file(&ckpt);
+        let steps = 2 * CHECKPOINT_EVERY + 50;
+
+        let whole = fresh();
+        let whole_loss = run_fit(std::slice::from_ref(&whole), steps, &ckpt, None).unwrap();
+        let _ = std::fs::remove_file(&ckpt);
+
+        // Interrupted after the second checkpoint: the work since it is lost, not the rest.
+        let broken = fresh();
+        let fail = 2 * CHECKPOINT_EVERY + 20;
+        assert!(run_fit(std::slice::from_ref(&broken), steps, &ckpt, Some(fail)).is_err());
+        assert!(
+            ckpt.is_file(),
+            "no checkpoint was written before the interruption"
+        );
+        let resumed = fresh();
+        let resumed_loss = run_fit(std::slice::from_ref(&resumed), steps, &ckpt, None).unwrap();
+
+        let a = whole.as_tensor().to_vec1::<f32>().unwrap();
+        let b = resumed.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            a, b,
+            "resumed parameters differ from the uninterrupted run's"
+        );
+        assert_eq!(whole_loss, resumed_loss);
+        // The run moved: the check above is not two untouched starts compared.
+        assert!(a.iter().all(|x| *x != 0.0), "{a:?}");
+
+        // A checkpoint of another model's shape is refused with its path, not loaded.
+        let other = Var::from_tensor(&Tensor::new(&[0.0f32; 4], &Device::Cpu).unwrap()).unwrap();
+        assert!(run_fit(std::slice::from_ref(&resumed), steps, &ckpt, Some(fail)).is_err());
+        let err = run_fit(&[other], steps, &ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(".toy.partial.safetensors") && err.contains("shape"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -79,12 +79,19 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         let sim = reward.similarity(&reward.preprocess.forward(&images)?, &ids)?;
         Ok((sim.narrow(0, 0, PAIRS)? - sim.narrow(0, PAIRS, PAIRS)?)?)
     };
-    let final_loss = fit("reward", vars_of(&vb.vars()), steps, 1e-3, |step| {
-        let m = margins(TRAIN_SEED, (step * PAIRS) as u64)?;
-        // -log sigmoid(s m) = softplus(-s m), written stably.
-        let x = (m * -SCALE)?;
-        Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?)
-    })?;
+    let final_loss = fit(
+        "reward",
+        vars_of(&vb.vars()),
+        steps,
+        1e-3,
+        &super::checkpoint_path(layout, "reward"),
+        |step| {
+            let m = margins(TRAIN_SEED, (step * PAIRS) as u64)?;
+            // -log sigmoid(s m) = softplus(-s m), written stably.
+            let x = (m * -SCALE)?;
+            Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?)
+        },
+    )?;
     let (mut quality, mut align) = (0usize, 0usize);
     let rounds = 8u64;
     for k in 0..rounds {

@@ -27,8 +27,8 @@ pub fn config() -> Value {
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
         "act_fn": "silu", "attention_head_dim": 4, "block_out_channels": [32, 64, 128],
         "center_input_sample": false, "cross_attention_dim": super::clip::WIDTH,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
         "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0,
         "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
         "mid_block_scale_factor": 1, "norm_eps": 1e-5, "norm_num_groups": 16,
@@ -101,7 +101,6 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let unet = UNet2DConditionModel::new(UNetConfig::from_value(config(), &cfg_path)?, &vb)?;
     let acp = alphas_cumprod();
     let data = DataConfig::default();
-    let mut rng = SplitMix64::new(seed ^ 0xD1FF);
     let clock = Instant::now();
 
     // One noised batch: (x_t, timesteps, context, noise).
@@ -136,11 +135,22 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
         Ok::<_, reneg::error::Error>((xt, tsf, ctx, noise))
     };
-    let final_loss = fit("unet", vars_of(&vb.vars()), steps, 1e-3, |step| {
-        let (xt, ts, ctx, noise) = noised(TRAIN_SEED, (step * BATCH) as u64, &mut rng, true)?;
-        let pred = unet.forward_each(&xt, &ts, &ctx)?;
-        Ok((pred - noise)?.sqr()?.mean_all()?)
-    })?;
+    let final_loss = fit(
+        "unet",
+        vars_of(&vb.vars()),
+        steps,
+        1e-3,
+        &super::checkpoint_path(layout, "unet"),
+        |step| {
+            // Each step's caption dropout, timesteps and noise come from the step alone, so a
+            // run resumed from a checkpoint draws what an uninterrupted one would.
+            let mut rng = SplitMix64::new((seed ^ 0xD1FF).wrapping_add((step as u64) << 32));
+            rng.next_u64();
+            let (xt, ts, ctx, noise) = noised(TRAIN_SEED, (step * BATCH) as u64, &mut rng, true)?;
+            let pred = unet.forward_each(&xt, &ts, &ctx)?;
+            Ok((pred - noise)?.sqr()?.mean_all()?)
+        },
+    )?;
     let mut check_rng = SplitMix64::new(7);
     let mut heldout = 0.0;
     for k in 0..4u64 {

@@ -39,18 +39,25 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let data = DataConfig::default();
     let clock = Instant::now();
     let mut noise_seed = seed;
-    let final_loss = fit("vae", vars_of(&vb.vars()), steps, 2e-3, |step| {
-        let (images, _) = batch(TRAIN_SEED, (step * BATCH) as u64, BATCH, &data, dev)?;
-        let x = ((images * 2.0)? - 1.0)?;
-        let (mean, logvar) = vae.encode(&x)?;
-        noise_seed = noise_seed.wrapping_add(1);
-        let eps = reneg::rng::randn(noise_seed, mean.dims(), DType::F32, dev)?;
-        let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
-        let recon = vae.decode(&z)?;
-        let mse = (recon - &x)?.sqr()?.mean_all()?;
-        let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()?;
-        Ok((mse + (kl * (0.5 * KL_WEIGHT))?)?)
-    })?;
+    let final_loss = fit(
+        "vae",
+        vars_of(&vb.vars()),
+        steps,
+        2e-3,
+        &super::checkpoint_path(layout, "vae"),
+        |step| {
+            let (images, _) = batch(TRAIN_SEED, (step * BATCH) as u64, BATCH, &data, dev)?;
+            let x = ((images * 2.0)? - 1.0)?;
+            let (mean, logvar) = vae.encode(&x)?;
+            noise_seed = noise_seed.wrapping_add(1);
+            let eps = reneg::rng::randn(noise_seed, mean.dims(), DType::F32, dev)?;
+            let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
+            let recon = vae.decode(&z)?;
+            let mse = (recon - &x)?.sqr()?.mean_all()?;
+            let kl = (((mean.sqr()? + logvar.exp()?)? - 1.0)? - &logvar)?.mean_all()?;
+            Ok((mse + (kl * (0.5 * KL_WEIGHT))?)?)
+        },
+    )?;
 
     // Held-out reconstruction error (of the latent mean) and the latents' spread.
     let (images, _) = batch(CHECK_SEED, 0, 128, &data, dev)?;
