@@ -35,7 +35,7 @@ use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::{AutoencoderKL, VaeConfig};
 use reneg::precision::Precision;
 use reneg::reward::LinearReward;
-use reneg::scheduler::{DdimConfig, DdimScheduler};
+use reneg::scheduler::SchedulerConfig;
 use reneg::tokenizer::ClipTokenizer;
 use reneg::train::step::{gradient_at, reneg_gradient, Backward, Objective, Pixels, Sampling};
 use reneg::weights::{Vb, Weights};
@@ -284,14 +284,12 @@ fn full(latent: usize, batch: usize) {
         &vb(3),
     )
     .unwrap();
-    let sched = DdimScheduler::new(
-        DdimConfig::from_value(
-            json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-            "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1}),
-            p,
-        )
-        .unwrap(),
-    );
+    let sched = SchedulerConfig::from_value(
+        json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1}),
+        p,
+    )
+    .unwrap();
     let sd = StableDiffusion::from_parts(
         ClipTokenizer::embedded("<|endoftext|>").unwrap(),
         te,
@@ -305,6 +303,11 @@ fn full(latent: usize, batch: usize) {
     .unwrap();
     let mut sd = sd;
     sd.set_checkpointing(bench_checkpointing());
+    // The gradient step at timestep 201, as the PyTorch reference takes it: DDIM's step 3
+    // of 5 (leading spacing, offset 1).
+    sd.scheduler.set_timesteps(5).unwrap();
+    let grad_step = 3;
+    assert_eq!(sd.scheduler.timestep(grad_step).unwrap(), 201.0);
     let sd = sd;
     let b = batch;
     // Between models everything is in the activation dtype (f32 under bf16/fp16 autocast).
@@ -322,7 +325,7 @@ fn full(latent: usize, batch: usize) {
     let weights_gpu_mb = mem.peak_mb();
     mem.reset();
     let sample_s = time(&dev, reps(if gpu { 5 } else { 2 }), || {
-        sd.guided_eps(&x, 501, &cond, &negs, 7.5).unwrap();
+        sd.guided_eps(&x, 501.0, &cond, &negs, 7.5).unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
     if std::env::var_os("RENEG_BENCH_SAMPLING_ONLY").is_some() {
@@ -349,7 +352,7 @@ fn full(latent: usize, batch: usize) {
             &prompts,
             &cond,
             &x,
-            201,
+            grad_step,
             (7.5, backward, 1.0),
         )
         .unwrap();

@@ -76,5 +76,39 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
-    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+    serde_json::from_str(&text)
+        .or_else(|e| serde_json::from_str(&python_literals_as_null(&text)).map_err(|_| e))
+        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+/// Python's `json.dump` writes `Infinity`, `-Infinity` and `NaN`, which JSON does not have
+/// (diffusers saves `"lambda_min_clipped": -Infinity` in DPM-Solver configs). They become
+/// `null` here, which every config reader takes as "the default"; strings are left alone.
+pub fn python_literals_as_null(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if c == '\\' {
+                let n = rest.chars().take(2).map(char::len_utf8).sum();
+                out.push_str(&rest[..n]);
+                rest = &rest[n..];
+                continue;
+            }
+            in_string = c != '"';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(lit) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|l| rest.starts_with(l))
+        {
+            out.push_str("null");
+            rest = &rest[lit.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }

@@ -6,7 +6,7 @@ use crate::error::{read_json, Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::scheduler::{DdimConfig, DdimScheduler};
+use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{Vb, Weights};
 use candle_core::{DType, Device, Tensor};
@@ -22,7 +22,9 @@ pub struct StableDiffusion {
     pub text_encoder: ClipTextModel,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
-    pub scheduler: DdimScheduler,
+    pub scheduler: Scheduler,
+    /// Set when the model's scheduler config names a sampler reneg stands another in for.
+    pub scheduler_note: Option<String>,
     pub root: PathBuf,
     /// How prompts are read ([`crate::prompt_syntax::PromptSyntax`]; diffusers' way by default).
     pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
@@ -117,9 +119,7 @@ impl StableDiffusion {
 
         let vae = load_vae(&root.join("vae"), dtype, device)?;
 
-        let scheduler = DdimScheduler::new(DdimConfig::load(
-            &root.join("scheduler/scheduler_config.json"),
-        )?);
+        let scheduler = SchedulerConfig::load(&root.join("scheduler/scheduler_config.json"))?;
 
         Self::from_parts(
             tokenizer,
@@ -139,7 +139,7 @@ impl StableDiffusion {
         text_encoder: ClipTextModel,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        scheduler: DdimScheduler,
+        scheduler: SchedulerConfig,
         root: &Path,
         dtype: DType,
         device: &Device,
@@ -153,12 +153,14 @@ impl StableDiffusion {
                 ),
             ));
         }
+        let (scheduler, scheduler_note) = Scheduler::from_config(scheduler)?;
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             vae,
             scheduler,
+            scheduler_note,
             root: root.to_path_buf(),
             textual_inversions: Vec::new(),
             prompt_syntax: Default::default(),
@@ -435,65 +437,96 @@ impl StableDiffusion {
     pub fn guided_eps(
         &self,
         latents: &Tensor,
-        t: usize,
+        t: f64,
         cond: &Tensor,
         uncond: &Tensor,
         guidance_scale: f64,
     ) -> Result<Tensor> {
         let needs_grad = uncond.is_variable() || uncond.track_op();
         if guidance_scale == 1.0 && !needs_grad {
-            return self.unet.forward(latents, t as f64, cond);
+            return self.unet.forward(latents, t, cond);
         }
         let b = latents.dim(0)?;
         let (u, c) = if needs_grad {
             let c = self
                 .unet
-                .forward(&latents.detach(), t as f64, &cond.detach())?
+                .forward(&latents.detach(), t, &cond.detach())?
                 .detach();
-            let u = self.unet.forward(latents, t as f64, uncond)?;
+            let u = self.unet.forward(latents, t, uncond)?;
             (u, c)
         } else {
             let x2 = Tensor::cat(&[latents, latents], 0)?;
             let ctx = self.cat_contexts(&[uncond, cond])?;
-            let out = self.unet.forward(&x2, t as f64, &ctx)?;
+            let out = self.unet.forward(&x2, t, &ctx)?;
             (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
         };
         guide(&u, &c, guidance_scale)
     }
 
-    /// The scheduler's x0 from the two guidance branches `u` (negative) and `c` (prompt).
+    /// The scheduler's x0 at step `i` from the two guidance branches `u` (negative) and `c`
+    /// (prompt) on `latents` (the sampler's own scale).
     pub fn guided_x0(
         &self,
         u: &Tensor,
         c: &Tensor,
-        t: usize,
+        i: usize,
         latents: &Tensor,
         g: f64,
     ) -> Result<Tensor> {
         self.scheduler
-            .pred_original_sample(&guide(u, c, g)?, t, latents)
+            .pred_original_sample(&guide(u, c, g)?, i, latents)
     }
 
-    /// Guided DDIM sampling from `latents` (already scaled noise) over the scheduler's
-    /// timesteps. Calls `on_step(i, t)` after each step. Returns the final latents.
+    /// The sampler's run over `steps` from standard-normal `noise` (scaled here to the
+    /// sampler's initial sigma), with guidance. A stochastic sampler's fresh noise comes
+    /// from each image's seed in `seeds` ([`crate::rng::step_noise`]). Calls
+    /// `on_step(i, t)` after each step. Returns the final latents.
+    #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &mut self,
-        latents: Tensor,
+        noise: Tensor,
         steps: usize,
         cond: &Tensor,
         uncond: &Tensor,
         guidance_scale: f64,
-        mut on_step: impl FnMut(usize, usize),
+        seeds: &[u64],
+        mut on_step: impl FnMut(usize, f64),
     ) -> Result<Tensor> {
         self.scheduler.set_timesteps(steps)?;
-        let timesteps = self.scheduler.timesteps().to_vec();
-        let mut x = latents;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let eps = self.guided_eps(&x, t, cond, uncond, guidance_scale)?;
-            x = self.scheduler.step(&eps, t, &x)?.prev_sample;
-            on_step(i, t);
+        let mut x = self.start_latents(noise)?;
+        for i in 0..self.scheduler.len() {
+            x = self.sample_step(&x, i, cond, uncond, guidance_scale, seeds)?;
+            on_step(i, self.scheduler.timestep(i)?);
         }
         Ok(x)
+    }
+
+    /// Standard-normal noise scaled to the sampler's starting noise level.
+    pub fn start_latents(&self, noise: Tensor) -> Result<Tensor> {
+        let s = self.scheduler.init_noise_sigma();
+        Ok(if s == 1.0 { noise } else { (noise * s)? })
+    }
+
+    /// One guided sampler step `i` from `x` (no gradient).
+    pub fn sample_step(
+        &mut self,
+        x: &Tensor,
+        i: usize,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f64,
+        seeds: &[u64],
+    ) -> Result<Tensor> {
+        let t = self.scheduler.timestep(i)?;
+        let input = self.scheduler.scale_model_input(x, i)?;
+        let eps = self.guided_eps(&input, t, cond, uncond, guidance_scale)?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let mut noise = |step: usize, shape: &[usize]| -> Result<Tensor> {
+            Ok(crate::rng::batch_step_noise(
+                seeds, step, shape, dtype, &device,
+            )?)
+        };
+        Ok(self.scheduler.step(&eps, i, x, &mut noise)?.prev_sample)
     }
 
     /// Decodes latents as sampled (divides by the VAE's scaling_factor) to raw pixels in about
@@ -502,19 +535,21 @@ impl StableDiffusion {
         self.vae.decode(&(latents / self.vae.scaling_factor())?)
     }
 
-    /// ReNeg's differentiable step: from `latents` at timestep `t`, one guided UNet step and
-    /// the scheduler's x0 prediction. The gradient flows to `uncond` only.
+    /// ReNeg's differentiable step: from `latents` at sampler step `i`, one guided UNet step
+    /// and the scheduler's x0 prediction. The gradient flows to `uncond` only.
     pub fn predict_x0(
         &self,
         latents: &Tensor,
-        t: usize,
+        i: usize,
         cond: &Tensor,
         uncond: &Tensor,
         guidance_scale: f64,
     ) -> Result<Tensor> {
-        let eps = self.guided_eps(&latents.detach(), t, cond, uncond, guidance_scale)?;
-        self.scheduler
-            .pred_original_sample(&eps, t, &latents.detach())
+        let latents = latents.detach();
+        let t = self.scheduler.timestep(i)?;
+        let input = self.scheduler.scale_model_input(&latents, i)?;
+        let eps = self.guided_eps(&input, t, cond, uncond, guidance_scale)?;
+        self.scheduler.pred_original_sample(&eps, i, &latents)
     }
 }
 

@@ -43,3 +43,37 @@ pub fn randn(
     let data: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     Tensor::from_vec(data, shape, device)?.to_dtype(dtype)
 }
+
+/// The fresh noise a stochastic sampler (Euler ancestral, DDIM with eta > 0) adds at `step`
+/// to the image whose starting noise came from `seed`: its own stream per image and step, so
+/// an image is the same whatever batch it is drawn in.
+pub fn step_noise(
+    seed: u64,
+    step: usize,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut mix = SplitMix64::new(seed ^ 0x5EED_57E9_0000_0000);
+    let stream = mix
+        .next_u64()
+        .wrapping_add((step as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+    randn(SplitMix64::new(stream).next_u64(), shape, dtype, device)
+}
+
+/// Per-image step noise for a batch of `seeds`: `[n, ...]` from the shape of one batch.
+pub fn batch_step_noise(
+    seeds: &[u64],
+    step: usize,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut one = shape.to_vec();
+    one[0] = 1;
+    let parts = seeds
+        .iter()
+        .map(|&s| step_noise(s, step, &one, dtype, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 0)
+}

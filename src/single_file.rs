@@ -655,7 +655,7 @@ pub fn load_with_loras(
     use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
     use crate::models::unet::{UNet2DConditionModel, UNetConfig};
     use crate::models::vae::{AutoencoderKL, VaeConfig};
-    use crate::scheduler::{DdimConfig, DdimScheduler};
+    use crate::scheduler::SchedulerConfig;
     use crate::tokenizer::ClipTokenizer;
     use crate::weights::{Vb, Weights};
 
@@ -682,10 +682,7 @@ pub fn load_with_loras(
         ClipTextConfig::from_value(c.text_config, &label("text encoder config"))?,
         &vb(c.text_encoder, "text encoder"),
     )?;
-    let scheduler = DdimScheduler::new(DdimConfig::from_value(
-        c.scheduler_config,
-        &label("scheduler config"),
-    )?);
+    let scheduler = SchedulerConfig::from_value(c.scheduler_config, &label("scheduler config"))?;
     let tok_dir = overrides
         .config_dir
         .as_ref()

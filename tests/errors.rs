@@ -8,7 +8,7 @@ use common::{max_abs, max_abs_diff};
 use candle_core::{DType, Device, Tensor};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::VaeConfig;
-use reneg::scheduler::DdimConfig;
+use reneg::scheduler::SchedulerConfig;
 use reneg::weights::{Vb, Weights};
 use reneg::{Error, StableDiffusion};
 use serde_json::{json, Value};
@@ -96,7 +96,7 @@ fn unsupported_vae_and_scheduler_values_are_named() {
     let err = VaeConfig::from_value(json!({"norm_num_groups": 0}), Path::new("vae/config.json"))
         .unwrap_err();
     assert!(err.to_string().contains("norm_num_groups"), "{err}");
-    let err = DdimConfig::from_value(
+    let err = SchedulerConfig::from_value(
         json!({"_class_name": "FlowMatchEulerDiscreteScheduler"}),
         Path::new("scheduler_config.json"),
     )
@@ -106,17 +106,18 @@ fn unsupported_vae_and_scheduler_values_are_named() {
         "{err}"
     );
     // A crash the fuzzer found (examples/fuzz.rs): zero training timesteps.
-    let err =
-        DdimConfig::from_value(json!({"num_train_timesteps": 0}), Path::new("s.json")).unwrap_err();
+    let err = SchedulerConfig::from_value(json!({"num_train_timesteps": 0}), Path::new("s.json"))
+        .unwrap_err();
     assert!(err.to_string().contains("num_train_timesteps"), "{err}");
-    let err =
-        DdimConfig::from_value(json!({"thresholding": true}), Path::new("s.json")).unwrap_err();
+    let err = SchedulerConfig::from_value(json!({"thresholding": true}), Path::new("s.json"))
+        .unwrap_err();
     assert!(err.to_string().contains("thresholding"), "{err}");
-    let err = DdimConfig::from_value(json!({"prediction_type": "flow"}), Path::new("s.json"))
+    let err = SchedulerConfig::from_value(json!({"prediction_type": "flow"}), Path::new("s.json"))
         .unwrap_err();
     assert!(err.to_string().contains("s.json"), "{err}");
-    // A pipeline saved with PNDM (as the original SD1.5) is sampled with DDIM from its config.
-    DdimConfig::from_value(json!({"_class_name": "PNDMScheduler"}), Path::new("s.json")).unwrap();
+    // A pipeline saved with PNDM (as the original SD1.5) loads; its sampler is PNDM's PLMS.
+    SchedulerConfig::from_value(json!({"_class_name": "PNDMScheduler"}), Path::new("s.json"))
+        .unwrap();
 }
 
 fn unet_tensors() -> HashMap<String, Tensor> {

@@ -12,7 +12,7 @@ use reneg::models::transformer::{
     BasicTransformerBlock, CrossAttention, Transformer2DModel, TransformerConfig,
 };
 use reneg::nn::{self, Activation, GroupNorm, LayerNorm};
-use reneg::scheduler::{DdimConfig, DdimScheduler};
+use reneg::scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use serde_json::json;
 use std::path::Path;
 
@@ -351,44 +351,61 @@ fn vae_decoder_and_encoder() {
     );
 }
 
+/// Every sampler's x0 prediction (what ReNeg decodes) and, composed with it, the UNet input
+/// scaling, for every prediction type it takes, at a middle step of a 10-step run.
 #[test]
-fn ddim_x0_prediction() {
-    for pt in ["epsilon", "v_prediction", "sample"] {
-        let s = DdimScheduler::new(
-            DdimConfig::from_value(
-                json!({"prediction_type": pt, "clip_sample": false}),
+fn every_samplers_x0_prediction() {
+    for kind in SchedulerKind::ALL {
+        for pt in ["epsilon", "v_prediction", "sample"] {
+            if kind == SchedulerKind::Pndm && pt == "sample" {
+                continue; // PNDM refuses sample prediction (tests/schedulers.rs)
+            }
+            let cfg = SchedulerConfig::from_value(
+                json!({"prediction_type": pt, "clip_sample": false,
+                       "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                       "beta_end": 0.012}),
                 Path::new("<test>"),
             )
-            .unwrap(),
-        );
-        let sample = randn(36, &[1, 4, 2, 2]);
-        let out = randn(37, &[1, 4, 2, 2]);
-        assert_gradient(
-            &format!("x0 ({pt}) wrt model output"),
-            |m| s.pred_original_sample(m, 601, &sample).unwrap(),
-            &out,
-        );
-        if pt == "sample" {
-            continue; // x0 is the model output itself: no dependence on the sample
+            .unwrap();
+            let mut s = Scheduler::new(kind, cfg).unwrap();
+            s.set_timesteps(10).unwrap();
+            let i = 4;
+            let sample = (randn(36, &[1, 4, 2, 2]) * s.init_noise_sigma().max(1.0)).unwrap();
+            let out = randn(37, &[1, 4, 2, 2]);
+            assert_gradient(
+                &format!("{kind} x0 ({pt}) wrt model output"),
+                |m| s.pred_original_sample(m, i, &sample).unwrap(),
+                &out,
+            );
+            if pt == "sample" {
+                continue; // x0 is the model output itself: no dependence on the sample
+            }
+            // The model output itself depends on the scaled input, as in ReNeg's step.
+            assert_gradient(
+                &format!("{kind} x0 ({pt}) of a model on the scaled input, wrt sample"),
+                |x| {
+                    let input = s.scale_model_input(x, i).unwrap();
+                    let m = ((input.sin().unwrap() * 0.7).unwrap() + &out).unwrap();
+                    s.pred_original_sample(&m, i, x).unwrap()
+                },
+                &sample,
+            );
         }
-        assert_gradient(
-            &format!("x0 ({pt}) wrt sample"),
-            |x| s.pred_original_sample(&out, 601, x).unwrap(),
-            &sample,
-        );
     }
 }
 
 #[test]
 fn guided_renege_step_wrt_negative_embedding() {
     for pt in ["epsilon", "v_prediction"] {
-        let sd = tiny_pipeline(40, pt);
+        let mut sd = tiny_pipeline(40, pt);
+        sd.scheduler.set_timesteps(5).unwrap();
+        assert_eq!(sd.scheduler.timestep(2).unwrap(), 401.0);
         let cond = randn(41, &[1, 77, 12]);
         let latents = randn(42, &[1, 4, 4, 4]);
         assert_gradient(
             &format!("guided step + x0 + decode ({pt}) wrt negative"),
             |u| {
-                let x0 = sd.predict_x0(&latents, 401, &cond, u, 7.5).unwrap();
+                let x0 = sd.predict_x0(&latents, 2, &cond, u, 7.5).unwrap();
                 sd.decode(&x0).unwrap()
             },
             &randn(43, &[1, 77, 12]),

@@ -292,7 +292,12 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         FORWARD_TOL,
     );
 
-    // Scheduler timesteps.
+    // Scheduler timesteps. The case format samples with DDIM (eta 0) whatever class the
+    // folder's scheduler config names.
+    sd.scheduler = sd
+        .scheduler
+        .with_kind(reneg::scheduler::SchedulerKind::Ddim)
+        .unwrap();
     sd.scheduler
         .set_timesteps(case.num_inference_steps)
         .unwrap();
@@ -303,12 +308,13 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     let (pe, ne) = (e("prompt_embeds"), e("negative_prompt_embeds"));
     let mut x = e("init_latents");
     let mut latents_at_grad_step = None;
-    for (i, &t) in sd.scheduler.timesteps().to_vec().iter().enumerate() {
+    for i in 0..sd.scheduler.len() {
         if i == case.grad_step_index {
             latents_at_grad_step = Some(x.clone());
         }
-        let eps = sd.guided_eps(&x, t, &pe, &ne, case.guidance_scale).unwrap();
-        x = sd.scheduler.step(&eps, t, &x).unwrap().prev_sample;
+        x = sd
+            .sample_step(&x, i, &pe, &ne, case.guidance_scale, &[0])
+            .unwrap();
     }
     report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
     if let Some(l) = latents_at_grad_step {
@@ -322,12 +328,11 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     );
 
     // The ReNeg gradient step: x0 from the reference's latents, linear stand-in reward.
-    let t = sd.scheduler.timesteps()[case.grad_step_index];
     let neg = Var::from_tensor(&ne).unwrap();
     let x0 = sd
         .predict_x0(
             &e("grad_latents_in"),
-            t,
+            case.grad_step_index,
             &pe,
             neg.as_tensor(),
             case.guidance_scale,

@@ -272,8 +272,13 @@ fn fp16_autocast_keeps_f32_between_models_and_follows_the_f32_gradient() {
     assert_eq!(activation_dtype(DType::F16), DType::F32);
     assert_eq!(activation_dtype(DType::F64), DType::F64);
     assert!(Precision::Bf16.check(&Device::Cpu).is_err());
-    let sd32 = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
-    let sd16 = StableDiffusion::load(Path::new(SD15), DType::F16, &Device::Cpu).unwrap();
+    let mut sd32 = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
+    let mut sd16 = StableDiffusion::load(Path::new(SD15), DType::F16, &Device::Cpu).unwrap();
+    // The gradient step at timestep 201: step 3 of DDIM's 5 (leading spacing, offset 1).
+    for sd in [&mut sd32, &mut sd16] {
+        sd.scheduler.set_timesteps(5).unwrap();
+        assert_eq!(sd.scheduler.timestep(3).unwrap(), 201.0);
+    }
     assert_eq!(
         (sd16.dtype(), sd16.weight_dtype()),
         (DType::F32, DType::F16)
@@ -296,7 +301,7 @@ fn fp16_autocast_keeps_f32_between_models_and_follows_the_f32_gradient() {
             &["a red cube".to_string()],
             &cond32,
             &x,
-            201,
+            3,
             (7.5, Backward::Staged, scale),
         )
         .unwrap()

@@ -34,6 +34,7 @@ fn image(sd: &mut StableDiffusion, case_dir: &Path) -> Tensor {
             &cond,
             &uncond,
             g,
+            &[0],
             |_, _| {},
         )
         .unwrap();

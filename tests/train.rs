@@ -138,6 +138,7 @@ fn training_step_gradient_equals_each_parity_case() {
                 &exp["negative_prompt_embeds"],
                 &[meta["prompt"].as_str().unwrap().to_string()],
                 exp["init_latents"].clone(),
+                &[0],
                 meta["grad_step_index"].as_u64().unwrap() as usize,
                 &s,
             )

@@ -168,9 +168,13 @@ pub fn targets() -> Vec<Target> {
             text: true,
             run: Box::new(move |b, _| {
                 if let Some(v) = json(b) {
-                    if let Ok(c) = reneg::scheduler::DdimConfig::from_value(v, cfg_path) {
-                        let mut s = reneg::scheduler::DdimScheduler::new(c);
-                        let _ = s.set_timesteps(7);
+                    if let Ok(c) = reneg::scheduler::SchedulerConfig::from_value(v, cfg_path) {
+                        for kind in reneg::scheduler::SchedulerKind::ALL {
+                            if let Ok(mut s) = reneg::scheduler::Scheduler::new(kind, c.clone()) {
+                                let _ = s.set_timesteps(7);
+                                let _ = s.set_timesteps(1);
+                            }
+                        }
                     }
                 }
             }),

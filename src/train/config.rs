@@ -72,9 +72,15 @@ pub struct TrainConfig {
     pub micro_batch_size: usize,
     #[serde(default = "d_guidance")]
     pub guidance_scale: f64,
-    /// DDIM sampling steps.
+    /// Sampling steps of each trajectory.
     #[serde(default = "d_sampling")]
     pub sampling_steps: usize,
+    /// The sampler (DDIM, as the paper trains; any other's x0 prediction works too).
+    #[serde(default = "d_scheduler")]
+    pub scheduler: crate::scheduler::SchedulerKind,
+    /// DDIM's eta (0: deterministic).
+    #[serde(default)]
+    pub eta: f64,
     /// The gradient step is drawn uniformly from the last this many sampling steps.
     #[serde(default = "d_window")]
     pub grad_step_window: usize,
@@ -135,6 +141,9 @@ fn d_guidance() -> f64 {
 }
 fn d_sampling() -> usize {
     30
+}
+fn d_scheduler() -> crate::scheduler::SchedulerKind {
+    crate::scheduler::SchedulerKind::Ddim
 }
 fn d_window() -> usize {
     10
@@ -198,6 +207,15 @@ impl TrainConfig {
         }
         if self.steps == 0 || self.checkpoint_every == 0 {
             return bad("steps and checkpoint_every must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.eta) {
+            return bad(format!("eta must be between 0 and 1, got {}", self.eta));
+        }
+        if self.eta != 0.0 && self.scheduler != crate::scheduler::SchedulerKind::Ddim {
+            return bad(format!(
+                "eta {} is DDIM's; the scheduler is {}",
+                self.eta, self.scheduler
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.lr));

@@ -153,33 +153,34 @@ pub fn reneg_gradient(
     s: &Sampling,
 ) -> Result<StepResult> {
     let start = noise(sd, seeds, s)?;
-    reneg_gradient_from(sd, objective, embedding, prompts, start, k, s)
+    reneg_gradient_from(sd, objective, embedding, prompts, start, seeds, k, s)
 }
 
-/// [`reneg_gradient`] from given starting latents `[n, C, h, w]`.
+/// [`reneg_gradient`] from given standard-normal starting noise `[n, C, h, w]` (scaled to
+/// the sampler's initial sigma here); `seeds` give a stochastic sampler's step noise.
+#[allow(clippy::too_many_arguments)]
 pub fn reneg_gradient_from(
     sd: &mut StableDiffusion,
     objective: &Objective,
     embedding: &Tensor,
     prompts: &[String],
     start: Tensor,
+    seeds: &[u64],
     k: usize,
     s: &Sampling,
 ) -> Result<StepResult> {
     let n = prompts.len();
     let cond = encode_all(sd, prompts)?;
     sd.scheduler.set_timesteps(s.steps)?;
-    let timesteps = sd.scheduler.timesteps().to_vec();
-    if k >= timesteps.len() {
+    if k >= sd.scheduler.len() {
         return Err(Error::Invalid(format!(
             "gradient step {k} is past the last sampling step"
         )));
     }
     let frozen = batch_of(&embedding.detach(), n)?;
-    let mut x = start;
-    for &t in &timesteps[..k] {
-        let eps = sd.guided_eps(&x, t, &cond, &frozen, s.guidance_scale)?;
-        x = sd.scheduler.step(&eps, t, &x)?.prev_sample;
+    let mut x = sd.start_latents(start)?;
+    for i in 0..k {
+        x = sd.sample_step(&x, i, &cond, &frozen, s.guidance_scale, seeds)?;
     }
     gradient_at(
         sd,
@@ -188,7 +189,7 @@ pub fn reneg_gradient_from(
         prompts,
         &cond,
         &x,
-        timesteps[k],
+        k,
         (s.guidance_scale, s.backward, s.loss_scale),
     )
 }
@@ -212,6 +213,7 @@ pub fn sampled_reward(
         &cond,
         &uncond,
         s.guidance_scale,
+        seeds,
         |_, _| {},
     )?;
     let images = objective.images(&sd.decode(&latents)?)?;
@@ -221,7 +223,8 @@ pub fn sampled_reward(
         .to_vec1::<f64>()?)
 }
 
-/// The gradient step at timestep `t` from latents `x` (`[n, C, h, w]`, no graph): the guided
+/// The gradient step at sampler step `i` from latents `x` (`[n, C, h, w]` in the sampler's
+/// scale, no graph; the scheduler's timesteps set): the guided
 /// noise prediction (guidance scale `g`), x0, decode, rewards, and d loss / d embedding
 /// through the negative branch only, arranged as `backward` says, with the loss scaled by
 /// `scale` in the backward (the returned gradient is unscaled).
@@ -233,19 +236,20 @@ pub fn gradient_at(
     prompts: &[String],
     cond: &Tensor,
     x: &Tensor,
-    t: usize,
+    i: usize,
     (g, backward, scale): (f64, Backward, f64),
 ) -> Result<StepResult> {
     let n = prompts.len();
+    let t = sd.scheduler.timestep(i)?;
+    // The UNet sees the sampler's scaled input; x0 is predicted on `x` itself.
+    let input = sd.scheduler.scale_model_input(x, i)?;
     let unscale =
         |grad: Tensor| -> Result<Tensor> { Ok(if scale == 1.0 { grad } else { (grad / scale)? }) };
     if backward == Backward::OnePass {
-        let c = sd.unet.forward(x, t as f64, cond)?.detach();
+        let c = sd.unet.forward(&input, t, cond)?.detach();
         let var = Var::from_tensor(&embedding.detach())?;
-        let u = sd
-            .unet
-            .forward(x, t as f64, &batch_of(var.as_tensor(), n)?)?;
-        let x0 = sd.guided_x0(&u, &c, t, x, g)?;
+        let u = sd.unet.forward(&input, t, &batch_of(var.as_tensor(), n)?)?;
+        let x0 = sd.guided_x0(&u, &c, i, x, g)?;
         let scores = objective.score(&objective.images(&sd.decode(&x0)?)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
         let grad = (&loss * scale)?
@@ -264,9 +268,9 @@ pub fn gradient_at(
     // (1) x0 without a graph, then d loss / d x0 through decode and reward;
     // (2) the negative branch again, with a graph, and back from x0 with that gradient.
     // The prompt branch c is computed once, without a graph.
-    let c = sd.unet.forward(x, t as f64, cond)?.detach();
-    let u0 = sd.unet.forward(x, t as f64, &frozen)?;
-    let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, t, x, g)?)?;
+    let c = sd.unet.forward(&input, t, cond)?.detach();
+    let u0 = sd.unet.forward(&input, t, &frozen)?;
+    let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, i, x, g)?)?;
     drop(u0);
     let images = objective.images(&sd.decode(x0.as_tensor())?)?;
     let scores = objective.score(&images, prompts)?;
@@ -284,8 +288,8 @@ pub fn gradient_at(
 
     let var = Var::from_tensor(&embedding.detach())?;
     let uncond = batch_of(var.as_tensor(), n)?;
-    let u = sd.unet.forward(x, t as f64, &uncond)?;
-    let surrogate = (sd.guided_x0(&u, &c, t, x, g)? * d_x0)?.sum_all()?;
+    let u = sd.unet.forward(&input, t, &uncond)?;
+    let surrogate = (sd.guided_x0(&u, &c, i, x, g)? * d_x0)?.sum_all()?;
     let grad = surrogate
         .backward()?
         .get(var.as_tensor())

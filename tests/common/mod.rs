@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::{AutoencoderKL, VaeConfig};
-use reneg::scheduler::{DdimConfig, DdimScheduler};
+use reneg::scheduler::SchedulerConfig;
 use reneg::tokenizer::ClipTokenizer;
 use reneg::weights::{Vb, Weights};
 use reneg::StableDiffusion;
@@ -99,15 +99,13 @@ pub fn tiny_pipeline(seed: u64, prediction_type: &str) -> StableDiffusion {
     )
     .unwrap();
     let text_encoder = ClipTextModel::new(te_cfg, &random_vb(seed + 1)).unwrap();
-    let sched = DdimScheduler::new(
-        DdimConfig::from_value(
-            json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                   "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
-                   "prediction_type": prediction_type}),
-            Path::new("<test scheduler config>"),
-        )
-        .unwrap(),
-    );
+    let sched = SchedulerConfig::from_value(
+        json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+               "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1,
+               "prediction_type": prediction_type}),
+        Path::new("<test scheduler config>"),
+    )
+    .unwrap();
     StableDiffusion::from_parts(
         ClipTokenizer::embedded("<|endoftext|>").unwrap(),
         text_encoder,

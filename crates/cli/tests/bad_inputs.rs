@@ -115,6 +115,12 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["norm_num_groups"] = serde_json::json!(0);
     std::fs::write(&cfg, v.to_string()).unwrap();
+    copy_dir(Path::new(SD15), &d.join("log-linear"));
+    let cfg = d.join("log-linear/scheduler/scheduler_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["interpolation_type"] = serde_json::json!("log_linear");
+    std::fs::write(&cfg, v.to_string()).unwrap();
     copy_dir(Path::new(SD15), &d.join("no-unet-config"));
     std::fs::remove_file(d.join("no-unet-config/unet/config.json")).unwrap();
 
@@ -163,6 +169,14 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {SD15} --clip-skip 99 --prompt x --out {{out}}"), "--clip-skip".into()),
         (format!("generate --model {SD15} --vae {} --prompt x --out {{out}}", p("no-vae")), "no-vae".into()),
         (format!("generate --model {SD15} --num-images-per-prompt 0 --prompt x --out {{out}}"), "--num-images-per-prompt".into()),
+        // Samplers: an unknown name, eta for a sampler without one, eta out of range, a model
+        // config the chosen sampler cannot honour.
+        (format!("generate --model {SD15} --scheduler dpm++3m --prompt x --out {{out}}"), "--scheduler".into()),
+        (format!("generate --model {SD15} --scheduler euler --eta 0.5 --prompt x --out {{out}}"), "--eta".into()),
+        (format!("generate --model {SD15} --eta 1.5 --prompt x --out {{out}}"), "--eta".into()),
+        (format!("generate --model {} --scheduler euler --prompt x --out {{out}}", p("log-linear")), "interpolation_type".into()),
+        (format!("eval --model {SD15} --scheduler heun --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "--scheduler".into()),
+        (format!("train --model {SD15} --scheduler euler-a --eta 0.3 --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "eta".into()),
         // LoRAs: a missing file, a file that is not a LoRA.
         (format!("generate --model {SD15} --lora {}:0.8 --prompt x --out {{out}}", p("missing-lora.safetensors")), "missing-lora.safetensors".into()),
         (format!("generate --model {SD15} --lora {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/torch_saved.safetensors")), "torch_saved.safetensors".into()),

@@ -100,6 +100,101 @@ fn generate_writes_png_with_parameters_and_jsonl_deterministically() {
     assert_eq!(read_png(&png).0, pixels);
 }
 
+/// Every sampler runs from the command line, names itself in the PNG's parameters (A1111's
+/// sampler names) and in images.jsonl, and draws its own image; a stochastic one (Euler
+/// ancestral, DDIM with eta) is the same from the same seed and in any batch.
+#[test]
+fn every_scheduler_generates_and_records_itself() {
+    let dir = tempdir("schedulers");
+    let names = [
+        ("ddim", "DDIM"),
+        ("euler", "Euler"),
+        ("euler-a", "Euler a"),
+        ("dpm++2m", "DPM++ 2M"),
+        ("dpm++2m-karras", "DPM++ 2M Karras"),
+        ("unipc", "UniPC"),
+        ("pndm", "PLMS"),
+    ];
+    let mut images: Vec<(String, Vec<u8>)> = vec![];
+    for (name, label) in names {
+        let out = dir.join(name.replace('+', "p"));
+        let o = reneg(&gen_args(out.to_str().unwrap(), &["--scheduler", name]));
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(&format!("sampler: {label}\n")),
+            "{name}"
+        );
+        let (pixels, .., params) = read_png(&out.join("00000-seed5.png"));
+        let params = params.unwrap();
+        assert!(params.contains(&format!("Sampler: {label}, ")), "{params}");
+        let rec: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(out.join("images.jsonl"))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec["scheduler"], name);
+        for (other, seen) in &images {
+            assert_ne!(&pixels, seen, "{name} drew {other}'s image");
+        }
+        images.push((name.to_string(), pixels));
+    }
+    // The model's own sampler (its config names DDIM) is the default.
+    let out = dir.join("default");
+    ok(&gen_args(out.to_str().unwrap(), &[]));
+    assert_eq!(read_png(&out.join("00000-seed5.png")).0, images[0].1);
+
+    // Stochastic samplers: the same image again, and alone or in a batch of two prompts.
+    for extra in [&["--scheduler", "euler-a"][..], &["--eta", "1"][..]] {
+        let run = |tag: &str, more: &[&str]| {
+            let out = dir.join(format!("{}-{tag}", extra.join("").replace('-', "")));
+            let mut a = vec![
+                "generate",
+                "--model",
+                SD15,
+                "--steps",
+                "3",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--prompt",
+                "a red cube",
+                "--prompt",
+                "a blue ball",
+                "--out",
+            ];
+            let o = out.to_str().unwrap().to_string();
+            let mut args: Vec<String> = a.drain(..).map(String::from).collect();
+            args.push(o);
+            args.extend(extra.iter().chain(more).map(|s| s.to_string()));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            ok(&refs);
+            out
+        };
+        let one = run("one", &[]);
+        let again = run("again", &[]);
+        let two = run("two", &["--batch-size", "2"]);
+        for f in ["00000-seed0.png", "00001-seed1.png"] {
+            let x = read_png(&one.join(f)).0;
+            assert_eq!(
+                x,
+                read_png(&again.join(f)).0,
+                "{extra:?} {f}: not reproducible"
+            );
+            let y = read_png(&two.join(f)).0;
+            let max = x.iter().zip(&y).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(max <= 1, "{extra:?} {f}: batched image differs by {max}");
+        }
+    }
+    // eta changes DDIM's image.
+    let eta = dir.join("ddim-eta");
+    ok(&gen_args(eta.to_str().unwrap(), &["--eta", "1"]));
+    assert_ne!(read_png(&eta.join("00000-seed5.png")).0, images[0].1);
+}
+
 #[test]
 fn batches_and_prompt_files_give_the_same_images() {
     let dir = tempdir("batch");
@@ -743,6 +838,35 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
     assert_eq!(
         again.tensor.to_vec3::<f32>().unwrap(),
         emb.tensor.to_vec3::<f32>().unwrap()
+    );
+}
+
+/// Training through another sampler's x0 prediction runs and records the sampler; the
+/// paper's DDIM stays the default.
+#[test]
+fn train_takes_a_scheduler_and_records_it() {
+    let dir = tempdir("train-sched");
+    let out = dir.join("dpm");
+    ok(&train_args(
+        out.to_str().unwrap(),
+        &["--steps", "1", "--scheduler", "dpm++2m-karras"],
+    ));
+    let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        written.contains("scheduler = \"dpm++2m-karras\""),
+        "{written}"
+    );
+    let out = dir.join("default");
+    ok(&train_args(out.to_str().unwrap(), &["--steps", "1"]));
+    let written = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(written.contains("scheduler = \"ddim\""), "{written}");
+    let a =
+        reneg::embedding::NegativeEmbedding::load(&dir.join("dpm/embedding.safetensors")).unwrap();
+    let b = reneg::embedding::NegativeEmbedding::load(&out.join("embedding.safetensors")).unwrap();
+    assert_ne!(
+        a.tensor.to_vec3::<f32>().unwrap(),
+        b.tensor.to_vec3::<f32>().unwrap(),
+        "the sampler made no difference to the gradient"
     );
 }
 

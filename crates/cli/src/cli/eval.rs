@@ -5,7 +5,7 @@
 use super::rewards::RewardArg;
 use super::{
     check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
-    load_rewards, setup_precision, user, ModelArgs, Precision,
+    load_rewards, setup_precision, user, ModelArgs, Precision, SamplerArgs,
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -46,6 +46,8 @@ pub struct MergeArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Prompt file: PartiPrompts .tsv (Prompt and Category columns), HPSv2-style .json
     /// ({style: [prompts]}) or a list, or plain text (one per line).
     #[arg(long)]
@@ -157,6 +159,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
+    super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
     let (h, w) = image_size(&sd, args.height, args.width)?;
@@ -231,7 +234,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.adapt.adapt_lr,
         )),
         roles: eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags),
-        model_options: args.model.options(),
+        model_options: [args.model.options(), args.sampler.options()].concat(),
     };
     match Manifest::load(&args.out).map_err(lib)? {
         Some(old) if old != manifest => {
@@ -321,14 +324,21 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
                 &cond,
                 &uncond,
                 args.guidance_scale,
+                &[seed],
                 |_, _| {},
             )
             .map_err(lib)?;
         let decoded = sd.decode(&latents).map_err(lib)?;
         let image = Manifest::image_path(j, p, seed);
         let params = format!(
-            "{}\nNegative: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}",
-            prompt.text, manifest.negatives[j], args.steps, args.guidance_scale, seed, manifest.model
+            "{}\nNegative: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}",
+            prompt.text,
+            manifest.negatives[j],
+            args.steps,
+            sd.scheduler.label(),
+            args.guidance_scale,
+            seed,
+            manifest.model
         );
         super::generate::save_png(&decoded.get(0)?, &args.out.join(&image), &params)?;
         let pixels = to_unit(&decoded).map_err(lib)?;

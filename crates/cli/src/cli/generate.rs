@@ -5,7 +5,7 @@
 use super::rewards::RewardArg;
 use super::{
     check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
-    load_rewards, setup_precision, user, ModelArgs, Precision,
+    load_rewards, setup_precision, user, ModelArgs, Precision, SamplerArgs,
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// A prompt; repeat for several.
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -117,6 +119,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
+    super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
     let (h, w) = image_size(&sd, args.height, args.width)?;
@@ -258,6 +261,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &cond,
                 &uncond_b,
                 args.guidance_scale,
+                &batch.iter().map(|j| j.seed).collect::<Vec<_>>(),
                 |_, _| bar.inc(b as u64),
             )
             .map_err(lib)?;
@@ -266,10 +270,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             let name = format!("{:05}-seed{}.png", job.index, job.seed);
             let path = args.out.join(&name);
             let params = format!(
-                "{}\nNegative prompt: {}\nSteps: {}, Sampler: DDIM, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+                "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
                 job.prompt.text,
                 negative_label,
                 args.steps,
+                sd.scheduler.label(),
                 args.guidance_scale,
                 job.seed,
                 w,
@@ -291,6 +296,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "model": model_name,
                 "vae": args.model.vae.as_ref().map(|p| p.display().to_string()),
                 "clip_skip": args.model.clip_skip,
+                "scheduler": sd.scheduler.kind().name(),
+                "eta": sd.scheduler.eta(),
                 "loras": args.model.lora,
                 "prompt_syntax": args.model.prompt_syntax,
                 "embeddings": args.model.embeddings,

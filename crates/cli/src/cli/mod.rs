@@ -145,6 +145,66 @@ impl ModelArgs {
     }
 }
 
+/// The sampler options of `generate` and `eval`.
+#[derive(clap::Args, Clone)]
+pub struct SamplerArgs {
+    /// The sampler: ddim, euler, euler-a, dpm++2m, dpm++2m-karras, unipc or pndm (PLMS).
+    /// Default: the class the model's scheduler_config.json names, as diffusers loads it
+    /// (DDIM for the built-in model, and where the file names a sampler reneg lacks).
+    #[arg(long, value_parser = parse_scheduler)]
+    pub scheduler: Option<reneg::scheduler::SchedulerKind>,
+    /// DDIM's eta: 0 is deterministic, 1 adds DDPM's variance (fresh noise per step, drawn
+    /// from each image's seed). DDIM only.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+}
+
+impl SamplerArgs {
+    /// `key=value` lines for an evaluation's manifest (empty at the defaults).
+    pub fn options(&self) -> Vec<String> {
+        let mut v = vec![];
+        if let Some(k) = self.scheduler {
+            v.push(format!("scheduler={k}"));
+        }
+        if self.eta != 0.0 {
+            v.push(format!("eta={}", self.eta));
+        }
+        v
+    }
+}
+
+pub fn parse_scheduler(s: &str) -> std::result::Result<reneg::scheduler::SchedulerKind, String> {
+    s.parse()
+}
+
+/// Switches `sd` to sampler `kind` (None: the model's own) with DDIM's `eta`; prints which
+/// sampler runs, and the model's note when reneg stands another sampler in for its class.
+pub fn set_sampler(
+    sd: &mut StableDiffusion,
+    kind: Option<reneg::scheduler::SchedulerKind>,
+    eta: f64,
+) -> Result<()> {
+    match kind {
+        Some(k) if k != sd.scheduler.kind() => {
+            sd.scheduler = sd
+                .scheduler
+                .with_kind(k)
+                .map_err(|e| user(format!("--scheduler {k}: {e}")))?;
+        }
+        Some(_) => {}
+        None => {
+            if let Some(note) = &sd.scheduler_note {
+                eprintln!("note: {note}");
+            }
+        }
+    }
+    sd.scheduler
+        .set_eta(eta)
+        .map_err(|e| user(format!("--eta: {e}")))?;
+    println!("sampler: {}", sd.scheduler.label());
+    Ok(())
+}
+
 /// `--lora FILE[:SCALE]` values, read.
 pub fn load_loras(specs: &[String]) -> Result<Vec<reneg::lora::Lora>> {
     specs

@@ -68,9 +68,16 @@ pub struct TrainArgs {
     /// Classifier-free guidance scale of the sampling.
     #[arg(long)]
     pub guidance_scale: Option<f64>,
-    /// DDIM steps of each sampled trajectory.
+    /// Sampling steps of each sampled trajectory.
     #[arg(long)]
     pub sampling_steps: Option<usize>,
+    /// The sampler of the trajectories: ddim (the paper's), euler, euler-a, dpm++2m,
+    /// dpm++2m-karras, unipc or pndm; the reward gradient goes through its x0 prediction.
+    #[arg(long, value_parser = super::parse_scheduler)]
+    pub scheduler: Option<reneg::scheduler::SchedulerKind>,
+    /// DDIM's eta: 0 deterministic, up to 1 (DDPM's variance); DDIM only.
+    #[arg(long)]
+    pub eta: Option<f64>,
     /// The gradient step is drawn from the last this-many sampling steps.
     #[arg(long)]
     pub grad_step_window: Option<usize>,
@@ -160,6 +167,11 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     put("guidance_scale", float(a.guidance_scale));
     put("sampling_steps", uint(a.sampling_steps));
     put("grad_step_window", uint(a.grad_step_window));
+    put(
+        "scheduler",
+        a.scheduler.map(|k| Value::String(k.name().to_string())),
+    );
+    put("eta", float(a.eta));
     put("height", uint(a.height));
     put("width", uint(a.width));
     put("seed", int(a.seed));
@@ -312,6 +324,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         loras: super::load_loras(&cfg.loras)?,
     };
     let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
+    super::set_sampler(&mut sd, Some(cfg.scheduler), cfg.eta)?;
     let rewards = cfg
         .rewards
         .iter()
