@@ -146,15 +146,11 @@ impl Lora {
 
     /// Adds this LoRA's deltas for `component` to `tensors` (the component's state dict,
     /// diffusers or transformers names); returns how many weights changed.
-    pub fn merge(
-        &self,
-        component: Component,
-        tensors: &mut HashMap<String, Tensor>,
-    ) -> Result<usize> {
+    pub fn merge(&self, component: Component, tensors: &mut impl StateDict) -> Result<usize> {
         // kohya names a module by its path with '.' as '_' (the text encoder's with its
         // "text_model." prefix); index the model's weights both ways.
         let mut by_underscore: HashMap<String, String> = HashMap::new();
-        for name in tensors.keys() {
+        for name in tensors.names() {
             if let Some(module) = name.strip_suffix(".weight") {
                 by_underscore.insert(module.replace('.', "_"), name.clone());
                 if !module.starts_with("text_model.") {
@@ -173,7 +169,7 @@ impl Lora {
                     format!("text_model.{}.weight", m.name),
                 ]
                 .into_iter()
-                .find(|k| tensors.contains_key(k))
+                .find(|k| tensors.has(k))
             } else {
                 by_underscore.get(&m.name).cloned()
             };
@@ -190,7 +186,7 @@ impl Lora {
                     ),
                 ));
             };
-            let w = &tensors[&target];
+            let w = &tensors.tensor(&target)?;
             let rank = m.down.dim(0)?;
             let factor = self.scale * m.alpha.unwrap_or(rank as f64) / rank as f64;
             let down = m.down.flatten_from(1)?;
@@ -209,7 +205,7 @@ impl Lora {
             }
             let merged = (w.to_dtype(DType::F32)?
                 + (delta.reshape(w.dims())? * factor)?.to_device(w.device())?)?;
-            tensors.insert(target, merged);
+            tensors.put(target, merged);
             changed += 1;
         }
         Ok(changed)
@@ -217,11 +213,49 @@ impl Lora {
 }
 
 /// Merges every LoRA's `component` modules into `tensors`.
-pub fn merge_all(
-    loras: &[Lora],
-    component: Component,
-    tensors: &mut HashMap<String, Tensor>,
-) -> Result<()> {
+/// A component's weights by name, as a LoRA merge reads and changes them: a state dict in
+/// memory, or a mapped checkpoint ([`crate::weights::Weights`]) that reads only what is merged.
+pub trait StateDict {
+    fn names(&self) -> Vec<String>;
+    fn has(&self, name: &str) -> bool;
+    /// The tensor as stored.
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+    fn put(&mut self, name: String, t: Tensor);
+}
+
+impl StateDict for HashMap<String, Tensor> {
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+    fn has(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.get(name)
+            .cloned()
+            .ok_or_else(|| Error::Invalid(format!("no weight {name}")))
+    }
+    fn put(&mut self, name: String, t: Tensor) {
+        self.insert(name, t);
+    }
+}
+
+impl StateDict for crate::weights::Weights {
+    fn names(&self) -> Vec<String> {
+        crate::weights::Weights::names(self).cloned().collect()
+    }
+    fn has(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.stored_tensor(name)
+    }
+    fn put(&mut self, name: String, t: Tensor) {
+        self.set_tensor(name, t);
+    }
+}
+
+pub fn merge_all(loras: &[Lora], component: Component, tensors: &mut impl StateDict) -> Result<()> {
     for l in loras {
         l.merge(component, tensors)?;
     }

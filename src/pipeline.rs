@@ -105,7 +105,7 @@ impl StableDiffusion {
         let te_dir = root.join("text_encoder");
         let te_cfg = ClipTextConfig::load(&te_dir.join("config.json"))?;
         let mut te_w = Weights::load(&weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?, dtype, device)?;
-        merge_all(loras, Component::TextEncoder, te_w.tensors_mut())?;
+        merge_all(loras, Component::TextEncoder, &mut te_w)?;
         let te_vb = Vb::new(te_w);
         let text_encoder = ClipTextModel::new(te_cfg, &te_vb)?;
 
@@ -113,7 +113,7 @@ impl StableDiffusion {
         let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
         let mut unet_w =
             Weights::load(&weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?, dtype, device)?;
-        merge_all(loras, Component::Unet, unet_w.tensors_mut())?;
+        merge_all(loras, Component::Unet, &mut unet_w)?;
         let unet_vb = Vb::new(unet_w);
         let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
 

@@ -1,5 +1,11 @@
 //! Checkpoint loading: safetensors files in f32, f16 or bf16, converted to the compute dtype,
 //! looked up with the owners' key names (`vb.pp("down_blocks").pp(0)...`), shape-checked.
+//!
+//! A file is memory-mapped and only its header is parsed at load. Each tensor is read from the
+//! map when a model asks for it, converted to the compute dtype there, and its pages are then
+//! released: a checkpoint is never held whole in its stored dtype beside the converted model
+//! (f16 and bf16 weights stay in the file until needed), so loading peaks near the model's own
+//! size (BENCHMARKS.md, "Loading weights").
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
@@ -22,9 +28,111 @@ fn name_rng(seed: u64, name: &str) -> SplitMix64 {
 /// Trainable tensors under their full names, in creation order.
 type NamedVars = Vec<(String, Var)>;
 
-/// All tensors of one or more safetensors files.
+/// Where a safetensors file's bytes live: mapped (model files) or owned (fuzzing, small files).
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+
+    /// Lets the OS drop the pages of `range` (read once, now converted): a private read-only
+    /// file map re-reads them from the file if they are ever touched again.
+    fn release(&self, range: &std::ops::Range<usize>) {
+        if let Bytes::Mapped(m) = self {
+            // SAFETY: no slice into this range outlives the conversion that preceded the call,
+            // and DONTNEED on a read-only private file mapping only drops clean pages, which
+            // the kernel refills from the file on the next access.
+            let _ = unsafe {
+                m.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+    }
+}
+
+/// One tensor of a safetensors file: its stored dtype, shape and bytes.
+struct Entry {
+    dtype: DType,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+}
+
+/// A validated safetensors file whose tensors are read on demand.
+struct Lazy {
+    bytes: Bytes,
+    entries: HashMap<String, Entry>,
+}
+
+impl Lazy {
+    fn parse(bytes: Bytes, path: &Path) -> Result<Self> {
+        let buf = bytes.as_slice();
+        let st = safetensors::SafeTensors::deserialize(buf).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a valid safetensors file ({e}); re-download or re-export it"),
+            )
+        })?;
+        let base = buf.as_ptr() as usize;
+        let mut entries = HashMap::new();
+        for (name, view) in st.tensors() {
+            let dtype = match view.dtype() {
+                safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::F16 => DType::F16,
+                safetensors::Dtype::BF16 => DType::BF16,
+                safetensors::Dtype::F64 => DType::F64,
+                safetensors::Dtype::U8 => DType::U8,
+                safetensors::Dtype::U32 => DType::U32,
+                safetensors::Dtype::I64 => DType::I64,
+                other => {
+                    return Err(Error::Weight {
+                        file: path.to_path_buf(),
+                        name,
+                        problem: format!("is stored as {other:?}, which reneg does not read"),
+                    })
+                }
+            };
+            let start = view.data().as_ptr() as usize - base;
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: view.shape().to_vec(),
+                    range: start..start + view.data().len(),
+                },
+            );
+        }
+        drop(st);
+        Ok(Self { bytes, entries })
+    }
+
+    /// The tensor as stored (its own dtype), copied out of the map on the CPU.
+    fn read(&self, e: &Entry) -> Result<Tensor> {
+        let data = &self.bytes.as_slice()[e.range.clone()];
+        Ok(Tensor::from_raw_buffer(
+            data,
+            e.dtype,
+            &e.shape,
+            &Device::Cpu,
+        )?)
+    }
+}
+
+/// All tensors of one safetensors file, or of a state dict in memory.
 pub struct Weights {
+    /// Tensors in memory: a converted checkpoint's, or ones changed after load (LoRA merges).
     tensors: HashMap<String, Tensor>,
+    /// The mapped file, when loaded from one; `tensors` overrides it by name.
+    lazy: Option<Lazy>,
     file: PathBuf,
     dtype: DType,
     device: Device,
@@ -42,6 +150,7 @@ impl Weights {
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
             tensors: HashMap::new(),
+            lazy: None,
             file: PathBuf::from(format!("<random weights, seed {seed}>")),
             dtype,
             device: device.clone(),
@@ -57,6 +166,7 @@ impl Weights {
     pub fn trainable(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
             tensors: HashMap::new(),
+            lazy: None,
             file: PathBuf::from(format!("<trainable weights, seed {seed}>")),
             dtype,
             device: device.clone(),
@@ -110,23 +220,30 @@ impl Weights {
         let data: Vec<f64> = (0..n).map(|_| offset + scale * rng.normal()).collect();
         Ok(Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)
     }
-    /// Loads a safetensors file. A missing or corrupt file is an error naming it.
+    /// Maps a safetensors file and checks its header; tensors are read when asked for. A
+    /// missing or corrupt file is an error naming it.
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::file(path, "weights file not found"));
         }
-        let bytes = crate::io::map_file(path)?;
-        Self::from_bytes(&bytes, path, dtype, device)
+        let map = crate::io::map_file(path)?;
+        Self::from_lazy(Lazy::parse(Bytes::Mapped(map), path)?, path, dtype, device)
     }
 
+    /// A safetensors file already in memory, read the same way as [`Weights::load`].
     pub fn from_bytes(bytes: &[u8], path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let raw = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
-            Error::file(
-                path,
-                format!("not a valid safetensors file ({e}); re-download or re-export it"),
-            )
-        })?;
-        Ok(Self::from_tensors(raw, path, dtype, device))
+        Self::from_lazy(
+            Lazy::parse(Bytes::Owned(bytes.to_vec()), path)?,
+            path,
+            dtype,
+            device,
+        )
+    }
+
+    fn from_lazy(lazy: Lazy, path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut w = Self::from_tensors(HashMap::new(), path, dtype, device);
+        w.lazy = Some(lazy);
+        Ok(w)
     }
 
     /// Wraps tensors already in memory (used for checkpoints converted from other layouts).
@@ -138,6 +255,7 @@ impl Weights {
     ) -> Self {
         Self {
             tensors,
+            lazy: None,
             file: path.to_path_buf(),
             dtype,
             device: device.clone(),
@@ -146,21 +264,53 @@ impl Weights {
         }
     }
 
-    /// The tensors by name, to change before a model is built from them (LoRA merging).
-    pub fn tensors_mut(&mut self) -> &mut HashMap<String, Tensor> {
-        &mut self.tensors
-    }
-
     pub fn file(&self) -> &Path {
         &self.file
     }
 
+    /// Every stored tensor's name (in no particular order).
     pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.tensors.keys()
+        let lazy = self.lazy.iter().flat_map(|l| l.entries.keys());
+        self.tensors
+            .keys()
+            .chain(lazy.filter(|k| !self.tensors.contains_key(*k)))
+    }
+
+    fn stored(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+            || self
+                .lazy
+                .as_ref()
+                .is_some_and(|l| l.entries.contains_key(name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.random_seed.is_some() || self.trainable.is_some() || self.tensors.contains_key(name)
+        self.random_seed.is_some() || self.trainable.is_some() || self.stored(name)
+    }
+
+    /// The stored tensor `name` in its stored dtype, on the CPU for a mapped file (what a LoRA
+    /// merge starts from).
+    pub fn stored_tensor(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.tensors.get(name) {
+            return Ok(t.clone());
+        }
+        match self
+            .lazy
+            .as_ref()
+            .and_then(|l| Some((l, l.entries.get(name)?)))
+        {
+            Some((l, e)) => l.read(e),
+            None => Err(Error::Weight {
+                file: self.file.clone(),
+                name: name.to_string(),
+                problem: "is missing".into(),
+            }),
+        }
+    }
+
+    /// Replaces (or adds) the tensor `name` before a model is built (LoRA merging).
+    pub fn set_tensor(&mut self, name: String, t: Tensor) {
+        self.tensors.insert(name, t);
     }
 
     /// The tensor `name` with exactly `shape`, converted to the compute dtype.
@@ -177,15 +327,45 @@ impl Weights {
             return Ok(var.as_tensor().clone());
         }
         if let Some(seed) = self.random_seed {
-            if !self.tensors.contains_key(name) {
+            if !self.stored(name) {
                 return self.random_tensor(seed, name, shape);
             }
         }
-        let t = self.tensors.get(name).ok_or_else(|| Error::Weight {
+        let missing = || Error::Weight {
             file: self.file.clone(),
             name: name.to_string(),
             problem: format!("is missing (expected shape {shape:?})"),
-        })?;
+        };
+        let check_shape = |dims: &[usize]| {
+            if dims != shape {
+                return Err(Error::Weight {
+                    file: self.file.clone(),
+                    name: name.to_string(),
+                    problem: format!(
+                        "has shape {dims:?}, expected {shape:?}: the checkpoint does not match its config.json"
+                    ),
+                });
+            }
+            Ok(())
+        };
+        let t = match self.tensors.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let lazy = self.lazy.as_ref().ok_or_else(missing)?;
+                let e = lazy.entries.get(name).ok_or_else(missing)?;
+                // Checked before the bytes are read.
+                check_shape(&e.shape)?;
+                let t = lazy.read(e)?;
+                let t = if t.dtype() == self.dtype {
+                    t
+                } else {
+                    t.to_dtype(self.dtype)?
+                };
+                let t = t.to_device(&self.device)?;
+                lazy.bytes.release(&e.range);
+                return Ok(t);
+            }
+        };
         if t.dims() != shape {
             return Err(Error::Weight {
                 file: self.file.clone(),
