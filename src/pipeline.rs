@@ -4,6 +4,7 @@
 
 use crate::error::{read_json, Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::Residuals;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -30,6 +31,11 @@ pub struct StableDiffusion {
     pub prompt_syntax: crate::prompt_syntax::PromptSyntax,
     /// Textual-inversion embeddings prompts may use by name ([`Self::add_textual_inversion`]).
     pub textual_inversions: Vec<crate::embedding::textual_inversion::TextualInversion>,
+    /// ControlNets with their conditioning images ([`Self::add_controlnet`]).
+    pub controls: Vec<crate::control::Control>,
+    /// diffusers' guess mode: ControlNets act on the prompt's branch only (the negative's gets
+    /// no residuals), their residuals scaled from 0.1 at the shallowest skip to 1 at the mid.
+    pub guess_mode: bool,
     /// The empty prompt's encoding, made once on first need: [`Self::cat_contexts`] pads
     /// with it at every sampling step.
     empty_chunk: std::sync::OnceLock<Tensor>,
@@ -164,6 +170,8 @@ impl StableDiffusion {
             root: root.to_path_buf(),
             textual_inversions: Vec::new(),
             prompt_syntax: Default::default(),
+            controls: Vec::new(),
+            guess_mode: false,
             empty_chunk: std::sync::OnceLock::new(),
             dtype,
             device: device.clone(),
@@ -444,23 +452,141 @@ impl StableDiffusion {
     ) -> Result<Tensor> {
         let needs_grad = uncond.is_variable() || uncond.track_op();
         if guidance_scale == 1.0 && !needs_grad {
-            return self.unet.forward(latents, t, cond);
+            return self.branch_eps(latents, t, cond, false);
         }
         let b = latents.dim(0)?;
         let (u, c) = if needs_grad {
             let c = self
-                .unet
-                .forward(&latents.detach(), t, &cond.detach())?
+                .branch_eps(&latents.detach(), t, &cond.detach(), false)?
                 .detach();
-            let u = self.unet.forward(latents, t, uncond)?;
+            let u = self.branch_eps(latents, t, uncond, true)?;
             (u, c)
         } else {
             let x2 = Tensor::cat(&[latents, latents], 0)?;
             let ctx = self.cat_contexts(&[uncond, cond])?;
-            let out = self.unet.forward(&x2, t, &ctx)?;
+            let residuals = if self.controls.is_empty() {
+                None
+            } else if self.guess_mode {
+                // diffusers: the ControlNets see the prompt's half; the negative's gets zeros.
+                let r = self.control_residuals(latents, t, &ctx.narrow(0, b, b)?)?;
+                Some(Residuals::cat(&[&r.zeros_like()?, &r])?)
+            } else {
+                Some(self.control_residuals(&x2, t, &ctx)?)
+            };
+            let out = self
+                .unet
+                .forward_with(&x2, &vec![t; 2 * b], &ctx, residuals.as_ref())?;
             (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
         };
         guide(&u, &c, guidance_scale)
+    }
+
+    /// The UNet's prediction for one guidance branch on its own (`negative`: the negative
+    /// embedding's branch), with the ControlNets' residuals: what the separate branches of
+    /// the gradient step run.
+    pub fn branch_eps(&self, x: &Tensor, t: f64, ctx: &Tensor, negative: bool) -> Result<Tensor> {
+        if self.controls.is_empty() {
+            return self.unet.forward(x, t, ctx);
+        }
+        let residuals = if negative && self.guess_mode {
+            None
+        } else {
+            Some(self.control_residuals(x, t, ctx)?)
+        };
+        let b = x.dim(0)?;
+        self.unet
+            .forward_with(x, &vec![t; b], ctx, residuals.as_ref())
+    }
+
+    /// The summed residuals of every ControlNet for latents `x` `[b, ...]` with context `ctx`.
+    fn control_residuals(&self, x: &Tensor, t: f64, ctx: &Tensor) -> Result<Residuals> {
+        let b = x.dim(0)?;
+        let mut sum: Option<Residuals> = None;
+        for c in &self.controls {
+            let (_, ch, h, w) = c.image.dims4()?;
+            let image = c
+                .image
+                .to_dtype(x.dtype())?
+                .to_device(x.device())?
+                .broadcast_as((b, ch, h, w))?;
+            let r = c
+                .model
+                .forward(x, t, ctx, &image, c.scale, self.guess_mode)
+                .map_err(|e| Error::file(&c.source, e.to_string()))?;
+            sum = Some(match sum {
+                None => r,
+                Some(s) => s.add(&r)?,
+            });
+        }
+        sum.ok_or_else(|| Error::Invalid("no ControlNet to run".into()))
+    }
+
+    /// Adds a ControlNet (loaded from `source`) with its conditioning image `[1, 3, H, W]` in
+    /// [0, 1] and scale. Refuses one whose residuals would not fit this UNet (another model
+    /// family, or another architecture), naming `source`.
+    pub fn add_controlnet(
+        &mut self,
+        model: crate::models::controlnet::ControlNetModel,
+        image: Tensor,
+        scale: f64,
+        source: &Path,
+    ) -> Result<()> {
+        let (mine, theirs) = (self.unet.config(), &model.config().unet);
+        let refuse = |what: &str, a: String, b: String| {
+            Err(Error::file(
+                source,
+                format!(
+                    "this ControlNet's {what} is {b}, the UNet's {a}: a ControlNet for another model"
+                ),
+            ))
+        };
+        if mine.context_dim() != theirs.context_dim() {
+            return refuse(
+                "cross_attention_dim",
+                mine.context_dim().to_string(),
+                theirs.context_dim().to_string(),
+            );
+        }
+        if mine.block_out_channels != theirs.block_out_channels
+            || mine.layers_per_level()? != theirs.layers_per_level()?
+        {
+            return refuse(
+                "block_out_channels / layers_per_block",
+                format!(
+                    "{:?} / {:?}",
+                    mine.block_out_channels,
+                    mine.layers_per_level()?
+                ),
+                format!(
+                    "{:?} / {:?}",
+                    theirs.block_out_channels,
+                    theirs.layers_per_level()?
+                ),
+            );
+        }
+        let f = 1usize << model.config().downsamplings();
+        if f != self.vae_scale() {
+            return refuse(
+                "conditioning image downsampling",
+                self.vae_scale().to_string(),
+                f.to_string(),
+            );
+        }
+        if image.rank() != 4 || image.dim(1)? != model.config().conditioning_channels {
+            return Err(Error::Invalid(format!(
+                "control image for {}: shape {:?}, needs [1, {}, H, W]",
+                source.display(),
+                image.dims(),
+                model.config().conditioning_channels
+            )));
+        }
+        self.controls.push(crate::control::Control {
+            model,
+            image,
+            scale,
+            source: source.to_path_buf(),
+        });
+        Ok(())
     }
 
     /// The scheduler's x0 at step `i` from the two guidance branches `u` (negative) and `c`

@@ -1,15 +1,20 @@
 //! Prompt lists: `.txt` (one per line), `.tsv` with a `Prompt` column (PartiPrompts; a
-//! `Category` column is kept), `.json` (a list of strings, or `{style: [prompts]}` as the
-//! HPSv2 benchmark). An empty list is an error.
+//! `Category` column is kept, and a `Control_Image` column gives each prompt a ControlNet
+//! conditioning image), `.json` (a list of strings, or `{style: [prompts]}` as the HPSv2
+//! benchmark), `.jsonl` (`{"prompt", "category", "control_image"}` per line). Control-image
+//! paths are relative to the prompt file. An empty list is an error.
 
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Prompt {
     pub text: String,
     /// PartiPrompts' category or the HPSv2 style, when the file has one.
     pub category: Option<String>,
+    /// The prompt's own ControlNet conditioning image, when the file gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_image: Option<PathBuf>,
 }
 
 pub fn load(path: &Path) -> Result<Vec<Prompt>> {
@@ -25,13 +30,14 @@ pub fn load(path: &Path) -> Result<Vec<Prompt>> {
     let prompts = match ext.as_str() {
         "tsv" => parse_tsv(&text, path)?,
         "json" => parse_json(&text, path)?,
+        "jsonl" => parse_jsonl(&text, path)?,
         _ => text
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(|l| Prompt {
                 text: l.to_string(),
-                category: None,
+                ..Prompt::default()
             })
             .collect(),
     };
@@ -56,6 +62,7 @@ fn parse_tsv(text: &str, path: &Path) -> Result<Vec<Prompt>> {
         )
     })?;
     let c = col("category");
+    let ci = col("control_image");
     Ok(lines
         .filter(|l| !l.trim().is_empty())
         .filter_map(|l| {
@@ -64,9 +71,56 @@ fn parse_tsv(text: &str, path: &Path) -> Result<Vec<Prompt>> {
             (!text.is_empty()).then(|| Prompt {
                 text: text.to_string(),
                 category: c.and_then(|c| fields.get(c)).map(|s| s.trim().to_string()),
+                control_image: ci
+                    .and_then(|c| fields.get(c))
+                    .map(|s| s.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| relative_to(path, s)),
             })
         })
         .collect())
+}
+
+/// A path written in the prompt file `file`, relative to its folder.
+fn relative_to(file: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        file.parent().unwrap_or(Path::new("")).join(p)
+    }
+}
+
+fn parse_jsonl(text: &str, path: &Path) -> Result<Vec<Prompt>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        prompt: String,
+        #[serde(default)]
+        category: Option<String>,
+        #[serde(default)]
+        control_image: Option<String>,
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let line: Line = serde_json::from_str(l).map_err(|e| {
+                Error::file(
+                    path,
+                    format!(
+                        "line {}: {e}; each line is {{\"prompt\": ..., \"category\": ..., \"control_image\": ...}}",
+                        i + 1
+                    ),
+                )
+            })?;
+            Ok(Prompt {
+                text: line.prompt,
+                category: line.category,
+                control_image: line.control_image.map(|c| relative_to(path, &c)),
+            })
+        })
+        .collect()
 }
 
 fn parse_json(text: &str, path: &Path) -> Result<Vec<Prompt>> {
@@ -79,6 +133,7 @@ fn parse_json(text: &str, path: &Path) -> Result<Vec<Prompt>> {
                 Some(Prompt {
                     text: p.as_str()?.to_string(),
                     category: cat.map(String::from),
+                    control_image: None,
                 })
             })
             .collect()

@@ -413,6 +413,89 @@ fn guided_renege_step_wrt_negative_embedding() {
     }
 }
 
+/// A tiny ControlNet matching `tiny_unet`'s contracting half, its conditioning embedding
+/// halving the image once (as the tiny VAE does).
+fn tiny_controlnet(seed: u64) -> reneg::models::controlnet::ControlNetModel {
+    use reneg::models::controlnet::{ControlNetConfig, ControlNetModel};
+    let cfg = ControlNetConfig::from_value(
+        json!({
+            "block_out_channels": [8, 16],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "layers_per_block": 1,
+            "attention_head_dim": [2, 4],
+            "norm_num_groups": 4,
+            "cross_attention_dim": 12,
+            "conditioning_embedding_out_channels": [4, 8],
+        }),
+        Path::new("<test controlnet config>"),
+    )
+    .unwrap();
+    ControlNetModel::new(cfg, &random_vb(seed)).unwrap()
+}
+
+/// All of a ControlNet's residuals as one tensor.
+fn flat(r: &reneg::models::unet::Residuals) -> Tensor {
+    let parts: Vec<Tensor> = r
+        .down
+        .iter()
+        .chain(std::iter::once(&r.mid))
+        .map(|t| t.flatten_all().unwrap())
+        .collect();
+    Tensor::cat(&parts, 0).unwrap()
+}
+
+#[test]
+fn controlnet_wrt_context_sample_and_image() {
+    let cn = tiny_controlnet(60);
+    let ctx = randn(61, &[1, 5, 12]);
+    let x = randn(62, &[1, 4, 4, 4]);
+    let image = (randn(63, &[1, 3, 8, 8]).abs().unwrap() * 0.5).unwrap();
+    for guess in [false, true] {
+        assert_gradient(
+            &format!("controlnet (guess={guess}) wrt encoder_hidden_states"),
+            |c| flat(&cn.forward(&x, 321.0, c, &image, 0.7, guess).unwrap()),
+            &ctx,
+        );
+        assert_gradient(
+            &format!("controlnet (guess={guess}) wrt sample"),
+            |s| flat(&cn.forward(s, 321.0, &ctx, &image, 0.7, guess).unwrap()),
+            &x,
+        );
+        assert_gradient(
+            &format!("controlnet (guess={guess}) wrt control image"),
+            |i| flat(&cn.forward(&x, 321.0, &ctx, i, 0.7, guess).unwrap()),
+            &image,
+        );
+    }
+}
+
+#[test]
+fn guided_step_through_a_controlnet_wrt_negative_embedding() {
+    for guess in [false, true] {
+        let mut sd = tiny_pipeline(64, "epsilon");
+        sd.scheduler.set_timesteps(5).unwrap();
+        let image = (randn(65, &[1, 3, 8, 8]).abs().unwrap() * 0.5).unwrap();
+        sd.add_controlnet(
+            tiny_controlnet(66),
+            image,
+            1.3,
+            Path::new("<tiny controlnet>"),
+        )
+        .unwrap();
+        sd.guess_mode = guess;
+        let cond = randn(67, &[1, 77, 12]);
+        let latents = randn(68, &[1, 4, 4, 4]);
+        assert_gradient(
+            &format!("guided step through a ControlNet (guess={guess}) + x0 + decode wrt negative"),
+            |u| {
+                let x0 = sd.predict_x0(&latents, 2, &cond, u, 7.5).unwrap();
+                sd.decode(&x0).unwrap()
+            },
+            &randn(69, &[1, 77, 12]),
+        );
+    }
+}
+
 // The check itself must reject wrong gradients, or it proves nothing.
 
 #[test]

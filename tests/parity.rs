@@ -265,6 +265,13 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     let ids_of = |n: &str| expected.ids(n);
     let mut sd = StableDiffusion::load(&dir.join("pipeline"), dtype, &dev)
         .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+    // A ControlNet case: the pipeline's ControlNet with control.png, as
+    // StableDiffusionControlNetPipeline runs it.
+    let control_image = common::add_case_controlnet(&mut sd, dir);
+    let controlnet = control_image.is_some();
+    if let Some(image) = &control_image {
+        report.tensor("control_image", image, &want("control_image"), FORWARD_TOL);
+    }
 
     // Tokenizer and text encoder.
     report.ids(
@@ -328,6 +335,33 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     );
 
     // The ReNeg gradient step: x0 from the reference's latents, linear stand-in reward.
+    if controlnet {
+        // The ControlNets' mid residual at the gradient step, batch [negative, prompt].
+        let x = e("grad_latents_in");
+        let t = sd.scheduler.timestep(case.grad_step_index).unwrap();
+        let x2 = Tensor::cat(&[&x, &x], 0).unwrap();
+        let ctx = Tensor::cat(&[&ne, &pe], 0).unwrap();
+        let c = &sd.controls[0];
+        let (_, ch, h, w) = c.image.dims4().unwrap();
+        let image = c.image.broadcast_as((2, ch, h, w)).unwrap();
+        let r = c
+            .model
+            .forward(&x2, t, &ctx, &image, c.scale, sd.guess_mode)
+            .unwrap();
+        report.tensor(
+            "controlnet_mid_residual",
+            &r.mid,
+            &want("controlnet_mid_residual"),
+            FORWARD_TOL,
+        );
+        // This project's generator also writes each down residual.
+        for (i, d) in r.down.iter().enumerate() {
+            let name = format!("controlnet_down_residual_{i}");
+            if exp.contains_key(&name) {
+                report.tensor(&name, d, &want(&name), FORWARD_TOL);
+            }
+        }
+    }
     let neg = Var::from_tensor(&ne).unwrap();
     let x0 = sd
         .predict_x0(
@@ -373,6 +407,8 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         "reward_weight",
         "loss",
         "grad_negative_prompt_embeds",
+        "control_image",
+        "controlnet_mid_residual",
     ];
     if exp.contains_key("vae_encoder_input") {
         let (mean, logvar) = sd.vae.encode(&e("vae_encoder_input")).unwrap();
@@ -396,7 +432,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     }
     let mut unknown: Vec<&String> = exp
         .keys()
-        .filter(|k| !known.contains(&k.as_str()))
+        .filter(|k| !known.contains(&k.as_str()) && !k.starts_with("controlnet_down_residual_"))
         .collect();
     unknown.sort();
     for name in unknown {
@@ -517,18 +553,17 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
         let name = dir.display().to_string();
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-        let kind = if dir.join("pipeline").is_dir() {
-            "pipeline".to_string()
-        } else {
-            meta.get("kind")
-                .and_then(|k| k.as_str())
-                .unwrap_or("unknown")
-                .to_string()
+        // A case names its kind; a pipeline case may leave it out.
+        let kind = match meta.get("kind").and_then(|k| k.as_str()) {
+            Some(k) => k.to_string(),
+            None if dir.join("pipeline").is_dir() => "pipeline".to_string(),
+            None => "unknown".to_string(),
         };
         if pipelines_only && kind != "pipeline" {
             continue;
         }
-        if !["pipeline", "openclip", "hf-clip", "aesthetic"].contains(&kind.as_str()) {
+        if !["pipeline", "controlnet", "openclip", "hf-clip", "aesthetic"].contains(&kind.as_str())
+        {
             println!("case {name}: FAILED (kind `{kind}` is not implemented)");
             failures.push(format!("{name}: case kind `{kind}` is not implemented"));
             continue;
@@ -551,7 +586,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
                 errors: vec![],
                 autocast,
             };
-            if kind == "pipeline" {
+            if kind == "pipeline" || kind == "controlnet" {
                 run_pipeline_case(&dir, dev, dtype, &mut report);
             } else {
                 run_reward_case(&dir, &kind, dev, dtype, &mut report);

@@ -102,7 +102,7 @@ const TRAIN: &[&str] = &[
 fn training_step_gradient_equals_each_parity_case() {
     let mut ran = 0;
     for dir in common::parity_case_dirs() {
-        if !dir.join("pipeline").is_dir() {
+        if !common::is_pipeline_case(&dir) {
             continue;
         }
         let meta: serde_json::Value =
@@ -111,6 +111,8 @@ fn training_step_gradient_equals_each_parity_case() {
             candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
         let mut sd =
             StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+        // Training through a ControlNet: the gradient reaches the negative through both.
+        common::add_case_controlnet(&mut sd, &dir);
         let objective = Objective {
             rewards: vec![(Box::new(LinearReward(exp["reward_weight"].clone())), 1.0)],
             pixels: Pixels::Raw,

@@ -5,6 +5,7 @@ pub mod clip_layers;
 pub mod clip_text;
 pub mod clip_vision;
 pub mod config;
+pub mod controlnet;
 pub mod open_clip;
 pub mod resnet;
 pub mod transformer;

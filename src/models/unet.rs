@@ -267,6 +267,11 @@ impl UNetConfig {
     }
 
     /// The width of the text embeddings the UNet attends to (the last level's, as diffusers).
+    /// Resnet layers per level of the contracting half.
+    pub fn layers_per_level(&self) -> Result<Vec<usize>> {
+        Ok(self.levels()?.layers)
+    }
+
     pub fn context_dim(&self) -> usize {
         let n = self.block_out_channels.len();
         self.cross_attention_dim
@@ -398,19 +403,78 @@ impl UNetMidBlock {
     }
 }
 
-pub struct UNet2DConditionModel {
-    conv_in: Conv2d,
+/// The UNet's contracting half: input convolution, time embedding, down blocks and mid
+/// block. A ControlNet is this half of a UNet with its own weights (`models::controlnet`).
+pub struct UNetEncoder {
+    pub(crate) conv_in: Conv2d,
     time_linear_1: Linear,
     time_linear_2: Linear,
-    down: Vec<UNetBlock>,
-    mid: UNetMidBlock,
-    up: Vec<UNetBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    pub(crate) down: Vec<UNetBlock>,
+    pub(crate) mid: UNetMidBlock,
     cfg: UNetConfig,
 }
 
-impl UNet2DConditionModel {
+/// Residuals a ControlNet adds to a UNet: one per skip connection (in the UNet's order) and one
+/// to the mid block's output.
+#[derive(Debug, Clone)]
+pub struct Residuals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl Residuals {
+    /// The sum of several ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &Residuals) -> candle_core::Result<Residuals> {
+        Ok(Residuals {
+            down: self
+                .down
+                .iter()
+                .zip(&other.down)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+            mid: (&self.mid + &other.mid)?,
+        })
+    }
+
+    /// Residuals of batch rows `start..start + len`.
+    pub fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Residuals> {
+        Ok(Residuals {
+            down: self
+                .down
+                .iter()
+                .map(|t| t.narrow(0, start, len))
+                .collect::<candle_core::Result<_>>()?,
+            mid: self.mid.narrow(0, start, len)?,
+        })
+    }
+
+    /// Rows of `parts` stacked in order.
+    pub fn cat(parts: &[&Residuals]) -> candle_core::Result<Residuals> {
+        let n = parts.first().map_or(0, |p| p.down.len());
+        Ok(Residuals {
+            down: (0..n)
+                .map(|i| Tensor::cat(&parts.iter().map(|p| &p.down[i]).collect::<Vec<_>>(), 0))
+                .collect::<candle_core::Result<_>>()?,
+            mid: Tensor::cat(&parts.iter().map(|p| &p.mid).collect::<Vec<_>>(), 0)?,
+        })
+    }
+
+    /// Zero residuals of the same shapes (guess mode's unconditional branch).
+    pub fn zeros_like(&self) -> candle_core::Result<Residuals> {
+        Ok(Residuals {
+            down: self
+                .down
+                .iter()
+                .map(|t| t.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            mid: self.mid.zeros_like()?,
+        })
+    }
+}
+
+impl UNetEncoder {
+    /// The down and mid blocks of `cfg` under `vb` (a UNet's or a ControlNet's weights, which
+    /// share these names).
     pub fn new(cfg: UNetConfig, vb: &Vb) -> Result<Self> {
         let lv = cfg.levels()?;
         let ch = &cfg.block_out_channels;
@@ -481,6 +545,119 @@ impl UNet2DConditionModel {
             attention: Transformer2DModel::new(&transformer(c, n - 1), &mid.pp("attentions.0"))?,
             checkpointing: false,
         };
+        Ok(Self {
+            conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, &vb.pp("conv_in"))?,
+            time_linear_1: Linear::new(ch[0], temb_dim, true, &vb.pp("time_embedding.linear_1"))?,
+            time_linear_2: Linear::new(
+                temb_dim,
+                temb_dim,
+                true,
+                &vb.pp("time_embedding.linear_2"),
+            )?,
+            down,
+            mid,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.cfg
+    }
+
+    /// The time embedding of one timestep per batch row: `[b]` -> `[b, 4 * c0]`.
+    pub fn time_embedding_each(
+        &self,
+        timesteps: &[f64],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = time_features(&self.cfg, timesteps, dtype, dev)?;
+        self.time_linear_2
+            .forward(&self.time_linear_1.forward(&t)?.silu()?)
+    }
+
+    /// The down blocks from `xs` (after `conv_in`, and for a ControlNet its conditioning):
+    /// the last level's output and every skip connection, `xs` first.
+    pub fn forward_down(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = xs.clone();
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            let (out, s) = block.forward_down(&xs, temb, ctx)?;
+            xs = out;
+            skips.extend(s);
+        }
+        Ok((xs, skips))
+    }
+}
+
+/// Checks a batch of latents against a config: sizes divisible by its downsampling, one
+/// timestep and one context per row.
+fn check_inputs(
+    cfg: &UNetConfig,
+    sample: &Tensor,
+    timesteps: &[f64],
+    context: &Tensor,
+    what: &str,
+) -> Result<()> {
+    let (b, _, h, w) = sample.dims4()?;
+    if timesteps.len() != b {
+        return Err(Error::Invalid(format!(
+            "{what} got {b} latents but {} timesteps",
+            timesteps.len()
+        )));
+    }
+    let factor = 1usize << cfg.downsamplings();
+    if h % factor != 0 || w % factor != 0 {
+        return Err(Error::Invalid(format!(
+            "latent size {h}x{w} must be divisible by {factor} for this {what}; choose a height and width divisible by {}",
+            factor * 8
+        )));
+    }
+    if context.dim(0)? != b {
+        return Err(Error::Invalid(format!(
+            "{what} got {b} latents but {} text embeddings",
+            context.dim(0)?
+        )));
+    }
+    Ok(())
+}
+
+pub struct UNet2DConditionModel {
+    enc: UNetEncoder,
+    up: Vec<UNetBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(cfg: UNetConfig, vb: &Vb) -> Result<Self> {
+        let enc = UNetEncoder::new(cfg.clone(), vb)?;
+        let lv = cfg.levels()?;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let temb_dim = ch[0] * 4;
+        let resnet = |i: usize, o: usize, scale: f64| ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: Some(temb_dim),
+            groups: lv.groups,
+            eps: cfg.norm_eps,
+            output_scale_factor: scale,
+        };
+        let transformer = |c: usize, level: usize| TransformerConfig {
+            channels: c,
+            heads: lv.heads[level],
+            head_dim: c / lv.heads[level],
+            layers: lv.transformer_layers[level],
+            cross_attention_dim: lv.cross_dim[level],
+            groups: lv.groups,
+            use_linear_projection: cfg.use_linear_projection,
+        };
 
         let mut up = Vec::with_capacity(n);
         let mut out_c = ch[n - 1];
@@ -530,33 +707,23 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, &vb.pp("conv_in"))?,
-            time_linear_1: Linear::new(ch[0], temb_dim, true, &vb.pp("time_embedding.linear_1"))?,
-            time_linear_2: Linear::new(
-                temb_dim,
-                temb_dim,
-                true,
-                &vb.pp("time_embedding.linear_2"),
-            )?,
-            down,
-            mid,
+            enc,
             up,
             conv_norm_out: GroupNorm::new(lv.groups, ch[0], cfg.norm_eps, &vb.pp("conv_norm_out"))?,
             conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &vb.pp("conv_out"))?,
-            cfg,
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
-        &self.cfg
+        &self.enc.cfg
     }
 
     pub fn down_blocks(&self) -> &[UNetBlock] {
-        &self.down
+        &self.enc.down
     }
 
     pub fn mid_block(&self) -> &UNetMidBlock {
-        &self.mid
+        &self.enc.mid
     }
 
     pub fn up_blocks(&self) -> &[UNetBlock] {
@@ -581,43 +748,7 @@ impl UNet2DConditionModel {
         dtype: DType,
         dev: &candle_core::Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.time_features(timesteps, dtype, dev)?;
-        self.time_linear_2
-            .forward(&self.time_linear_1.forward(&t)?.silu()?)
-    }
-
-    /// Sinusoidal timestep features (diffusers' `Timesteps`), `[b]` -> `[b, dim]`.
-    fn time_features(
-        &self,
-        timesteps: &[f64],
-        dtype: DType,
-        dev: &candle_core::Device,
-    ) -> candle_core::Result<Tensor> {
-        let dim = self.cfg.block_out_channels[0];
-        let half = dim / 2;
-        let shift = self.cfg.freq_shift;
-        // diffusers computes the frequencies in f32; mirror that for parity.
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| {
-                let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
-                exponent.exp()
-            })
-            .collect();
-        let mut data = Vec::with_capacity(timesteps.len() * dim);
-        for &timestep in timesteps {
-            let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
-            let sin = args.iter().map(|a| a.sin());
-            let cos = args.iter().map(|a| a.cos());
-            if self.cfg.flip_sin_to_cos {
-                data.extend(cos.chain(sin));
-            } else {
-                data.extend(sin.chain(cos));
-            }
-            if dim % 2 == 1 {
-                data.push(0.0);
-            }
-        }
-        Tensor::from_vec(data, (timesteps.len(), dim), dev)?.to_dtype(dtype)
+        self.enc.time_embedding_each(timesteps, dtype, dev)
     }
 
     /// One noise (or v) prediction.
@@ -629,14 +760,14 @@ impl UNet2DConditionModel {
     /// on the graph path: the backward recomputes each layer instead of keeping its
     /// activations. Gradients are unchanged; no effect without a graph.
     pub fn set_checkpointing(&mut self, on: bool) {
-        for b in self.down.iter_mut().chain(self.up.iter_mut()) {
+        for b in self.enc.down.iter_mut().chain(self.up.iter_mut()) {
             b.checkpointing = on;
         }
-        self.mid.checkpointing = on;
+        self.enc.mid.checkpointing = on;
     }
 
     pub fn checkpointing(&self) -> bool {
-        self.mid.checkpointing
+        self.enc.mid.checkpointing
     }
 
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
@@ -651,35 +782,41 @@ impl UNet2DConditionModel {
         timesteps: &[f64],
         context: &Tensor,
     ) -> Result<Tensor> {
-        let (b, _, h, w) = sample.dims4()?;
-        if timesteps.len() != b {
-            return Err(Error::Invalid(format!(
-                "UNet got {b} latents but {} timesteps",
-                timesteps.len()
-            )));
-        }
-        let factor = 1usize << self.cfg.downsamplings();
-        if h % factor != 0 || w % factor != 0 {
-            return Err(Error::Invalid(format!(
-                "latent size {h}x{w} must be divisible by {factor} for this UNet; choose a height and width divisible by {}",
-                factor * 8
-            )));
-        }
-        if context.dim(0)? != b {
-            return Err(Error::Invalid(format!(
-                "UNet got {b} latents but {} text embeddings",
-                context.dim(0)?
-            )));
-        }
+        self.forward_with(sample, timesteps, context, None)
+    }
+
+    /// [`Self::forward_each`] with a ControlNet's residuals added to the skip connections and
+    /// the mid block's output (diffusers' `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        residuals: Option<&Residuals>,
+    ) -> Result<Tensor> {
+        check_inputs(&self.enc.cfg, sample, timesteps, context, "UNet")?;
         let temb = self.time_embedding_each(timesteps, sample.dtype(), sample.device())?;
-        let mut xs = self.conv_in.forward(sample)?;
-        let mut skips = vec![xs.clone()];
-        for block in &self.down {
-            let (out, s) = block.forward_down(&xs, &temb, context)?;
-            xs = out;
-            skips.extend(s);
+        let xs = self.enc.conv_in.forward(sample)?;
+        let (mut xs, mut skips) = self.enc.forward_down(&xs, &temb, context)?;
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                return Err(Error::Invalid(format!(
+                    "a ControlNet gave {} residuals for this UNet's {} skip connections",
+                    r.down.len(),
+                    skips.len()
+                )));
+            }
+            skips = skips
+                .iter()
+                .zip(&r.down)
+                .map(|(s, r)| s.broadcast_add(&r.to_dtype(s.dtype())?))
+                .collect::<candle_core::Result<_>>()?;
         }
-        xs = self.mid.forward(&xs, &temb, context)?;
+        xs = self.enc.mid.forward(&xs, &temb, context)?;
+        if let Some(r) = residuals {
+            xs = xs.broadcast_add(&r.mid.to_dtype(xs.dtype())?)?;
+        }
         for block in &self.up {
             xs = block.forward_up(&xs, &mut skips, &temb, context)?;
         }
@@ -687,4 +824,38 @@ impl UNet2DConditionModel {
         // The noise prediction in the latents' dtype (f32 under autocast).
         Ok(self.conv_out.forward(&xs)?.to_dtype(sample.dtype())?)
     }
+}
+
+/// Sinusoidal timestep features (diffusers' `Timesteps`), `[b]` -> `[b, dim]`.
+fn time_features(
+    cfg: &UNetConfig,
+    timesteps: &[f64],
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let dim = cfg.block_out_channels[0];
+    let half = dim / 2;
+    let shift = cfg.freq_shift;
+    // diffusers computes the frequencies in f32; mirror that for parity.
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| {
+            let exponent = -(10000f32.ln()) * i as f32 / (half as f32 - shift as f32);
+            exponent.exp()
+        })
+        .collect();
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &timestep in timesteps {
+        let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
+        let sin = args.iter().map(|a| a.sin());
+        let cos = args.iter().map(|a| a.cos());
+        if cfg.flip_sin_to_cos {
+            data.extend(cos.chain(sin));
+        } else {
+            data.extend(sin.chain(cos));
+        }
+        if dim % 2 == 1 {
+            data.push(0.0);
+        }
+    }
+    Tensor::from_vec(data, (timesteps.len(), dim), dev)?.to_dtype(dtype)
 }

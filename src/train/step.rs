@@ -246,9 +246,9 @@ pub fn gradient_at(
     let unscale =
         |grad: Tensor| -> Result<Tensor> { Ok(if scale == 1.0 { grad } else { (grad / scale)? }) };
     if backward == Backward::OnePass {
-        let c = sd.unet.forward(&input, t, cond)?.detach();
+        let c = sd.branch_eps(&input, t, cond, false)?.detach();
         let var = Var::from_tensor(&embedding.detach())?;
-        let u = sd.unet.forward(&input, t, &batch_of(var.as_tensor(), n)?)?;
+        let u = sd.branch_eps(&input, t, &batch_of(var.as_tensor(), n)?, true)?;
         let x0 = sd.guided_x0(&u, &c, i, x, g)?;
         let scores = objective.score(&objective.images(&sd.decode(&x0)?)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
@@ -268,8 +268,8 @@ pub fn gradient_at(
     // (1) x0 without a graph, then d loss / d x0 through decode and reward;
     // (2) the negative branch again, with a graph, and back from x0 with that gradient.
     // The prompt branch c is computed once, without a graph.
-    let c = sd.unet.forward(&input, t, cond)?.detach();
-    let u0 = sd.unet.forward(&input, t, &frozen)?;
+    let c = sd.branch_eps(&input, t, cond, false)?.detach();
+    let u0 = sd.branch_eps(&input, t, &frozen, true)?;
     let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, i, x, g)?)?;
     drop(u0);
     let images = objective.images(&sd.decode(x0.as_tensor())?)?;
@@ -288,7 +288,7 @@ pub fn gradient_at(
 
     let var = Var::from_tensor(&embedding.detach())?;
     let uncond = batch_of(var.as_tensor(), n)?;
-    let u = sd.unet.forward(&input, t, &uncond)?;
+    let u = sd.branch_eps(&input, t, &uncond, true)?;
     let surrogate = (sd.guided_x0(&u, &c, i, x, g)? * d_x0)?.sum_all()?;
     let grad = surrogate
         .backward()?

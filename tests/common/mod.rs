@@ -250,3 +250,40 @@ pub fn parity_case_dirs() -> Vec<std::path::PathBuf> {
     }
     cases
 }
+
+/// For a ControlNet parity case (`"kind": "controlnet"`): adds the pipeline's ControlNet with
+/// the case's `control.png`, scale and guess mode to `sd`, as StableDiffusionControlNetPipeline
+/// ran it; returns the control image tensor. None for other cases.
+pub fn add_case_controlnet(sd: &mut StableDiffusion, dir: &Path) -> Option<Tensor> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    if meta["kind"] != "controlnet" {
+        return None;
+    }
+    let cn_dir = dir.join("pipeline/controlnet");
+    let model = reneg::control::load(&cn_dir, sd.dtype(), sd.device())
+        .unwrap_or_else(|err| panic!("{}: {err}", cn_dir.display()));
+    let png = reneg::io::read_png(&dir.join("control.png")).unwrap();
+    let image = reneg::control::image_tensor(&png.data, png.width, png.height, sd.device())
+        .unwrap()
+        .to_dtype(sd.dtype())
+        .unwrap();
+    let scale = meta["controlnet_conditioning_scale"]
+        .as_f64()
+        .unwrap_or(1.0);
+    sd.guess_mode = meta["guess_mode"].as_bool().unwrap_or(false);
+    sd.add_controlnet(model, image.clone(), scale, &cn_dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", cn_dir.display()));
+    Some(image)
+}
+
+/// The parity case kinds a whole pipeline runs for: plain pipelines and ControlNet cases.
+pub fn is_pipeline_case(dir: &Path) -> bool {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    dir.join("pipeline").is_dir()
+        && matches!(
+            meta["kind"].as_str(),
+            None | Some("pipeline") | Some("controlnet")
+        )
+}

@@ -17,6 +17,9 @@ use std::process::Command;
 const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
 const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
 const HPS: &str = repo!("tests/fixtures/parity/reward-openclip-gelu/reward");
+const CN15: &str = repo!("tests/fixtures/parity/controlnet-sd15-tiny");
+const CN2: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/pipeline/controlnet");
+const CN2_IMAGE: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/control.png");
 
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-bad-{tag}-{}", std::process::id()));
@@ -177,6 +180,16 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {} --scheduler euler --prompt x --out {{out}}", p("log-linear")), "interpolation_type".into()),
         (format!("eval --model {SD15} --scheduler heun --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "--scheduler".into()),
         (format!("train --model {SD15} --scheduler euler-a --eta 0.3 --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "eta".into()),
+        // ControlNets: one for another model (its cross-attention width is the SD2 case's), a
+        // control image of another size than asked for, a missing image, an image without a
+        // ControlNet, a folder that is not one, a file that is not an image.
+        (format!("generate --model {SD15} --controlnet {CN2} --control-image {CN2_IMAGE} --prompt x --out {{out}}"), "controlnet".into()),
+        (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {CN15}/control.png --height 64 --width 64 --prompt x --out {{out}}"), "--control-image".into()),
+        (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --prompt x --out {{out}}"), "--control-image".into()),
+        (format!("generate --model {SD15} --control-image {CN2_IMAGE} --prompt x --out {{out}}"), "--controlnet".into()),
+        (format!("generate --model {CN15}/pipeline --controlnet {} --control-image {CN15}/control.png --prompt x --out {{out}}", p("empty-dir")), "empty-dir".into()),
+        (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {} --prompt x --out {{out}}", p("image.png")), "image.png".into()),
+        (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {} --prompt x --out {{out}}", p("no-such.png")), "no-such.png".into()),
         // LoRAs: a missing file, a file that is not a LoRA.
         (format!("generate --model {SD15} --lora {}:0.8 --prompt x --out {{out}}", p("missing-lora.safetensors")), "missing-lora.safetensors".into()),
         (format!("generate --model {SD15} --lora {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/torch_saved.safetensors")), "torch_saved.safetensors".into()),

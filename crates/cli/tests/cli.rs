@@ -254,7 +254,13 @@ fn batches_and_prompt_files_give_the_same_images() {
 
 #[test]
 fn init_latents_reproduce_each_parity_case_image() {
-    for case in ["sd15-tiny", "sd2-tiny", "sd-variant"] {
+    for case in [
+        "sd15-tiny",
+        "sd2-tiny",
+        "sd-variant",
+        "controlnet-sd15-tiny",
+        "controlnet-sd2-tiny",
+    ] {
         let cdir = PathBuf::from(repo!("tests/fixtures/parity")).join(case);
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(cdir.join("case.json")).unwrap())
@@ -282,7 +288,24 @@ fn init_latents_reproduce_each_parity_case_image() {
             s("width"),
         );
         let model = cdir.join("pipeline");
-        ok(&[
+        // A ControlNet case: the pipeline's ControlNet, its image and scale (diffusers'
+        // StableDiffusionControlNetPipeline made the reference).
+        let cn = cdir.join("pipeline/controlnet");
+        let control = cdir.join("control.png");
+        let scale = s("controlnet_conditioning_scale");
+        let extra: Vec<&str> = if meta["kind"] == "controlnet" {
+            vec![
+                "--controlnet",
+                cn.to_str().unwrap(),
+                "--control-image",
+                control.to_str().unwrap(),
+                "--controlnet-scale",
+                &scale,
+            ]
+        } else {
+            vec![]
+        };
+        let mut args = vec![
             "generate",
             "--model",
             model.to_str().unwrap(),
@@ -302,7 +325,9 @@ fn init_latents_reproduce_each_parity_case_image() {
             lat.to_str().unwrap(),
             "--out",
             dir.to_str().unwrap(),
-        ]);
+        ];
+        args.extend(extra);
+        ok(&args);
         let (pixels, ..) = read_png(&dir.join("00000-seed0.png"));
         // The reference image as 8-bit RGB, the same way the PNG writer quantises.
         let want: Vec<u8> = ((exp["image"].clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 127.5)

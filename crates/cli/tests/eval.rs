@@ -452,10 +452,12 @@ fn nan_scores_are_recorded_counted_and_do_not_break_later_runs() {
             Prompt {
                 text: "a".into(),
                 category: None,
+                control_image: None,
             },
             Prompt {
                 text: "b".into(),
                 category: None,
+                control_image: None,
             },
         ],
         seeds: 2,
@@ -559,4 +561,73 @@ fn resuming_with_other_model_options_is_refused() {
     // The same settings resume.
     run_eval(&tsv, &out, &["--limit", "1"]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// ControlNet evaluation with each prompt's own control image from a `.jsonl` prompt file
+/// (paths relative to it): the same prompt and seed under two control images gives two
+/// images, under the same control image the same one; the manifest records the images.
+#[test]
+fn eval_takes_each_prompts_control_image_from_the_prompt_file() {
+    const CN: &str = repo!("tests/fixtures/parity/controlnet-sd15-tiny");
+    let dir = tempdir("control");
+    let a = reneg::io::read_png(Path::new(&format!("{CN}/control.png"))).unwrap();
+    reneg::io::write_png(&a, &dir.join("a.png"), None).unwrap();
+    let flipped = reneg::io::Rgb {
+        width: a.width,
+        height: a.height,
+        data: a.data.chunks(3).rev().flatten().copied().collect(),
+    };
+    reneg::io::write_png(&flipped, &dir.join("b.png"), None).unwrap();
+    let run = |tag: &str, second: &str| -> PathBuf {
+        let list = dir.join(format!("{tag}.jsonl"));
+        std::fs::write(
+            &list,
+            format!(
+                "{{\"prompt\": \"a red cube\", \"control_image\": \"a.png\"}}\n{{\"prompt\": \"a red cube\", \"category\": \"Shapes\", \"control_image\": \"{second}\"}}\n"
+            ),
+        )
+        .unwrap();
+        let out = dir.join(tag);
+        ok(&[
+            "eval",
+            "--model",
+            &format!("{CN}/pipeline"),
+            "--controlnet",
+            &format!("{CN}/pipeline/controlnet"),
+            "--controlnet-scale",
+            "0.7",
+            "--prompts",
+            list.to_str().unwrap(),
+            "--seeds",
+            "1",
+            "--steps",
+            "3",
+            "--negative",
+            "null",
+            "--reward",
+            "aesthetic",
+            "--reward-model",
+            AESTHETIC,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out
+    };
+    let png = |out: &Path, p: usize| {
+        std::fs::read(out.join(reneg::eval::Manifest::image_path(0, p, 0))).unwrap()
+    };
+    let two = run("two", "b.png");
+    assert_ne!(
+        png(&two, 0),
+        png(&two, 1),
+        "the second prompt's control image was not used"
+    );
+    let same = run("same", "a.png");
+    assert_eq!(png(&same, 0), png(&same, 1));
+    assert_eq!(png(&same, 0), png(&two, 0));
+    let manifest = std::fs::read_to_string(two.join("eval.json")).unwrap();
+    assert!(
+        manifest.contains("b.png") && manifest.contains("controlnet="),
+        "{manifest}"
+    );
 }

@@ -48,6 +48,8 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampler: SamplerArgs,
+    #[command(flatten)]
+    pub control: super::control::ControlArgs,
     /// Prompt file: PartiPrompts .tsv (Prompt and Category columns), HPSv2-style .json
     /// ({style: [prompts]}) or a list, or plain text (one per line).
     #[arg(long)]
@@ -127,6 +129,7 @@ fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
     list.extend(args.prompt.iter().map(|p| Prompt {
         text: p.clone(),
         category: None,
+        control_image: None,
     }));
     if let Some(n) = args.limit {
         list.truncate(n);
@@ -162,7 +165,19 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
-    let (h, w) = image_size(&sd, args.height, args.width)?;
+    let first_prompt_image = prompt_list.iter().find_map(|p| p.control_image.clone());
+    let control_size = super::control::apply(
+        &mut sd,
+        &args.control,
+        first_prompt_image.as_deref(),
+        dtype,
+        &device,
+    )?;
+    let prompt_images =
+        super::control::prompt_images(&sd, &args.control, &prompt_list, control_size, &device)?;
+    let default_images: Vec<Tensor> = sd.controls.iter().map(|c| c.image.clone()).collect();
+    let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
+    let (h, w) = image_size(&sd, height, width)?;
     let rewards = load_rewards(&args.reward, &args.reward_model, dtype, &device)?;
     let reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
     if reward_names.iter().collect::<BTreeSet<_>>().len() != reward_names.len() {
@@ -234,7 +249,12 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.adapt.adapt_lr,
         )),
         roles: eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags),
-        model_options: [args.model.options(), args.sampler.options()].concat(),
+        model_options: [
+            args.model.options(),
+            args.sampler.options(),
+            args.control.options(),
+        ]
+        .concat(),
     };
     match Manifest::load(&args.out).map_err(lib)? {
         Some(old) if old != manifest => {
@@ -298,6 +318,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             manifest.prompts.len(),
             j + 1
         ));
+        super::control::use_prompt_image(&mut sd, prompt, &prompt_images, &default_images);
         let cond = sd.encode_prompt(&prompt.text).map_err(lib)?;
         let uncond = if negatives[j].per_sample {
             adapt(

@@ -23,6 +23,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampler: SamplerArgs,
+    #[command(flatten)]
+    pub control: super::control::ControlArgs,
     /// A prompt; repeat for several.
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -100,6 +102,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         .map(|p| Prompt {
             text: p.clone(),
             category: None,
+            control_image: None,
         })
         .collect();
     if let Some(file) = &args.prompts {
@@ -122,7 +125,23 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
-    let (h, w) = image_size(&sd, args.height, args.width)?;
+    let control_size = super::control::apply(&mut sd, &args.control, None, dtype, &device)?;
+    let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
+    let (h, w) = image_size(&sd, height, width)?;
+    // A1111-style: the ControlNets named with their weights after the model.
+    let control_label: String = sd
+        .controls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            format!(
+                ", ControlNet {k}: \"model: {}, weight: {}{}\"",
+                c.source.display(),
+                c.scale,
+                if sd.guess_mode { ", guess mode" } else { "" }
+            )
+        })
+        .collect();
     let f = sd.vae_scale();
     let latent_shape = [sd.latent_channels(), h / f, w / f];
 
@@ -280,7 +299,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 w,
                 h,
                 model_name
-            );
+            ) + &control_label;
             save_png(&images.get(k)?, &path, &params)?;
             let record = serde_json::json!({
                 "file": name,
@@ -297,6 +316,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "vae": args.model.vae.as_ref().map(|p| p.display().to_string()),
                 "clip_skip": args.model.clip_skip,
                 "scheduler": sd.scheduler.kind().name(),
+                "controlnet": args.control.controlnet,
+                "control_image": args.control.control_image,
+                "controlnet_scale": args.control.controlnet_scale,
+                "guess_mode": args.control.guess_mode,
+                "control_preprocess": args.control.control_preprocess.map(|p| format!("{p:?}").to_lowercase()),
                 "eta": sd.scheduler.eta(),
                 "loras": args.model.lora,
                 "prompt_syntax": args.model.prompt_syntax,

@@ -2,6 +2,7 @@
 //! of errors to exit codes.
 
 pub mod builtin;
+pub mod control;
 pub mod embedding;
 pub mod eval;
 pub mod generate;

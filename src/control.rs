@@ -1,0 +1,60 @@
+//! ControlNets in the pipeline: loading diffusers `ControlNetModel` folders, and the
+//! conditioning image each one sees. [`crate::StableDiffusion::add_controlnet`] checks that a
+//! ControlNet fits the UNet; the guided step adds every ControlNet's residuals (diffusers'
+//! `MultiControlNetModel` sums them), with the negative going through their cross-attention
+//! as through the UNet's.
+
+use crate::error::{Error, Result};
+use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::weights::{Vb, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+
+/// One ControlNet with its conditioning image and scale.
+pub struct Control {
+    pub model: ControlNetModel,
+    /// `[1, 3, H, W]` in [0, 1], RGB (ControlNet's image processor does not normalise to
+    /// [-1, 1]).
+    pub image: Tensor,
+    /// diffusers' `controlnet_conditioning_scale`.
+    pub scale: f64,
+    pub source: PathBuf,
+}
+
+/// Loads a diffusers `ControlNetModel` folder (`config.json` and
+/// `diffusion_pytorch_model.safetensors`, or its fp16 variant).
+pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<ControlNetModel> {
+    if !path.is_dir() {
+        return Err(Error::file(
+            path,
+            "not a ControlNet folder (config.json and diffusion_pytorch_model.safetensors)",
+        ));
+    }
+    let cfg = ControlNetConfig::load(&path.join("config.json"))?;
+    let weights = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
+        .iter()
+        .map(|f| path.join(f))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::file(
+                path,
+                "no diffusion_pytorch_model.safetensors; save the ControlNet with safe_serialization=True",
+            )
+        })?;
+    ControlNetModel::new(cfg, &Vb::new(Weights::load(&weights, dtype, device)?))
+}
+
+/// Pixels `[H, W, 3]` (u8, RGB) as a `[1, 3, H, W]` tensor in [0, 1].
+pub fn image_tensor(rgb: &[u8], width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    if rgb.len() != width * height * 3 {
+        return Err(Error::Invalid(format!(
+            "control image: {} bytes for {width}x{height} RGB",
+            rgb.len()
+        )));
+    }
+    let data: Vec<f32> = rgb.iter().map(|&v| v as f32 / 255.0).collect();
+    Ok(Tensor::from_vec(data, (height, width, 3), device)?
+        .permute((2, 0, 1))?
+        .unsqueeze(0)?
+        .contiguous()?)
+}
