@@ -21,13 +21,24 @@ pub struct Control {
     pub source: PathBuf,
 }
 
-/// Loads a diffusers `ControlNetModel` folder (`config.json` and
-/// `diffusion_pytorch_model.safetensors`, or its fp16 variant).
-pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<ControlNetModel> {
+/// Loads a ControlNet: a diffusers `ControlNetModel` folder (`config.json` and
+/// `diffusion_pytorch_model.safetensors`, or its fp16 variant), or a single file in the
+/// original layout (`.safetensors`, or a pickled `.pth`/`.pt`/`.ckpt` state dict of plain
+/// tensors, read without running any code). `config_dir`, a diffusers ControlNet folder or
+/// its `config.json`, replaces the config inferred from a single file's tensors.
+pub fn load(
+    path: &Path,
+    config_dir: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<ControlNetModel> {
+    if path.is_file() {
+        return load_single_file(path, config_dir, dtype, device);
+    }
     if !path.is_dir() {
         return Err(Error::file(
             path,
-            "not a ControlNet folder (config.json and diffusion_pytorch_model.safetensors)",
+            "no such ControlNet: give a diffusers ControlNetModel folder or a single .safetensors/.pth file",
         ));
     }
     let cfg = ControlNetConfig::load(&path.join("config.json"))?;
@@ -57,4 +68,39 @@ pub fn image_tensor(rgb: &[u8], width: usize, height: usize, device: &Device) ->
         .permute((2, 0, 1))?
         .unsqueeze(0)?
         .contiguous()?)
+}
+
+fn load_single_file(
+    path: &Path,
+    config_dir: Option<&Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<ControlNetModel> {
+    let bytes = crate::io::map_file(path)?;
+    let tensors = if crate::torch_file::is_zip(&bytes)
+        || !path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        crate::torch_file::read_state_dict(&bytes, path)?
+    } else {
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+            .map_err(|e| Error::file(path, format!("not a valid safetensors file ({e})")))?
+    };
+    let (converted, inferred) = crate::single_file::convert_controlnet(&tensors, path)?;
+    let cfg = match config_dir {
+        Some(d) => {
+            let file = if d.is_dir() {
+                d.join("config.json")
+            } else {
+                d.to_path_buf()
+            };
+            ControlNetConfig::load(&file)?
+        }
+        None => ControlNetConfig::from_value(inferred, path)?,
+    };
+    ControlNetModel::new(
+        cfg,
+        &Vb::new(Weights::from_tensors(converted, path, dtype, device)),
+    )
 }

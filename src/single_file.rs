@@ -125,7 +125,12 @@ fn convert_unet(
     let mut out = HashMap::new();
     let model_channels = dim(&u, "input_blocks.0.0.weight", 0, file)?;
     let in_channels = dim(&u, "input_blocks.0.0.weight", 1, file)?;
-    let out_channels = dim(&u, "out.2.weight", 0, file)?;
+    // A ControlNet has no output head; its config keeps the input's channel count.
+    let out_channels = if u.contains_key("out.2.weight") {
+        dim(&u, "out.2.weight", 0, file)?
+    } else {
+        in_channels
+    };
     let time_dim = dim(&u, "time_embed.0.weight", 0, file)?;
     move_prefix(
         &u,
@@ -705,4 +710,106 @@ pub fn load_with_loras(
         dtype,
         device,
     )
+}
+
+/// The keys of an original-layout ControlNet, with or without the `control_model.` prefix
+/// community safetensors files carry.
+const CONTROL: &str = "control_model.";
+
+/// A single-file ControlNet in the original layout (lllyasviel's ControlNet 1.0/1.1 `.pth`,
+/// or safetensors with `control_model.` keys) as a diffusers `ControlNetModel` state dict and
+/// config: the contracting half converts as an SD UNet's does; `input_hint_block`'s
+/// convolutions become `controlnet_cond_embedding`, `zero_convs.N.0` become
+/// `controlnet_down_blocks.N` and `middle_block_out.0` becomes `controlnet_mid_block`.
+pub fn convert_controlnet(
+    all: &HashMap<String, Tensor>,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let prefixed = has_prefix(all, CONTROL);
+    let c: HashMap<String, Tensor> = if prefixed {
+        strip(all, CONTROL)
+    } else {
+        all.clone()
+    };
+    if !has_prefix(&c, "input_hint_block.") || !has_prefix(&c, "zero_convs.") {
+        return Err(Error::file(
+            file,
+            "not an original-layout ControlNet (no input_hint_block / zero_convs); give a diffusers ControlNetModel folder or an original ControlNet file",
+        ));
+    }
+    // The contracting half, under the UNet's original prefix, converts as a UNet's.
+    let as_unet: HashMap<String, Tensor> = c
+        .iter()
+        .filter(|(k, _)| {
+            ["time_embed.", "input_blocks.", "middle_block."]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (format!("{UNET}{k}"), v.clone()))
+        .collect();
+    // SD2's 1024-wide context means SD2's head widths.
+    let context = c
+        .iter()
+        .find(|(k, _)| k.ends_with("attn2.to_k.weight"))
+        .map(|(_, v)| v.dim(1))
+        .transpose()?
+        .unwrap_or(768);
+    let base = if context == 1024 {
+        Base::Sd2
+    } else {
+        Base::Sd1
+    };
+    let (mut out, mut cfg) = convert_unet(&as_unet, base, file)?;
+    // input_hint_block: convolutions at even indices (SiLUs between them): conv_in, the
+    // blocks in order, conv_out last.
+    let hint = indices(&c, "input_hint_block.");
+    if hint.len() < 2 {
+        return Err(Error::file(
+            file,
+            "input_hint_block has fewer than two convolutions",
+        ));
+    }
+    let mut embedding_channels = vec![dim(&c, "input_hint_block.0.weight", 0, file)?];
+    for (n, &i) in hint.iter().enumerate() {
+        let to = if n == 0 {
+            "controlnet_cond_embedding.conv_in.".to_string()
+        } else if n + 1 == hint.len() {
+            "controlnet_cond_embedding.conv_out.".to_string()
+        } else {
+            // Pairs: a same-size convolution, then a stride-2 one to the next width.
+            if n % 2 == 0 {
+                embedding_channels.push(dim(&c, &format!("input_hint_block.{i}.weight"), 0, file)?);
+            }
+            format!("controlnet_cond_embedding.blocks.{}.", n - 1)
+        };
+        move_prefix(&c, &mut out, &format!("input_hint_block.{i}."), &to, same);
+    }
+    for n in indices(&c, "zero_convs.") {
+        move_prefix(
+            &c,
+            &mut out,
+            &format!("zero_convs.{n}.0."),
+            &format!("controlnet_down_blocks.{n}."),
+            same,
+        );
+    }
+    move_prefix(
+        &c,
+        &mut out,
+        "middle_block_out.0.",
+        "controlnet_mid_block.",
+        same,
+    );
+    let conditioning_channels = dim(&c, "input_hint_block.0.weight", 1, file)?;
+    if let Value::Object(m) = &mut cfg {
+        m.insert("_class_name".into(), json!("ControlNetModel"));
+        m.remove("up_block_types");
+        m.remove("out_channels");
+        m.insert("conditioning_channels".into(), json!(conditioning_channels));
+        m.insert(
+            "conditioning_embedding_out_channels".into(),
+            json!(embedding_channels),
+        );
+    }
+    Ok((out, cfg))
 }

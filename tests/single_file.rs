@@ -127,3 +127,74 @@ fn non_sd_files_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// Original-layout ControlNets (`tools/gen_single_file_controlnet.py`, checked there against
+/// diffusers' own converter) convert to exactly the diffusers folder's tensors, from
+/// safetensors with `control_model.` keys and from a pickled `.pth` without the prefix, and
+/// the config inferred from the tensors has the folder's structure.
+#[test]
+fn single_file_controlnets_convert_to_the_diffusers_folders_tensors() {
+    for case in ["controlnet-sd15-tiny", "controlnet-sd2-tiny"] {
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parity")
+            .join(case)
+            .join("pipeline/controlnet");
+        let want = candle_core::safetensors::load(
+            folder.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let want_cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap())
+                .unwrap();
+        for ext in ["safetensors", "pth"] {
+            let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/single_file_controlnet")
+                .join(format!("{case}-controlnet.{ext}"));
+            let bytes = std::fs::read(&file).unwrap();
+            let raw = if ext == "pth" {
+                reneg::torch_file::read_state_dict(&bytes, &file).unwrap()
+            } else {
+                candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap()
+            };
+            let (got, cfg) = reneg::single_file::convert_controlnet(&raw, &file).unwrap();
+            let mut a: Vec<&String> = got.keys().collect();
+            let mut b: Vec<&String> = want.keys().collect();
+            a.sort();
+            b.sort();
+            assert_eq!(a, b, "{case}.{ext}: key sets differ");
+            for (k, t) in &want {
+                let g = &got[k];
+                if ext == "safetensors" {
+                    // (The pickle reader gives f32; values are compared below.)
+                    assert_eq!(g.dtype(), t.dtype(), "{case}.{ext}: {k}");
+                }
+                let diff = (g.to_dtype(DType::F64).unwrap() - t.to_dtype(DType::F64).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert_eq!(diff, 0.0, "{case}.{ext}: {k}");
+            }
+            for key in [
+                "block_out_channels",
+                "down_block_types",
+                "cross_attention_dim",
+                "conditioning_embedding_out_channels",
+                "conditioning_channels",
+                "in_channels",
+            ] {
+                assert_eq!(cfg[key], want_cfg[key], "{case}.{ext}: inferred {key}");
+            }
+            let layers = cfg["layers_per_block"].as_u64().unwrap();
+            assert_eq!(
+                Some(layers),
+                want_cfg["layers_per_block"].as_u64(),
+                "{case}.{ext}"
+            );
+        }
+    }
+}

@@ -261,7 +261,7 @@ pub fn add_case_controlnet(sd: &mut StableDiffusion, dir: &Path) -> Option<Tenso
         return None;
     }
     let cn_dir = dir.join("pipeline/controlnet");
-    let model = reneg::control::load(&cn_dir, sd.dtype(), sd.device())
+    let model = reneg::control::load(&cn_dir, None, sd.dtype(), sd.device())
         .unwrap_or_else(|err| panic!("{}: {err}", cn_dir.display()));
     let png = reneg::io::read_png(&dir.join("control.png")).unwrap();
     let image = reneg::control::image_tensor(&png.data, png.width, png.height, sd.device())

@@ -1011,3 +1011,45 @@ fn train_bad_input_exits_2() {
         assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// A single-file ControlNet (original layout: safetensors with control_model.* keys, or a
+/// pickled .pth) draws the same image as its diffusers folder, given the folder's config
+/// (the tiny model's head counts are not in its tensors).
+#[test]
+fn single_file_controlnets_draw_the_folders_image() {
+    let case = PathBuf::from(repo!("tests/fixtures/parity/controlnet-sd2-tiny"));
+    let folder = case.join("pipeline/controlnet");
+    let dir = tempdir("cn-single");
+    let run = |tag: &str, cn: &Path, config: bool| -> Vec<u8> {
+        let out = dir.join(tag);
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            case.join("pipeline").display().to_string(),
+            "--controlnet".into(),
+            cn.display().to_string(),
+            "--control-image".into(),
+            case.join("control.png").display().to_string(),
+            "--steps".into(),
+            "3".into(),
+            "--prompt".into(),
+            "a red cube".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        if config {
+            args.extend(["--controlnet-config".into(), folder.display().to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&refs);
+        read_png(&out.join("00000-seed0.png")).0
+    };
+    let want = run("folder", &folder, false);
+    let files = PathBuf::from(repo!("tests/fixtures/single_file_controlnet"));
+    for f in [
+        "controlnet-sd2-tiny-controlnet.safetensors",
+        "controlnet-sd2-tiny-controlnet.pth",
+    ] {
+        assert_eq!(run(f, &files.join(f), true), want, "{f}");
+    }
+}

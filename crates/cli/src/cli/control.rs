@@ -16,10 +16,16 @@ pub enum Preprocess {
 #[derive(clap::Args, Clone, Default)]
 pub struct ControlArgs {
     /// A ControlNet: a diffusers ControlNetModel folder (config.json and
-    /// diffusion_pytorch_model.safetensors). Repeat for several (their residuals add up, as
-    /// diffusers' MultiControlNetModel does), each with its --control-image.
+    /// diffusion_pytorch_model.safetensors), or a single file in the original layout
+    /// (lllyasviel's .pth, or .safetensors with control_model.* keys). Repeat for several
+    /// (their residuals add up, as diffusers' MultiControlNetModel does), each with its
+    /// --control-image.
     #[arg(long)]
     pub controlnet: Vec<PathBuf>,
+    /// For single-file ControlNets: a diffusers ControlNet folder (or config.json) whose config
+    /// replaces the one inferred from the tensors.
+    #[arg(long)]
+    pub controlnet_config: Option<PathBuf>,
     /// The conditioning image (PNG, JPEG or WebP) of each --controlnet, in the same order, or one
     /// for all. It sets the output size unless --height/--width are given, which must then match.
     #[arg(long)]
@@ -48,6 +54,9 @@ impl ControlArgs {
             .iter()
             .map(|p| format!("controlnet={}", p.display()))
             .collect();
+        if let Some(c) = &self.controlnet_config {
+            v.push(format!("controlnet_config={}", c.display()));
+        }
         v.extend(
             self.control_image
                 .iter()
@@ -154,7 +163,8 @@ pub fn apply(
     }
     let mut size = None;
     for (k, path) in a.controlnet.iter().enumerate() {
-        let model = reneg::control::load(path, dtype, device).map_err(lib)?;
+        let model = reneg::control::load(path, a.controlnet_config.as_deref(), dtype, device)
+            .map_err(lib)?;
         let file = &given[images[k]];
         let (rgb, w, h) = read_image(file, a.control_preprocess, &a.canny_thresholds)?;
         match size {
