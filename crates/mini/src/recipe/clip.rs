@@ -2,9 +2,7 @@
 //! (clean and degraded, captions with and without quality words). Its text tower becomes the
 //! generator's text encoder; the whole model is also usable as a CLIP-score reward.
 
-use super::{
-    batch, fit, mkdir, save_vars, token_ids_trimmed, vars_of, write_json, Layout, ModelReport,
-};
+use super::{batch, fit, mkdir, save_vars, token_ids_trimmed, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
 use crate::{vocab, DataConfig};
 use candle_core::{DType, Device, Tensor, D};
@@ -79,7 +77,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let labels = Tensor::arange(0u32, BATCH as u32, dev)?;
     let final_loss = fit(
         "clip",
-        vars_of(&vb.vars()),
+        vb.vars(),
         steps,
         2e-3,
         &super::checkpoint_path(layout, "clip"),

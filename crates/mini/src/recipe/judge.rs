@@ -7,7 +7,7 @@
 //! softness is not a defect in its eyes (a clean round trip is "clean") and it reads shapes,
 //! colours and degradations through the decoder, as it must on generated images.
 
-use super::{batch, fit, mkdir, save_vars, vars_of, write_json, Layout, ModelReport};
+use super::{batch, fit, mkdir, save_vars, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
 use crate::judge::{recognised, targets, Judge, JudgeConfig, WEIGHTS_FILE};
 use crate::{DataConfig, Example, Family};
@@ -112,7 +112,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let clock = Instant::now();
     let final_loss = fit(
         "judge",
-        vars_of(&vb.vars()),
+        vb.vars(),
         steps,
         2e-3,
         &super::checkpoint_path(layout, "judge"),

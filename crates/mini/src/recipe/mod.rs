@@ -312,13 +312,14 @@ const CHECKPOINT_EVERY: usize = 100;
 /// one would.
 pub(crate) fn fit(
     name: &str,
-    vars: Vec<Var>,
+    named: Vec<(String, Var)>,
     steps: usize,
     lr: f64,
     checkpoint: &Path,
     mut step_loss: impl FnMut(usize) -> Result<Tensor>,
 ) -> Result<f64> {
     use reneg::train::optim::{AdamW, AdamWConfig};
+    let (names, vars): (Vec<String>, Vec<Var>) = named.into_iter().unzip();
     let cfg = AdamWConfig {
         lr,
         weight_decay: 0.01,
@@ -330,7 +331,7 @@ pub(crate) fn fit(
         .collect::<Result<_>>()?;
     let mut recent: Vec<f64> = Vec::new();
     let first = if checkpoint.is_file() {
-        let (step, losses) = restore(checkpoint, &vars, &mut states, steps)?;
+        let (step, losses) = restore(checkpoint, &names, &vars, &mut states, steps)?;
         eprintln!(
             "mini {name}: resuming at step {step}/{steps} from {}",
             checkpoint.display()
@@ -377,7 +378,7 @@ pub(crate) fn fit(
             );
         }
         if (step + 1) % CHECKPOINT_EVERY == 0 && step + 1 < steps {
-            save_checkpoint(checkpoint, step + 1, &vars, &states, &recent)?;
+            save_checkpoint(checkpoint, step + 1, &names, &vars, &states, &recent)?;
         }
     }
     Ok(recent.iter().sum::<f64>() / recent.len().max(1) as f64)
@@ -399,24 +400,26 @@ pub(crate) fn checkpoint_path(layout: &Layout, name: &str) -> PathBuf {
     layout.root.join(format!(".{name}.partial.safetensors"))
 }
 
+/// Writes the state under each tensor's name (`param.NAME`, `m.NAME`, `v.NAME`,
+/// `step.NAME`), so a resume never depends on the order a model creates its tensors in.
 fn save_checkpoint(
     path: &Path,
     step: usize,
+    names: &[String],
     vars: &[Var],
     states: &[AdamWState],
     recent: &[f64],
 ) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
-    for (i, (v, st)) in vars.iter().zip(states).enumerate() {
-        map.insert(format!("param.{i}"), v.as_tensor().detach());
-        map.insert(format!("m.{i}"), st.m.clone());
-        map.insert(format!("v.{i}"), st.v.clone());
+    for ((n, v), st) in names.iter().zip(vars).zip(states) {
+        map.insert(format!("param.{n}"), v.as_tensor().detach());
+        map.insert(format!("m.{n}"), st.m.clone());
+        map.insert(format!("v.{n}"), st.v.clone());
+        map.insert(
+            format!("step.{n}"),
+            Tensor::new(&[st.step as i64], &Device::Cpu)?,
+        );
     }
-    let steps: Vec<i64> = states.iter().map(|s| s.step as i64).collect();
-    map.insert(
-        "optimiser_steps".into(),
-        Tensor::from_vec(steps, states.len(), &Device::Cpu)?,
-    );
     map.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
     map.insert(
         "recent_losses".into(),
@@ -434,6 +437,7 @@ type AdamWState = reneg::train::optim::AdamW;
 /// step to continue from and the recent losses. Refuses a file for another model or run.
 fn restore(
     path: &Path,
+    names: &[String],
     vars: &[Var],
     states: &mut [AdamWState],
     steps: usize,
@@ -451,28 +455,27 @@ fn restore(
     if step >= steps {
         return Err(bad(format!("it is at step {step} of a {steps}-step run")));
     }
-    let opt_steps = get("optimiser_steps")?.to_vec1::<i64>()?;
-    if opt_steps.len() != vars.len() {
+    let held = map.keys().filter(|k| k.starts_with("param.")).count();
+    if held != vars.len() {
         return Err(bad(format!(
-            "it holds {} tensors, the model {}",
-            opt_steps.len(),
+            "it holds {held} tensors, the model {}",
             vars.len()
         )));
     }
-    for (i, (v, st)) in vars.iter().zip(states.iter_mut()).enumerate() {
-        let p = get(&format!("param.{i}"))?;
+    for ((n, v), st) in names.iter().zip(vars).zip(states.iter_mut()) {
+        let p = get(&format!("param.{n}"))?;
         if p.dims() != v.dims() {
             return Err(bad(format!(
-                "tensor {i} has shape {:?}, not {:?}",
+                "{n} has shape {:?}, not {:?}",
                 p.dims(),
                 v.dims()
             )));
         }
         let dev = v.device();
         v.set(&p.to_device(dev)?)?;
-        st.m = get(&format!("m.{i}"))?.to_device(dev)?;
-        st.v = get(&format!("v.{i}"))?.to_device(dev)?;
-        st.step = opt_steps[i] as u64;
+        st.m = get(&format!("m.{n}"))?.to_device(dev)?;
+        st.v = get(&format!("v.{n}"))?.to_device(dev)?;
+        st.step = get(&format!("step.{n}"))?.to_vec1::<i64>()?[0] as u64;
     }
     let recent = get("recent_losses")?.to_vec1::<f64>()?;
     Ok((step, recent))
@@ -507,10 +510,6 @@ pub(crate) fn token_ids_trimmed(
     Ok(Tensor::from_vec(ids, (texts.len(), len), dev)?)
 }
 
-pub(crate) fn vars_of(list: &[(String, Var)]) -> Vec<Var> {
-    list.iter().map(|(_, v)| v.clone()).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,7 +519,12 @@ mod tests {
     /// the optimiser's moments, ends somewhere else.
     fn run_fit(vars: &[Var], steps: usize, ckpt: &Path, fail_at: Option<usize>) -> Result<f64> {
         let target = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)?;
-        fit("toy", vars.to_vec(), steps, 0.05, ckpt, |step| {
+        let named: Vec<(String, Var)> = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("w{i}"), v.clone()))
+            .collect();
+        fit("toy", named, steps, 0.05, ckpt, |step| {
             if Some(step) == fail_at {
                 return Err(Error::Invalid("interrupted".into()));
             }
@@ -579,6 +583,23 @@ mod tests {
             err.contains(".toy.partial.safetensors") && err.contains("shape"),
             "{err}"
         );
+        // A checkpoint of other tensors (other names) is refused, naming what is missing.
+        let other: HashMap<String, Tensor> = [
+            (
+                "param.other",
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            ),
+            ("step", Tensor::new(&[1i64], &Device::Cpu).unwrap()),
+            ("recent_losses", Tensor::new(&[1f64], &Device::Cpu).unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        candle_core::safetensors::save(&other, &ckpt).unwrap();
+        let err = run_fit(std::slice::from_ref(&resumed), steps, &ckpt, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("param.w0"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,7 @@
 //! degradations) under the same caption, and an image over another scene's image under the
 //! first one's caption. It is scored as HPS is: 100 x cosine.
 
-use super::{fit, mkdir, save_vars, token_ids_trimmed, vars_of, write_json, Layout, ModelReport};
+use super::{fit, mkdir, save_vars, token_ids_trimmed, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
 use crate::{preference_pair, vocab, Family};
 use candle_core::{DType, Device, Tensor};
@@ -81,7 +81,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     };
     let final_loss = fit(
         "reward",
-        vars_of(&vb.vars()),
+        vb.vars(),
         steps,
         1e-3,
         &super::checkpoint_path(layout, "reward"),

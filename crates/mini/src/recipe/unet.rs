@@ -3,7 +3,7 @@
 //! empty prompt so classifier-free guidance works. Writes the rest of the pipeline folder
 //! (`model_index.json`, the DDIM scheduler) beside it.
 
-use super::{batch, fit, mkdir, save_vars, token_ids, vars_of, write_json, Layout, ModelReport};
+use super::{batch, fit, mkdir, save_vars, token_ids, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
 use crate::DataConfig;
 use candle_core::{DType, Device, Tensor};
@@ -137,7 +137,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     };
     let final_loss = fit(
         "unet",
-        vars_of(&vb.vars()),
+        vb.vars(),
         steps,
         1e-3,
         &super::checkpoint_path(layout, "unet"),

@@ -2,7 +2,7 @@
 //! degraded images with a pixel loss and a small KL term. Its `scaling_factor` is set, as for
 //! Stable Diffusion, to one over the standard deviation of the training latents.
 
-use super::{batch, fit, mkdir, save_vars, vars_of, write_json, Layout, ModelReport};
+use super::{batch, fit, mkdir, save_vars, write_json, Layout, ModelReport};
 use super::{CHECK_SEED, TRAIN_SEED};
 use crate::DataConfig;
 use candle_core::{DType, Device, Tensor};
@@ -41,7 +41,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let mut noise_seed = seed;
     let final_loss = fit(
         "vae",
-        vars_of(&vb.vars()),
+        vb.vars(),
         steps,
         2e-3,
         &super::checkpoint_path(layout, "vae"),
