@@ -116,6 +116,21 @@ pub struct TrainConfig {
     /// LoRAs merged into the model at load, `FILE` or `FILE:SCALE` (`crate::lora`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<String>,
+    /// A ControlNet (diffusers folder or original single file) the sampling and the gradient
+    /// go through, with its conditioning image (the images' size follows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnet: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_image: Option<PathBuf>,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub controlnet_scale: f64,
+    /// diffusers' guess mode for the ControlNet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub guess_mode: bool,
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 fn d_init() -> Init {
@@ -215,6 +230,15 @@ impl TrainConfig {
             return bad(format!(
                 "eta {} is DDIM's; the scheduler is {}",
                 self.eta, self.scheduler
+            ));
+        }
+        if self.controlnet.is_some() != self.control_image.is_some() {
+            return bad("controlnet and control_image go together: give both or neither".into());
+        }
+        if !self.controlnet_scale.is_finite() {
+            return bad(format!(
+                "controlnet_scale must be a number, got {}",
+                self.controlnet_scale
             ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {

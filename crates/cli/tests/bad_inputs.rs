@@ -190,6 +190,8 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {CN15}/pipeline --controlnet {} --control-image {CN15}/control.png --prompt x --out {{out}}", p("empty-dir")), "empty-dir".into()),
         (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {} --prompt x --out {{out}}", p("image.png")), "image.png".into()),
         (format!("generate --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {} --prompt x --out {{out}}", p("no-such.png")), "no-such.png".into()),
+        (format!("train --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "control_image".into()),
+        (format!("train --model {CN15}/pipeline --controlnet {CN15}/pipeline/controlnet --control-image {CN15}/control.png --height 64 --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "--control-image".into()),
         // LoRAs: a missing file, a file that is not a LoRA.
         (format!("generate --model {SD15} --lora {}:0.8 --prompt x --out {{out}}", p("missing-lora.safetensors")), "missing-lora.safetensors".into()),
         (format!("generate --model {SD15} --lora {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/torch_saved.safetensors")), "torch_saved.safetensors".into()),

@@ -895,6 +895,73 @@ fn train_takes_a_scheduler_and_records_it() {
     );
 }
 
+/// Training through a ControlNet: the images take the control image's size, the config
+/// records the ControlNet, and the learned embedding differs from training without it (the
+/// gradient goes through the ControlNet; tests/train.rs checks its value against PyTorch).
+#[test]
+fn train_through_a_controlnet() {
+    let case = PathBuf::from(repo!("tests/fixtures/parity/controlnet-sd15-tiny"));
+    let dir = tempdir("train-cn");
+    let run = |tag: &str, cn: bool| -> PathBuf {
+        let out = dir.join(tag);
+        let mut args: Vec<String> = [
+            "train",
+            "--model",
+            case.join("pipeline").to_str().unwrap(),
+            "--reward",
+            "aesthetic",
+            "--reward-model",
+            repo!("tests/fixtures/parity/reward-aesthetic/reward"),
+            "--prompts",
+            repo!("tests/fixtures/train/train_prompts.txt"),
+            "--batch-size",
+            "1",
+            "--sampling-steps",
+            "3",
+            "--grad-step-window",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if cn {
+            args.extend([
+                "--controlnet".to_string(),
+                case.join("pipeline/controlnet").display().to_string(),
+                "--control-image".into(),
+                case.join("control.png").display().to_string(),
+                "--controlnet-scale".into(),
+                "0.7".into(),
+            ]);
+        } else {
+            args.extend(["--height", "32", "--width", "48"].map(String::from));
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ok(&refs);
+        out
+    };
+    let with = run("with", true);
+    let written = std::fs::read_to_string(with.join("config.toml")).unwrap();
+    assert!(
+        written.contains("controlnet = ")
+            && written.contains("height = 32")
+            && written.contains("width = 48"),
+        "{written}"
+    );
+    let without = run("without", false);
+    let a = reneg::embedding::NegativeEmbedding::load(&with.join("embedding.safetensors")).unwrap();
+    let b =
+        reneg::embedding::NegativeEmbedding::load(&without.join("embedding.safetensors")).unwrap();
+    assert_ne!(
+        a.tensor.to_vec3::<f32>().unwrap(),
+        b.tensor.to_vec3::<f32>().unwrap(),
+        "the ControlNet made no difference to training"
+    );
+}
+
 #[test]
 fn a_killed_training_run_leaves_a_readable_checkpoint_and_resumes() {
     let dir = tempdir("kill");

@@ -78,6 +78,19 @@ pub struct TrainArgs {
     /// DDIM's eta: 0 deterministic, up to 1 (DDPM's variance); DDIM only.
     #[arg(long)]
     pub eta: Option<f64>,
+    /// Train through a ControlNet (diffusers folder or original single file): sampling and the
+    /// reward gradient go through it, with --control-image for every prompt.
+    #[arg(long)]
+    pub controlnet: Option<PathBuf>,
+    /// The ControlNet's conditioning image (PNG, JPEG, WebP); the images take its size.
+    #[arg(long)]
+    pub control_image: Option<PathBuf>,
+    /// diffusers' controlnet_conditioning_scale [default: 1].
+    #[arg(long)]
+    pub controlnet_scale: Option<f64>,
+    /// diffusers' guess mode for the ControlNet.
+    #[arg(long)]
+    pub guess_mode: bool,
     /// The gradient step is drawn from the last this-many sampling steps.
     #[arg(long)]
     pub grad_step_window: Option<usize>,
@@ -172,6 +185,10 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
         a.scheduler.map(|k| Value::String(k.name().to_string())),
     );
     put("eta", float(a.eta));
+    put("controlnet", path(&a.controlnet));
+    put("control_image", path(&a.control_image));
+    put("controlnet_scale", float(a.controlnet_scale));
+    put("guess_mode", a.guess_mode.then_some(Value::Boolean(true)));
     put("height", uint(a.height));
     put("width", uint(a.width));
     put("seed", int(a.seed));
@@ -295,7 +312,25 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let mut over = overrides(&a)?;
     mini_defaults(&table, &mut over);
-    let cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
+    let mut cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
+    // The control image sets the training images' size (recorded in the saved config).
+    let control = match &cfg.control_image {
+        Some(p) => {
+            let (rgb, w, h) = super::control::read_image(p, None, &[])?;
+            if cfg.height.is_some_and(|x| x != h) || cfg.width.is_some_and(|x| x != w) {
+                return Err(user(format!(
+                    "--control-image {} is {w}x{h}, but height/width ask for {}x{}",
+                    p.display(),
+                    cfg.width.unwrap_or(w),
+                    cfg.height.unwrap_or(h)
+                )));
+            }
+            cfg.height = Some(h);
+            cfg.width = Some(w);
+            Some((rgb, w, h))
+        }
+        None => None,
+    };
     let world = reneg::train::distributed::World::from_env().map_err(lib)?;
     let device = match a.device.as_str() {
         "cuda" if world.world_size > 1 => device(&format!("cuda:{}", world.local_rank))?,
@@ -325,6 +360,15 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
     super::set_sampler(&mut sd, Some(cfg.scheduler), cfg.eta)?;
+    if let (Some(cn), Some((rgb, w, h))) = (&cfg.controlnet, &control) {
+        let model = reneg::control::load(cn, None, dtype, &device).map_err(lib)?;
+        let image = reneg::control::image_tensor(rgb, *w, *h, &device)
+            .map_err(lib)?
+            .to_dtype(sd.dtype())?;
+        sd.add_controlnet(model, image, cfg.controlnet_scale, cn)
+            .map_err(lib)?;
+        sd.guess_mode = cfg.guess_mode;
+    }
     let rewards = cfg
         .rewards
         .iter()
