@@ -156,3 +156,53 @@ fn parse_json(text: &str, path: &Path) -> Result<Vec<Prompt>> {
         _ => Err(bad()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Control images come from a `.tsv` column or `.jsonl` key, relative to the prompt file
+    /// (absolute paths kept); a prompt without one has none; unknown `.jsonl` keys are refused.
+    #[test]
+    fn control_images_are_read_relative_to_the_prompt_file() {
+        let dir = std::env::temp_dir().join(format!("reneg-prompts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tsv = write(
+            &dir,
+            "p.tsv",
+            "Prompt\tCategory\tControl_Image\na cat\tAnimals\tedges/cat.png\na dog\tAnimals\t\na cube\t\t/abs/cube.png\n",
+        );
+        let got = load(&tsv).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].control_image, Some(dir.join("edges/cat.png")));
+        assert_eq!(got[0].category.as_deref(), Some("Animals"));
+        assert_eq!(got[1].control_image, None);
+        assert_eq!(got[2].control_image, Some(PathBuf::from("/abs/cube.png")));
+        let jsonl = write(
+            &dir,
+            "p.jsonl",
+            "{\"prompt\": \"a cat\", \"control_image\": \"c.png\"}\n\n{\"prompt\": \"a dog\", \"category\": \"Animals\"}\n",
+        );
+        let got = load(&jsonl).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].control_image, Some(dir.join("c.png")));
+        assert_eq!(
+            (got[1].text.as_str(), got[1].control_image.as_ref()),
+            ("a dog", None)
+        );
+        let bad = write(
+            &dir,
+            "bad.jsonl",
+            "{\"prompt\": \"x\", \"control\": \"c.png\"}\n",
+        );
+        let err = load(&bad).unwrap_err().to_string();
+        assert!(err.contains("bad.jsonl") && err.contains("line 1"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
