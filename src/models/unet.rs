@@ -123,6 +123,33 @@ struct Levels {
     groups: usize,
 }
 
+impl Levels {
+    /// A resnet of the UNet (or ControlNet) from `i` to `o` channels.
+    fn resnet(&self, cfg: &UNetConfig, i: usize, o: usize, scale: f64) -> ResnetConfig {
+        ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: Some(cfg.block_out_channels[0] * 4),
+            groups: self.groups,
+            eps: cfg.norm_eps,
+            output_scale_factor: scale,
+        }
+    }
+
+    /// The transformer of `c` channels at `level`.
+    fn transformer(&self, cfg: &UNetConfig, c: usize, level: usize) -> TransformerConfig {
+        TransformerConfig {
+            channels: c,
+            heads: self.heads[level],
+            head_dim: c / self.heads[level],
+            layers: self.transformer_layers[level],
+            cross_attention_dim: self.cross_dim[level],
+            groups: self.groups,
+            use_linear_projection: cfg.use_linear_projection,
+        }
+    }
+}
+
 impl UNetConfig {
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_value(crate::error::read_json(path)?, path)
@@ -480,23 +507,8 @@ impl UNetEncoder {
         let ch = &cfg.block_out_channels;
         let n = ch.len();
         let temb_dim = ch[0] * 4;
-        let resnet = |i: usize, o: usize, scale: f64| ResnetConfig {
-            in_channels: i,
-            out_channels: o,
-            temb_channels: Some(temb_dim),
-            groups: lv.groups,
-            eps: cfg.norm_eps,
-            output_scale_factor: scale,
-        };
-        let transformer = |c: usize, level: usize| TransformerConfig {
-            channels: c,
-            heads: lv.heads[level],
-            head_dim: c / lv.heads[level],
-            layers: lv.transformer_layers[level],
-            cross_attention_dim: lv.cross_dim[level],
-            groups: lv.groups,
-            use_linear_projection: cfg.use_linear_projection,
-        };
+        let resnet = |i: usize, o: usize, scale: f64| lv.resnet(&cfg, i, o, scale);
+        let transformer = |c: usize, level: usize| lv.transformer(&cfg, c, level);
 
         let mut down = Vec::with_capacity(n);
         let mut out_c = ch[0];
@@ -640,24 +652,8 @@ impl UNet2DConditionModel {
         let lv = cfg.levels()?;
         let ch = &cfg.block_out_channels;
         let n = ch.len();
-        let temb_dim = ch[0] * 4;
-        let resnet = |i: usize, o: usize, scale: f64| ResnetConfig {
-            in_channels: i,
-            out_channels: o,
-            temb_channels: Some(temb_dim),
-            groups: lv.groups,
-            eps: cfg.norm_eps,
-            output_scale_factor: scale,
-        };
-        let transformer = |c: usize, level: usize| TransformerConfig {
-            channels: c,
-            heads: lv.heads[level],
-            head_dim: c / lv.heads[level],
-            layers: lv.transformer_layers[level],
-            cross_attention_dim: lv.cross_dim[level],
-            groups: lv.groups,
-            use_linear_projection: cfg.use_linear_projection,
-        };
+        let resnet = |i: usize, o: usize, scale: f64| lv.resnet(&cfg, i, o, scale);
+        let transformer = |c: usize, level: usize| lv.transformer(&cfg, c, level);
 
         let mut up = Vec::with_capacity(n);
         let mut out_c = ch[n - 1];

@@ -68,12 +68,6 @@ impl SchedulerKind {
             Self::Pndm => "PNDMScheduler",
         }
     }
-
-    /// Whether its sample lives in sigma space (x0 + sigma * noise) rather than the
-    /// variance-preserving scale.
-    pub fn uses_sigma_space(self) -> bool {
-        matches!(self, Self::Euler | Self::EulerAncestral)
-    }
 }
 
 impl std::fmt::Display for SchedulerKind {
@@ -137,7 +131,8 @@ pub enum FinalSigma {
     SigmaMin,
 }
 
-/// A scheduler config resolved for one sampler. `original()` gives the file as read.
+/// A scheduler config resolved for one sampler; it keeps the file as read, so another sampler
+/// can be resolved from it ([`SchedulerConfig::for_kind`]).
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
     raw: Map<String, Value>,
@@ -224,11 +219,6 @@ impl SchedulerConfig {
         }
         let kind = class_name.as_deref().and_then(kind_of_class);
         Self::resolve(raw, path.to_path_buf(), class_name, kind, &Map::new())
-    }
-
-    /// The file as read (before any sampler's defaults).
-    pub fn original(&self) -> &Self {
-        self
     }
 
     /// The config `kind` samples with: the file's keys, `kind`'s class defaults, and the

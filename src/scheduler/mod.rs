@@ -109,7 +109,7 @@ impl Scheduler {
 
     /// The same diffusion process sampled by `kind`.
     pub fn with_kind(&self, kind: SchedulerKind) -> Result<Self> {
-        Self::new(kind, self.cfg.original().clone())
+        Self::new(kind, self.cfg.clone())
     }
 
     /// DDIM's eta (0: deterministic, 1: DDPM's variance). Refused for other samplers.
