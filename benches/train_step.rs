@@ -235,6 +235,7 @@ fn tiny() {
         guidance_scale: 7.5,
         height: 32,
         width: 32,
+        frames: None,
         backward: bench_backward(),
         loss_scale: 1.0,
     };

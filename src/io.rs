@@ -49,6 +49,24 @@ pub struct Rgb {
 }
 
 impl Rgb {
+    /// From `[3, H, W]` pixels in [-1, 1] (a decoder's output; clamped, then rounded).
+    pub fn from_pixels(image: &candle_core::Tensor) -> Result<Self> {
+        let img = ((image
+            .to_dtype(candle_core::DType::F32)?
+            .clamp(-1f32, 1f32)?
+            + 1.0)?
+            * 127.5)?
+            .round()?
+            .permute((1, 2, 0))?
+            .to_dtype(candle_core::DType::U8)?;
+        let (height, width, _) = img.dims3()?;
+        Ok(Self {
+            width,
+            height,
+            data: img.flatten_all()?.to_vec1::<u8>()?,
+        })
+    }
+
     /// Channel-major `[3, height, width]` values in [0, 1].
     pub fn to_chw(&self) -> Vec<f32> {
         let plane = self.width * self.height;

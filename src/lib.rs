@@ -27,6 +27,7 @@ pub mod source;
 pub mod tokenizer;
 pub mod torch_file;
 pub mod train;
+pub mod video;
 pub mod weights;
 
 pub use error::{Error, Result};

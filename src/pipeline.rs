@@ -531,6 +531,12 @@ impl StableDiffusion {
         scale: f64,
         source: &Path,
     ) -> Result<()> {
+        if self.is_video() {
+            return Err(Error::file(
+                source,
+                "ControlNets work with image models; this model makes videos",
+            ));
+        }
         let (mine, theirs) = (self.unet.config(), &model.config().unet);
         let refuse = |what: &str, a: String, b: String| {
             Err(Error::file(
@@ -656,9 +662,62 @@ impl StableDiffusion {
     }
 
     /// Decodes latents as sampled (divides by the VAE's scaling_factor) to raw pixels in about
-    /// [-1, 1], not clamped.
+    /// [-1, 1], not clamped: `[b, C, h, w]` -> `[b, 3, H, W]`, and a video's
+    /// `[b, C, frames, h, w]` -> `[b, 3, frames, H, W]`, each frame decoded on its own
+    /// (diffusers' `TextToVideoSDPipeline.decode_latents`). Without a graph the frames go
+    /// through the decoder one at a time, so a long clip needs no more memory than an image.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode(&(latents / self.vae.scaling_factor())?)
+        if latents.rank() != 5 {
+            return self.vae.decode(&(latents / self.vae.scaling_factor())?);
+        }
+        let (b, c, f, h, w) = latents.dims5()?;
+        let frames = latents
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((b * f, c, h, w))?;
+        let images = if latents.track_op() || latents.is_variable() {
+            self.decode(&frames)?
+        } else {
+            let each = (0..b * f)
+                .map(|i| self.decode(&frames.narrow(0, i, 1)?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&each, 0)?
+        };
+        let (_, ch, hh, ww) = images.dims4()?;
+        Ok(images
+            .reshape((b, f, ch, hh, ww))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?)
+    }
+
+    /// Whether the model makes videos (a `UNet3DConditionModel`, diffusers'
+    /// `TextToVideoSDPipeline`: ModelScope, ZeroScope).
+    pub fn is_video(&self) -> bool {
+        self.unet.config().video
+    }
+
+    /// The latents of one sample of `height` x `width` pixels: `[C, h, w]`, or a video's
+    /// `[C, frames, h, w]`. `frames` must be given for a video model and only for one.
+    pub fn latent_shape(
+        &self,
+        height: usize,
+        width: usize,
+        frames: Option<usize>,
+    ) -> Result<Vec<usize>> {
+        let f = self.vae_scale();
+        let (c, h, w) = (self.latent_channels(), height / f, width / f);
+        match (self.is_video(), frames) {
+            (false, None) => Ok(vec![c, h, w]),
+            (true, Some(n)) if n > 0 => Ok(vec![c, n, h, w]),
+            (true, _) => Err(Error::Invalid(format!(
+                "{} is a text-to-video model: give a number of frames (at least 1)",
+                self.root.display()
+            ))),
+            (false, Some(_)) => Err(Error::Invalid(format!(
+                "{} makes images, not videos: drop the number of frames",
+                self.root.display()
+            ))),
+        }
     }
 
     /// ReNeg's differentiable step: from `latents` at sampler step `i`, one guided UNet step

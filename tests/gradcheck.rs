@@ -264,7 +264,7 @@ fn unet_down_mid_up_blocks() {
     let down = &unet.down_blocks()[0];
     let x = randn(22, &[1, 8, 4, 4]);
     let down_out = |c: &Tensor| {
-        let (out, skips) = down.forward_down(&x, &temb, c).unwrap();
+        let (out, skips) = down.forward_down(&x, &temb, c, 1).unwrap();
         let flat: Vec<Tensor> = std::iter::once(out)
             .chain(skips)
             .map(|t| t.flatten_all().unwrap())
@@ -274,19 +274,19 @@ fn unet_down_mid_up_blocks() {
     assert_gradient("down block (cross-attn) wrt context", down_out, &ctx);
     assert_gradient(
         "down block (cross-attn) wrt hidden",
-        |h| down.forward_down(h, &temb, &ctx).unwrap().0,
+        |h| down.forward_down(h, &temb, &ctx, 1).unwrap().0,
         &x,
     );
     // Mid block at the bottleneck width 16.
     let xm = randn(23, &[1, 16, 2, 2]);
     assert_gradient(
         "mid block wrt context",
-        |c| unet.mid_block().forward(&xm, &temb, c).unwrap(),
+        |c| unet.mid_block().forward(&xm, &temb, c, 1).unwrap(),
         &ctx,
     );
     assert_gradient(
         "mid block wrt hidden",
-        |h| unet.mid_block().forward(h, &temb, &ctx).unwrap(),
+        |h| unet.mid_block().forward(h, &temb, &ctx, 1).unwrap(),
         &xm,
     );
     // Up block 1 (cross-attention, last level): hidden [1, 16, 4, 4], skips of 8 channels.
@@ -295,14 +295,14 @@ fn unet_down_mid_up_blocks() {
     let skips = vec![randn(25, &[1, 8, 4, 4]), randn(26, &[1, 8, 4, 4])];
     assert_gradient(
         "up block (cross-attn) wrt context",
-        |c| up.forward_up(&xu, &mut skips.clone(), &temb, c).unwrap(),
+        |c| up.forward_up(&xu, &mut skips.clone(), &temb, c, 1).unwrap(),
         &ctx,
     );
     assert_gradient(
         "up block (cross-attn) wrt skip",
         |s| {
             let mut sk = vec![s.clone(), skips[1].clone()];
-            up.forward_up(&xu, &mut sk, &temb, &ctx).unwrap()
+            up.forward_up(&xu, &mut sk, &temb, &ctx, 1).unwrap()
         },
         &skips[0],
     );
@@ -312,8 +312,49 @@ fn unet_down_mid_up_blocks() {
     let skips0 = vec![randn(28, &[1, 8, 2, 2]), randn(29, &[1, 16, 2, 2])];
     assert_gradient(
         "up block (plain, upsampler) wrt hidden",
-        |h| up0.forward_up(h, &mut skips0.clone(), &temb, &ctx).unwrap(),
+        |h| {
+            up0.forward_up(h, &mut skips0.clone(), &temb, &ctx, 1)
+                .unwrap()
+        },
         &x0,
+    );
+}
+
+/// The temporal layers of a video UNet, on two videos of three frames each.
+#[test]
+fn temporal_layers() {
+    use reneg::models::temporal::{TemporalConvLayer, TransformerTemporalModel};
+    let conv = TemporalConvLayer::new(4, 2, &random_vb(90)).unwrap();
+    assert_gradient(
+        "temporal conv layer wrt input",
+        |x| conv.forward(x, 3).unwrap(),
+        &randn(91, &[6, 4, 2, 3]),
+    );
+    let attn = TransformerTemporalModel::new(4, 2, 3, 2, &random_vb(92)).unwrap();
+    assert_gradient(
+        "transformer temporal model wrt input",
+        |x| attn.forward(x, 3).unwrap(),
+        &randn(93, &[6, 4, 2, 3]),
+    );
+}
+
+/// The whole video UNet (`UNet3DConditionModel`), latents `[b, c, frames, h, w]`.
+#[test]
+fn whole_video_unet() {
+    let unet =
+        reneg::models::unet::UNet2DConditionModel::new(tiny_video_unet_config(), &random_vb(94))
+            .unwrap();
+    let ctx = randn(95, &[2, 5, 12]);
+    let x = randn(96, &[2, 4, 3, 4, 4]);
+    assert_gradient(
+        "video unet wrt encoder_hidden_states",
+        |c| unet.forward(&x, 321.0, c).unwrap(),
+        &ctx,
+    );
+    assert_gradient(
+        "video unet wrt sample",
+        |s| unet.forward(s, 321.0, &ctx).unwrap(),
+        &x,
     );
 }
 

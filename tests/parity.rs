@@ -327,12 +327,46 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     if let Some(l) = latents_at_grad_step {
         report.tensor("grad_latents_in", &l, &want("grad_latents_in"), FORWARD_TOL);
     }
+    // A text-to-video case decodes each frame: `video` [1, 3, F, H, W] replaces `image`.
+    let decoded = if exp.contains_key("video") {
+        "video"
+    } else {
+        "image"
+    };
     report.tensor(
-        "image",
+        decoded,
         &sd.decode(&e("final_latents")).unwrap(),
-        &want("image"),
+        &want(decoded),
         FORWARD_TOL,
     );
+    // This project's text-to-video generator also writes each branch's UNet output at the
+    // gradient step, and conv_in + transformer_in on their own.
+    if exp.contains_key("eps_negative") {
+        let i = case.grad_step_index;
+        let t = sd.scheduler.timestep(i).unwrap();
+        let x = sd
+            .scheduler
+            .scale_model_input(&e("grad_latents_in"), i)
+            .unwrap();
+        for (name, ctx) in [("eps_negative", &ne), ("eps_prompt", &pe)] {
+            let eps = sd.unet.forward(&x, t, ctx).unwrap();
+            report.tensor(name, &eps, &want(name), FORWARD_TOL);
+        }
+    }
+    if exp.contains_key("transformer_in_probe_input") {
+        let frames = e("init_latents").dim(2).unwrap();
+        let out = sd
+            .unet
+            .encoder()
+            .forward_in(&e("transformer_in_probe_input"), frames)
+            .unwrap();
+        report.tensor(
+            "transformer_in_probe_output",
+            &out,
+            &want("transformer_in_probe_output"),
+            FORWARD_TOL,
+        );
+    }
 
     // The ReNeg gradient step: x0 from the reference's latents, linear stand-in reward.
     if controlnet {
@@ -402,6 +436,13 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         "timesteps",
         "final_latents",
         "image",
+        "video",
+        "eps_negative",
+        "eps_prompt",
+        "transformer_in_probe_input",
+        "transformer_in_probe_output",
+        // conv_in's output inside the probe: checked through transformer_in_probe_output.
+        "transformer_in_probe_conv_in",
         "grad_latents_in",
         "x0_pred",
         "reward_weight",
@@ -562,8 +603,15 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
         if pipelines_only && kind != "pipeline" {
             continue;
         }
-        if !["pipeline", "controlnet", "openclip", "hf-clip", "aesthetic"].contains(&kind.as_str())
-        {
+        const KINDS: [&str; 6] = [
+            "pipeline",
+            "controlnet",
+            "text2video",
+            "openclip",
+            "hf-clip",
+            "aesthetic",
+        ];
+        if !KINDS.contains(&kind.as_str()) {
             println!("case {name}: FAILED (kind `{kind}` is not implemented)");
             failures.push(format!("{name}: case kind `{kind}` is not implemented"));
             continue;
@@ -586,7 +634,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
                 errors: vec![],
                 autocast,
             };
-            if kind == "pipeline" || kind == "controlnet" {
+            if ["pipeline", "controlnet", "text2video"].contains(&kind.as_str()) {
                 run_pipeline_case(&dir, dev, dtype, &mut report);
             } else {
                 run_reward_case(&dir, &kind, dev, dtype, &mut report);

@@ -113,8 +113,25 @@ fn training_step_gradient_equals_each_parity_case() {
             StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
         // Training through a ControlNet: the gradient reaches the negative through both.
         common::add_case_controlnet(&mut sd, &dir);
+        // A video's objective is the mean over frames of a per-frame reward; the case's loss
+        // sums over frames: the same with the weight [1, 3, F, H, W] as F per-frame weights
+        // [F, 3, H, W] (the batch is one video) and the reward weighted by F.
+        let frames = meta["num_frames"].as_u64().map(|f| f as usize);
+        let weight = &exp["reward_weight"];
+        let (weight, scale) = match frames {
+            None => (weight.clone(), 1.0),
+            Some(f) => {
+                let (_, c, _, h, wd) = weight.dims5().unwrap();
+                let per_frame = weight
+                    .permute((0, 2, 1, 3, 4))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                (per_frame.reshape((f, c, h, wd)).unwrap(), f as f64)
+            }
+        };
         let objective = Objective {
-            rewards: vec![(Box::new(LinearReward(exp["reward_weight"].clone())), 1.0)],
+            rewards: vec![(Box::new(LinearReward(weight)), scale)],
             pixels: Pixels::Raw,
         };
         // Both arrangements of the backward give the PyTorch gradient, also with the loss
@@ -131,6 +148,7 @@ fn training_step_gradient_equals_each_parity_case() {
                 guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
                 height: meta["height"].as_u64().unwrap() as usize,
                 width: meta["width"].as_u64().unwrap() as usize,
+                frames,
                 backward,
                 loss_scale,
             };
@@ -445,6 +463,7 @@ fn per_sample_adaptation_improves_and_keeps_the_best_embedding() {
         guidance_scale: 7.5,
         height: 32,
         width: 32,
+        frames: None,
         backward: Default::default(),
         loss_scale: 1.0,
     };

@@ -254,8 +254,8 @@ impl ControlNetModel {
         let xs = self.encoder.conv_in.forward(sample)?;
         let cond = self.cond.forward(&image.to_dtype(xs.dtype())?)?;
         let xs = (xs + cond)?;
-        let (xs, skips) = self.encoder.forward_down(&xs, &temb, context)?;
-        let mid = self.encoder.mid.forward(&xs, &temb, context)?;
+        let (xs, skips) = self.encoder.forward_down(&xs, &temb, context, 1)?;
+        let mid = self.encoder.mid.forward(&xs, &temb, context, 1)?;
         let n = skips.len();
         let scales: Vec<f64> = if guess_mode && !self.cfg.global_pool {
             // torch.logspace(-1, 0, n + 1): one scale per skip connection and the mid block.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controlnet;
 pub mod open_clip;
 pub mod resnet;
+pub mod temporal;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

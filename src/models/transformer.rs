@@ -73,17 +73,29 @@ pub struct BasicTransformerBlock {
 
 impl BasicTransformerBlock {
     pub fn new(cfg: &TransformerConfig, vb: &Vb) -> Result<Self> {
-        let dim = cfg.heads * cfg.head_dim;
+        Self::with_context(cfg.heads, cfg.head_dim, Some(cfg.cross_attention_dim), vb)
+    }
+
+    /// A block of `heads` x `head_dim` whose attn2 attends to a context `context_dim` wide, or
+    /// with `None` to the block's own tokens again (diffusers' `double_self_attention`, as the
+    /// temporal transformers of a video UNet use it).
+    pub fn with_context(
+        heads: usize,
+        head_dim: usize,
+        context_dim: Option<usize>,
+        vb: &Vb,
+    ) -> Result<Self> {
+        let dim = heads * head_dim;
         let ff_inner = 4 * dim;
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, &vb.pp("norm1"))?,
-            attn1: CrossAttention::new(dim, dim, cfg.heads, cfg.head_dim, &vb.pp("attn1"))?,
+            attn1: CrossAttention::new(dim, dim, heads, head_dim, &vb.pp("attn1"))?,
             norm2: LayerNorm::new(dim, 1e-5, &vb.pp("norm2"))?,
             attn2: CrossAttention::new(
                 dim,
-                cfg.cross_attention_dim,
-                cfg.heads,
-                cfg.head_dim,
+                context_dim.unwrap_or(dim),
+                heads,
+                head_dim,
                 &vb.pp("attn2"),
             )?,
             norm3: LayerNorm::new(dim, 1e-5, &vb.pp("norm3"))?,
@@ -95,11 +107,17 @@ impl BasicTransformerBlock {
     /// # Shapes
     /// `xs`: `[b, n, dim]`, `context`: `[b, m, cross_attention_dim]` -> `[b, n, dim]`
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_opt(xs, Some(context))
+    }
+
+    /// A block built with no context (`with_context(.., None, ..)`): attn2 is self-attention.
+    pub fn forward_self(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_opt(xs, None)
+    }
+
+    fn forward_opt(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + &xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
         // GEGLU: the projection's first half is the value, the second half its gate.
         let h = self.ff_proj.forward(&self.norm3.forward(&xs)?)?;
         let h = crate::nn::activation::geglu(&h)?;

@@ -1,9 +1,15 @@
 //! diffusers' `UNet2DConditionModel` (diffusers 0.42.1) for the Stable Diffusion 1.x / 2.x
-//! block types, built from its config.json. Unsupported config values are rejected by name.
+//! block types, and its `UNet3DConditionModel` (ModelScope / ZeroScope text-to-video), built
+//! from their config.json. Unsupported config values are rejected by name.
+//!
+//! The video UNet is the image UNet with temporal layers ([`crate::models::temporal`]) after
+//! each resnet and each spatial transformer, and one temporal transformer after `conv_in`; it
+//! runs the frames as a batch, so one set of blocks serves both.
 
 use crate::error::{Error, Result};
 use crate::models::config::{parse_with_raw, require_defaults, IntOrList};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::models::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use crate::models::transformer::{Transformer2DModel, TransformerConfig};
 use crate::nn::{upsample_nearest_2x, Conv2d, Downsample2D, GroupNorm, Linear};
 use crate::weights::Vb;
@@ -56,6 +62,49 @@ pub struct UNetConfig {
     pub sample_size: Option<usize>,
     #[serde(skip)]
     pub file: PathBuf,
+    /// A `UNet3DConditionModel`: latents `[b, c, frames, h, w]`, temporal layers.
+    #[serde(skip)]
+    pub video: bool,
+}
+
+/// `UNet3DConditionModel`'s defaults where they differ from `UNet2DConditionModel`'s.
+fn video_defaults() -> [(&'static str, serde_json::Value); 4] {
+    [
+        (
+            "down_block_types",
+            json!([
+                "CrossAttnDownBlock3D",
+                "CrossAttnDownBlock3D",
+                "CrossAttnDownBlock3D",
+                "DownBlock3D"
+            ]),
+        ),
+        (
+            "up_block_types",
+            json!([
+                "UpBlock3D",
+                "CrossAttnUpBlock3D",
+                "CrossAttnUpBlock3D",
+                "CrossAttnUpBlock3D"
+            ]),
+        ),
+        ("cross_attention_dim", json!(1024)),
+        ("attention_head_dim", json!(64)),
+    ]
+}
+
+/// Whether a UNet config describes diffusers' `UNet3DConditionModel`: by its class name, or
+/// (for configs without one) by its block types.
+fn is_video_config(raw: &serde_json::Map<String, serde_json::Value>) -> bool {
+    if let Some(name) = raw.get("_class_name").and_then(|v| v.as_str()) {
+        return name == "UNet3DConditionModel";
+    }
+    ["down_block_types", "up_block_types"].iter().any(|k| {
+        raw.get(*k).and_then(|v| v.as_array()).is_some_and(|a| {
+            a.iter()
+                .any(|t| t.as_str().is_some_and(|t| t.ends_with("3D")))
+        })
+    })
 }
 
 fn d_four() -> usize {
@@ -121,6 +170,7 @@ struct Levels {
     heads: Vec<usize>,
     cross_attn: Vec<bool>,
     groups: usize,
+    video: bool,
 }
 
 impl Levels {
@@ -136,18 +186,73 @@ impl Levels {
         }
     }
 
+    /// The (heads, head dim) of the transformers of `c` channels at `level`. diffusers'
+    /// `attention_head_dim` is the head count of the image UNet's transformers (a legacy name),
+    /// but the video UNet's blocks pass it on as the head dimension.
+    fn heads(&self, c: usize, level: usize) -> (usize, usize) {
+        let n = self.heads[level];
+        if self.video {
+            (c / n, n)
+        } else {
+            (n, c / n)
+        }
+    }
+
     /// The transformer of `c` channels at `level`.
     fn transformer(&self, cfg: &UNetConfig, c: usize, level: usize) -> TransformerConfig {
+        let (heads, head_dim) = self.heads(c, level);
         TransformerConfig {
             channels: c,
-            heads: self.heads[level],
-            head_dim: c / self.heads[level],
+            heads,
+            head_dim,
             layers: self.transformer_layers[level],
             cross_attention_dim: self.cross_dim[level],
             groups: self.groups,
             use_linear_projection: cfg.use_linear_projection,
         }
     }
+
+    /// The temporal layers after a resnet (and transformer) of `c` channels at `level`: none
+    /// in an image UNet.
+    /// `vb` is the block's; `j` the layer's index in it.
+    fn temporal(
+        &self,
+        c: usize,
+        level: usize,
+        attention: bool,
+        vb: &Vb,
+        j: usize,
+    ) -> Result<Temporal> {
+        if !self.video {
+            return Ok(Temporal::default());
+        }
+        let (heads, head_dim) = self.heads(c, level);
+        Ok(Temporal {
+            conv: Some(TemporalConvLayer::new(
+                c,
+                self.groups,
+                &vb.pp("temp_convs").pp(j),
+            )?),
+            attention: if attention {
+                Some(TransformerTemporalModel::new(
+                    c,
+                    heads,
+                    head_dim,
+                    self.groups,
+                    &vb.pp("temp_attentions").pp(j),
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The temporal layers of one layer of a video UNet block (none in an image UNet).
+#[derive(Clone, Default)]
+pub struct Temporal {
+    conv: Option<TemporalConvLayer>,
+    attention: Option<TransformerTemporalModel>,
 }
 
 impl UNetConfig {
@@ -156,9 +261,32 @@ impl UNetConfig {
     }
 
     /// Parses and validates a config given as JSON; `path` names it in errors.
-    pub fn from_value(value: serde_json::Value, path: &Path) -> Result<Self> {
+    pub fn from_value(mut value: serde_json::Value, path: &Path) -> Result<Self> {
+        let video = value.as_object().is_some_and(is_video_config);
+        if let (true, Some(map)) = (video, value.as_object_mut()) {
+            for (k, v) in video_defaults() {
+                map.entry(k).or_insert(v);
+            }
+        }
         let (mut cfg, raw): (Self, _) = parse_with_raw(value, path)?;
         cfg.file = path.to_path_buf();
+        cfg.video = video;
+        if video {
+            // Not keys of UNet3DConditionModel: what its blocks always do.
+            cfg.use_linear_projection = true;
+            cfg.upcast_attention = false;
+            cfg.flip_sin_to_cos = true;
+            cfg.freq_shift = 0.0;
+            if let IntOrList::List(l) = &cfg.attention_head_dim {
+                // transformer_in is built with it as one head dimension.
+                return Err(Error::unsupported(
+                    path,
+                    "attention_head_dim",
+                    format!("{l:?}"),
+                    "UNet3DConditionModel takes one int here",
+                ));
+            }
+        }
         require_defaults(
             &raw,
             path,
@@ -224,28 +352,28 @@ impl UNetConfig {
                 "down_block_types, up_block_types and block_out_channels must have the same length",
             ));
         }
+        let d = if self.video { "3D" } else { "2D" };
+        let (cross_down, plain_down) = (format!("CrossAttnDownBlock{d}"), format!("DownBlock{d}"));
+        let (cross_up, plain_up) = (format!("CrossAttnUpBlock{d}"), format!("UpBlock{d}"));
         let mut cross_attn = Vec::with_capacity(n);
         for t in &self.down_block_types {
-            cross_attn.push(match t.as_str() {
-                "CrossAttnDownBlock2D" => true,
-                "DownBlock2D" => false,
-                other => {
-                    return Err(Error::unsupported(
-                        f,
-                        "down_block_types",
-                        other,
-                        "supported: CrossAttnDownBlock2D, DownBlock2D",
-                    ))
-                }
-            });
+            if *t != cross_down && *t != plain_down {
+                return Err(Error::unsupported(
+                    f,
+                    "down_block_types",
+                    t,
+                    &format!("supported: {cross_down}, {plain_down}"),
+                ));
+            }
+            cross_attn.push(*t == cross_down);
         }
         for t in &self.up_block_types {
-            if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
+            if *t != cross_up && *t != plain_up {
                 return Err(Error::unsupported(
                     f,
                     "up_block_types",
                     t,
-                    "supported: CrossAttnUpBlock2D, UpBlock2D",
+                    &format!("supported: {cross_up}, {plain_up}"),
                 ));
             }
         }
@@ -267,13 +395,16 @@ impl UNetConfig {
             .per_level(n, "attention_head_dim", f)?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || !c.is_multiple_of(h) {
+                let meaning = if self.video {
+                    "as the head dimension (UNet3DConditionModel's meaning)"
+                } else {
+                    "as the number of heads (diffusers' legacy meaning)"
+                };
                 return Err(Error::unsupported(
                     f,
                     "attention_head_dim",
                     h,
-                    &format!(
-                        "as the number of heads (diffusers' legacy meaning) it must divide block_out_channels[{i}] = {c}"
-                    ),
+                    &format!("{meaning} it must divide block_out_channels[{i}] = {c}"),
                 ));
             }
         }
@@ -290,6 +421,7 @@ impl UNetConfig {
             heads,
             cross_attn,
             groups,
+            video: self.video,
         })
     }
 
@@ -318,6 +450,8 @@ impl UNetConfig {
 pub struct UNetBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
+    /// One per resnet in a video UNet, empty in an image UNet.
+    temporal: Vec<Temporal>,
     downsampler: Option<Downsample2D>,
     upsampler: Option<Conv2d>,
     /// Each layer (resnet + transformer) recomputed in the backward instead of keeping its
@@ -332,16 +466,19 @@ impl UNetBlock {
         xs: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
+        frames: usize,
     ) -> candle_core::Result<Tensor> {
-        let (resnet, attn, temb) = (
+        let (resnet, attn, temporal, temb) = (
             self.resnets[j].clone(),
             self.attentions.get(j).cloned(),
+            self.temporal.get(j).cloned().unwrap_or_default(),
             temb.clone(),
         );
         let layer = move |xs: &Tensor, ctx: &Tensor| {
             let xs = resnet.forward(xs, Some(&temb))?;
+            let xs = temporal.conv(&xs, frames)?;
             match &attn {
-                Some(attn) => attn.forward(&xs, ctx),
+                Some(attn) => temporal.attend(&attn.forward(&xs, ctx)?, frames),
                 None => Ok(xs),
             }
         };
@@ -356,17 +493,19 @@ impl UNetBlock {
     ///
     /// # Shapes
     /// `xs`: `[b, in, h, w]`, `temb`: `[b, 4 * c0]`, `ctx`: `[b, m, cross_dim]`
-    /// -> `[b, out, h / 2, w / 2]` (or `h, w` for the last level)
+    /// -> `[b, out, h / 2, w / 2]` (or `h, w` for the last level). In a video UNet b is
+    /// videos x `frames`, each video's frames consecutive; `frames` is 1 for images.
     pub fn forward_down(
         &self,
         xs: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
+        frames: usize,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = vec![];
         for j in 0..self.resnets.len() {
-            xs = self.layer(j, &xs, temb, ctx)?;
+            xs = self.layer(j, &xs, temb, ctx, frames)?;
             skips.push(xs.clone());
         }
         if let Some(ds) = &self.downsampler {
@@ -386,6 +525,7 @@ impl UNetBlock {
         skips: &mut Vec<Tensor>,
         temb: &Tensor,
         ctx: &Tensor,
+        frames: usize,
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for j in 0..self.resnets.len() {
@@ -393,7 +533,7 @@ impl UNetBlock {
                 candle_core::Error::Msg("up block ran out of skip connections".into())
             })?;
             xs = Tensor::cat(&[&xs, &skip], 1)?;
-            xs = self.layer(j, &xs, temb, ctx)?;
+            xs = self.layer(j, &xs, temb, ctx, frames)?;
         }
         if let Some(us) = &self.upsampler {
             xs = us.forward(&upsample_nearest_2x(&xs)?)?;
@@ -402,18 +542,46 @@ impl UNetBlock {
     }
 }
 
-/// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet.
+impl Temporal {
+    /// The temporal convolution after a resnet (identity in an image UNet).
+    fn conv(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        match &self.conv {
+            Some(c) => c.forward(xs, frames),
+            None => Ok(xs.clone()),
+        }
+    }
+
+    /// The temporal transformer after a spatial one (identity in an image UNet).
+    fn attend(&self, xs: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        match &self.attention {
+            Some(a) => a.forward(xs, frames),
+            None => Ok(xs.clone()),
+        }
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: resnet, transformer, resnet; `UNetMidBlock3DCrossAttn` puts a
+/// temporal convolution after each resnet and a temporal transformer after the transformer.
 #[derive(Clone)]
 pub struct UNetMidBlock {
     resnets: [ResnetBlock2D; 2],
     attention: Transformer2DModel,
+    /// The temporal layers after the first resnet (convolution and transformer) and after the
+    /// second (convolution only); defaults in an image UNet.
+    temporal: [Temporal; 2],
     checkpointing: bool,
 }
 
 impl UNetMidBlock {
     /// # Shapes
-    /// `xs`: `[b, c, h, w]` -> same
-    pub fn forward(&self, xs: &Tensor, temb: &Tensor, ctx: &Tensor) -> candle_core::Result<Tensor> {
+    /// `xs`: `[b, c, h, w]` -> same (b = videos x `frames` in a video UNet)
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        frames: usize,
+    ) -> candle_core::Result<Tensor> {
         if self.checkpointing {
             let (block, temb) = (
                 Self {
@@ -422,11 +590,16 @@ impl UNetMidBlock {
                 },
                 temb.clone(),
             );
-            return crate::nn::attach::checkpoint2(xs, ctx, move |x, c| block.forward(x, &temb, c));
+            return crate::nn::attach::checkpoint2(xs, ctx, move |x, c| {
+                block.forward(x, &temb, c, frames)
+            });
         }
         let xs = self.resnets[0].forward(xs, Some(temb))?;
+        let xs = self.temporal[0].conv(&xs, frames)?;
         let xs = self.attention.forward(&xs, ctx)?;
-        self.resnets[1].forward(&xs, Some(temb))
+        let xs = self.temporal[0].attend(&xs, frames)?;
+        let xs = self.resnets[1].forward(&xs, Some(temb))?;
+        self.temporal[1].conv(&xs, frames)
     }
 }
 
@@ -434,6 +607,8 @@ impl UNetMidBlock {
 /// block. A ControlNet is this half of a UNet with its own weights (`models::controlnet`).
 pub struct UNetEncoder {
     pub(crate) conv_in: Conv2d,
+    /// A video UNet's temporal transformer right after `conv_in`.
+    transformer_in: Option<TransformerTemporalModel>,
     time_linear_1: Linear,
     time_linear_2: Linear,
     pub(crate) down: Vec<UNetBlock>,
@@ -518,6 +693,7 @@ impl UNetEncoder {
             let vbb = vb.pp("down_blocks").pp(i);
             let mut resnets = vec![];
             let mut attentions = vec![];
+            let mut temporal = vec![];
             for j in 0..lv.layers[i] {
                 let rin = if j == 0 { in_c } else { out_c };
                 resnets.push(ResnetBlock2D::new(
@@ -530,6 +706,7 @@ impl UNetEncoder {
                         &vbb.pp("attentions").pp(j),
                     )?);
                 }
+                temporal.push(lv.temporal(out_c, i, lv.cross_attn[i], &vbb, j)?);
             }
             let downsampler = if i + 1 < n {
                 let p = cfg.downsample_padding;
@@ -540,6 +717,7 @@ impl UNetEncoder {
             down.push(UNetBlock {
                 resnets,
                 attentions,
+                temporal,
                 downsampler,
                 upsampler: None,
                 checkpointing: false,
@@ -555,10 +733,28 @@ impl UNetEncoder {
                 ResnetBlock2D::new(&resnet(c, c, s), &mid.pp("resnets.1"))?,
             ],
             attention: Transformer2DModel::new(&transformer(c, n - 1), &mid.pp("attentions.0"))?,
+            temporal: [
+                lv.temporal(c, n - 1, true, &mid, 0)?,
+                lv.temporal(c, n - 1, false, &mid, 1)?,
+            ],
             checkpointing: false,
+        };
+        let transformer_in = if lv.video {
+            // diffusers: 8 heads of `attention_head_dim` (here a head dimension), whatever the
+            // channel count.
+            Some(TransformerTemporalModel::new(
+                ch[0],
+                8,
+                lv.heads[0],
+                lv.groups,
+                &vb.pp("transformer_in"),
+            )?)
+        } else {
+            None
         };
         Ok(Self {
             conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, &vb.pp("conv_in"))?,
+            transformer_in,
             time_linear_1: Linear::new(ch[0], temb_dim, true, &vb.pp("time_embedding.linear_1"))?,
             time_linear_2: Linear::new(
                 temb_dim,
@@ -588,6 +784,15 @@ impl UNetEncoder {
             .forward(&self.time_linear_1.forward(&t)?.silu()?)
     }
 
+    /// `conv_in`, and in a video UNet `transformer_in`: `[b, in, h, w]` -> `[b, c0, h, w]`.
+    pub fn forward_in(&self, sample: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        let xs = self.conv_in.forward(sample)?;
+        match &self.transformer_in {
+            Some(t) => t.forward(&xs, frames),
+            None => Ok(xs),
+        }
+    }
+
     /// The down blocks from `xs` (after `conv_in`, and for a ControlNet its conditioning):
     /// the last level's output and every skip connection, `xs` first.
     pub fn forward_down(
@@ -595,11 +800,12 @@ impl UNetEncoder {
         xs: &Tensor,
         temb: &Tensor,
         ctx: &Tensor,
+        frames: usize,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut xs = xs.clone();
         let mut skips = vec![xs.clone()];
         for block in &self.down {
-            let (out, s) = block.forward_down(&xs, temb, ctx)?;
+            let (out, s) = block.forward_down(&xs, temb, ctx, frames)?;
             xs = out;
             skips.extend(s);
         }
@@ -616,7 +822,15 @@ fn check_inputs(
     context: &Tensor,
     what: &str,
 ) -> Result<()> {
-    let (b, _, h, w) = sample.dims4()?;
+    let (b, h, w) = match (cfg.video, sample.dims()) {
+        (false, &[b, _, h, w]) | (true, &[b, _, _, h, w]) => (b, h, w),
+        (video, dims) => {
+            return Err(Error::Invalid(format!(
+                "{what} takes latents [batch, channels, {}height, width], got {dims:?}",
+                if video { "frames, " } else { "" }
+            )))
+        }
+    };
     if timesteps.len() != b {
         return Err(Error::Invalid(format!(
             "{what} got {b} latents but {} timesteps",
@@ -639,6 +853,8 @@ fn check_inputs(
     Ok(())
 }
 
+/// diffusers' `UNet2DConditionModel`, or with a video config (`UNetConfig::video`) its
+/// `UNet3DConditionModel`, which takes latents `[b, c, frames, h, w]`.
 pub struct UNet2DConditionModel {
     enc: UNetEncoder,
     up: Vec<UNetBlock>,
@@ -662,11 +878,12 @@ impl UNet2DConditionModel {
             let prev_c = out_c;
             out_c = ch[level];
             let skip_in_c = ch[level.saturating_sub(1)];
-            let is_cross = cfg.up_block_types[i] == "CrossAttnUpBlock2D";
+            let is_cross = cfg.up_block_types[i].starts_with("CrossAttn");
             let vbb = vb.pp("up_blocks").pp(i);
             let layers = lv.layers[level] + 1;
             let mut resnets = vec![];
             let mut attentions = vec![];
+            let mut temporal = vec![];
             for j in 0..layers {
                 let skip = if j == layers - 1 { skip_in_c } else { out_c };
                 let rin = if j == 0 { prev_c } else { out_c };
@@ -680,6 +897,7 @@ impl UNet2DConditionModel {
                         &vbb.pp("attentions").pp(j),
                     )?);
                 }
+                temporal.push(lv.temporal(out_c, level, is_cross, &vbb, j)?);
             }
             let upsampler = if i + 1 < n {
                 Some(Conv2d::new(
@@ -696,6 +914,7 @@ impl UNet2DConditionModel {
             up.push(UNetBlock {
                 resnets,
                 attentions,
+                temporal,
                 downsampler: None,
                 upsampler,
                 checkpointing: false,
@@ -712,6 +931,11 @@ impl UNet2DConditionModel {
 
     pub fn config(&self) -> &UNetConfig {
         &self.enc.cfg
+    }
+
+    /// The contracting half (conv_in, time embedding, down and mid blocks).
+    pub fn encoder(&self) -> &UNetEncoder {
+        &self.enc
     }
 
     pub fn down_blocks(&self) -> &[UNetBlock] {
@@ -792,9 +1016,59 @@ impl UNet2DConditionModel {
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         check_inputs(&self.enc.cfg, sample, timesteps, context, "UNet")?;
+        if self.enc.cfg.video {
+            if residuals.is_some() {
+                return Err(Error::Invalid(
+                    "ControlNet residuals cannot be added to a video UNet".into(),
+                ));
+            }
+            return self.forward_video(sample, timesteps, context);
+        }
+        self.forward_frames(sample, timesteps, context, residuals, 1)
+    }
+
+    /// diffusers' `UNet3DConditionModel.forward`: the frames of `[b, c, f, h, w]` as a batch
+    /// of `b * f` (each video's consecutive), every frame with its video's timestep and text.
+    fn forward_video(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, c, f, h, w) = sample.dims5()?;
+        let frames = sample
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((b * f, c, h, w))?;
+        let per_frame: Vec<f64> = timesteps
+            .iter()
+            .flat_map(|&t| std::iter::repeat_n(t, f))
+            .collect();
+        let (_, l, d) = context.dims3()?;
+        let ctx = context
+            .unsqueeze(1)?
+            .broadcast_as((b, f, l, d))?
+            .reshape((b * f, l, d))?;
+        let out = self.forward_frames(&frames, &per_frame, &ctx, None, f)?;
+        let oc = out.dim(1)?;
+        Ok(out
+            .reshape((b, f, oc, h, w))?
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?)
+    }
+
+    /// The network on a batch of frames (`frames` = 1: images).
+    fn forward_frames(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        residuals: Option<&Residuals>,
+        frames: usize,
+    ) -> Result<Tensor> {
         let temb = self.time_embedding_each(timesteps, sample.dtype(), sample.device())?;
-        let xs = self.enc.conv_in.forward(sample)?;
-        let (mut xs, mut skips) = self.enc.forward_down(&xs, &temb, context)?;
+        let xs = self.enc.forward_in(sample, frames)?;
+        let (mut xs, mut skips) = self.enc.forward_down(&xs, &temb, context, frames)?;
         if let Some(r) = residuals {
             if r.down.len() != skips.len() {
                 return Err(Error::Invalid(format!(
@@ -809,12 +1083,12 @@ impl UNet2DConditionModel {
                 .map(|(s, r)| s.broadcast_add(&r.to_dtype(s.dtype())?))
                 .collect::<candle_core::Result<_>>()?;
         }
-        xs = self.enc.mid.forward(&xs, &temb, context)?;
+        xs = self.enc.mid.forward(&xs, &temb, context, frames)?;
         if let Some(r) = residuals {
             xs = xs.broadcast_add(&r.mid.to_dtype(xs.dtype())?)?;
         }
         for block in &self.up {
-            xs = block.forward_up(&xs, &mut skips, &temb, context)?;
+            xs = block.forward_up(&xs, &mut skips, &temb, context, frames)?;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
         // The noise prediction in the latents' dtype (f32 under autocast).

@@ -121,6 +121,13 @@ impl GroupNorm {
     }
 
     fn forward_act(&self, xs: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        if xs.rank() < 2 || xs.dim(1)? != c {
+            candle_core::bail!(
+                "group norm of {c} channels got an input of shape {:?}",
+                xs.dims()
+            );
+        }
         let plan = dispatch::plan(&[xs], &[&self.weight, &self.bias]);
         if plan.fused && plan.grad != Grad::All && xs.rank() >= 2 {
             let (w, b) = (&self.weight, &self.bias);

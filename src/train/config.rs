@@ -127,6 +127,9 @@ pub struct TrainConfig {
     /// diffusers' guess mode for the ControlNet.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub guess_mode: bool,
+    /// Frames per video, for a text-to-video model (required there, refused elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<usize>,
 }
 
 fn is_one(v: &f64) -> bool {

@@ -168,7 +168,9 @@ pub fn train(
 /// (`cfg.checkpointing`, with `auto` decided from the estimated graph and the free memory).
 pub fn checkpointing_for(cfg: &TrainConfig, sd: &StableDiffusion) -> bool {
     let (h, w) = image_size(cfg, sd);
-    let (plain, _) = memory::graph_bytes(sd, cfg.micro_batch_size, h, w, cfg.backward);
+    // A video's frames go through the networks as a batch.
+    let batch = cfg.micro_batch_size * cfg.frames.unwrap_or(1);
+    let (plain, _) = memory::graph_bytes(sd, batch, h, w, cfg.backward);
     memory::decide(cfg.checkpointing, plain, memory::free_bytes(sd.device()))
 }
 
@@ -214,6 +216,7 @@ pub fn train_in_group(
         guidance_scale: cfg.guidance_scale,
         height,
         width,
+        frames: cfg.frames,
         backward: cfg.backward,
         loss_scale: 1.0,
     };

@@ -48,6 +48,25 @@ impl Objective {
         }
     }
 
+    /// The objective of decoded pixels (raw decoder output): `[n, 3, H, W]` images, or
+    /// `[n, 3, frames, H, W]` videos scored as the mean over their frames. Returns `[n]`.
+    pub fn score_decoded(&self, decoded: &Tensor, prompts: &[String]) -> Result<Tensor> {
+        let images = self.images(decoded)?;
+        if images.rank() != 5 {
+            return self.score(&images, prompts);
+        }
+        let (n, c, f, h, w) = images.dims5()?;
+        let frames = images
+            .permute((0, 2, 1, 3, 4))?
+            .contiguous()?
+            .reshape((n * f, c, h, w))?;
+        let per_frame: Vec<String> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), f))
+            .collect();
+        Ok(self.score(&frames, &per_frame)?.reshape((n, f))?.mean(1)?)
+    }
+
     /// Weighted sum of the rewards, per image: `[n]`. Evaluation-only rewards (judges) are
     /// left out: nothing is ever optimised against them.
     pub fn score(&self, images: &Tensor, prompts: &[String]) -> Result<Tensor> {
@@ -104,16 +123,17 @@ pub struct Sampling {
     pub guidance_scale: f64,
     pub height: usize,
     pub width: usize,
+    /// Frames per video for a text-to-video model; None for an image model.
+    pub frames: Option<usize>,
     pub backward: Backward,
     /// The loss is multiplied by this before the backward and the gradient divided by it
     /// after (fp16's dynamic loss scaling, `crate::precision::LossScaler`); 1 otherwise.
     pub loss_scale: f64,
 }
 
-/// Starting noise for `seeds`, `[n, C, h, w]`.
+/// Starting noise for `seeds`, `[n, C, h, w]` (`[n, C, frames, h, w]` for videos).
 pub fn noise(sd: &StableDiffusion, seeds: &[u64], s: &Sampling) -> Result<Tensor> {
-    let f = sd.vae_scale();
-    let shape = [1, sd.latent_channels(), s.height / f, s.width / f];
+    let shape = [vec![1], sd.latent_shape(s.height, s.width, s.frames)?].concat();
     let parts = seeds
         .iter()
         .map(|&seed| crate::rng::randn(seed, &shape, sd.dtype(), sd.device()))
@@ -216,9 +236,8 @@ pub fn sampled_reward(
         seeds,
         |_, _| {},
     )?;
-    let images = objective.images(&sd.decode(&latents)?)?;
     Ok(objective
-        .score(&images, prompts)?
+        .score_decoded(&sd.decode(&latents)?, prompts)?
         .to_dtype(candle_core::DType::F64)?
         .to_vec1::<f64>()?)
 }
@@ -250,7 +269,7 @@ pub fn gradient_at(
         let var = Var::from_tensor(&embedding.detach())?;
         let u = sd.branch_eps(&input, t, &batch_of(var.as_tensor(), n)?, true)?;
         let x0 = sd.guided_x0(&u, &c, i, x, g)?;
-        let scores = objective.score(&objective.images(&sd.decode(&x0)?)?, prompts)?;
+        let scores = objective.score_decoded(&sd.decode(&x0)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
         let grad = (&loss * scale)?
             .backward()?
@@ -272,8 +291,7 @@ pub fn gradient_at(
     let u0 = sd.branch_eps(&input, t, &frozen, true)?;
     let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, i, x, g)?)?;
     drop(u0);
-    let images = objective.images(&sd.decode(x0.as_tensor())?)?;
-    let scores = objective.score(&images, prompts)?;
+    let scores = objective.score_decoded(&sd.decode(x0.as_tensor())?, prompts)?;
     let loss = scores.mean_all()?.neg()?;
     let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let rewards = scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?;
@@ -284,7 +302,7 @@ pub fn gradient_at(
         .cloned()
         .unwrap_or_else(|| x0.as_tensor().zeros_like().expect("zeros"))
         .detach();
-    drop((images, scores, loss));
+    drop((scores, loss));
 
     let var = Var::from_tensor(&embedding.detach())?;
     let uncond = batch_of(var.as_tensor(), n)?;

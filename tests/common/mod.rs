@@ -70,6 +70,27 @@ pub fn tiny_unet_config(linear_projection: bool) -> UNetConfig {
     .unwrap()
 }
 
+/// A tiny ModelScope-like video UNet config (`UNet3DConditionModel`, 2 levels, cross-attention
+/// in the first; `attention_head_dim` 2 is the head dimension there, transformer_in has 8 heads).
+pub fn tiny_video_unet_config() -> UNetConfig {
+    UNetConfig::from_value(
+        json!({
+            "_class_name": "UNet3DConditionModel",
+            "block_out_channels": [8, 16],
+            "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+            "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+            "layers_per_block": 1,
+            "attention_head_dim": 2,
+            "norm_num_groups": 4,
+            "cross_attention_dim": 12,
+            "in_channels": 4,
+            "out_channels": 4
+        }),
+        Path::new("<test video unet config>"),
+    )
+    .unwrap()
+}
+
 pub fn tiny_unet(seed: u64, linear_projection: bool) -> UNet2DConditionModel {
     UNet2DConditionModel::new(tiny_unet_config(linear_projection), &random_vb(seed)).unwrap()
 }
@@ -284,6 +305,6 @@ pub fn is_pipeline_case(dir: &Path) -> bool {
     dir.join("pipeline").is_dir()
         && matches!(
             meta["kind"].as_str(),
-            None | Some("pipeline") | Some("controlnet")
+            None | Some("pipeline") | Some("controlnet") | Some("text2video")
         )
 }

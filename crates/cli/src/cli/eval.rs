@@ -292,6 +292,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         height: h,
         width: w,
+        frames: None,
         backward: args.adapt.adapt_backward,
         loss_scale: 1.0,
     };

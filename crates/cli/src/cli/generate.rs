@@ -1,6 +1,8 @@
-//! `reneg generate`: guided DDIM text-to-image with a null-text, prompt or embedding negative.
-//! Writes one PNG per image (generation parameters in a `parameters` text chunk, as other SD
-//! front ends do) and one JSON line per image in `images.jsonl`.
+//! `reneg generate`: guided text-to-image (or text-to-video) with a null-text, prompt or
+//! embedding negative. Writes one PNG per image (generation parameters in a `parameters` text
+//! chunk, as other SD front ends do) and one JSON line per image in `images.jsonl`. A video
+//! model's clip is written as its frames (PNGs in a folder), an animated PNG, and an MP4 when
+//! an `ffmpeg` is on the PATH.
 
 use super::rewards::RewardArg;
 use super::{
@@ -58,6 +60,13 @@ pub struct GenerateArgs {
     /// Images per UNet batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
+    /// Frames per clip, for a text-to-video model (ModelScope, ZeroScope; default 16, as
+    /// diffusers' TextToVideoSDPipeline).
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Playback speed of a clip's animated PNG and MP4.
+    #[arg(long, default_value_t = 8)]
+    pub fps: u32,
     /// Start from these latents (safetensors, one tensor [N, C, h, w]; image i takes row i)
     /// instead of seeded noise, to compare with other implementations.
     #[arg(long)]
@@ -142,8 +151,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             )
         })
         .collect();
-    let f = sd.vae_scale();
-    let latent_shape = [sd.latent_channels(), h / f, w / f];
+    let frames = frames_for(&sd, args.frames, &model_name)?;
+    if args.fps == 0 || args.fps > u16::MAX as u32 {
+        return Err(user("--fps must be between 1 and 65535"));
+    }
+    let latent_shape = sd.latent_shape(h, w, frames).map_err(lib)?;
 
     let (uncond, negative_label) = match (&args.negative_embedding, &args.negative_prompt) {
         (Some(path), _) => (
@@ -185,6 +197,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         height: h,
         width: w,
+        frames,
         backward: args.adapt.adapt_backward,
         loss_scale: 1.0,
     };
@@ -226,7 +239,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     .to_device(&device)?,
                 None => reneg::rng::randn(
                     job.seed,
-                    &[1, latent_shape[0], latent_shape[1], latent_shape[2]],
+                    &[vec![1], latent_shape.clone()].concat(),
                     sd.dtype(),
                     &device,
                 )?,
@@ -285,8 +298,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             )
             .map_err(lib)?;
         let images = sd.decode(&latents).map_err(lib)?;
+        let ffmpeg = if frames.is_some() {
+            reneg::video::find_ffmpeg()
+        } else {
+            None
+        };
         for (k, job) in batch.iter().enumerate() {
-            let name = format!("{:05}-seed{}.png", job.index, job.seed);
+            let stem = format!("{:05}-seed{}", job.index, job.seed);
+            let name = format!("{stem}{}", if frames.is_some() { ".apng" } else { ".png" });
             let path = args.out.join(&name);
             let params = format!(
                 "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
@@ -299,10 +318,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 w,
                 h,
                 model_name
-            ) + &control_label;
-            save_png(&images.get(k)?, &path, &params)?;
+            ) + &control_label
+                + &frames.map(|n| format!(", Frames: {n}, FPS: {}", args.fps)).unwrap_or_default();
+            let clip = match frames {
+                None => {
+                    save_png(&images.get(k)?, &path, &params)?;
+                    None
+                }
+                Some(_) => Some(save_clip(
+                    &images.get(k)?,
+                    &args.out,
+                    &stem,
+                    args.fps,
+                    &params,
+                    ffmpeg.as_deref(),
+                    &bar,
+                )?),
+            };
             let record = serde_json::json!({
                 "file": name,
+                "frames": clip.as_ref().map(|c| c.frames),
+                "frames_dir": clip.as_ref().map(|c| c.frames_dir.clone()),
+                "mp4": clip.as_ref().and_then(|c| c.mp4.clone()),
+                "fps": clip.as_ref().map(|_| args.fps),
                 "prompt": job.prompt.text,
                 "category": job.prompt.category,
                 "negative": negative_label,
@@ -336,8 +374,78 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Loads `[N, C, h, w]` latents (one safetensors tensor) and checks them against the model.
-fn load_init_latents(path: &Path, shape: &[usize; 3], images: usize) -> Result<Tensor> {
+/// The frame count of a run: `--frames` for a video model (16 when not given), refused for an
+/// image model.
+pub fn frames_for(
+    sd: &reneg::StableDiffusion,
+    frames: Option<usize>,
+    model: &str,
+) -> Result<Option<usize>> {
+    match (sd.is_video(), frames) {
+        (true, None) => Ok(Some(16)),
+        (true, Some(0)) => Err(user("--frames must be at least 1")),
+        (true, Some(n)) => Ok(Some(n)),
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(user(format!(
+            "--frames: {model} is a text-to-image model; drop --frames or give a text-to-video model (a TextToVideoSDPipeline folder)"
+        ))),
+    }
+}
+
+/// Where a clip's files went.
+struct Clip {
+    frames: usize,
+    frames_dir: String,
+    mp4: Option<String>,
+}
+
+/// Writes a decoded clip `[3, F, H, W]`: each frame as `STEM-frames/NNN.png`, the clip as
+/// `STEM.apng`, and `STEM.mp4` when `ffmpeg` is given (a failed MP4 is reported, not fatal:
+/// the frames and the APNG hold the clip).
+fn save_clip(
+    video: &Tensor,
+    out: &Path,
+    stem: &str,
+    fps: u32,
+    params: &str,
+    ffmpeg: Option<&Path>,
+    bar: &ProgressBar,
+) -> Result<Clip> {
+    let n = video.dim(1)?;
+    let frames_dir = format!("{stem}-frames");
+    let mut rgbs = Vec::with_capacity(n);
+    for i in 0..n {
+        let frame = video.narrow(1, i, 1)?.squeeze(1)?;
+        let rgb = reneg::io::Rgb::from_pixels(&frame).map_err(lib)?;
+        let path = out.join(&frames_dir).join(format!("{i:03}.png"));
+        reneg::io::write_png(&rgb, &path, Some(params)).map_err(lib)?;
+        rgbs.push(rgb);
+    }
+    reneg::video::write_apng(&rgbs, fps, &out.join(format!("{stem}.apng")), Some(params))
+        .map_err(lib)?;
+    let mp4 = match ffmpeg {
+        None => None,
+        Some(ff) => {
+            let name = format!("{stem}.mp4");
+            match reneg::video::write_mp4(&rgbs, fps, &out.join(&name), ff) {
+                Ok(()) => Some(name),
+                Err(e) => {
+                    bar.println(format!("warning: no MP4 for {stem}: {e}"));
+                    None
+                }
+            }
+        }
+    };
+    Ok(Clip {
+        frames: n,
+        frames_dir,
+        mp4,
+    })
+}
+
+/// Loads `[N, C, h, w]` latents (`[N, C, F, h, w]` for videos; one safetensors tensor) and
+/// checks them against the model.
+fn load_init_latents(path: &Path, shape: &[usize], images: usize) -> Result<Tensor> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .map_err(|e| user(format!("{}: cannot read latents: {e}", path.display())))?;
     let t = match tensors.len() {
@@ -353,16 +461,22 @@ fn load_init_latents(path: &Path, shape: &[usize; 3], images: usize) -> Result<T
                 ))
             })?,
     };
-    let t = if t.rank() == 3 { t.unsqueeze(0)? } else { t };
-    let ok = t.rank() == 4 && t.dims()[1..] == shape[..] && t.dim(0)? >= images;
+    let t = if t.rank() == shape.len() {
+        t.unsqueeze(0)?
+    } else {
+        t
+    };
+    let ok = t.rank() == shape.len() + 1 && t.dims()[1..] == shape[..] && t.dim(0)? >= images;
     if !ok {
+        let want: Vec<String> = std::iter::once(images)
+            .chain(shape.iter().copied())
+            .map(|d| d.to_string())
+            .collect();
         return Err(user(format!(
-            "{}: latents of shape {:?}, but {images} image(s) of this model and size need [{images}, {}, {}, {}]",
+            "{}: latents of shape {:?}, but {images} image(s) of this model and size need [{}]",
             path.display(),
             t.dims(),
-            shape[0],
-            shape[1],
-            shape[2]
+            want.join(", ")
         )));
     }
     Ok(t.to_dtype(DType::F32)?)
@@ -371,16 +485,6 @@ fn load_init_latents(path: &Path, shape: &[usize; 3], images: usize) -> Result<T
 /// Writes `[3, H, W]` pixels in [-1, 1] as an 8-bit RGB PNG with a `parameters` text chunk,
 /// atomically.
 pub fn save_png(image: &Tensor, path: &Path, parameters: &str) -> Result<()> {
-    let img = ((image.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .permute((1, 2, 0))?
-        .to_dtype(DType::U8)?;
-    let (height, width, _) = img.dims3()?;
-    let data = img.flatten_all()?.to_vec1::<u8>()?;
-    let rgb = reneg::io::Rgb {
-        width,
-        height,
-        data,
-    };
+    let rgb = reneg::io::Rgb::from_pixels(image).map_err(lib)?;
     reneg::io::write_png(&rgb, path, Some(parameters)).map_err(lib)
 }
