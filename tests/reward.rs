@@ -182,3 +182,22 @@ fn hps_style_pytorch_state_dict_reads_like_the_safetensors() {
         assert_eq!(d, 0.0, "{k}");
     }
 }
+
+/// Temporal consistency: the mean cosine of consecutive frames' (normalised) embeddings.
+#[test]
+fn temporal_consistency_is_the_mean_consecutive_cosine() {
+    use candle_core::{Device, Tensor};
+    let f =
+        |rows: &[[f32; 2]]| Tensor::from_vec(rows.concat(), (rows.len(), 2), &Device::Cpu).unwrap();
+    let tc = reneg::reward::temporal_consistency;
+    // Pairs (0, 1): cosine 0; (1, 2): cosine 1; (2, 3): cosine -1 -> mean 0; frame order
+    // matters (first and last compared only through their neighbours).
+    assert_eq!(
+        tc(&f(&[[1., 0.], [0., 1.], [0., 1.], [0., -1.]])).unwrap(),
+        0.0
+    );
+    let s = std::f32::consts::FRAC_1_SQRT_2;
+    let v = tc(&f(&[[1., 0.], [s, s], [0., 1.]])).unwrap();
+    assert!((v - std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-6, "{v}");
+    assert_eq!(tc(&f(&[[0.6, 0.8]])).unwrap(), 1.0);
+}

@@ -44,7 +44,15 @@ pub struct Manifest {
     /// or settings is refused as other negatives or prompts are.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub model_options: Vec<String>,
+    /// Frames per clip of a text-to-video model (its "images" are clips, scored per frame and
+    /// averaged, with [`TEMPORAL_CONSISTENCY`] among the rewards); None for images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<usize>,
 }
+
+/// The name under which a video evaluation records each clip's temporal consistency
+/// ([`crate::reward::temporal_consistency`]) beside the rewards.
+pub const TEMPORAL_CONSISTENCY: &str = "temporal-consistency";
 
 /// What each reward is to the negatives compared ([`Manifest::roles`]). `rewards`: each
 /// reward's name and whether it is evaluation-only; `trained_on[j]`: the rewards negative

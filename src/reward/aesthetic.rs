@@ -120,4 +120,11 @@ impl Reward for AestheticReward {
         let score = self.head.forward(&emb)?.squeeze(1)?;
         Ok(score.to_dtype(emb.dtype())?)
     }
+
+    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
+        Some((|| {
+            check_batch(images, &[], false)?;
+            self.image_embeds(&self.preprocess.forward(images)?)
+        })())
+    }
 }

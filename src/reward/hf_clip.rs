@@ -117,4 +117,11 @@ impl Reward for HfClipReward {
             ClipScoring::ClipScore => (cos.relu()? * 100.0)?,
         })
     }
+
+    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
+        Some((|| {
+            check_batch(images, &[], false)?;
+            self.model.image_embeds(&self.preprocess.forward(images)?)
+        })())
+    }
 }

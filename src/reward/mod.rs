@@ -25,6 +25,28 @@ pub trait Reward {
     fn evaluation_only(&self) -> bool {
         false
     }
+
+    /// L2-normalised CLIP image embeddings of `images` (`[n, 3, h, w]` in [0, 1]), `[n, d]`,
+    /// for rewards built on a CLIP image encoder; None for the others. Videos' temporal
+    /// consistency is measured with them ([`temporal_consistency`]).
+    fn image_features(&self, _images: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
+}
+
+/// A clip's temporal consistency: the mean cosine between consecutive frames' image
+/// embeddings `[frames, d]` (L2-normalised). 1 for a still clip (or a single frame).
+pub fn temporal_consistency(features: &Tensor) -> Result<f64> {
+    let f = features.dim(0)?;
+    if f < 2 {
+        return Ok(1.0);
+    }
+    let a = features.narrow(0, 0, f - 1)?;
+    let b = features.narrow(0, 1, f - 1)?;
+    Ok(rowwise_dot(&a, &b)?
+        .to_dtype(candle_core::DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?)
 }
 
 /// Checks the image batch against the prompt list.

@@ -47,4 +47,16 @@ impl Reward for HpsReward {
         let ids = self.text_ids(prompts, images)?;
         Ok((self.similarity(&pixels, &ids)? * 100.0)?)
     }
+
+    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
+        Some((|| {
+            check_batch(images, &[], false)?;
+            l2_normalize(
+                &self
+                    .model
+                    .visual
+                    .forward(&self.preprocess.forward(images)?)?,
+            )
+        })())
+    }
 }

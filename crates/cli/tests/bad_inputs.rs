@@ -20,6 +20,8 @@ const HPS: &str = repo!("tests/fixtures/parity/reward-openclip-gelu/reward");
 const CN15: &str = repo!("tests/fixtures/parity/controlnet-sd15-tiny");
 const CN2: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/pipeline/controlnet");
 const CN2_IMAGE: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/control.png");
+const T2V: &str = repo!("tests/fixtures/parity/text2video-ms-tiny/pipeline");
+const SD21_EMB: &str = repo!("../shared/data/reneg-official/sd2.1_reneg_emb.bin");
 
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-bad-{tag}-{}", std::process::id()));
@@ -195,6 +197,15 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         // LoRAs: a missing file, a file that is not a LoRA.
         (format!("generate --model {SD15} --lora {}:0.8 --prompt x --out {{out}}", p("missing-lora.safetensors")), "missing-lora.safetensors".into()),
         (format!("generate --model {SD15} --lora {} --prompt x --out {{out}}", repo!("tests/fixtures/embedding/torch_saved.safetensors")), "torch_saved.safetensors".into()),
+        // Text-to-video: frames for an image model, no frames, no frame rate, a ControlNet
+        // (image models only), an embedding of another width.
+        (format!("generate --model {SD15} --prompt x --frames 4 --out {{out}}"), "--frames".into()),
+        (format!("generate --model {T2V} --prompt x --frames 0 --out {{out}}"), "--frames".into()),
+        (format!("generate --model {T2V} --prompt x --fps 0 --out {{out}}"), "--fps".into()),
+        (format!("generate --model {T2V} --controlnet {CN15}/pipeline/controlnet --control-image {CN15}/control.png --prompt x --out {{out}}"), "makes videos".into()),
+        (format!("generate --model {T2V} --prompt x --negative-embedding {SD21_EMB} --out {{out}}"), "sd2.1_reneg_emb.bin".into()),
+        (format!("train --model {SD15} --frames 3 --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "--frames".into()),
+        (format!("eval --model {SD15} --prompt x --frames 3 --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "--frames".into()),
         // eval
         (format!("eval --model {SD15} --prompt x --negative null --negative bogus:thing --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "bogus".into()),
         (format!("eval --model {SD15} --prompt x --negative null --reward aesthetic --reward-model {AESTHETIC} --shard 3/2 --out {{out}}"), "--shard".into()),

@@ -260,6 +260,8 @@ fn init_latents_reproduce_each_parity_case_image() {
         "sd-variant",
         "controlnet-sd15-tiny",
         "controlnet-sd2-tiny",
+        "text2video-ms-tiny",
+        "text2video-zs-tiny",
     ] {
         let cdir = PathBuf::from(repo!("tests/fixtures/parity")).join(case);
         let meta: serde_json::Value =
@@ -326,36 +328,73 @@ fn init_latents_reproduce_each_parity_case_image() {
             "--out",
             dir.to_str().unwrap(),
         ];
+        let frames = s("num_frames");
+        if meta["kind"] == "text2video" {
+            args.extend(["--frames", &frames]);
+        }
         args.extend(extra);
         ok(&args);
-        let (pixels, ..) = read_png(&dir.join("00000-seed0.png"));
-        // The reference image as 8-bit RGB, the same way the PNG writer quantises.
-        let want: Vec<u8> = ((exp["image"].clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 127.5)
-            .unwrap()
-            .round()
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .permute((1, 2, 0))
-            .unwrap()
-            .to_dtype(DType::U8)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let max = pixels
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
-        assert_eq!(pixels.len(), want.len());
-        assert!(
-            max <= 1,
-            "{case}: image differs from PyTorch's by {max} levels"
-        );
+        // The reference image (or frame) `[3, H, W]` as 8-bit RGB, the same way the PNG writer
+        // quantises.
+        let to_u8 = |t: &Tensor| -> Vec<u8> {
+            ((t.clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 127.5)
+                .unwrap()
+                .round()
+                .unwrap()
+                .permute((1, 2, 0))
+                .unwrap()
+                .to_dtype(DType::U8)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (got, want): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if meta["kind"] == "text2video" {
+            // Each frame's PNG against the reference video's frame; the APNG holds them all.
+            let video = exp["video"].squeeze(0).unwrap();
+            let n = video.dim(1).unwrap();
+            assert_eq!(apng_frames(&dir.join("00000-seed0.apng")), n);
+            (0..n)
+                .map(|k| {
+                    let png = dir.join(format!("00000-seed0-frames/{k:03}.png"));
+                    let frame = video.narrow(1, k, 1).unwrap().squeeze(1).unwrap();
+                    (read_png(&png).0, to_u8(&frame))
+                })
+                .unzip()
+        } else {
+            let image = exp["image"].squeeze(0).unwrap();
+            (
+                vec![read_png(&dir.join("00000-seed0.png")).0],
+                vec![to_u8(&image)],
+            )
+        };
+        for (pixels, want) in got.iter().zip(&want) {
+            let max = pixels
+                .iter()
+                .zip(want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert_eq!(pixels.len(), want.len());
+            assert!(
+                max <= 1,
+                "{case}: image differs from PyTorch's by {max} levels"
+            );
+        }
     }
+}
+
+/// The number of frames an animated PNG declares (its acTL chunk), checking it decodes.
+fn apng_frames(path: &Path) -> usize {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = dec.read_info().unwrap();
+    let n = reader.info().animation_control().unwrap().num_frames as usize;
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    for _ in 0..n {
+        reader.next_frame(&mut buf).unwrap();
+    }
+    n
 }
 
 #[test]

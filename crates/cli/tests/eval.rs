@@ -447,6 +447,7 @@ fn nan_scores_are_recorded_counted_and_do_not_break_later_runs() {
     use reneg::prompts::Prompt;
     let dir = tempdir("nan");
     let m = Manifest {
+        frames: None,
         model: "m".into(),
         prompts: vec![
             Prompt {

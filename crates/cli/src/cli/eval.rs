@@ -82,6 +82,12 @@ pub struct EvalArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
+    /// Frames per clip, for a text-to-video model (default 16). Each reward scores every
+    /// frame and the clip gets the mean; the clip's temporal consistency (mean cosine of
+    /// consecutive frames' CLIP image embeddings, from the first CLIP-based reward) is
+    /// reported beside the rewards.
+    #[arg(long)]
+    pub frames: Option<usize>,
     /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
@@ -178,8 +184,9 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     let default_images: Vec<Tensor> = sd.controls.iter().map(|c| c.image.clone()).collect();
     let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
     let (h, w) = image_size(&sd, height, width)?;
+    let frames = super::generate::frames_for(&sd, args.frames, &args.model.name()?)?;
     let rewards = load_rewards(&args.reward, &args.reward_model, dtype, &device)?;
-    let reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
+    let mut reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
     if reward_names.iter().collect::<BTreeSet<_>>().len() != reward_names.len() {
         return Err(user(
             "the same reward is given twice; give each reward once",
@@ -189,6 +196,19 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         .iter()
         .map(|(r, _)| (r.name().to_string(), r.evaluation_only()))
         .collect();
+    // A clip's temporal consistency is measured with the first reward that has a CLIP image
+    // encoder (none: not measured, and the report says so by its absence).
+    let consistency_by = if frames.is_some() {
+        let probe = Tensor::zeros((1, 3, 8, 8), DType::F32, &device)?;
+        rewards
+            .iter()
+            .position(|(r, _)| r.image_features(&probe).is_some())
+    } else {
+        None
+    };
+    if frames.is_some() && consistency_by.is_none() {
+        println!("note: no CLIP-based reward given (hps, pickscore, clip, aesthetic): the clips' temporal consistency is not measured");
+    }
     let objective = Objective::new(rewards);
     if specs
         .iter()
@@ -232,6 +252,17 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         })
         .collect();
 
+    let mut roles = eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags);
+    if let Some(k) = consistency_by {
+        reward_names.push(eval::TEMPORAL_CONSISTENCY.to_string());
+        roles.insert(
+            eval::TEMPORAL_CONSISTENCY.to_string(),
+            format!(
+                "Independent: the mean cosine between consecutive frames' image embeddings from {}'s CLIP image encoder (1 = a still clip); no negative is optimised on it.",
+                reward_flags[k].0
+            ),
+        );
+    }
     let manifest = Manifest {
         model: args.model.name()?,
         prompts: prompt_list,
@@ -248,7 +279,8 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.adapt.adapt_patience,
             args.adapt.adapt_lr,
         )),
-        roles: eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags),
+        roles,
+        frames,
         model_options: [
             args.model.options(),
             args.sampler.options(),
@@ -292,7 +324,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         height: h,
         width: w,
-        frames: None,
+        frames,
         backward: args.adapt.adapt_backward,
         loss_scale: 1.0,
     };
@@ -361,22 +393,55 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.guidance_scale,
             seed,
             manifest.model
-        );
-        super::generate::save_png(&decoded.get(0)?, &args.out.join(&image), &params)?;
-        let pixels = to_unit(&decoded).map_err(lib)?;
-        let mut records = vec![];
+        ) + &frames.map(|n| format!(", Frames: {n}")).unwrap_or_default();
+        let path = args.out.join(&image);
+        // A clip is scored frame by frame, `[frames, 3, H, W]`, and saved as an animated PNG
+        // under the image's name (its first frame is what the grids and plain viewers show).
+        let pixels = match frames {
+            None => {
+                super::generate::save_png(&decoded.get(0)?, &path, &params)?;
+                to_unit(&decoded).map_err(lib)?
+            }
+            Some(_) => {
+                let clip = decoded.get(0)?.permute((1, 0, 2, 3))?.contiguous()?;
+                let rgbs = (0..clip.dim(0)?)
+                    .map(|k| reneg::io::Rgb::from_pixels(&clip.get(k)?))
+                    .collect::<reneg::Result<Vec<_>>>()
+                    .map_err(lib)?;
+                reneg::video::write_apng(&rgbs, 8, &path, Some(&params)).map_err(lib)?;
+                to_unit(&clip).map_err(lib)?
+            }
+        };
+        let n = pixels.dim(0)?;
+        let texts = vec![prompt.text.clone(); n];
+        let mut scores = vec![];
         for (reward, _) in &objective.rewards {
+            // The clip's score: the mean over its frames (an image is one frame).
             let score = reward
-                .score(&pixels, std::slice::from_ref(&prompt.text))
+                .score(&pixels, &texts)
                 .map_err(lib)?
                 .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?[0];
+                .mean_all()?
+                .to_scalar::<f64>()?;
+            scores.push((reward.name().to_string(), score));
+        }
+        if let Some(k) = consistency_by {
+            let features = objective.rewards[k]
+                .0
+                .image_features(&pixels)
+                .expect("a reward with an image encoder")
+                .map_err(lib)?;
+            let c = reneg::reward::temporal_consistency(&features).map_err(lib)?;
+            scores.push((eval::TEMPORAL_CONSISTENCY.to_string(), c));
+        }
+        let mut records = vec![];
+        for (reward, score) in scores {
             records.push(Record {
                 prompt_index: p,
                 seed,
                 negative: j,
                 negative_label: manifest.negatives[j].clone(),
-                reward: reward.name().to_string(),
+                reward,
                 score,
                 image: image.display().to_string(),
                 prompt: prompt.text.clone(),

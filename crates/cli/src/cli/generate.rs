@@ -265,13 +265,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 &sampling,
             )
             .map_err(lib)?;
-            bar.println(format!(
-                "image {}: adapted reward {:.4} -> {:.4} in {} step(s)",
-                job.index + 1,
-                a.start_reward,
-                a.best_reward,
-                a.history.len()
-            ));
+            // Printed also when the bar is hidden (a log, not a terminal).
+            bar.suspend(|| {
+                println!(
+                    "image {}: adapted reward {:.4} -> {:.4} in {} step(s)",
+                    job.index + 1,
+                    a.start_reward,
+                    a.best_reward,
+                    a.history.len()
+                )
+            });
             if let Some(dir) = &args.save_adapted {
                 let mut e = NegativeEmbedding::new(a.embedding.clone()).map_err(lib)?;
                 e.metadata.insert("prompt".into(), job.prompt.text.clone());
@@ -376,7 +379,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// The frame count of a run: `--frames` for a video model (16 when not given), refused for an
 /// image model.
-pub fn frames_for(
+pub(crate) fn frames_for(
     sd: &reneg::StableDiffusion,
     frames: Option<usize>,
     model: &str,
@@ -430,7 +433,7 @@ fn save_clip(
             match reneg::video::write_mp4(&rgbs, fps, &out.join(&name), ff) {
                 Ok(()) => Some(name),
                 Err(e) => {
-                    bar.println(format!("warning: no MP4 for {stem}: {e}"));
+                    bar.suspend(|| eprintln!("warning: no MP4 for {stem}: {e}"));
                     None
                 }
             }

@@ -94,6 +94,10 @@ pub struct TrainArgs {
     /// The gradient step is drawn from the last this-many sampling steps.
     #[arg(long)]
     pub grad_step_window: Option<usize>,
+    /// Frames per clip, for a text-to-video model (default 16; the gradient goes through every
+    /// frame, so memory grows with it).
+    #[arg(long)]
+    pub frames: Option<usize>,
     /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
@@ -191,6 +195,7 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     put("guess_mode", a.guess_mode.then_some(Value::Boolean(true)));
     put("height", uint(a.height));
     put("width", uint(a.width));
+    put("frames", uint(a.frames));
     put("seed", int(a.seed));
     put("max_grad_norm", float(a.max_grad_norm));
     put("max_bad_steps", int(a.max_bad_steps));
@@ -359,6 +364,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         loras: super::load_loras(&cfg.loras)?,
     };
     let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
+    // A video model trains on clips of `frames` (recorded in the saved config).
+    cfg.frames = super::generate::frames_for(&sd, cfg.frames, &cfg.model)?;
     super::set_sampler(&mut sd, Some(cfg.scheduler), cfg.eta)?;
     if let (Some(cn), Some((rgb, w, h))) = (&cfg.controlnet, &control) {
         let model = reneg::control::load(cn, None, dtype, &device).map_err(lib)?;
