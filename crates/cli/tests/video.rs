@@ -481,3 +481,46 @@ fn train_on_clips() {
     // Three AdamW steps at lr 5e-3 move some coordinate by about the learning rate.
     assert!(moved > 1e-3, "moved {moved}");
 }
+
+/// A text-to-video model by its hub id, from the local cache (the layout `huggingface-cli
+/// download damo-vilab/text-to-video-ms-1.7b` leaves), gives the folder's clip.
+#[test]
+fn a_video_model_by_hub_id_from_the_local_cache() {
+    let dir = tempdir("hub");
+    let cache = dir.join("hub");
+    let repo = cache.join("models--damo-vilab--text-to-video-ms-1.7b");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "4567cdef").unwrap();
+    copy_dir(Path::new(MS), &repo.join("snapshots/4567cdef"));
+    let run = |model: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
+            .args([
+                "generate",
+                "--model",
+                model,
+                "--offline",
+                "--prompt",
+                "a cat",
+                "--frames",
+                "2",
+                "--steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "48",
+                "--seed",
+                "3",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .env("HF_HUB_CACHE", &cache)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (0..2).map(|k| frame_pixels(out, k)).collect::<Vec<_>>()
+    };
+    let by_id = run("damo-vilab/text-to-video-ms-1.7b", &dir.join("by-id"));
+    let by_folder = run(MS, &dir.join("by-folder"));
+    assert_eq!(by_id, by_folder);
+}
