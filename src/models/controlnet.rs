@@ -220,7 +220,27 @@ impl ControlNetModel {
         scale: f64,
         guess_mode: bool,
     ) -> Result<Residuals> {
+        let timesteps = vec![timestep; sample.dim(0)?];
+        self.forward_each(sample, &timesteps, context, image, scale, guess_mode)
+    }
+
+    /// [`Self::forward`] with one timestep per batch row (training draws them independently).
+    pub fn forward_each(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        image: &Tensor,
+        scale: f64,
+        guess_mode: bool,
+    ) -> Result<Residuals> {
         let b = sample.dim(0)?;
+        if timesteps.len() != b {
+            return Err(Error::Invalid(format!(
+                "ControlNet got {b} latents but {} timesteps",
+                timesteps.len()
+            )));
+        }
         let (_, _, h, w) = sample.dims4()?;
         let f = 1usize << self.cfg.downsamplings();
         let (ih, iw) = (image.dim(2)?, image.dim(3)?);
@@ -247,10 +267,9 @@ impl ControlNetModel {
         } else {
             image.clone()
         };
-        let timesteps = vec![timestep; b];
         let temb = self
             .encoder
-            .time_embedding_each(&timesteps, sample.dtype(), sample.device())?;
+            .time_embedding_each(timesteps, sample.dtype(), sample.device())?;
         let xs = self.encoder.conv_in.forward(sample)?;
         let cond = self.cond.forward(&image.to_dtype(xs.dtype())?)?;
         let xs = (xs + cond)?;

@@ -346,8 +346,28 @@ fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = String::from_utf8_lossy(&o.stdout).to_string();
-    for m in ["clip", "vae", "unet", "reward", "judge"] {
+    for m in ["clip", "vae", "unet", "reward", "judge", "controlnet"] {
         assert!(report.contains(&format!("{m}: ")), "{report}");
+    }
+    // The held-out prompts with their scenes' masks, for the transfer experiment.
+    let control = std::fs::read_to_string(out.join("prompts/heldout-control.jsonl")).unwrap();
+    let heldout = std::fs::read_to_string(out.join("prompts/heldout.txt")).unwrap();
+    assert_eq!(control.lines().count(), heldout.lines().count());
+    for (line, caption) in control.lines().zip(heldout.lines()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["prompt"], caption);
+        let mask = reneg::io::read_png(
+            &out.join("prompts")
+                .join(v["control_image"].as_str().unwrap()),
+        )
+        .unwrap();
+        assert_eq!((mask.width, mask.height), (32, 32));
+        // A shape covers part of the image, the background the rest.
+        let white = mask.data.iter().filter(|&&b| b == 255).count();
+        assert!(
+            white > 0 && white < mask.data.len() / 2,
+            "{caption}: {white}"
+        );
     }
     // Everything is written: a rerun trains nothing.
     let o = run(&[
@@ -424,5 +444,29 @@ fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("evaluation-only"));
+    // The experiment, with its transfer part through the world's ControlNet: the same
+    // negatives, each prompt with its scene's mask.
+    let exp = out.join("experiment");
+    let o = run(&[
+        "mini",
+        "experiment",
+        "--mini",
+        out.to_str().unwrap(),
+        "--train-steps",
+        "1",
+        "--prompts",
+        "1",
+        "--seeds",
+        "1",
+        "--no-per-sample",
+        "--out",
+        exp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let transfer = std::fs::read_to_string(exp.join("transfer/results.jsonl")).unwrap();
+    // 1 unit x 3 negatives x 3 scores.
+    assert_eq!(transfer.lines().count(), 9, "{transfer}");
+    let manifest = std::fs::read_to_string(exp.join("transfer/eval.json")).unwrap();
+    assert!(manifest.contains("controlnet"), "{manifest}");
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -194,35 +194,56 @@ impl Scene {
 
     /// `[3, size, size]` RGB in [0, 1], channel-major; 4x4 supersampling for smooth edges.
     pub fn render(&self, size: usize) -> Vec<f32> {
-        const SS: usize = 4;
         let bg = BACKGROUNDS[self.background].1;
-        let mut out = vec![0f32; 3 * size * size];
-        for py in 0..size {
-            for px in 0..size {
-                let mut acc = [0f32; 3];
-                for sy in 0..SS {
-                    for sx in 0..SS {
-                        let x = (px as f32 + (sx as f32 + 0.5) / SS as f32) / size as f32;
-                        let y = (py as f32 + (sy as f32 + 0.5) / SS as f32) / size as f32;
-                        // Later shapes are drawn over earlier ones.
-                        let c = self
-                            .shapes
-                            .iter()
-                            .rev()
-                            .find(|s| s.covers(x, y))
-                            .map_or(bg, |s| COLOURS[s.colour].1);
-                        for k in 0..3 {
-                            acc[k] += c[k];
-                        }
+        // Later shapes are drawn over earlier ones.
+        supersample(size, |x, y| {
+            self.shapes
+                .iter()
+                .rev()
+                .find(|s| s.covers(x, y))
+                .map_or(bg, |s| COLOURS[s.colour].1)
+        })
+    }
+
+    /// The scene's shape mask, what the world's ControlNet is conditioned on: `[3, size, size]`
+    /// in [0, 1], white where a shape covers the pixel and black elsewhere (supersampled as
+    /// [`Scene::render`]). It tells where the shapes are and their outlines, not their colours
+    /// or the background.
+    pub fn mask(&self, size: usize) -> Vec<f32> {
+        supersample(size, |x, y| {
+            if self.shapes.iter().any(|s| s.covers(x, y)) {
+                [1.0; 3]
+            } else {
+                [0.0; 3]
+            }
+        })
+    }
+}
+
+/// `[3, size, size]` channel-major: each pixel the mean of `colour_at` over a 4x4 grid of
+/// points inside it (coordinates in [0, 1]^2, x right, y down).
+fn supersample(size: usize, colour_at: impl Fn(f32, f32) -> [f32; 3]) -> Vec<f32> {
+    const SS: usize = 4;
+    let mut out = vec![0f32; 3 * size * size];
+    for py in 0..size {
+        for px in 0..size {
+            let mut acc = [0f32; 3];
+            for sy in 0..SS {
+                for sx in 0..SS {
+                    let x = (px as f32 + (sx as f32 + 0.5) / SS as f32) / size as f32;
+                    let y = (py as f32 + (sy as f32 + 0.5) / SS as f32) / size as f32;
+                    let c = colour_at(x, y);
+                    for k in 0..3 {
+                        acc[k] += c[k];
                     }
                 }
-                for (k, a) in acc.iter().enumerate() {
-                    out[k * size * size + py * size + px] = a / (SS * SS) as f32;
-                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                out[k * size * size + py * size + px] = a / (SS * SS) as f32;
             }
         }
-        out
     }
+    out
 }
 
 impl Shape {

@@ -387,3 +387,44 @@ fn the_world_tokenizer_matches_transformers_clip_tokenizer() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The ControlNet's condition: white exactly where the rendering shows a shape, black where it
+/// shows the background, whatever the colours.
+#[test]
+fn masks_cover_the_shapes_and_nothing_else() {
+    let cfg = DataConfig {
+        degraded_share: 0.0,
+        ..Default::default()
+    };
+    let mut edges = 0;
+    for i in 0..50 {
+        let e = example(5, i, &cfg);
+        let mask = e.scene.mask(N);
+        let bg = BACKGROUNDS[e.scene.background].1;
+        for y in 0..N {
+            for x in 0..N {
+                let m = pixel(&mask, x, y);
+                assert!(m[0] == m[1] && m[1] == m[2], "a grey mask");
+                let on_background = close(pixel(&e.image, x, y), bg);
+                if on_background {
+                    assert_eq!(m[0], 0.0, "example {i} ({x}, {y}): background in the mask");
+                } else if m[0] == 1.0 {
+                    // Fully covered: the rendering shows shape colours only (a mix of them
+                    // where two shapes meet), in no channel beyond their range.
+                    let c = pixel(&e.image, x, y);
+                    for k in 0..3 {
+                        let v = e.scene.shapes.iter().map(|s| COLOURS[s.colour].1[k]);
+                        let (lo, hi) = v.fold((1f32, 0f32), |(l, h), v| (l.min(v), h.max(v)));
+                        assert!(c[k] >= lo - 1e-5 && c[k] <= hi + 1e-5, "example {i}: {c:?}");
+                    }
+                    assert!(!close(c, bg));
+                } else {
+                    // A boundary pixel, partly covered.
+                    assert!(m[0] > 0.0 && m[0] < 1.0, "example {i} ({x}, {y}): {m:?}");
+                    edges += 1;
+                }
+            }
+        }
+    }
+    assert!(edges > 0, "anti-aliased boundaries");
+}

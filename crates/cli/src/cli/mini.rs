@@ -14,7 +14,8 @@ pub enum MiniCommand {
     /// The ReNeg experiment in the miniature world: train a global negative embedding with the
     /// preference reward, then compare null text, the hand-written negative, the global
     /// embedding and per-sample adaptation on held-out prompts, scored by the reward and by
-    /// the independent judge (report.md in --out/eval).
+    /// the independent judge (report.md in --out/eval); then, where the world has a
+    /// ControlNet, the same embedding through it (--out/transfer).
     Experiment(ExperimentArgs),
 }
 
@@ -160,7 +161,9 @@ pub fn experiment_train_args(mini: &Path, out: &Path, steps: u64, device: &str) 
     v
 }
 
-/// The `reneg eval` arguments of the experiment.
+/// The `reneg eval` arguments of the experiment; with `controlnet`, its transfer part: the
+/// same negatives through the world's ControlNet, each held-out prompt with its scene's mask.
+#[allow(clippy::too_many_arguments)]
 pub fn experiment_eval_args(
     mini: &Path,
     embedding: &Path,
@@ -168,6 +171,7 @@ pub fn experiment_eval_args(
     prompts: usize,
     seeds: usize,
     per_sample: bool,
+    controlnet: Option<&Path>,
     device: &str,
 ) -> Vec<String> {
     let p = |x: &Path| x.display().to_string();
@@ -196,8 +200,15 @@ pub fn experiment_eval_args(
             p(&mini.join(dir)),
         ]);
     }
+    let prompt_file = match controlnet {
+        Some(cn) => {
+            v.extend(["--controlnet".into(), p(cn)]);
+            mini.join("prompts").join(recipe::CONTROL_PROMPTS)
+        }
+        None => mini.join("prompts/heldout.txt"),
+    };
     for (k, val) in [
-        ("--prompts", p(&mini.join("prompts/heldout.txt"))),
+        ("--prompts", p(&prompt_file)),
         ("--limit", prompts.to_string()),
         ("--seeds", seeds.to_string()),
         ("--steps", "20".into()),
@@ -269,10 +280,37 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         a.prompts,
         a.seeds,
         !a.no_per_sample,
+        None,
         &a.device,
     );
     println!("{}", shell_line(&argv));
     super::eval::evaluate(parse::<EvalCli>(&argv)?.args)?;
     println!("report: {}", a.out.join("eval").join("report.md").display());
+    // Transfer (issue 18): the embedding learned on the plain pipeline, unchanged, through the
+    // world's ControlNet, against null text and the hand-written negative.
+    let controlnet = mini.join("controlnet");
+    if controlnet.join("config.json").is_file() {
+        let argv = experiment_eval_args(
+            &mini,
+            &embedding,
+            &a.out.join("transfer"),
+            a.prompts,
+            a.seeds,
+            false,
+            Some(&controlnet),
+            &a.device,
+        );
+        println!("{}", shell_line(&argv));
+        super::eval::evaluate(parse::<EvalCli>(&argv)?.args)?;
+        println!(
+            "transfer report: {}",
+            a.out.join("transfer").join("report.md").display()
+        );
+    } else {
+        println!(
+            "no ControlNet in {} (`reneg mini train` makes one): the transfer part is skipped",
+            mini.display()
+        );
+    }
     Ok(())
 }

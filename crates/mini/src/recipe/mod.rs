@@ -1,10 +1,13 @@
 //! `reneg mini train`: the recipe that trains the miniature world's models from scratch, in
 //! order (each needs the ones before it): the tiny CLIP, the VAE, the UNet (on the CLIP text
-//! tower and the VAE, both frozen), the preference reward and the independent judge. Each
+//! tower and the VAE, both frozen), the preference reward and the independent judge, and a
+//! ControlNet on the UNet (conditioned on the scenes' shape masks, for the transfer
+//! experiment). Each
 //! model is written, in its owners' layout, as soon as it is trained; a rerun skips models
 //! already written, so an interrupted recipe resumes at the model it was on.
 
 pub mod clip;
+pub mod controlnet;
 pub mod judge;
 pub mod reward;
 pub mod unet;
@@ -31,6 +34,12 @@ pub struct Budget {
     pub unet: usize,
     pub reward: usize,
     pub judge: usize,
+    #[serde(default = "default_controlnet_steps")]
+    pub controlnet: usize,
+}
+
+fn default_controlnet_steps() -> usize {
+    2000
 }
 
 impl Default for Budget {
@@ -41,6 +50,7 @@ impl Default for Budget {
             unet: 10_800,
             reward: 800,
             judge: 1000,
+            controlnet: default_controlnet_steps(),
         }
     }
 }
@@ -54,6 +64,7 @@ impl Budget {
             unet: s(self.unet),
             reward: s(self.reward),
             judge: s(self.judge),
+            controlnet: s(self.controlnet),
         }
     }
 }
@@ -93,6 +104,9 @@ impl Layout {
     pub fn prompts(&self) -> PathBuf {
         self.root.join("prompts")
     }
+    pub fn controlnet(&self) -> PathBuf {
+        self.root.join("controlnet")
+    }
 }
 
 /// What one model's training measured, for `recipe.json` and the log.
@@ -115,7 +129,7 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
     let done = |dir: &Path, file: &str| !cfg.force && dir.join(file).is_file();
     if cfg.force {
         // Retraining from scratch: unfinished state of an earlier run is not resumed.
-        for m in ["clip", "vae", "reward", "unet", "judge"] {
+        for m in ["clip", "vae", "reward", "unet", "judge", "controlnet"] {
             remove_checkpoint(&layout, m)?;
         }
     }
@@ -181,8 +195,18 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         }
         Ok(r)
     };
+    let controlnet = || -> Result<Vec<ModelReport>> {
+        let mut r = Vec::new();
+        if !done(&layout.controlnet(), "diffusion_pytorch_model.safetensors") {
+            r.push(controlnet::train(&layout, cfg.seed, b.controlnet, device)?);
+            remove_checkpoint(&layout, "controlnet")?;
+        }
+        Ok(r)
+    };
     let mut reports = both(&clip_vae, &reward)?;
     reports.extend(both(&unet, &judge)?);
+    // On the trained UNet.
+    reports.extend(controlnet()?);
     // Keep earlier reports of models this run skipped.
     let path = layout.root.join("recipe.json");
     let mut all: Vec<ModelReport> = std::fs::read_to_string(&path)
@@ -211,8 +235,46 @@ fn write_prompts(layout: &Layout) -> Result<()> {
     reneg::io::write_atomic(
         &layout.prompts().join("heldout.txt"),
         text(&heldout).as_bytes(),
-    )
+    )?;
+    write_control_prompts(layout, &heldout)
 }
+
+/// The held-out prompts with their scenes' shape masks, for evaluating through the world's
+/// ControlNet: `prompts/heldout-control.jsonl` (`{"prompt", "control_image"}` lines, the
+/// images relative to it) and `prompts/masks/NNN.png` at the world's image size.
+fn write_control_prompts(layout: &Layout, heldout: &[String]) -> Result<()> {
+    let dir = layout.prompts().join(CONTROL_MASKS);
+    mkdir(&dir)?;
+    let size = DataConfig::default().size;
+    let mut lines = String::new();
+    for (i, caption) in heldout.iter().enumerate() {
+        let scene = crate::Scene::parse(caption).ok_or_else(|| {
+            Error::Invalid(format!(
+                "held-out prompt {i} is not a scene caption: {caption}"
+            ))
+        })?;
+        let mask = scene.mask(size);
+        let plane = size * size;
+        let data: Vec<u8> = (0..plane)
+            .flat_map(|p| (0..3).map(move |c| (p, c)))
+            .map(|(p, c)| (mask[c * plane + p] * 255.0).round() as u8)
+            .collect();
+        let name = format!("{CONTROL_MASKS}/{i:03}.png");
+        let rgb = reneg::io::Rgb {
+            width: size,
+            height: size,
+            data,
+        };
+        reneg::io::write_png(&rgb, &layout.prompts().join(&name), None)?;
+        lines.push_str(&serde_json::json!({"prompt": caption, "control_image": name}).to_string());
+        lines.push('\n');
+    }
+    reneg::io::write_atomic(&layout.prompts().join(CONTROL_PROMPTS), lines.as_bytes())
+}
+
+/// The held-out prompts with control images, and the folder of their masks (under prompts/).
+pub const CONTROL_PROMPTS: &str = "heldout-control.jsonl";
+pub const CONTROL_MASKS: &str = "masks";
 
 /// Prompts in ReNeg's training and held-out files.
 pub const TRAIN_PROMPTS: usize = 400;

@@ -72,40 +72,71 @@ fn alphas_cumprod() -> Vec<f64> {
         .collect()
 }
 
-pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
-    let root = layout.pipeline();
-    let te_dir = root.join("text_encoder");
-    let text_encoder = ClipTextModel::new(
-        ClipTextConfig::load(&te_dir.join("config.json"))?,
-        &Vb::new(Weights::load(
-            &te_dir.join("model.safetensors"),
-            DType::F32,
-            dev,
-        )?),
-    )?;
-    let tok = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
-    let vae_dir = root.join("vae");
-    let vae = AutoencoderKL::new(
-        VaeConfig::load(&vae_dir.join("config.json"))?,
-        &Vb::new(Weights::load(
-            &vae_dir.join("diffusion_pytorch_model.safetensors"),
-            DType::F32,
-            dev,
-        )?),
-    )?;
-    let scale = vae.scaling_factor();
-    let dir = root.join("unet");
-    mkdir(&dir)?;
-    let cfg_path = dir.join("config.json");
-    let vb = Vb::new(Weights::trainable(seed ^ 0x0E7, DType::F32, dev));
-    let unet = UNet2DConditionModel::new(UNetConfig::from_value(config(), &cfg_path)?, &vb)?;
-    let acp = alphas_cumprod();
-    let data = DataConfig::default();
-    let clock = Instant::now();
+/// A noised training batch: `x_t`, each row's timestep, the captions' text embeddings, the
+/// noise to predict, and the examples drawn.
+pub(super) struct Noised {
+    pub xt: Tensor,
+    pub ts: Vec<f64>,
+    pub ctx: Tensor,
+    pub noise: Tensor,
+    pub examples: Vec<crate::Example>,
+}
 
-    // One noised batch: (x_t, timesteps, context, noise).
-    let noised = |data_seed: u64, start: u64, rng: &mut SplitMix64, drop: bool| {
-        let (images, ex) = batch(data_seed, start, BATCH, &data, dev)?;
+/// What a denoiser trains on: the frozen text tower and VAE of the world's pipeline, and SD's
+/// training noise schedule.
+pub(super) struct Noiser {
+    text_encoder: ClipTextModel,
+    tok: ClipTokenizer,
+    vae: AutoencoderKL,
+    acp: Vec<f64>,
+    data: DataConfig,
+    dev: Device,
+}
+
+impl Noiser {
+    /// The frozen text encoder, tokenizer and VAE under the pipeline folder `root`.
+    pub fn load(root: &std::path::Path, dev: &Device) -> Result<Self> {
+        let te_dir = root.join("text_encoder");
+        let text_encoder = ClipTextModel::new(
+            ClipTextConfig::load(&te_dir.join("config.json"))?,
+            &Vb::new(Weights::load(
+                &te_dir.join("model.safetensors"),
+                DType::F32,
+                dev,
+            )?),
+        )?;
+        let tok = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let vae_dir = root.join("vae");
+        let vae = AutoencoderKL::new(
+            VaeConfig::load(&vae_dir.join("config.json"))?,
+            &Vb::new(Weights::load(
+                &vae_dir.join("diffusion_pytorch_model.safetensors"),
+                DType::F32,
+                dev,
+            )?),
+        )?;
+        Ok(Self {
+            text_encoder,
+            tok,
+            vae,
+            acp: alphas_cumprod(),
+            data: DataConfig::default(),
+            dev: dev.clone(),
+        })
+    }
+
+    /// Examples `start..start + n` of dataset `data_seed`, encoded and noised at timesteps
+    /// drawn from `rng` (with `drop`, 10% of captions replaced by the empty prompt first).
+    pub fn batch(
+        &self,
+        data_seed: u64,
+        start: u64,
+        n: usize,
+        rng: &mut SplitMix64,
+        drop: bool,
+    ) -> Result<Noised> {
+        let dev = &self.dev;
+        let (images, ex) = batch(data_seed, start, n, &self.data, dev)?;
         let captions: Vec<String> = ex
             .iter()
             .map(|e| {
@@ -116,24 +147,46 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
                 }
             })
             .collect();
-        let ctx = text_encoder
-            .forward(&token_ids(&tok, &captions, dev)?)?
+        let ctx = self
+            .text_encoder
+            .forward(&token_ids(&self.tok, &captions, dev)?)?
             .detach();
-        let (mean, logvar) = vae.encode(&((images * 2.0)? - 1.0)?)?;
+        let (mean, logvar) = self.vae.encode(&((images * 2.0)? - 1.0)?)?;
         let e0 = randn(rng.next_u64(), mean.dims(), DType::F32, dev)?;
+        let scale = self.vae.scaling_factor();
         let x0 = ((mean + ((logvar * 0.5)?.exp()? * e0)?)? * scale)?.detach();
-        let ts: Vec<usize> = (0..BATCH)
+        let ts: Vec<usize> = (0..n)
             .map(|_| (rng.next_u64() % TRAIN_TIMESTEPS as u64) as usize)
             .collect();
         let (sa, sb): (Vec<f32>, Vec<f32>) = ts
             .iter()
-            .map(|&t| (acp[t].sqrt() as f32, (1.0 - acp[t]).sqrt() as f32))
+            .map(|&t| (self.acp[t].sqrt() as f32, (1.0 - self.acp[t]).sqrt() as f32))
             .unzip();
         let noise = randn(rng.next_u64(), x0.dims(), DType::F32, dev)?;
-        let col = |v: Vec<f32>| Tensor::from_vec(v, (BATCH, 1, 1, 1), dev);
+        let col = |v: Vec<f32>| Tensor::from_vec(v, (n, 1, 1, 1), dev);
         let xt = (x0.broadcast_mul(&col(sa)?)? + noise.broadcast_mul(&col(sb)?)?)?;
-        let tsf: Vec<f64> = ts.iter().map(|&t| t as f64).collect();
-        Ok::<_, reneg::error::Error>((xt, tsf, ctx, noise))
+        Ok(Noised {
+            xt,
+            ts: ts.iter().map(|&t| t as f64).collect(),
+            ctx,
+            noise,
+            examples: ex,
+        })
+    }
+}
+
+pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
+    let root = layout.pipeline();
+    let noiser = Noiser::load(&root, dev)?;
+    let dir = root.join("unet");
+    mkdir(&dir)?;
+    let cfg_path = dir.join("config.json");
+    let vb = Vb::new(Weights::trainable(seed ^ 0x0E7, DType::F32, dev));
+    let unet = UNet2DConditionModel::new(UNetConfig::from_value(config(), &cfg_path)?, &vb)?;
+    let clock = Instant::now();
+    let noised = |data_seed: u64, start: u64, rng: &mut SplitMix64, drop: bool| {
+        let b = noiser.batch(data_seed, start, BATCH, rng, drop)?;
+        Ok::<_, reneg::error::Error>((b.xt, b.ts, b.ctx, b.noise))
     };
     let final_loss = fit(
         "unet",
