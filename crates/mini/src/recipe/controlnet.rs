@@ -89,7 +89,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     }
     let size = crate::DataConfig::default().size;
     let clock = Instant::now();
-    let loss_of = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
+    // Each row's squared error of the noise prediction, `[n]`.
+    let row_errors = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
         let residuals = if with_control {
             let m = masks(&b.examples, size, dev)?;
             Some(controlnet.forward_each(&b.xt, &b.ts, &b.ctx, &m, 1.0, false)?)
@@ -97,7 +98,10 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
             None
         };
         let pred = unet.forward_with(&b.xt, &b.ts, &b.ctx, residuals.as_ref())?;
-        Ok((pred - &b.noise)?.sqr()?.mean_all()?)
+        Ok((pred - &b.noise)?.sqr()?.flatten_from(1)?.mean(1)?)
+    };
+    let loss_of = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
+        Ok(row_errors(b, with_control)?.mean_all()?)
     };
     let final_loss = fit(
         "controlnet",
@@ -113,14 +117,26 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         },
     )?;
     // Held out: the noise prediction's error with the mask's residuals and without them (the
-    // UNet alone), on the same batches.
-    let (mut with, mut without) = (0.0, 0.0);
+    // UNet alone), on the same batches; over all timesteps, and over the noisier half (t >= 500),
+    // where the image itself no longer shows where the shapes are and the mask can tell most.
+    let (mut with, mut without) = (vec![], vec![]);
+    let mut noisy = vec![];
     let mut check_rng = SplitMix64::new(11);
     for k in 0..4u64 {
         let b = noiser.batch(CHECK_SEED, k * BATCH as u64, BATCH, &mut check_rng, false)?;
-        with += loss_of(&b, true)?.to_scalar::<f32>()? as f64 / 4.0;
-        without += loss_of(&b, false)?.to_scalar::<f32>()? as f64 / 4.0;
+        with.extend(row_errors(&b, true)?.to_vec1::<f32>()?);
+        without.extend(row_errors(&b, false)?.to_vec1::<f32>()?);
+        noisy.extend(b.ts.iter().map(|&t| t >= 500.0));
     }
+    let mean = |v: &[f32], keep: &dyn Fn(usize) -> bool| -> f64 {
+        let kept: Vec<f64> = (0..v.len())
+            .filter(|&i| keep(i))
+            .map(|i| v[i] as f64)
+            .collect();
+        kept.iter().sum::<f64>() / kept.len().max(1) as f64
+    };
+    let all = |_: usize| true;
+    let high = |i: usize| noisy[i];
     write_json(&cfg_path, &config())?;
     save_vars(
         &vb.vars(),
@@ -129,8 +145,22 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         &dir.join("diffusion_pytorch_model.safetensors"),
     )?;
     let mut checks = serde_json::Map::new();
-    checks.insert("heldout_noise_mse_with_mask".into(), json!(with));
-    checks.insert("heldout_noise_mse_unet_alone".into(), json!(without));
+    checks.insert(
+        "heldout_noise_mse_with_mask".into(),
+        json!(mean(&with, &all)),
+    );
+    checks.insert(
+        "heldout_noise_mse_unet_alone".into(),
+        json!(mean(&without, &all)),
+    );
+    checks.insert(
+        "heldout_noise_mse_t500_with_mask".into(),
+        json!(mean(&with, &high)),
+    );
+    checks.insert(
+        "heldout_noise_mse_t500_unet_alone".into(),
+        json!(mean(&without, &high)),
+    );
     Ok(ModelReport {
         model: "controlnet".into(),
         steps,
