@@ -55,19 +55,14 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let root = layout.pipeline();
     let noiser = Noiser::load(&root, dev)?;
     let unet_dir = root.join("unet");
-    let unet_weights = Weights::load(
+    // The UNet's weights, read once: the frozen UNet, and the ControlNet's starting copy.
+    let unet_vb = Vb::new(Weights::load(
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
         DType::F32,
         dev,
-    )?;
-    let unet = UNet2DConditionModel::new(
-        UNetConfig::load(&unet_dir.join("config.json"))?,
-        &Vb::new(Weights::load(
-            &unet_dir.join("diffusion_pytorch_model.safetensors"),
-            DType::F32,
-            dev,
-        )?),
-    )?;
+    )?);
+    let unet =
+        UNet2DConditionModel::new(UNetConfig::load(&unet_dir.join("config.json"))?, &unet_vb)?;
     let dir = layout.controlnet();
     mkdir(&dir)?;
     let cfg_path = dir.join("config.json");
@@ -83,8 +78,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         .any(|p| name.starts_with(p));
         if zero {
             var.set(&var.as_tensor().zeros_like()?)?;
-        } else if unet_weights.contains(&name) {
-            var.set(&unet_weights.stored_tensor(&name)?.to_dtype(DType::F32)?)?;
+        } else if unet_vb.contains(&name) {
+            var.set(&unet_vb.get(var.dims(), &name)?)?;
         }
     }
     let size = crate::DataConfig::default().size;
