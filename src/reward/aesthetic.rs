@@ -3,7 +3,7 @@
 //! dropout between, no activations), keys `layers.{0,2,4,6,7}`.
 
 use super::preprocess::Preprocess;
-use super::{check_batch, l2_normalize, Reward};
+use super::{check_batch, l2_normalize, ImageEncoder, Reward};
 use crate::error::{Error, Result};
 use crate::models::clip_vision::VisionTower;
 use crate::nn::Linear;
@@ -121,10 +121,14 @@ impl Reward for AestheticReward {
         Ok(score.to_dtype(emb.dtype())?)
     }
 
-    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
-        Some((|| {
-            check_batch(images, &[], false)?;
-            self.image_embeds(&self.preprocess.forward(images)?)
-        })())
+    fn image_encoder(&self) -> Option<&dyn ImageEncoder> {
+        Some(self)
+    }
+}
+
+impl ImageEncoder for AestheticReward {
+    fn image_features(&self, images: &Tensor) -> Result<Tensor> {
+        check_batch(images, &[], false)?;
+        self.image_embeds(&self.preprocess.forward(images)?)
     }
 }

@@ -3,7 +3,7 @@
 //! 100 * max(cosine, 0).
 
 use super::preprocess::Preprocess;
-use super::{check_batch, l2_normalize, rowwise_dot, Reward};
+use super::{check_batch, l2_normalize, rowwise_dot, ImageEncoder, Reward};
 use crate::error::{read_json, Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_vision::{ClipVisionConfig, VisionTower};
@@ -118,10 +118,14 @@ impl Reward for HfClipReward {
         })
     }
 
-    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
-        Some((|| {
-            check_batch(images, &[], false)?;
-            self.model.image_embeds(&self.preprocess.forward(images)?)
-        })())
+    fn image_encoder(&self) -> Option<&dyn ImageEncoder> {
+        Some(self)
+    }
+}
+
+impl ImageEncoder for HfClipReward {
+    fn image_features(&self, images: &Tensor) -> Result<Tensor> {
+        check_batch(images, &[], false)?;
+        self.model.image_embeds(&self.preprocess.forward(images)?)
     }
 }

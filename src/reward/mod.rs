@@ -26,12 +26,18 @@ pub trait Reward {
         false
     }
 
-    /// L2-normalised CLIP image embeddings of `images` (`[n, 3, h, w]` in [0, 1]), `[n, d]`,
-    /// for rewards built on a CLIP image encoder; None for the others. Videos' temporal
-    /// consistency is measured with them ([`temporal_consistency`]).
-    fn image_features(&self, _images: &Tensor) -> Option<Result<Tensor>> {
+    /// The reward's CLIP image encoder, for rewards built on one; None for the others. Asking
+    /// costs nothing (no forward pass), so callers can choose a reward by it. Videos' temporal
+    /// consistency is measured with it ([`temporal_consistency`]).
+    fn image_encoder(&self) -> Option<&dyn ImageEncoder> {
         None
     }
+}
+
+/// A CLIP image encoder inside a reward.
+pub trait ImageEncoder {
+    /// L2-normalised image embeddings of `images` (`[n, 3, h, w]` in [0, 1], any size), `[n, d]`.
+    fn image_features(&self, images: &Tensor) -> Result<Tensor>;
 }
 
 /// A clip's temporal consistency: the mean cosine between consecutive frames' image

@@ -2,7 +2,7 @@
 //! cosine of the normalised image and text features, reported x100 as the benchmark does.
 
 use super::preprocess::Preprocess;
-use super::{check_batch, l2_normalize, rowwise_dot, Reward};
+use super::{check_batch, l2_normalize, rowwise_dot, ImageEncoder, Reward};
 use crate::error::Result;
 use crate::models::open_clip::OpenClipModel;
 use crate::tokenizer::ClipTokenizer;
@@ -48,15 +48,19 @@ impl Reward for HpsReward {
         Ok((self.similarity(&pixels, &ids)? * 100.0)?)
     }
 
-    fn image_features(&self, images: &Tensor) -> Option<Result<Tensor>> {
-        Some((|| {
-            check_batch(images, &[], false)?;
-            l2_normalize(
-                &self
-                    .model
-                    .visual
-                    .forward(&self.preprocess.forward(images)?)?,
-            )
-        })())
+    fn image_encoder(&self) -> Option<&dyn ImageEncoder> {
+        Some(self)
+    }
+}
+
+impl ImageEncoder for HpsReward {
+    fn image_features(&self, images: &Tensor) -> Result<Tensor> {
+        check_batch(images, &[], false)?;
+        l2_normalize(
+            &self
+                .model
+                .visual
+                .forward(&self.preprocess.forward(images)?)?,
+        )
     }
 }

@@ -79,11 +79,27 @@ fn committed_models_load_in_their_owners_layouts() {
         load_reward(JudgeScore::Quality, &root.join("judge"), DType::F32, &dev).unwrap(),
         load_reward(JudgeScore::Match, &root.join("judge"), DType::F32, &dev).unwrap(),
     ];
-    for r in rewards {
+    for (i, r) in rewards.iter().enumerate() {
         let img = Tensor::full(0.5f32, (1, 3, 32, 32), &Device::Cpu).unwrap();
         let s = r.score(&img, &[caption.to_string()]).unwrap();
         assert_eq!(s.dims(), &[1]);
         assert!(s.to_vec1::<f32>().unwrap()[0].is_finite());
+        // The CLIP-based rewards lend their image encoder (clips' temporal consistency);
+        // the judge, a CNN, has none.
+        let clip_based = i < 2;
+        assert_eq!(r.image_encoder().is_some(), clip_based, "{}", r.name());
+        if let Some(enc) = r.image_encoder() {
+            let f = enc.image_features(&img).unwrap();
+            assert_eq!(f.dims(), &[1, 64]);
+            let norm = f
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!((norm - 1.0).abs() < 1e-4, "{}: |f|^2 = {norm}", r.name());
+        }
     }
     let global = root.join("negatives/reneg-global.safetensors");
     let emb = reneg::embedding::NegativeEmbedding::load(&global).unwrap();

@@ -423,7 +423,11 @@ fn eval_scores_clips_per_frame_with_temporal_consistency() {
             .unwrap()["score"]
             .as_f64()
             .unwrap();
-        let feats = reward.image_features(&clip).unwrap().unwrap();
+        let feats = reward
+            .image_encoder()
+            .unwrap()
+            .image_features(&clip)
+            .unwrap();
         let want = reneg::reward::temporal_consistency(&feats).unwrap();
         assert!((tc - want).abs() < 1e-2, "{tc} vs {want}");
         assert!(tc < 0.999, "the frames of a clip differ: {tc}");

@@ -199,10 +199,9 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     // A clip's temporal consistency is measured with the first reward that has a CLIP image
     // encoder (none: not measured, and the report says so by its absence).
     let consistency_by = if frames.is_some() {
-        let probe = Tensor::zeros((1, 3, 8, 8), DType::F32, &device)?;
         rewards
             .iter()
-            .position(|(r, _)| r.image_features(&probe).is_some())
+            .position(|(r, _)| r.image_encoder().is_some())
     } else {
         None
     };
@@ -428,8 +427,9 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         if let Some(k) = consistency_by {
             let features = objective.rewards[k]
                 .0
+                .image_encoder()
+                .expect("chosen for its image encoder")
                 .image_features(&pixels)
-                .expect("a reward with an image encoder")
                 .map_err(lib)?;
             let c = reneg::reward::temporal_consistency(&features).map_err(lib)?;
             scores.push((eval::TEMPORAL_CONSISTENCY.to_string(), c));
