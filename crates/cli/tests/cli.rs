@@ -639,9 +639,16 @@ fn bad_input_exits_2_with_one_line_naming_the_problem() {
             "a-file",
         ),
     ];
+    // Cases without --out write to the default `out` of the working folder: a scratch one, so
+    // the tests never leave folders in the crate.
+    let cwd = dir.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
     for (args, needle) in cases {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = reneg(&args);
+        let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
+            .current_dir(&cwd)
+            .args(&args)
+            .output()
+            .unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");

@@ -10,45 +10,9 @@
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-macro_rules! embedded {
-    ($($path:literal,)*) => {
-        &[$(($path, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/mini/", $path)) as &[u8]),)*]
-    };
-}
-
-/// The world's files (its experiment's outputs are not needed to run it).
-const FILES: &[(&str, &[u8])] = embedded!(
-    "clip/config.json",
-    "clip/merges.txt",
-    "clip/model.safetensors",
-    "clip/special_tokens_map.json",
-    "clip/tokenizer_config.json",
-    "clip/vocab.json",
-    "judge/config.json",
-    "judge/judge.safetensors",
-    "negatives/reneg-global.safetensors",
-    "pipeline/model_index.json",
-    "pipeline/scheduler/scheduler_config.json",
-    "pipeline/text_encoder/config.json",
-    "pipeline/text_encoder/model.safetensors",
-    "pipeline/tokenizer/merges.txt",
-    "pipeline/tokenizer/special_tokens_map.json",
-    "pipeline/tokenizer/tokenizer_config.json",
-    "pipeline/tokenizer/vocab.json",
-    "pipeline/unet/config.json",
-    "pipeline/unet/diffusion_pytorch_model.safetensors",
-    "pipeline/vae/config.json",
-    "pipeline/vae/diffusion_pytorch_model.safetensors",
-    "prompts/heldout.txt",
-    "prompts/train.txt",
-    "recipe.json",
-    "reward/open_clip_config.json",
-    "reward/open_clip_model.safetensors",
-    "reward/tokenizer/merges.txt",
-    "reward/tokenizer/special_tokens_map.json",
-    "reward/tokenizer/tokenizer_config.json",
-    "reward/tokenizer/vocab.json",
-);
+/// The world's files, relative paths and contents: everything under `assets/mini` but the
+/// experiment's outputs (listed by build.rs).
+const FILES: &[(&str, &[u8])] = include!(concat!(env!("OUT_DIR"), "/mini_files.rs"));
 
 /// FNV-1a over the names and contents: a new build with other files gets another folder.
 fn content_hash() -> u64 {
