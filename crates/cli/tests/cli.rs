@@ -1073,7 +1073,10 @@ fn generate_adapts_per_sample_and_saves_the_embeddings() {
         reneg::embedding::NegativeEmbedding::load(&saved.join("00000-seed5.safetensors")).unwrap();
     let start: f64 = emb.metadata["reward_start"].parse().unwrap();
     let best: f64 = emb.metadata["reward_best"].parse().unwrap();
-    assert!(best >= start, "{best} < {start}");
+    // The kept best is never below the start by construction, so the bar is on the gain:
+    // measured +1.82 (-0.473 to 1.344) in 3 steps on this tiny aesthetic head; an adaptation
+    // that went nowhere or far less fails.
+    assert!(best - start > 1.3, "{start} -> {best}");
     assert!(out.join("00000-seed5.png").is_file());
 }
 
