@@ -108,6 +108,15 @@ fn committed_models_load_in_their_owners_layouts() {
     let global = root.join("negatives/reneg-global.safetensors");
     let emb = reneg::embedding::NegativeEmbedding::load(&global).unwrap();
     emb.check_fits(77, 64, &global).unwrap();
+    // The ControlNet (a diffusers ControlNetModel folder) fits the pipeline's UNet, with a
+    // held-out scene's mask as its control image.
+    let cn_dir = root.join("controlnet");
+    let cn = reneg::control::load(&cn_dir, None, DType::F32, &Device::Cpu).unwrap();
+    let mask = reneg::io::read_png(&root.join("prompts/masks/000.png")).unwrap();
+    let image =
+        reneg::control::image_tensor(&mask.data, mask.width, mask.height, &Device::Cpu).unwrap();
+    let mut sd = sd;
+    sd.add_controlnet(cn, image, 1.0, &cn_dir).unwrap();
 }
 
 /// Images in [0, 1] after the pipeline's VAE (encode to the latent mean, decode, clamp).
