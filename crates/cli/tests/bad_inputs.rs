@@ -10,6 +10,10 @@ macro_rules! repo {
     };
 }
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+use common::files_under;
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,23 +49,6 @@ fn copy_dir(from: &Path, to: &Path) {
 
 fn save(path: &Path, t: Tensor) {
     candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), path).unwrap();
-}
-
-/// Every file under `dir` (recursively).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    entries
-        .flatten()
-        .flat_map(|e| {
-            if e.path().is_dir() {
-                files_under(&e.path())
-            } else {
-                vec![e.path()]
-            }
-        })
-        .collect()
 }
 
 #[test]

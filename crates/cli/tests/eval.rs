@@ -8,6 +8,10 @@ macro_rules! repo {
     };
 }
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+use common::files_under;
+
 use reneg::eval::report::Report;
 use reneg::eval::Record;
 use std::path::{Path, PathBuf};
@@ -658,18 +662,4 @@ fn eval_takes_each_prompts_control_image_from_the_prompt_file() {
         manifest.contains("b.png") && manifest.contains("controlnet="),
         "{manifest}"
     );
-}
-
-/// Every file under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
