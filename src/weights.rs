@@ -140,7 +140,16 @@ pub struct Weights {
     random_seed: Option<u64>,
     /// Training from scratch: every tensor asked for becomes a `Var`, initialised from this
     /// seed, and is recorded here under its full name so it can be optimised and saved.
-    trainable: Option<(u64, Mutex<NamedVars>)>,
+    trainable: Option<(Init, Mutex<NamedVars>)>,
+}
+
+/// Where trainable weights start.
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    /// Fresh, from this seed ([`Weights::trainable`]).
+    Seed(u64),
+    /// From the stored tensors ([`Weights::into_trainable`]).
+    Stored,
 }
 
 impl Weights {
@@ -171,12 +180,21 @@ impl Weights {
             dtype,
             device: device.clone(),
             random_seed: None,
-            trainable: Some((seed, Mutex::new(Vec::new()))),
+            trainable: Some((Init::Seed(seed), Mutex::new(Vec::new()))),
         }
     }
 
+    /// Fine-tuning: these weights become trainable, each tensor a `Var` initialised from the
+    /// stored one when a model first asks for it; a tensor the file lacks is an error (a
+    /// fine-tune that silently started a layer from random weights would train a different
+    /// model). [`Weights::vars`] lists them.
+    pub fn into_trainable(mut self) -> Self {
+        self.trainable = Some((Init::Stored, Mutex::new(Vec::new())));
+        self
+    }
+
     /// The trainable tensors created so far, in creation order (empty unless
-    /// [`Weights::trainable`]).
+    /// [`Weights::trainable`] or [`Weights::into_trainable`]).
     pub fn vars(&self) -> Vec<(String, Var)> {
         match &self.trainable {
             Some((_, v)) => v.lock().map(|v| v.clone()).unwrap_or_default(),
@@ -285,7 +303,9 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.random_seed.is_some() || self.trainable.is_some() || self.stored(name)
+        self.random_seed.is_some()
+            || matches!(self.trainable, Some((Init::Seed(_), _)))
+            || self.stored(name)
     }
 
     /// The stored tensor `name` in its stored dtype, on the CPU for a mapped file (what a LoRA
@@ -315,14 +335,28 @@ impl Weights {
 
     /// The tensor `name` with exactly `shape`, converted to the compute dtype.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if let Some((seed, vars)) = &self.trainable {
+        if let Some((init, vars)) = &self.trainable {
             let mut vars = vars
                 .lock()
                 .map_err(|_| Error::Invalid("trainable weights: a thread panicked".into()))?;
             if let Some((_, v)) = vars.iter().find(|(n, _)| n == name) {
+                if v.dims() != shape {
+                    return Err(Error::Weight {
+                        file: self.file.clone(),
+                        name: name.to_string(),
+                        problem: format!(
+                            "was created with shape {:?}, asked for as {shape:?}",
+                            v.dims()
+                        ),
+                    });
+                }
                 return Ok(v.as_tensor().clone());
             }
-            let var = Var::from_tensor(&self.init_tensor(*seed, name, shape)?)?;
+            let init = match *init {
+                Init::Stored => self.get_stored(name, shape)?,
+                Init::Seed(seed) => self.init_tensor(seed, name, shape)?,
+            };
+            let var = Var::from_tensor(&init)?;
             vars.push((name.to_string(), var.clone()));
             return Ok(var.as_tensor().clone());
         }
@@ -331,6 +365,11 @@ impl Weights {
                 return self.random_tensor(seed, name, shape);
             }
         }
+        self.get_stored(name, shape)
+    }
+
+    /// The stored tensor `name`, checked to have `shape`, in the compute dtype and device.
+    fn get_stored(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let missing = || Error::Weight {
             file: self.file.clone(),
             name: name.to_string(),

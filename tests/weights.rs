@@ -81,3 +81,54 @@ fn mapped_tensors_read_as_the_whole_file_reader_converts_them() {
     assert!(err.contains("cut.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Fine-tuning starts from the file: each tensor a model asks for becomes a `Var` holding the
+/// stored values (F16 in the file, F32 to train), listed once however often it is asked for;
+/// a tensor the file lacks is an error naming it, not a fresh random layer; the file's other
+/// tensors (a CLIP's vision tower, when only its text tower trains) are left out of the vars.
+#[test]
+fn weights_made_trainable_start_from_the_stored_tensors() {
+    let dir = std::env::temp_dir().join(format!("reneg-weights-tune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("w.safetensors");
+    let a = tensor(11, &[4, 3]).to_dtype(DType::F16).unwrap();
+    let stored: HashMap<String, Tensor> = [("text.a", a.clone()), ("vision.b", tensor(12, &[5]))]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+    candle_core::safetensors::save(&stored, &path).unwrap();
+    let w = Weights::load(&path, DType::F32, &Device::Cpu)
+        .unwrap()
+        .into_trainable();
+    let got = w.get("text.a", &[4, 3]).unwrap();
+    let again = w.get("text.a", &[4, 3]).unwrap();
+    let want = a.to_dtype(DType::F32).unwrap();
+    let diff = |x: &Tensor| {
+        (x - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(diff(&got), 0.0);
+    assert_eq!(diff(&again), 0.0);
+    let vars = w.vars();
+    assert_eq!(vars.len(), 1, "one var per tensor asked for");
+    assert_eq!(vars[0].0, "text.a");
+    assert_eq!(diff(vars[0].1.as_tensor()), 0.0);
+    // The var is what the model computes with: a step on it is seen by the next `get`.
+    vars[0].1.set(&(want.clone() + 1.0).unwrap()).unwrap();
+    let stepped = w.get("text.a", &[4, 3]).unwrap();
+    assert_eq!(diff(&(stepped - 1.0).unwrap()), 0.0);
+    let err = w.get("text.missing", &[2]).unwrap_err().to_string();
+    assert!(err.contains("text.missing"), "{err}");
+    assert!(!w.contains("text.missing"));
+    assert!(
+        w.get("text.a", &[3, 4]).is_err(),
+        "a wrong shape is refused"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

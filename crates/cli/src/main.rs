@@ -63,7 +63,6 @@ fn parse_error(e: clap::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     reneg::runtime::keep_freed_memory();
-    reneg::runtime::fix_thread_count();
     let command = Cli::command().mut_subcommand("train", cli::train::document_defaults);
     let cli = match command
         .try_get_matches()
@@ -72,6 +71,13 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return parse_error(e),
     };
+    if let Command::Mini(cmd) = &cli.command {
+        if let Some(n) = cli::mini::threads(cmd) {
+            // Before any thread starts: candle and the worker pool read it.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+    }
+    reneg::runtime::fix_thread_count();
     if let Err(e) = reneg::nn::dispatch::check_env() {
         eprintln!("error: {e}");
         return ExitCode::from(2);

@@ -385,6 +385,7 @@ fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
             .output()
             .unwrap()
     };
+    // With the joint stage (docs/mini-world-v4.md): 2000 x 0.003 = 6 steps.
     let o = run(&[
         "mini",
         "train",
@@ -392,12 +393,55 @@ fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
         out.to_str().unwrap(),
         "--scale",
         "0.003",
+        "--joint-steps",
+        "2000",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report = String::from_utf8_lossy(&o.stdout).to_string();
-    for m in ["clip", "vae", "unet", "reward", "judge", "controlnet"] {
+    for m in [
+        "clip",
+        "vae",
+        "unet",
+        "joint",
+        "reward",
+        "judge",
+        "controlnet",
+    ] {
         assert!(report.contains(&format!("{m}: ")), "{report}");
     }
+    // The joint stage trained the pipeline's text encoder away from the CLIP's text tower it
+    // starts from (a stage that detached the text features, or did not write them, leaves
+    // them equal), and the pipeline's UNet away from the base UNet.
+    let max_change = |a: &str, b: &str, name: &str| {
+        let load = |f: &str| candle_core::safetensors::load(out.join(f), &Device::Cpu).unwrap();
+        let (a, b) = (load(a), load(b));
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        (f(&a[name]) - f(&b[name]))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let token = "text_model.embeddings.token_embedding.weight";
+    assert!(
+        max_change(
+            "pipeline/text_encoder/model.safetensors",
+            "clip/model.safetensors",
+            token
+        ) > 0.0
+    );
+    let conv = "conv_in.weight";
+    let unet = "diffusion_pytorch_model.safetensors";
+    assert!(
+        max_change(
+            &format!("pipeline/unet/{unet}"),
+            &format!("unet-base/{unet}"),
+            conv
+        ) > 0.0
+    );
     // The held-out prompts with their scenes' masks, for the transfer experiment.
     let control = std::fs::read_to_string(out.join("prompts/heldout-control.jsonl")).unwrap();
     let heldout = std::fs::read_to_string(out.join("prompts/heldout.txt")).unwrap();

@@ -49,6 +49,24 @@ pub struct ExperimentArgs {
     /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// CPU threads (default: RAYON_NUM_THREADS if set, else 1). The world's models are so
+    /// small that splitting each operation across cores costs more in hand-offs than it
+    /// saves: one thread ran the experiment faster than two on the 2-core machine
+    /// (benches/results/mini-threads.txt).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// The CPU thread count `cmd` asks for, if it sets one (read before the worker pool starts).
+pub fn threads(cmd: &MiniCommand) -> Option<usize> {
+    match cmd {
+        MiniCommand::Experiment(a) => match a.threads {
+            Some(n) => Some(n.max(1)),
+            None if std::env::var_os("RAYON_NUM_THREADS").is_some() => None,
+            None => Some(1),
+        },
+        MiniCommand::Train(_) => None,
+    }
 }
 
 #[derive(clap::Args)]
@@ -65,6 +83,11 @@ pub struct TrainArgs {
     /// Retrain models that already exist in --out.
     #[arg(long)]
     pub force: bool,
+    /// Fine-tune the UNet and the pipeline's text encoder together for this many steps after
+    /// the UNet (docs/mini-world-v4.md; scaled by --scale). 0, the committed world, leaves
+    /// the stage out.
+    #[arg(long, default_value_t = 0)]
+    pub joint_steps: usize,
     /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -88,7 +111,11 @@ fn train(a: TrainArgs) -> Result<()> {
     let cfg = RecipeConfig {
         out: a.out.clone(),
         seed: a.seed,
-        budget: Budget::default().scaled(a.scale),
+        budget: Budget {
+            joint: a.joint_steps,
+            ..Budget::default()
+        }
+        .scaled(a.scale),
         force: a.force,
     };
     let reports = recipe::run(&cfg, &dev).map_err(lib)?;

@@ -75,7 +75,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         Ok(img.matmul(&txt.t()?)?.broadcast_mul(&scale)?)
     };
     let labels = Tensor::arange(0u32, BATCH as u32, dev)?;
-    let final_loss = fit(
+    let fitted = fit(
         "clip",
         vb.vars(),
         steps,
@@ -127,8 +127,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "clip".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }

@@ -53,7 +53,7 @@ fn masks(examples: &[crate::Example], size: usize, dev: &Device) -> Result<Tenso
 
 pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
     let root = layout.pipeline();
-    let noiser = Noiser::load(&root, dev)?;
+    let noiser = Noiser::load(&root, &root.join("text_encoder/model.safetensors"), dev)?;
     let unet_dir = root.join("unet");
     // The UNet's weights, read once: the frozen UNet, and the ControlNet's starting copy.
     let unet_vb = Vb::new(Weights::load(
@@ -98,7 +98,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let loss_of = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
         Ok(row_errors(b, with_control)?.mean_all()?)
     };
-    let final_loss = fit(
+    let fitted = fit(
         "controlnet",
         vb.vars(),
         steps,
@@ -159,8 +159,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "controlnet".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }

@@ -110,7 +110,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let judge = Judge::new(cfg.clone(), &vb)?;
     let data = data();
     let clock = Instant::now();
-    let final_loss = fit(
+    let fitted = fit(
         "judge",
         vb.vars(),
         steps,
@@ -168,8 +168,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "judge".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }

@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod controlnet;
+pub mod joint;
 pub mod judge;
 pub mod reward;
 pub mod unet;
@@ -36,6 +37,11 @@ pub struct Budget {
     pub judge: usize,
     #[serde(default = "default_controlnet_steps")]
     pub controlnet: usize,
+    /// The fine-tune of the base UNet and the text encoder together ([`joint`]); 0 (the
+    /// committed world) leaves it out: the UNet trained on the CLIP's frozen text tower is
+    /// the pipeline's.
+    #[serde(default)]
+    pub joint: usize,
 }
 
 fn default_controlnet_steps() -> usize {
@@ -51,6 +57,7 @@ impl Default for Budget {
             reward: 800,
             judge: 1000,
             controlnet: default_controlnet_steps(),
+            joint: 0,
         }
     }
 }
@@ -65,6 +72,8 @@ impl Budget {
             reward: s(self.reward),
             judge: s(self.judge),
             controlnet: s(self.controlnet),
+            // A stage left out stays out.
+            joint: if self.joint == 0 { 0 } else { s(self.joint) },
         }
     }
 }
@@ -104,6 +113,11 @@ impl Layout {
     pub fn prompts(&self) -> PathBuf {
         self.root.join("prompts")
     }
+    /// The base UNet (on the CLIP's frozen text tower), which the joint fine-tune starts
+    /// from when the recipe has one; not part of the pipeline.
+    pub fn unet_base(&self) -> PathBuf {
+        self.root.join("unet-base")
+    }
     pub fn controlnet(&self) -> PathBuf {
         self.root.join("controlnet")
     }
@@ -129,7 +143,15 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
     let done = |dir: &Path, file: &str| !cfg.force && dir.join(file).is_file();
     if cfg.force {
         // Retraining from scratch: unfinished state of an earlier run is not resumed.
-        for m in ["clip", "vae", "reward", "unet", "judge", "controlnet"] {
+        for m in [
+            "clip",
+            "vae",
+            "reward",
+            "unet",
+            "joint",
+            "judge",
+            "controlnet",
+        ] {
             remove_checkpoint(&layout, m)?;
         }
     }
@@ -178,12 +200,23 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
     };
     let unet = || -> Result<Vec<ModelReport>> {
         let mut r = Vec::new();
-        if !done(
-            &layout.pipeline().join("unet"),
-            "diffusion_pytorch_model.safetensors",
-        ) {
-            r.push(unet::train(&layout, cfg.seed, b.unet, device)?);
+        let weights = "diffusion_pytorch_model.safetensors";
+        let final_unet = done(&layout.pipeline().join("unet"), weights);
+        // With a joint stage the UNet is only its starting point (`unet-base/`), not needed
+        // once the pipeline's exists; without one it is the pipeline's.
+        let joint = b.joint > 0;
+        let unet_dir = if joint {
+            layout.unet_base()
+        } else {
+            layout.pipeline().join("unet")
+        };
+        if !final_unet && !done(&unet_dir, weights) {
+            r.push(unet::train(&layout, &unet_dir, cfg.seed, b.unet, device)?);
             remove_checkpoint(&layout, "unet")?;
+        }
+        if !final_unet && joint {
+            r.push(joint::train(&layout, cfg.seed, b.joint, device)?);
+            remove_checkpoint(&layout, "joint")?;
         }
         Ok(r)
     };
@@ -379,7 +412,7 @@ pub(crate) fn fit(
     lr: f64,
     checkpoint: &Path,
     mut step_loss: impl FnMut(usize) -> Result<Tensor>,
-) -> Result<f64> {
+) -> Result<Fitted> {
     use reneg::train::optim::{AdamW, AdamWConfig};
     let (names, vars): (Vec<String>, Vec<Var>) = named.into_iter().unzip();
     let cfg = AdamWConfig {
@@ -392,14 +425,17 @@ pub(crate) fn fit(
         .map(|v| AdamW::new(cfg.clone(), v.as_tensor()))
         .collect::<Result<_>>()?;
     let mut recent: Vec<f64> = Vec::new();
+    let mut earlier = 0.0;
     let first = if checkpoint.is_file() {
-        let (step, losses) = restore(checkpoint, &names, &vars, &mut states, steps)?;
+        let r = restore(checkpoint, &names, &vars, &mut states, steps)?;
         eprintln!(
-            "mini {name}: resuming at step {step}/{steps} from {}",
+            "mini {name}: resuming at step {}/{steps} from {}",
+            r.step,
             checkpoint.display()
         );
-        recent = losses;
-        step
+        recent = r.recent;
+        earlier = r.seconds;
+        r.step
     } else {
         0
     };
@@ -440,10 +476,38 @@ pub(crate) fn fit(
             );
         }
         if (step + 1) % CHECKPOINT_EVERY == 0 && step + 1 < steps {
-            save_checkpoint(checkpoint, step + 1, &names, &vars, &states, &recent)?;
+            let seconds = earlier + start.elapsed().as_secs_f64();
+            let state = Resumable {
+                step: step + 1,
+                recent: recent.clone(),
+                seconds,
+            };
+            save_checkpoint(checkpoint, &state, &names, &vars, &states)?;
         }
     }
-    Ok(recent.iter().sum::<f64>() / recent.len().max(1) as f64)
+    Ok(Fitted {
+        final_loss: recent.iter().sum::<f64>() / recent.len().max(1) as f64,
+        earlier_seconds: earlier,
+    })
+}
+
+/// What [`fit`] ends with.
+#[derive(Debug)]
+pub(crate) struct Fitted {
+    /// The mean loss of the last tenth of the steps.
+    pub final_loss: f64,
+    /// Seconds that earlier, interrupted runs spent up to the checkpoint this run resumed
+    /// from (0 for an uninterrupted run): a model's report adds them to this run's time, so
+    /// `recipe.json` gives a model's whole training time and not its last run's.
+    pub earlier_seconds: f64,
+}
+
+/// A checkpoint's position in a run: the step to continue from, the recent losses, and the
+/// seconds spent training up to it (over all runs so far).
+struct Resumable {
+    step: usize,
+    recent: Vec<f64>,
+    seconds: f64,
 }
 
 /// Removes model `name`'s checkpoint once the model itself is written.
@@ -466,11 +530,10 @@ pub(crate) fn checkpoint_path(layout: &Layout, name: &str) -> PathBuf {
 /// `step.NAME`), so a resume never depends on the order a model creates its tensors in.
 fn save_checkpoint(
     path: &Path,
-    step: usize,
+    at: &Resumable,
     names: &[String],
     vars: &[Var],
     states: &[AdamWState],
-    recent: &[f64],
 ) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for ((n, v), st) in names.iter().zip(vars).zip(states) {
@@ -482,11 +545,12 @@ fn save_checkpoint(
             Tensor::new(&[st.step as i64], &Device::Cpu)?,
         );
     }
-    map.insert("step".into(), Tensor::new(&[step as i64], &Device::Cpu)?);
+    map.insert("step".into(), Tensor::new(&[at.step as i64], &Device::Cpu)?);
     map.insert(
         "recent_losses".into(),
-        Tensor::from_vec(recent.to_vec(), recent.len(), &Device::Cpu)?,
+        Tensor::from_vec(at.recent.clone(), at.recent.len(), &Device::Cpu)?,
     );
+    map.insert("seconds".into(), Tensor::new(&[at.seconds], &Device::Cpu)?);
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&map, &tmp)
         .map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
@@ -495,15 +559,15 @@ fn save_checkpoint(
 
 type AdamWState = reneg::train::optim::AdamW;
 
-/// Loads a checkpoint written by [`save_checkpoint`] into `vars` and `states`; returns the
-/// step to continue from and the recent losses. Refuses a file for another model or run.
+/// Loads a checkpoint written by [`save_checkpoint`] into `vars` and `states`; returns where
+/// the run stood. Refuses a file for another model or run.
 fn restore(
     path: &Path,
     names: &[String],
     vars: &[Var],
     states: &mut [AdamWState],
     steps: usize,
-) -> Result<(usize, Vec<f64>)> {
+) -> Result<Resumable> {
     let bad = |why: String| {
         Error::file(
             path,
@@ -540,7 +604,17 @@ fn restore(
         st.step = get(&format!("step.{n}"))?.to_vec1::<i64>()?[0] as u64;
     }
     let recent = get("recent_losses")?.to_vec1::<f64>()?;
-    Ok((step, recent))
+    // Checkpoints written before training time was recorded (the third world's UNet) count
+    // from zero.
+    let seconds = match map.get("seconds") {
+        Some(t) => t.to_vec1::<f64>()?[0],
+        None => 0.0,
+    };
+    Ok(Resumable {
+        step,
+        recent,
+        seconds,
+    })
 }
 
 /// Token ids of `texts` as `[n, max_len]`.
@@ -579,7 +653,7 @@ mod tests {
     /// A least-squares fit of 3 parameters to a fixed target: the loss of step `s` weights
     /// the coordinates by the step, so a resumed run that replayed or skipped a step, or lost
     /// the optimiser's moments, ends somewhere else.
-    fn run_fit(vars: &[Var], steps: usize, ckpt: &Path, fail_at: Option<usize>) -> Result<f64> {
+    fn run_fit(vars: &[Var], steps: usize, ckpt: &Path, fail_at: Option<usize>) -> Result<Fitted> {
         let target = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)?;
         let named: Vec<(String, Var)> = vars
             .iter()
@@ -611,7 +685,7 @@ mod tests {
         let steps = 2 * CHECKPOINT_EVERY + 50;
 
         let whole = fresh();
-        let whole_loss = run_fit(std::slice::from_ref(&whole), steps, &ckpt, None).unwrap();
+        let whole_fit = run_fit(std::slice::from_ref(&whole), steps, &ckpt, None).unwrap();
         let _ = std::fs::remove_file(&ckpt);
 
         // Interrupted after the second checkpoint: the work since it is lost, not the rest.
@@ -623,7 +697,7 @@ mod tests {
             "no checkpoint was written before the interruption"
         );
         let resumed = fresh();
-        let resumed_loss = run_fit(std::slice::from_ref(&resumed), steps, &ckpt, None).unwrap();
+        let resumed_fit = run_fit(std::slice::from_ref(&resumed), steps, &ckpt, None).unwrap();
 
         let a = whole.as_tensor().to_vec1::<f32>().unwrap();
         let b = resumed.as_tensor().to_vec1::<f32>().unwrap();
@@ -631,7 +705,11 @@ mod tests {
             a, b,
             "resumed parameters differ from the uninterrupted run's"
         );
-        assert_eq!(whole_loss, resumed_loss);
+        assert_eq!(whole_fit.final_loss, resumed_fit.final_loss);
+        // The interrupted run's time up to its checkpoint is carried into the resumed one's
+        // report; an uninterrupted run has none to carry.
+        assert_eq!(whole_fit.earlier_seconds, 0.0);
+        assert!(resumed_fit.earlier_seconds > 0.0);
         // The run moved: the check above is not two untouched starts compared.
         assert!(a.iter().all(|x| *x != 0.0), "{a:?}");
 

@@ -79,7 +79,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         let sim = reward.similarity(&reward.preprocess.forward(&images)?, &ids)?;
         Ok((sim.narrow(0, 0, PAIRS)? - sim.narrow(0, PAIRS, PAIRS)?)?)
     };
-    let final_loss = fit(
+    let fitted = fit(
         "reward",
         vb.vars(),
         steps,
@@ -130,8 +130,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "reward".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }

@@ -72,11 +72,14 @@ fn alphas_cumprod() -> Vec<f64> {
         .collect()
 }
 
-/// A noised training batch: `x_t`, each row's timestep, the captions' text embeddings, the
-/// noise to predict, and the examples drawn.
+/// A noised training batch: `x_t`, each row's timestep, the captions' token ids and text
+/// embeddings (from the frozen text encoder), the noise to predict, and the examples drawn.
 pub(super) struct Noised {
     pub xt: Tensor,
     pub ts: Vec<f64>,
+    pub ids: Tensor,
+    /// The captions encoded (the empty prompt where one was dropped).
+    pub captions: Vec<String>,
     pub ctx: Tensor,
     pub noise: Tensor,
     pub examples: Vec<crate::Example>,
@@ -85,7 +88,7 @@ pub(super) struct Noised {
 /// What a denoiser trains on: the frozen text tower and VAE of the world's pipeline, and SD's
 /// training noise schedule.
 pub(super) struct Noiser {
-    text_encoder: ClipTextModel,
+    pub text_encoder: ClipTextModel,
     tok: ClipTokenizer,
     vae: AutoencoderKL,
     acp: Vec<f64>,
@@ -94,16 +97,17 @@ pub(super) struct Noiser {
 }
 
 impl Noiser {
-    /// The frozen text encoder, tokenizer and VAE under the pipeline folder `root`.
-    pub fn load(root: &std::path::Path, dev: &Device) -> Result<Self> {
-        let te_dir = root.join("text_encoder");
+    /// The tokenizer and VAE under the pipeline folder `root`, and the frozen text encoder
+    /// `text_weights` (a `CLIPTextModel` file with the pipeline's text encoder config: the
+    /// CLIP's own file for the base UNet, the pipeline's for what trains on the final UNet).
+    pub fn load(
+        root: &std::path::Path,
+        text_weights: &std::path::Path,
+        dev: &Device,
+    ) -> Result<Self> {
         let text_encoder = ClipTextModel::new(
-            ClipTextConfig::load(&te_dir.join("config.json"))?,
-            &Vb::new(Weights::load(
-                &te_dir.join("model.safetensors"),
-                DType::F32,
-                dev,
-            )?),
+            ClipTextConfig::load(&root.join("text_encoder/config.json"))?,
+            &Vb::new(Weights::load(text_weights, DType::F32, dev)?),
         )?;
         let tok = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
         let vae_dir = root.join("vae");
@@ -147,10 +151,8 @@ impl Noiser {
                 }
             })
             .collect();
-        let ctx = self
-            .text_encoder
-            .forward(&token_ids(&self.tok, &captions, dev)?)?
-            .detach();
+        let ids = token_ids(&self.tok, &captions, dev)?;
+        let ctx = self.text_encoder.forward(&ids)?.detach();
         let (mean, logvar) = self.vae.encode(&((images * 2.0)? - 1.0)?)?;
         let e0 = randn(rng.next_u64(), mean.dims(), DType::F32, dev)?;
         let scale = self.vae.scaling_factor();
@@ -168,6 +170,8 @@ impl Noiser {
         Ok(Noised {
             xt,
             ts: ts.iter().map(|&t| t as f64).collect(),
+            ids,
+            captions,
             ctx,
             noise,
             examples: ex,
@@ -175,20 +179,43 @@ impl Noiser {
     }
 }
 
-pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
+/// The noise error of `predict` on 128 noised examples of the held-out-check dataset (the
+/// same draws for every model, so the base UNet's and the fine-tuned one's compare).
+pub(super) fn heldout_noise_mse(
+    noiser: &Noiser,
+    predict: impl Fn(&Noised) -> Result<Tensor>,
+) -> Result<f64> {
+    let mut rng = SplitMix64::new(7);
+    let mut mse = 0.0;
+    for k in 0..4u64 {
+        let b = noiser.batch(CHECK_SEED, k * BATCH as u64, BATCH, &mut rng, false)?;
+        mse += (predict(&b)? - &b.noise)?
+            .sqr()?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64
+            / 4.0;
+    }
+    Ok(mse)
+}
+
+/// The UNet, on the CLIP's frozen text tower, written to `dir`: the pipeline's `unet/`, or
+/// `unet-base/` where a joint fine-tune ([`super::joint`]) makes the pipeline's from it.
+pub fn train(
+    layout: &Layout,
+    dir: &std::path::Path,
+    seed: u64,
+    steps: usize,
+    dev: &Device,
+) -> Result<ModelReport> {
     let root = layout.pipeline();
-    let noiser = Noiser::load(&root, dev)?;
-    let dir = root.join("unet");
+    let noiser = Noiser::load(&root, &layout.clip().join("model.safetensors"), dev)?;
+    let dir = dir.to_path_buf();
     mkdir(&dir)?;
     let cfg_path = dir.join("config.json");
     let vb = Vb::new(Weights::trainable(seed ^ 0x0E7, DType::F32, dev));
     let unet = UNet2DConditionModel::new(UNetConfig::from_value(config(), &cfg_path)?, &vb)?;
     let clock = Instant::now();
-    let noised = |data_seed: u64, start: u64, rng: &mut SplitMix64, drop: bool| {
-        let b = noiser.batch(data_seed, start, BATCH, rng, drop)?;
-        Ok::<_, reneg::error::Error>((b.xt, b.ts, b.ctx, b.noise))
-    };
-    let final_loss = fit(
+    let fitted = fit(
         "unet",
         vb.vars(),
         steps,
@@ -199,18 +226,14 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
             // run resumed from a checkpoint draws what an uninterrupted one would.
             let mut rng = SplitMix64::new((seed ^ 0xD1FF).wrapping_add((step as u64) << 32));
             rng.next_u64();
-            let (xt, ts, ctx, noise) = noised(TRAIN_SEED, (step * BATCH) as u64, &mut rng, true)?;
-            let pred = unet.forward_each(&xt, &ts, &ctx)?;
-            Ok((pred - noise)?.sqr()?.mean_all()?)
+            let b = noiser.batch(TRAIN_SEED, (step * BATCH) as u64, BATCH, &mut rng, true)?;
+            let pred = unet.forward_each(&b.xt, &b.ts, &b.ctx)?;
+            Ok((pred - b.noise)?.sqr()?.mean_all()?)
         },
     )?;
-    let mut check_rng = SplitMix64::new(7);
-    let mut heldout = 0.0;
-    for k in 0..4u64 {
-        let (xt, ts, ctx, noise) = noised(CHECK_SEED, k * BATCH as u64, &mut check_rng, false)?;
-        let pred = unet.forward_each(&xt, &ts, &ctx)?.detach();
-        heldout += (pred - noise)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 / 4.0;
-    }
+    let heldout = heldout_noise_mse(&noiser, |b| {
+        Ok(unet.forward_each(&b.xt, &b.ts, &b.ctx)?.detach())
+    })?;
 
     write_json(&cfg_path, &config())?;
     save_vars(
@@ -230,8 +253,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "unet".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }

@@ -39,7 +39,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let data = DataConfig::default();
     let clock = Instant::now();
     let mut noise_seed = seed;
-    let final_loss = fit(
+    let fitted = fit(
         "vae",
         vb.vars(),
         steps,
@@ -89,8 +89,8 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     Ok(ModelReport {
         model: "vae".into(),
         steps,
-        seconds: clock.elapsed().as_secs_f64(),
-        final_loss,
+        seconds: fitted.earlier_seconds + clock.elapsed().as_secs_f64(),
+        final_loss: fitted.final_loss,
         checks,
     })
 }
