@@ -488,7 +488,7 @@ fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
     Ok(())
 }
 
-fn merge(args: MergeArgs) -> Result<()> {
+pub fn merge(args: MergeArgs) -> Result<()> {
     let mut manifest: Option<Manifest> = None;
     let mut records = vec![];
     for dir in &args.dirs {

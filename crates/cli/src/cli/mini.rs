@@ -49,10 +49,11 @@ pub struct ExperimentArgs {
     /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// CPU threads (default: RAYON_NUM_THREADS if set, else 1). The world's models are so
-    /// small that splitting each operation across cores costs more in hand-offs than it
-    /// saves: one thread ran the experiment faster than two on the 2-core machine
-    /// (benches/results/mini-threads.txt).
+    /// CPU threads per process (default: RAYON_NUM_THREADS if set, else 1). The world's
+    /// models are so small that splitting each operation across cores costs more in hand-offs
+    /// than it saves (benches/results/mini-threads.txt); the evaluations instead run as one
+    /// process per group of this many cores, each on a shard of the (prompt, seed) units,
+    /// merged after.
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -270,6 +271,71 @@ fn parse<T: clap::Parser>(argv: &[String]) -> Result<T> {
         .map_err(|e| super::user(format!("internal argument error: {e}")))
 }
 
+/// How many processes the experiment's evaluations run in: on the CPU, one per group of
+/// `--threads` cores (the world's models run fastest on one thread each, so two cores are
+/// best used by two single-threaded shards of the (prompt, seed) units, merged after); on a
+/// GPU, one.
+fn eval_shards(a: &ExperimentArgs) -> usize {
+    if a.device != "cpu" {
+        return 1;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_process = candle_core::utils::get_num_threads().max(1);
+    (cores / per_process).clamp(1, a.prompts.saturating_mul(a.seeds).max(1))
+}
+
+/// Runs the evaluation `args(out)` describes into `out`: in this process when `shards` is 1;
+/// else as `shards` processes of this binary, shard i of n each into `out`-shards/i (each
+/// resumes on its own, as `reneg eval` does), then `reneg eval merge` into `out`.
+fn run_eval(out: &Path, shards: usize, args: impl Fn(&Path) -> Vec<String>) -> Result<()> {
+    if shards <= 1 {
+        let argv = args(out);
+        println!("{}", shell_line(&argv));
+        return super::eval::evaluate(parse::<EvalCli>(&argv)?.args);
+    }
+    let exe = std::env::current_exe().map_err(|e| {
+        anyhow::anyhow!("cannot find this program to run the evaluation's shards: {e}")
+    })?;
+    let base = PathBuf::from(format!("{}-shards", out.display()));
+    let dirs: Vec<PathBuf> = (0..shards).map(|i| base.join(i.to_string())).collect();
+    let children = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let mut argv = args(dir);
+            argv.extend(["--shard".into(), format!("{i}/{shards}")]);
+            println!("{}", shell_line(&argv));
+            std::process::Command::new(&exe)
+                .args(&argv)
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start shard {i} of the evaluation: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Every shard is waited for, so none is left running behind an error.
+    let mut failed = Vec::new();
+    for (i, mut child) in children.into_iter().enumerate() {
+        match child.wait() {
+            Ok(status) if status.success() => {}
+            Ok(status) => failed.push(format!("shard {i}: {status}")),
+            Err(e) => failed.push(format!("shard {i}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "the evaluation's shards failed ({}); rerun the same command to resume them",
+            failed.join("; ")
+        );
+    }
+    let mut argv: Vec<String> = vec!["eval".into(), "merge".into(), "--out".into()];
+    argv.push(out.display().to_string());
+    argv.extend(dirs.iter().map(|d| d.display().to_string()));
+    println!("{}", shell_line(&argv));
+    super::eval::merge(super::eval::MergeArgs {
+        dirs,
+        out: out.to_path_buf(),
+    })
+}
+
 fn experiment(a: ExperimentArgs) -> Result<()> {
     let mini = match a.mini.clone() {
         Some(m) => m,
@@ -300,35 +366,24 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
             train_out.join("embedding.safetensors")
         }
     };
-    let argv = experiment_eval_args(
-        &mini,
-        &embedding,
-        &a.out.join("eval"),
-        a.prompts,
-        a.seeds,
-        !a.no_per_sample,
-        None,
-        &a.device,
-    );
-    println!("{}", shell_line(&argv));
-    super::eval::evaluate(parse::<EvalCli>(&argv)?.args)?;
-    println!("report: {}", a.out.join("eval").join("report.md").display());
+    let shards = eval_shards(&a);
+    let eval_args = |out: &Path, per_sample: bool, controlnet: Option<&Path>| {
+        experiment_eval_args(
+            &mini, &embedding, out, a.prompts, a.seeds, per_sample, controlnet, &a.device,
+        )
+    };
+    let eval_out = a.out.join("eval");
+    run_eval(&eval_out, shards, |out| {
+        eval_args(out, !a.no_per_sample, None)
+    })?;
+    println!("report: {}", eval_out.join("report.md").display());
     // Transfer (issue 18): the embedding learned on the plain pipeline, unchanged, through the
     // world's ControlNet, against null text and the hand-written negative.
     let controlnet = mini.join("controlnet");
     if controlnet.join("config.json").is_file() {
-        let argv = experiment_eval_args(
-            &mini,
-            &embedding,
-            &a.out.join("transfer"),
-            a.prompts,
-            a.seeds,
-            false,
-            Some(&controlnet),
-            &a.device,
-        );
-        println!("{}", shell_line(&argv));
-        super::eval::evaluate(parse::<EvalCli>(&argv)?.args)?;
+        run_eval(&a.out.join("transfer"), shards, |out| {
+            eval_args(out, false, Some(&controlnet))
+        })?;
         println!(
             "transfer report: {}",
             a.out.join("transfer").join("report.md").display()
