@@ -4,6 +4,9 @@
 # prompts x 1 seed, per-sample and the ControlNet transfer included) run alternately with each
 # setting, twice, on an otherwise idle machine. Prints each run's wall time and checks that
 # the two settings score the same images (the thread count changes sums' order only).
+# Since ef63712, --threads 1 also splits the evaluations into one single-threaded process per
+# core (--threads 2 on two cores: one process); the committed output (cc91efa) predates that and
+# compares one process on one thread against one on two.
 # Usage: tools/mini_threads.sh [reneg binary]   (output: benches/results/mini-threads.txt)
 set -euo pipefail
 bin=${1:-target/release/reneg}
