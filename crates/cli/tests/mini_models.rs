@@ -409,6 +409,29 @@ fn recipe_runs_end_to_end_resumes_and_writes_loadable_models() {
     ] {
         assert!(report.contains(&format!("{m}: ")), "{report}");
     }
+    // recipe.json records every model trained, with its steps and time.
+    let recorded: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("recipe.json")).unwrap()).unwrap();
+    let mut names: Vec<&str> = recorded
+        .iter()
+        .map(|r| r["model"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "clip",
+            "controlnet",
+            "joint",
+            "judge",
+            "reward",
+            "unet",
+            "vae"
+        ]
+    );
+    assert!(recorded
+        .iter()
+        .all(|r| r["steps"].as_u64().unwrap() > 0 && r["seconds"].as_f64().unwrap() > 0.0));
     // The joint stage trained the pipeline's text encoder away from the CLIP's text tower it
     // starts from (a stage that detached the text features, or did not write them, leaves
     // them equal), and the pipeline's UNet away from the base UNet.

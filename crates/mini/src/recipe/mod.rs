@@ -236,23 +236,32 @@ pub fn run(cfg: &RecipeConfig, device: &Device) -> Result<Vec<ModelReport>> {
         }
         Ok(r)
     };
+    // Each phase's reports are recorded as soon as it ends, so a run interrupted in a later
+    // phase (the ControlNet, after hours of UNet) keeps them; a resumed run skips those models.
     let mut reports = both(&clip_vae, &reward)?;
+    record(&layout, &reports)?;
     reports.extend(both(&unet, &judge)?);
+    record(&layout, &reports)?;
     // On the trained UNet.
     reports.extend(controlnet()?);
-    // Keep earlier reports of models this run skipped.
+    record(&layout, &reports)?;
+    Ok(reports)
+}
+
+/// Writes `reports` into `recipe.json`, keeping the entries of models they do not name
+/// (trained by earlier runs).
+fn record(layout: &Layout, reports: &[ModelReport]) -> Result<()> {
     let path = layout.root.join("recipe.json");
     let mut all: Vec<ModelReport> = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
-    for r in &reports {
+    for r in reports {
         all.retain(|o| o.model != r.model);
         all.push(r.clone());
     }
     let text = serde_json::to_string_pretty(&all).map_err(|e| Error::Invalid(e.to_string()))?;
-    reneg::io::write_atomic(&path, text.as_bytes())?;
-    Ok(reports)
+    reneg::io::write_atomic(&path, text.as_bytes())
 }
 
 /// Training and held-out prompt files for ReNeg in the miniature world: clean captions of
