@@ -298,21 +298,21 @@ fn run_eval(out: &Path, shards: usize, args: impl Fn(&Path) -> Vec<String>) -> R
     })?;
     let base = PathBuf::from(format!("{}-shards", out.display()));
     let dirs: Vec<PathBuf> = (0..shards).map(|i| base.join(i.to_string())).collect();
-    let children = dirs
-        .iter()
-        .enumerate()
-        .map(|(i, dir)| {
-            let mut argv = args(dir);
-            argv.extend(["--shard".into(), format!("{i}/{shards}")]);
-            println!("{}", shell_line(&argv));
-            std::process::Command::new(&exe)
-                .args(&argv)
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start shard {i} of the evaluation: {e}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // Every shard is waited for, so none is left running behind an error.
+    let mut children = Vec::new();
     let mut failed = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let mut argv = args(dir);
+        argv.extend(["--shard".into(), format!("{i}/{shards}")]);
+        println!("{}", shell_line(&argv));
+        match std::process::Command::new(&exe).args(&argv).spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                failed.push(format!("shard {i} did not start: {e}"));
+                break;
+            }
+        }
+    }
+    // Every shard started is waited for, so none is left running behind an error.
     for (i, mut child) in children.into_iter().enumerate() {
         match child.wait() {
             Ok(status) if status.success() => {}
