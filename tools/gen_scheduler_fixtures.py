@@ -98,6 +98,9 @@ CASES = [
     ("pndm_v_sd21", PNDMScheduler, SD21, {}, 8, None),
     ("euler_sd15_1step", EulerDiscreteScheduler, SD15, {}, 1, None),
     ("dpmpp_2m_sd15_3step", DPMSolverMultistepScheduler, SD15, {}, 3, None),
+    # Zero terminal SNR (Lin et al.), as the miniature world's fourth pipeline ships it.
+    ("ddim_v_zero_snr_trailing", DDIMScheduler, SD21,
+     {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}, 7, 0.0),
 ]
 
 

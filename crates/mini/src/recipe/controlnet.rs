@@ -53,7 +53,16 @@ fn masks(examples: &[crate::Example], size: usize, dev: &Device) -> Result<Tenso
 
 pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
     let root = layout.pipeline();
-    let noiser = Noiser::load(&root, &root.join("text_encoder/model.safetensors"), dev)?;
+    // The ControlNet learns what the UNet it steers predicts, on the schedule the pipeline
+    // samples with (SD's for the third world, zero terminal SNR and v after a joint stage).
+    let scheduler: Value =
+        reneg::error::read_json(&root.join("scheduler/scheduler_config.json"))?;
+    let noiser = Noiser::load(
+        &root,
+        &root.join("text_encoder/model.safetensors"),
+        &scheduler,
+        dev,
+    )?;
     let unet_dir = root.join("unet");
     // The UNet's weights, read once: the frozen UNet, and the ControlNet's starting copy.
     let unet_vb = Vb::new(Weights::load(
@@ -84,7 +93,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     }
     let size = crate::DataConfig::default().size;
     let clock = Instant::now();
-    // Each row's squared error of the noise prediction, `[n]`.
+    // Each row's squared error of the UNet's prediction (noise or v), `[n]`.
     let row_errors = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
         let residuals = if with_control {
             let m = masks(&b.examples, size, dev)?;
@@ -93,7 +102,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
             None
         };
         let pred = unet.forward_with(&b.xt, &b.ts, &b.ctx, residuals.as_ref())?;
-        Ok((pred - &b.noise)?.sqr()?.flatten_from(1)?.mean(1)?)
+        Ok((pred - &b.target)?.sqr()?.flatten_from(1)?.mean(1)?)
     };
     let loss_of = |b: &super::unet::Noised, with_control: bool| -> Result<Tensor> {
         Ok(row_errors(b, with_control)?.mean_all()?)
@@ -141,19 +150,19 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     )?;
     let mut checks = serde_json::Map::new();
     checks.insert(
-        "heldout_noise_mse_with_mask".into(),
+        format!("heldout_{}_mse_with_mask", noiser.target_name()),
         json!(mean(&with, &all)),
     );
     checks.insert(
-        "heldout_noise_mse_unet_alone".into(),
+        format!("heldout_{}_mse_unet_alone", noiser.target_name()),
         json!(mean(&without, &all)),
     );
     checks.insert(
-        "heldout_noise_mse_t500_with_mask".into(),
+        format!("heldout_{}_mse_t500_with_mask", noiser.target_name()),
         json!(mean(&with, &high)),
     );
     checks.insert(
-        "heldout_noise_mse_t500_unet_alone".into(),
+        format!("heldout_{}_mse_t500_unet_alone", noiser.target_name()),
         json!(mean(&without, &high)),
     );
     Ok(ModelReport {

@@ -43,7 +43,8 @@ const PARSE_CLASSES: usize = 1 + crate::scene::SHAPES.len();
 pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<ModelReport> {
     let root = layout.pipeline();
     let clip_file = layout.clip().join("model.safetensors");
-    let noiser = Noiser::load(&root, &clip_file, dev)?;
+    let scheduler = super::unet::zero_snr_scheduler_config();
+    let noiser = Noiser::load(&root, &clip_file, &scheduler, dev)?;
     let te_cfg = ClipTextConfig::load(&root.join("text_encoder/config.json"))?;
     let te_vb = Vb::new(Weights::load(&clip_file, DType::F32, dev)?.into_trainable());
     let text_encoder = ClipTextModel::new(te_cfg.clone(), &te_vb)?;
@@ -83,7 +84,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
             let start = FIRST_EXAMPLE + (step * BATCH) as u64;
             let b = noiser.batch(TRAIN_SEED, start, BATCH, &mut rng, true)?;
             let ctx = text_encoder.forward(&b.ids)?;
-            let noise_loss = (unet.forward_each(&b.xt, &b.ts, &ctx)? - &b.noise)?
+            let noise_loss = (unet.forward_each(&b.xt, &b.ts, &ctx)? - &b.target)?
                 .sqr()?
                 .mean_all()?;
             let pooled = text_encoder.pooled(&ctx, &b.ids)?;
@@ -93,7 +94,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
             }
         },
     )?;
-    let heldout = super::unet::heldout_noise_mse(&noiser, |b| Ok(predict(b)?.detach()))?;
+    let heldout = super::unet::heldout_mse(&noiser, |b| Ok(predict(b)?.detach()))?;
     let ratio_after = position_to_colour_ratio(&text_encoder, &tok, dev)?;
     let parse_accuracy = {
         let cfg = DataConfig::default();
@@ -111,6 +112,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         HashMap::new(),
         &root.join("text_encoder/model.safetensors"),
     )?;
+    super::unet::write_scheduler(&root, &scheduler)?;
     // The UNet is written last: the recipe takes it as the sign that this stage is done.
     let unet_dir = root.join("unet");
     mkdir(&unet_dir)?;
@@ -122,7 +124,10 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
         &unet_dir.join("diffusion_pytorch_model.safetensors"),
     )?;
     let mut checks = serde_json::Map::new();
-    checks.insert("heldout_noise_mse".into(), json!(heldout));
+    checks.insert(
+        format!("heldout_{}_mse", noiser.target_name()),
+        json!(heldout),
+    );
     checks.insert(
         "position_to_colour_feature_change_before".into(),
         json!(ratio_before),
