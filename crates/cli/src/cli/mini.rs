@@ -85,9 +85,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub force: bool,
     /// Fine-tune the UNet and the pipeline's text encoder together for this many steps after
-    /// the UNet (docs/mini-world-v4.md; scaled by --scale). 0, the committed world, leaves
-    /// the stage out.
-    #[arg(long, default_value_t = 0)]
+    /// the UNet, on zero terminal SNR with v-prediction (docs/mini-world-v4.md; scaled by
+    /// --scale). 0 leaves the stage out, as the third world did.
+    #[arg(long, default_value_t = Budget::default().joint)]
     pub joint_steps: usize,
     /// cpu, or cuda:N in CUDA builds.
     #[arg(long, default_value = "cpu")]

@@ -37,9 +37,9 @@ pub struct Budget {
     pub judge: usize,
     #[serde(default = "default_controlnet_steps")]
     pub controlnet: usize,
-    /// The fine-tune of the base UNet and the text encoder together ([`joint`]); 0 (the
-    /// committed world) leaves it out: the UNet trained on the CLIP's frozen text tower is
-    /// the pipeline's.
+    /// The fine-tune of the base UNet and the text encoder together, on zero terminal SNR
+    /// with v-prediction ([`joint`]; the fourth world's); 0 leaves it out, as the third
+    /// world did: the UNet trained on the CLIP's frozen text tower is the pipeline's.
     #[serde(default)]
     pub joint: usize,
 }
@@ -57,7 +57,7 @@ impl Default for Budget {
             reward: 800,
             judge: 1000,
             controlnet: default_controlnet_steps(),
-            joint: 0,
+            joint: 2000,
         }
     }
 }
