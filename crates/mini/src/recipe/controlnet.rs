@@ -55,8 +55,7 @@ pub fn train(layout: &Layout, seed: u64, steps: usize, dev: &Device) -> Result<M
     let root = layout.pipeline();
     // The ControlNet learns what the UNet it steers predicts, on the schedule the pipeline
     // samples with (SD's for the third world, zero terminal SNR and v after a joint stage).
-    let scheduler: Value =
-        reneg::error::read_json(&root.join("scheduler/scheduler_config.json"))?;
+    let scheduler: Value = reneg::error::read_json(&root.join("scheduler/scheduler_config.json"))?;
     let noiser = Noiser::load(
         &root,
         &root.join("text_encoder/model.safetensors"),

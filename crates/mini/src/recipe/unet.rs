@@ -263,7 +263,12 @@ pub fn train(
 ) -> Result<ModelReport> {
     let root = layout.pipeline();
     let scheduler = sd_scheduler_config();
-    let noiser = Noiser::load(&root, &layout.clip().join("model.safetensors"), &scheduler, dev)?;
+    let noiser = Noiser::load(
+        &root,
+        &layout.clip().join("model.safetensors"),
+        &scheduler,
+        dev,
+    )?;
     let dir = dir.to_path_buf();
     mkdir(&dir)?;
     let cfg_path = dir.join("config.json");
@@ -338,8 +343,12 @@ mod tests {
         eps_cfg["prediction_type"] = json!("epsilon");
         let (v, eps) = (noiser(&v_cfg), noiser(&eps_cfg));
         assert_eq!((v.target_name(), eps.target_name()), ("v", "noise"));
-        let bv = v.batch(TRAIN_SEED, 0, 8, &mut SplitMix64::new(3), false).unwrap();
-        let be = eps.batch(TRAIN_SEED, 0, 8, &mut SplitMix64::new(3), false).unwrap();
+        let bv = v
+            .batch(TRAIN_SEED, 0, 8, &mut SplitMix64::new(3), false)
+            .unwrap();
+        let be = eps
+            .batch(TRAIN_SEED, 0, 8, &mut SplitMix64::new(3), false)
+            .unwrap();
         assert_eq!(bv.ts, be.ts);
         let rows = |t: &Tensor| t.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
         let (xt, tv, te) = (rows(&bv.xt), rows(&bv.target), rows(&be.target));
@@ -354,7 +363,10 @@ mod tests {
             for j in 0..xt[i].len() {
                 let from_v = sa * xt[i][j] - sb * tv[i][j];
                 let from_noise = (xt[i][j] - sb * te[i][j]) / sa;
-                assert!((from_v - from_noise).abs() < 2e-3, "row {i} (t {t}): {from_v} vs {from_noise}");
+                assert!(
+                    (from_v - from_noise).abs() < 2e-3,
+                    "row {i} (t {t}): {from_v} vs {from_noise}"
+                );
             }
             checked += 1;
         }
@@ -365,7 +377,10 @@ mod tests {
     /// SD's first step; SD's leaves sqrt(alpha-bar) = 0.068 (what the base UNet learnt to read).
     #[test]
     fn the_zero_snr_schedule_ends_in_pure_noise() {
-        let (z, sd) = (noiser(&zero_snr_scheduler_config()), noiser(&sd_scheduler_config()));
+        let (z, sd) = (
+            noiser(&zero_snr_scheduler_config()),
+            noiser(&sd_scheduler_config()),
+        );
         assert_eq!(z.acp[TRAIN_TIMESTEPS - 1], 0.0);
         assert!((sd.acp[TRAIN_TIMESTEPS - 1].sqrt() - 0.068).abs() < 5e-4);
         assert!((z.acp[0] - sd.acp[0]).abs() < 1e-6);
