@@ -10,7 +10,10 @@
 //! the position-word distance went from 1.72 to 1.49): a UNet that ignores a feature gives
 //! the encoder no reason to grow it, and an encoder without it gives the UNet nothing to
 //! follow. The reward keeps its own CLIP, so the generator's text features and the reward's
-//! are two models, as in SD.
+//! are two models, as in SD. The stage also moves the pipeline from SD's schedule to zero
+//! terminal SNR with v-prediction ([`super::unet::zero_snr_scheduler_config`]): on SD's, the
+//! 16x16 latent's layout is still legible at t = 999, so the UNet placed shapes where the
+//! seed's noise leaned whatever the text said (docs/mini-world-v4.md, diagnosis point 4).
 
 use super::unet::{Noised, Noiser};
 use super::{fit, mkdir, save_vars, write_json, Layout, ModelReport};
