@@ -1,8 +1,11 @@
 //! Fuzz targets for every parser that reads a user's file, shared by `examples/fuzz.rs` (the
 //! long run) and `tests/fuzz.rs` (a CI-sized run). Inputs are real files mutated by a seeded
 //! mutator (bit flips, interesting bytes, inserted, deleted, duplicated and spliced ranges,
-//! truncation, numbers in text replaced by extreme ones) or random bytes. A target fails only
-//! by panicking: errors are the expected answer to bad input.
+//! truncation, numbers in text replaced by extreme ones) or random bytes. A target fails by
+//! panicking: errors are the expected answer to bad input, and a target panics when what it
+//! accepted breaks a property (what is written reads back equal; timesteps in range and in
+//! order). Each target says whether it accepted an input, so that a parser refusing every
+//! valid file fails too: its real seeds must be accepted, its `refused` seeds refused.
 
 #![allow(dead_code)]
 
@@ -10,13 +13,17 @@ use candle_core::{DType, Device};
 use reneg::rng::SplitMix64;
 use std::path::{Path, PathBuf};
 
-/// Reads one input (the bytes, and a scratch folder of its own for parsers that take paths).
-pub type Parse = Box<dyn Fn(&[u8], &Path)>;
+/// Reads one input (the bytes, and a scratch folder of its own for parsers that take paths);
+/// true when the parser accepted it.
+pub type Parse = Box<dyn Fn(&[u8], &Path) -> bool>;
 
 /// One parser: its name, the real files it starts from, and how it reads bytes.
 pub struct Target {
     pub name: &'static str,
+    /// Real, valid files: each must be accepted.
     pub seeds: Vec<Vec<u8>>,
+    /// Real files the parser must refuse (code in a pickle, a non-tensor); mutated too.
+    pub refused: Vec<Vec<u8>>,
     /// Whether the seeds are text (numbers in them are also mutated as numbers).
     pub text: bool,
     pub run: Parse,
@@ -40,6 +47,34 @@ fn json(bytes: &[u8]) -> Option<serde_json::Value> {
     serde_json::from_slice(bytes).ok()
 }
 
+/// The values of two tensors bit for bit (NaN payloads included).
+fn same_bits(a: &candle_core::Tensor, b: &candle_core::Tensor) -> bool {
+    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|v| v.into_iter().map(f32::to_bits).collect())
+            .unwrap_or_default()
+    };
+    a.dims() == b.dims() && bits(a) == bits(b)
+}
+
+/// A scheduler whose `set_timesteps` succeeded: every timestep in [0, num_train_timesteps)
+/// and none after a larger one (PLMS repeats one).
+fn check_timesteps(s: &reneg::scheduler::Scheduler, train: usize, what: &str) {
+    let ts = s.timesteps();
+    assert!(!ts.is_empty(), "{what}: set_timesteps gave no timesteps");
+    for w in ts.windows(2) {
+        assert!(w[0] >= w[1], "{what}: timesteps out of order: {ts:?}");
+    }
+    for t in ts {
+        assert!(
+            t.is_finite() && *t >= 0.0 && *t < train as f64,
+            "{what}: timestep {t} outside [0, {train}): {ts:?}"
+        );
+    }
+}
+
 const MINI_TOK: &str = "assets/mini/pipeline/tokenizer";
 const SD15: &str = "tests/fixtures/parity/sd15-tiny/pipeline";
 
@@ -51,31 +86,31 @@ pub fn targets() -> Vec<Target> {
             seeds: vec![
                 read("tests/fixtures/embedding/torch_saved.pt"),
                 read("tests/fixtures/embedding/torch_saved_f16.pt"),
+            ],
+            refused: vec![
                 read("tests/fixtures/embedding/not_a_tensor.pt"),
                 read("tests/fixtures/embedding/malicious.pt"),
             ],
             text: false,
-            run: Box::new(|b, _| {
-                let _ = reneg::torch_file::read(b, Path::new("x.pt"));
-            }),
+            run: Box::new(|b, _| reneg::torch_file::read(b, Path::new("x.pt")).is_ok()),
         },
         Target {
             name: "torch-file state dict",
             seeds: vec![read(
                 "tests/fixtures/parity/reward-openclip-quickgelu/reward/open_clip_model.pt",
             )],
+            refused: vec![],
             text: false,
-            run: Box::new(|b, _| {
-                let _ = reneg::torch_file::read_state_dict(b, Path::new("x.pt"));
-            }),
+            run: Box::new(|b, _| reneg::torch_file::read_state_dict(b, Path::new("x.pt")).is_ok()),
         },
         Target {
             name: "pickle (data.pkl)",
             seeds: vec![pickle_of("tests/fixtures/embedding/torch_saved.pt")],
+            refused: vec![],
             text: false,
             run: Box::new(|b, _| {
-                let _ = reneg::torch_file::pickle::read_tensor(b);
                 let _ = reneg::torch_file::pickle::read_state_dict(b);
+                reneg::torch_file::pickle::read_tensor(b).is_ok()
             }),
         },
         Target {
@@ -84,13 +119,27 @@ pub fn targets() -> Vec<Target> {
                 read("tests/fixtures/embedding/torch_saved.safetensors"),
                 read("assets/mini/negatives/reneg-global.safetensors"),
             ],
+            refused: vec![],
             text: false,
             run: Box::new(|b, s| {
-                if let Ok(e) =
-                    reneg::embedding::NegativeEmbedding::load(&put(s, "e.safetensors", b))
-                {
-                    let _ = e.stats();
+                use reneg::embedding::NegativeEmbedding;
+                let Ok(e) = NegativeEmbedding::load(&put(s, "e.safetensors", b)) else {
+                    return false;
+                };
+                let _ = e.stats();
+                // What is written reads back equal: the values and every metadata entry.
+                let again = s.join("again.safetensors");
+                e.save_safetensors(&again)
+                    .expect("an accepted embedding saves");
+                let back = NegativeEmbedding::load(&again).expect("a saved embedding loads");
+                assert!(
+                    same_bits(&e.tensor, &back.tensor),
+                    "embedding values changed"
+                );
+                for (k, v) in &e.metadata {
+                    assert_eq!(back.metadata.get(k), Some(v), "metadata {k} changed");
                 }
+                true
             }),
         },
         Target {
@@ -100,83 +149,102 @@ pub fn targets() -> Vec<Target> {
                 read("tests/fixtures/ti/tinyneg.safetensors"),
                 read("tests/fixtures/ti/learned_embeds.bin"),
             ],
+            refused: vec![],
             text: false,
             run: Box::new(|b, s| {
                 use reneg::embedding::textual_inversion::{split, TextualInversion};
-                if let Ok(t) = TextualInversion::load(&put(s, "ti.pt", b), "ti") {
-                    let _ = (t.len(), t.width());
-                }
                 // The prompt splitter on the same bytes as text.
                 let _ = split(&String::from_utf8_lossy(b), &["ti", "<tok>"]);
+                match TextualInversion::load(&put(s, "ti.pt", b), "ti") {
+                    Ok(t) => {
+                        let _ = (t.len(), t.width());
+                        true
+                    }
+                    Err(_) => false,
+                }
             }),
         },
         Target {
             name: "model weights (safetensors header as the loaders use it)",
             seeds: vec![read(&format!("{SD15}/text_encoder/model.safetensors"))],
+            refused: vec![],
             text: false,
             run: Box::new(|b, _| {
-                if let Ok(w) = reneg::weights::Weights::from_bytes(
+                let Ok(w) = reneg::weights::Weights::from_bytes(
                     b,
                     Path::new("m.safetensors"),
                     DType::F32,
                     &Device::Cpu,
-                ) {
-                    let names: Vec<String> = w.names().cloned().collect();
-                    for n in names.iter().take(4) {
-                        let _ = w.get(n, &[1]);
-                    }
+                ) else {
+                    return false;
+                };
+                let names: Vec<String> = w.names().cloned().collect();
+                for n in names.iter().take(4) {
+                    let _ = w.get(n, &[1]);
                 }
+                true
             }),
         },
         Target {
             name: "unet config.json",
             seeds: vec![read(&format!("{SD15}/unet/config.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    if let Ok(c) = reneg::models::unet::UNetConfig::from_value(v, cfg_path) {
-                        let _ = c.context_dim();
-                    }
-                }
+                json(b)
+                    .and_then(|v| reneg::models::unet::UNetConfig::from_value(v, cfg_path).ok())
+                    .map(|c| c.context_dim())
+                    .is_some()
             }),
         },
         Target {
             name: "vae config.json",
             seeds: vec![read(&format!("{SD15}/vae/config.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    if let Ok(c) = reneg::models::vae::VaeConfig::from_value(v, cfg_path) {
-                        let _ = c.downscale();
-                    }
-                }
+                json(b)
+                    .and_then(|v| reneg::models::vae::VaeConfig::from_value(v, cfg_path).ok())
+                    .map(|c| c.downscale())
+                    .is_some()
             }),
         },
         Target {
             name: "text encoder config.json",
             seeds: vec![read(&format!("{SD15}/text_encoder/config.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    let _ = reneg::models::clip_text::ClipTextConfig::from_value(v, cfg_path);
-                }
+                json(b).is_some_and(|v| {
+                    reneg::models::clip_text::ClipTextConfig::from_value(v, cfg_path).is_ok()
+                })
             }),
         },
         Target {
             name: "scheduler_config.json",
             seeds: vec![read(&format!("{SD15}/scheduler/scheduler_config.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    if let Ok(c) = reneg::scheduler::SchedulerConfig::from_value(v, cfg_path) {
-                        for kind in reneg::scheduler::SchedulerKind::ALL {
-                            if let Ok(mut s) = reneg::scheduler::Scheduler::new(kind, c.clone()) {
-                                let _ = s.set_timesteps(7);
-                                let _ = s.set_timesteps(1);
+                let Some(c) = json(b)
+                    .and_then(|v| reneg::scheduler::SchedulerConfig::from_value(v, cfg_path).ok())
+                else {
+                    return false;
+                };
+                for kind in reneg::scheduler::SchedulerKind::ALL {
+                    if let Ok(mut s) = reneg::scheduler::Scheduler::new(kind, c.clone()) {
+                        for steps in [7, 1] {
+                            if s.set_timesteps(steps).is_ok() {
+                                check_timesteps(
+                                    &s,
+                                    c.num_train_timesteps,
+                                    &format!("{kind} with {steps} steps"),
+                                );
                             }
                         }
                     }
                 }
+                true
             }),
         },
         Target {
@@ -184,11 +252,12 @@ pub fn targets() -> Vec<Target> {
             seeds: vec![read(
                 "tests/fixtures/parity/reward-openclip-gelu/reward/open_clip_config.json",
             )],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    let _ = reneg::models::open_clip::OpenClipConfig::from_value(v, cfg_path);
-                }
+                json(b).is_some_and(|v| {
+                    reneg::models::open_clip::OpenClipConfig::from_value(v, cfg_path).is_ok()
+                })
             }),
         },
         Target {
@@ -196,32 +265,38 @@ pub fn targets() -> Vec<Target> {
             seeds: vec![read(
                 "tests/fixtures/parity/reward-hfclip/reward/config.json",
             )],
+            refused: vec![],
             text: true,
             run: Box::new(move |b, _| {
-                if let Some(v) = json(b) {
-                    let vision = v.get("vision_config").cloned().unwrap_or(v.clone());
-                    let _ =
-                        reneg::models::clip_vision::ClipVisionConfig::from_value(vision, cfg_path);
-                    let text = v.get("text_config").cloned().unwrap_or(v);
-                    let _ = reneg::models::clip_text::ClipTextConfig::from_value(text, cfg_path);
-                }
+                let Some(v) = json(b) else {
+                    return false;
+                };
+                let vision = v.get("vision_config").cloned().unwrap_or(v.clone());
+                let vision =
+                    reneg::models::clip_vision::ClipVisionConfig::from_value(vision, cfg_path);
+                let text = v.get("text_config").cloned().unwrap_or(v);
+                let text = reneg::models::clip_text::ClipTextConfig::from_value(text, cfg_path);
+                vision.is_ok() && text.is_ok()
             }),
         },
         Target {
             name: "tokenizer vocab.json",
             seeds: vec![read(&format!("{MINI_TOK}/vocab.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| tokenizer_with(s, "vocab.json", b)),
         },
         Target {
             name: "tokenizer merges.txt",
             seeds: vec![read(&format!("{MINI_TOK}/merges.txt"))],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| tokenizer_with(s, "merges.txt", b)),
         },
         Target {
             name: "tokenizer_config.json",
             seeds: vec![read(&format!("{MINI_TOK}/tokenizer_config.json"))],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| tokenizer_with(s, "tokenizer_config.json", b)),
         },
@@ -231,6 +306,7 @@ pub fn targets() -> Vec<Target> {
                 b"a large red circle on the left &amp; a small <|endoftext|> square!!".to_vec(),
                 b"a (red:1.3) cat, [[blurry]], \\(x\\) BREAK (unclosed :0.5) ]".to_vec(),
             ],
+            refused: vec![],
             text: true,
             run: Box::new(|b, _| {
                 // Built once: the real vocabulary takes milliseconds to parse.
@@ -243,25 +319,30 @@ pub fn targets() -> Vec<Target> {
                         ClipTokenizer::open_clip().unwrap(),
                     )
                 });
-                let _ = tok.encode(&String::from_utf8_lossy(b));
-                let _ = oc.encode(&String::from_utf8_lossy(b));
-                let _ = reneg::prompt_syntax::parse(&String::from_utf8_lossy(b));
+                let text = String::from_utf8_lossy(b);
+                let ids = tok.encode(&text);
+                let _ = oc.encode(&text);
+                let _ = reneg::prompt_syntax::parse(&text);
+                // Any text encodes (to at least the start and end tokens).
+                ids.len() >= 2
             }),
         },
         Target {
             name: "prompt file .txt",
             seeds: vec![read("tests/fixtures/train/train_prompts.txt")],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
-                let _ = reneg::prompts::load(&put(s, "p.txt", b));
+                reneg::prompts::load(&put(s, "p.txt", b)).is_ok_and(|p| !p.is_empty())
             }),
         },
         Target {
             name: "prompt file .tsv",
             seeds: vec![partiprompts_head()],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
-                let _ = reneg::prompts::load(&put(s, "p.tsv", b));
+                reneg::prompts::load(&put(s, "p.tsv", b)).is_ok_and(|p| !p.is_empty())
             }),
         },
         Target {
@@ -270,9 +351,10 @@ pub fn targets() -> Vec<Target> {
                 br#"{"anime": ["a cat", "a dog"], "photo": ["a car"]}"#.to_vec(),
                 br#"["a cat", "a dog"]"#.to_vec(),
             ],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
-                let _ = reneg::prompts::load(&put(s, "p.json", b));
+                reneg::prompts::load(&put(s, "p.json", b)).is_ok_and(|p| !p.is_empty())
             }),
         },
         Target {
@@ -281,17 +363,59 @@ pub fn targets() -> Vec<Target> {
                 read("assets/mini/experiment/grids/grid_00.png"),
                 read("assets/mini/experiment/chart.png"),
             ],
+            refused: vec![],
             text: false,
             run: Box::new(|b, s| {
-                let _ = reneg::io::read_png(&put(s, "i.png", b));
+                let Ok(img) = reneg::io::read_png(&put(s, "i.png", b)) else {
+                    return false;
+                };
+                // What is written reads back equal.
+                let again = s.join("again.png");
+                reneg::io::write_png(&img, &again, None).expect("an accepted image writes");
+                let back = reneg::io::read_png(&again).expect("a written image reads");
+                assert!(
+                    (back.width, back.height, &back.data) == (img.width, img.height, &img.data),
+                    "PNG pixels changed"
+                );
+                true
             }),
         },
         Target {
             name: "training checkpoint (resume)",
             seeds: vec![checkpoint_seed()],
+            refused: vec![],
             text: false,
             run: Box::new(|b, s| {
-                let _ = reneg::train::checkpoint::Checkpoint::load(&put(s, "c.safetensors", b));
+                use reneg::train::checkpoint::Checkpoint;
+                let Ok(c) = Checkpoint::load(&put(s, "c.safetensors", b)) else {
+                    return false;
+                };
+                // What is written reads back equal.
+                let again = s.join("again.safetensors");
+                c.save(&again).expect("an accepted checkpoint saves");
+                let back = Checkpoint::load(&again).expect("a saved checkpoint loads");
+                assert!(
+                    same_bits(&c.embedding, &back.embedding),
+                    "embedding changed"
+                );
+                assert!(
+                    same_bits(&c.optimizer.m, &back.optimizer.m),
+                    "adam m changed"
+                );
+                assert!(
+                    same_bits(&c.optimizer.v, &back.optimizer.v),
+                    "adam v changed"
+                );
+                assert_eq!(
+                    (c.step, c.optimizer.step, c.bad_in_row, &c.config),
+                    (
+                        back.step,
+                        back.optimizer.step,
+                        back.bad_in_row,
+                        &back.config
+                    )
+                );
+                true
             }),
         },
         Target {
@@ -300,10 +424,11 @@ pub fn targets() -> Vec<Target> {
                 .into_iter()
                 .take(4000)
                 .collect()],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
                 let m = put(s, "metrics.jsonl", b);
-                let _ = reneg::train::plot::reward_curve(&m, &s.join("curve.png"));
+                reneg::train::plot::reward_curve(&m, &s.join("curve.png")).is_ok()
             }),
         },
         Target {
@@ -312,43 +437,74 @@ pub fn targets() -> Vec<Target> {
                 .into_iter()
                 .take(6000)
                 .collect()],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
                 put(s, "results.jsonl", b);
-                let _ = reneg::eval::load_records(s);
+                let Ok(records) = reneg::eval::load_records(s) else {
+                    return false;
+                };
+                // What is written reads back equal (NaN scores as null, so compared as JSON).
+                let again = s.join("again");
+                std::fs::create_dir_all(&again).unwrap();
+                reneg::eval::append_records(&again, &records).expect("accepted records write");
+                let back = reneg::eval::load_records(&again).expect("written records read");
+                let as_json = |r: &[reneg::eval::Record]| serde_json::to_string(r).unwrap();
+                assert_eq!(as_json(&records), as_json(&back), "records changed");
+                true
             }),
         },
         Target {
             name: "eval.json (manifest)",
             seeds: vec![read("assets/mini/experiment/eval.json")],
+            refused: vec![],
             text: true,
             run: Box::new(|b, s| {
                 put(s, "eval.json", b);
-                let _ = reneg::eval::Manifest::load(s);
+                let Ok(Some(m)) = reneg::eval::Manifest::load(s) else {
+                    return false;
+                };
+                // What is written reads back equal.
+                let again = s.join("again");
+                std::fs::create_dir_all(&again).unwrap();
+                m.save(&again).expect("an accepted manifest saves");
+                let back = reneg::eval::Manifest::load(&again).expect("a saved manifest loads");
+                let as_json = |m: &reneg::eval::Manifest| serde_json::to_string(m).unwrap();
+                assert_eq!(
+                    Some(as_json(&m)),
+                    back.as_ref().map(as_json),
+                    "manifest changed"
+                );
+                true
             }),
         },
         Target {
             name: "train config.toml",
             seeds: vec![read("assets/mini/experiment/train/config.toml")],
+            refused: vec![],
             text: true,
             run: Box::new(|b, _| {
-                let text = String::from_utf8_lossy(b);
-                if let Ok(t) =
-                    reneg::train::config::TrainConfig::from_toml(&text, Path::new("c.toml"))
-                {
-                    let _ = reneg::train::config::TrainConfig::resolve(
-                        t,
-                        Default::default(),
-                        Path::new("c.toml"),
-                    );
-                }
+                use reneg::train::config::TrainConfig;
+                let (text, src) = (String::from_utf8_lossy(b), Path::new("c.toml"));
+                let Ok(cfg) = TrainConfig::from_toml(&text, src)
+                    .and_then(|t| TrainConfig::resolve(t, Default::default(), src))
+                else {
+                    return false;
+                };
+                // What is written reads back equal (a resumed run compares this text).
+                let written = cfg.to_toml();
+                let back = TrainConfig::from_toml(&written, src)
+                    .and_then(|t| TrainConfig::resolve(t, Default::default(), src))
+                    .expect("a written config reads");
+                assert_eq!(back.to_toml(), written, "config changed");
+                true
             }),
         },
     ]
 }
 
 /// A tokenizer folder (the miniature world's) with one file replaced, loaded and used.
-fn tokenizer_with(scratch: &Path, name: &str, bytes: &[u8]) {
+fn tokenizer_with(scratch: &Path, name: &str, bytes: &[u8]) -> bool {
     for f in [
         "vocab.json",
         "merges.txt",
@@ -363,8 +519,9 @@ fn tokenizer_with(scratch: &Path, name: &str, bytes: &[u8]) {
         };
         put(scratch, &format!("tok/{f}"), &data);
     }
-    if let Ok(t) = reneg::tokenizer::ClipTokenizer::from_dir(&scratch.join("tok")) {
-        let _ = t.encode("a large red circle on the left, blurry");
+    match reneg::tokenizer::ClipTokenizer::from_dir(&scratch.join("tok")) {
+        Ok(t) => t.encode("a large red circle on the left, blurry").len() >= 2,
+        Err(_) => false,
     }
 }
 
@@ -399,7 +556,10 @@ fn partiprompts_head() -> Vec<u8> {
 
 /// A real checkpoint, written by the training code.
 fn checkpoint_seed() -> Vec<u8> {
-    let dir = std::env::temp_dir().join(format!("reneg-fuzz-ckpt-{}", std::process::id()));
+    // A folder per call: the tests build the targets on several threads at once.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("reneg-fuzz-ckpt-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let emb = candle_core::Tensor::ones((1, 4, 3), DType::F32, &Device::Cpu).unwrap();
     let ck = reneg::train::checkpoint::Checkpoint {
@@ -412,7 +572,9 @@ fn checkpoint_seed() -> Vec<u8> {
     };
     let p = dir.join("c.safetensors");
     ck.save(&p).unwrap();
-    std::fs::read(p).unwrap()
+    let bytes = std::fs::read(p).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
 }
 
 /// The seeded mutator.
@@ -522,6 +684,27 @@ impl Mutator {
     }
 }
 
+impl Target {
+    /// The files mutated: the valid seeds and the refused ones.
+    pub fn pool(&self) -> Vec<Vec<u8>> {
+        self.seeds.iter().chain(&self.refused).cloned().collect()
+    }
+
+    /// Runs one input in a fresh `dir`: Ok(accepted), or Err(the panic's message).
+    pub fn try_run(&self, input: &[u8], dir: &Path) -> Result<bool, String> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.run)(input, dir))).map_err(
+            |p| {
+                p.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            },
+        )
+    }
+}
+
 /// A crash: which target, which input (saved under `crashes/` by the caller).
 pub struct Crash {
     pub target: &'static str,
@@ -543,19 +726,10 @@ pub fn run_all(
     for (k, t) in targets.iter().enumerate() {
         let mut m = Mutator::new(seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         for _ in 0..iterations {
-            let input = m.input(&t.seeds, t.text);
-            let dir = scratch.join(format!("t{k}"));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (t.run)(&input, &dir)));
+            let input = m.input(&t.pool(), t.text);
+            let outcome = t.try_run(&input, &scratch.join(format!("t{k}")));
             executions += 1;
-            if let Err(p) = outcome {
-                let message = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+            if let Err(message) = outcome {
                 crashes.push(Crash {
                     target: t.name,
                     input,

@@ -243,10 +243,18 @@ impl Schedule {
                 }
             }
         };
-        if let Some(&bad) = timesteps.iter().find(|&&v| v < 0.0 || v >= t as f64) {
+        // `contains` also refuses NaN, which a plain comparison lets through (found by the
+        // fuzzer's timestep property: a beta_start of 1e-300 rounds 1 - beta to 1 in f32, a
+        // zero sigma, and Karras sigmas' log-interpolation then gives NaN timesteps).
+        if let Some(&bad) = timesteps.iter().find(|&&v| !(0.0..t as f64).contains(&v)) {
             return Err(Error::Invalid(format!(
-                "timestep {bad} is out of range for {steps} steps with steps_offset = {}",
+                "timestep {bad} is out of range for {steps} steps with steps_offset = {}; check beta_start, beta_end and trained_betas",
                 cfg.steps_offset
+            )));
+        }
+        if sigmas.iter().any(|s| !s.is_finite()) {
+            return Err(Error::Invalid(format!(
+                "the noise schedule gives non-finite sigmas for {steps} steps; check beta_start, beta_end and trained_betas (each beta in (0, 1))"
             )));
         }
         self.timesteps = timesteps;
