@@ -219,3 +219,48 @@ pub fn read_safetensors_meta(
         safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
+
+/// The SHA-256 of a file's bytes, in hex (what `sha256sum` prints and the Hub names LFS files
+/// by); for a folder, the SHA-256 of the `sha256sum`-style lines ("HASH  relative/path") of
+/// every file under it, in path order. An evaluation records it for each file that shapes its
+/// images or scores, so that a resume with the same path but other content is refused.
+pub fn content_hash(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    fn file(path: &Path) -> Result<String> {
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)
+            .map_err(|e| Error::file(path, format!("cannot read: {e}")))?;
+        Ok(format!("{:x}", h.finalize()))
+    }
+    fn walk(dir: &Path, root: &Path, lines: &mut Vec<String>) -> Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::file(dir, format!("cannot read folder: {e}")))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, root, lines)?;
+            } else {
+                let rel = p.strip_prefix(root).unwrap_or(&p);
+                lines.push(format!("{}  {}", file(&p)?, rel.display()));
+            }
+        }
+        Ok(())
+    }
+    if path.is_dir() {
+        let mut lines = vec![];
+        walk(path, path, &mut lines)?;
+        let mut h = Sha256::new();
+        for l in &lines {
+            h.update(l.as_bytes());
+            h.update(b"\n");
+        }
+        Ok(format!("{:x}", h.finalize()))
+    } else {
+        file(path)
+    }
+}

@@ -48,6 +48,56 @@ pub struct Manifest {
     /// averaged, with [`TEMPORAL_CONSISTENCY`] among the rewards); None for images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames: Option<usize>,
+    /// The models' numeric precision (f32, tf32, bf16, fp16) and the device kind (cpu, cuda):
+    /// both change an image's bits. Manifests written before they were recorded read as f32
+    /// on the CPU, the only setting those runs could have used by default.
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// The sampler that ran, as it labels itself (the model's own unless `--scheduler` chose
+    /// one; DDIM's eta included).
+    #[serde(default)]
+    pub sampler: String,
+    /// Every file besides the model that shapes the images or the scores (reward models, the
+    /// negatives' embedding files, LoRAs, textual inversions, a VAE, ControlNets, control
+    /// images), with its content hash: the same path holding other content is another run.
+    #[serde(default)]
+    pub files: Vec<FileStamp>,
+}
+
+fn default_precision() -> String {
+    "f32".into()
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// A file (or folder) a run read, by path and [`crate::io::content_hash`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileStamp {
+    /// What the run used it as ("reward model", "negative", "lora", ...).
+    pub role: String,
+    pub path: String,
+    pub sha256: String,
+}
+
+impl FileStamp {
+    /// Stamps `path` (a file or a folder) with its content hash; a path that is not on disk
+    /// (a hub repo id) is recorded by name alone.
+    pub fn of(role: &str, path: &Path) -> Result<Self> {
+        let sha256 = if path.exists() {
+            crate::io::content_hash(path)?
+        } else {
+            String::new()
+        };
+        Ok(Self {
+            role: role.into(),
+            path: path.display().to_string(),
+            sha256,
+        })
+    }
 }
 
 /// The name under which a video evaluation records each clip's temporal consistency
@@ -121,6 +171,62 @@ impl Manifest {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::file(&path, format!("cannot read: {e}"))),
         }
+    }
+
+    /// What differs between two manifests, in words ("precision f32 -> fp16", "the content of
+    /// reward model r/ changed"); empty when they describe the same run.
+    pub fn differences(&self, other: &Manifest) -> Vec<String> {
+        let (a, b) = (
+            serde_json::to_value(self).expect("manifest serialises"),
+            serde_json::to_value(other).expect("manifest serialises"),
+        );
+        let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+            return vec![];
+        };
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let short = |v: Option<&serde_json::Value>| -> String {
+            let text = v.map_or("(none)".to_string(), |v| v.to_string());
+            if text.chars().count() > 60 {
+                format!("{}...", text.chars().take(57).collect::<String>())
+            } else {
+                text
+            }
+        };
+        let mut out = vec![];
+        for k in keys {
+            if a.get(k) == b.get(k) {
+                continue;
+            }
+            if k == "files" {
+                for f in &other.files {
+                    match self
+                        .files
+                        .iter()
+                        .find(|g| g.role == f.role && g.path == f.path)
+                    {
+                        Some(g) if g.sha256 != f.sha256 => {
+                            out.push(format!("the content of {} {} changed", f.role, f.path))
+                        }
+                        Some(_) => {}
+                        None => out.push(format!("{} {} was not used before", f.role, f.path)),
+                    }
+                }
+                for g in &self.files {
+                    if !other
+                        .files
+                        .iter()
+                        .any(|f| f.role == g.role && f.path == g.path)
+                    {
+                        out.push(format!("{} {} is no longer used", g.role, g.path));
+                    }
+                }
+                continue;
+            }
+            out.push(format!("{k} {} -> {}", short(a.get(k)), short(b.get(k))));
+        }
+        out
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {

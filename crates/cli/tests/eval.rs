@@ -503,6 +503,10 @@ fn nan_scores_are_recorded_counted_and_do_not_break_later_runs() {
         adapt: None,
         roles: Default::default(),
         model_options: vec![],
+        precision: "f32".into(),
+        device: "cpu".into(),
+        sampler: "DDIM".into(),
+        files: vec![],
     };
     let mut recs = vec![];
     for p in 0..2 {
@@ -570,28 +574,139 @@ fn records_whose_image_path_leaves_the_folder_are_refused() {
     }
 }
 
-/// An evaluation resumed with another LoRA, textual-inversion file, VAE, clip skip or prompt
-/// syntax would mix images of two models: the manifest records them and the rerun is refused.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// An evaluation resumed with anything that changes its images or scores would mix two runs
+/// in one report: each setting (the model's LoRA, textual inversion, VAE, clip skip and prompt
+/// syntax, the precision, the sampler and its eta) and the content of each file it read under
+/// the same path (a reward model, a negative's embedding) is recorded, and a rerun that differs
+/// is refused, saying what differs. The same settings resume.
 #[test]
-fn resuming_with_other_model_options_is_refused() {
+fn resuming_with_other_settings_is_refused() {
     let dir = tempdir("options");
     let tsv = prompts(&dir);
     let out = dir.join("out");
-    run_eval(&tsv, &out, &["--limit", "1"]);
-    for extra in [
-        vec!["--clip-skip", "1"],
-        vec!["--prompt-syntax", "a1111"],
-        vec!["--lora", repo!("tests/fixtures/lora/kohya.safetensors")],
-    ] {
-        let mut args = eval_args(&tsv, &out, &["--limit", "1"]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let o = reneg(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert_eq!(o.status.code(), Some(2), "{extra:?}");
+    // Files whose content changes under the same path.
+    let reward = dir.join("reward");
+    copy_dir(Path::new(AESTHETIC), &reward);
+    let negative = dir.join("negative.safetensors");
+    let encode = |text: &str| {
+        ok(&[
+            "embedding",
+            "encode",
+            "--model",
+            SD15,
+            "--text",
+            text,
+            "--out",
+            negative.to_str().unwrap(),
+        ]);
+    };
+    encode("blurry");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "eval",
+            "--model",
+            SD15,
+            "--prompts",
+            tsv.to_str().unwrap(),
+            "--limit",
+            "1",
+            "--steps",
+            "2",
+            "--height",
+            "32",
+            "--width",
+            "32",
+            "--negative",
+            "null",
+            "--negative",
+            negative.to_str().unwrap(),
+            "--reward",
+            "aesthetic",
+            "--reward-model",
+            reward.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| reneg(&args(extra).iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let refused = |what: &str, o: std::process::Output, says: &str| {
+        assert_eq!(o.status.code(), Some(2), "{what}: resumed");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("other settings"), "{extra:?}: {err}");
+        assert!(
+            err.contains("other settings") && err.contains(says),
+            "{what}: wanted {says:?} in {err}"
+        );
+    };
+    let ti = repo!("tests/fixtures/ti/tinyneg.pt");
+    let vae = format!("{SD15}/vae");
+    for (extra, says) in [
+        (vec!["--clip-skip", "1"], "clip_skip=1"),
+        (vec!["--prompt-syntax", "a1111"], "prompt_syntax=a1111"),
+        (
+            vec!["--lora", repo!("tests/fixtures/lora/kohya.safetensors")],
+            "lora",
+        ),
+        (vec!["--embedding", ti], "textual inversion"),
+        (vec!["--vae", &vae], "vae"),
+        (vec!["--precision", "fp16"], "precision \"f32\" -> \"fp16\""),
+        (vec!["--scheduler", "euler"], "sampler"),
+        (vec!["--eta", "0.5"], "eta"),
+    ] {
+        refused(&format!("{extra:?}"), run(&extra), says);
     }
-    // The same settings resume.
-    run_eval(&tsv, &out, &["--limit", "1"]);
+    // Other content under the same paths: a retrained reward model, a re-encoded negative.
+    let head = reward.join("head.safetensors");
+    let original = std::fs::read(&head).unwrap();
+    let mut tensors = candle_core::safetensors::load(&head, &candle_core::Device::Cpu).unwrap();
+    for t in tensors.values_mut() {
+        *t = (&*t * 2.0).unwrap();
+    }
+    candle_core::safetensors::save(&tensors, &head).unwrap();
+    refused(
+        "reward model changed",
+        run(&[]),
+        "the content of reward model",
+    );
+    std::fs::write(&head, original).unwrap();
+    encode("a painting");
+    refused("negative changed", run(&[]), "the content of negative");
+    encode("blurry");
+    // The same settings and files resume (nothing left to do, nothing written again).
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let o = run(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.jsonl")).unwrap(),
+        results
+    );
+    let manifest = std::fs::read_to_string(out.join("eval.json")).unwrap();
+    for key in [
+        "\"precision\": \"f32\"",
+        "\"device\": \"cpu\"",
+        "\"sha256\"",
+        "\"sampler\"",
+    ] {
+        assert!(manifest.contains(key), "{key} not in {manifest}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

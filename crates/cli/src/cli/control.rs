@@ -78,6 +78,29 @@ impl ControlArgs {
     }
 }
 
+impl ControlArgs {
+    /// The ControlNets, their config folder and the control images, by role (for an
+    /// evaluation's manifest).
+    pub fn files(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut v: Vec<(&'static str, PathBuf)> = self
+            .controlnet
+            .iter()
+            .map(|p| ("controlnet", p.clone()))
+            .collect();
+        v.extend(
+            self.controlnet_config
+                .iter()
+                .map(|p| ("controlnet config", p.clone())),
+        );
+        v.extend(
+            self.control_image
+                .iter()
+                .map(|p| ("control image", p.clone())),
+        );
+        v
+    }
+}
+
 /// An image file as 8-bit RGB, optionally preprocessed: (pixels HWC, width, height).
 pub fn read_image(
     path: &Path,

@@ -148,6 +148,40 @@ fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
     Ok(list)
 }
 
+/// The files besides the model that shape this evaluation's images and scores, each stamped
+/// with its content hash: reward models, negatives' embedding files, LoRAs, textual
+/// inversions, a VAE, ControlNets and control images (the prompts' own included).
+fn stamped_files(
+    args: &EvalArgs,
+    specs: &[NegativeSpec],
+    prompts: &[Prompt],
+) -> Result<Vec<eval::FileStamp>> {
+    let mut files: Vec<(&str, PathBuf)> = args
+        .reward_model
+        .iter()
+        .map(|p| ("reward model", p.clone()))
+        .collect();
+    for spec in specs {
+        if let NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) = spec {
+            files.push(("negative", p.clone()));
+        }
+    }
+    files.extend(args.model.files()?);
+    files.extend(args.control.files());
+    files.extend(
+        prompts
+            .iter()
+            .filter_map(|p| p.control_image.clone())
+            .map(|p| ("control image", p)),
+    );
+    files.sort();
+    files.dedup();
+    files
+        .iter()
+        .map(|(role, p)| eval::FileStamp::of(role, p).map_err(lib))
+        .collect()
+}
+
 pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     let specs = args
         .negatives
@@ -262,6 +296,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             ),
         );
     }
+    let files = stamped_files(&args, &specs, &prompt_list)?;
     let manifest = Manifest {
         model: args.model.name()?,
         prompts: prompt_list,
@@ -286,12 +321,22 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             args.control.options(),
         ]
         .concat(),
+        precision: args.precision.name().to_string(),
+        device: match device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu",
+            candle_core::DeviceLocation::Cuda { .. } => "cuda",
+            candle_core::DeviceLocation::Metal { .. } => "metal",
+        }
+        .to_string(),
+        sampler: sd.scheduler.label(),
+        files,
     };
     match Manifest::load(&args.out).map_err(lib)? {
         Some(old) if old != manifest => {
             return Err(user(format!(
-                "{}: holds an evaluation with other settings (prompts, seeds, negatives, rewards or sampling); use another --out, or the same settings to resume",
-                args.out.join(eval::MANIFEST).display()
+                "{}: holds an evaluation with other settings ({}); use another --out, or the same settings to resume",
+                args.out.join(eval::MANIFEST).display(),
+                old.differences(&manifest).join("; ")
             )))
         }
         Some(_) => {}
@@ -502,10 +547,11 @@ pub fn merge(args: MergeArgs) -> Result<()> {
         match &manifest {
             Some(first) if *first != m => {
                 return Err(user(format!(
-                "{}: evaluated with other settings than {}; merge only shards of one evaluation",
-                dir.display(),
-                args.dirs[0].display()
-            )))
+                    "{}: evaluated with other settings than {} ({}); merge only shards of one evaluation",
+                    dir.display(),
+                    args.dirs[0].display(),
+                    first.differences(&m).join("; ")
+                )))
             }
             Some(_) => {}
             None => manifest = Some(m),

@@ -137,6 +137,29 @@ impl ModelArgs {
         v
     }
 
+    /// The files besides the model that change its images, by role: LoRAs, textual
+    /// inversions, the VAE, a single file's config folder (for an evaluation's manifest).
+    pub fn files(&self) -> Result<Vec<(&'static str, PathBuf)>> {
+        let mut v = vec![];
+        for spec in &self.lora {
+            let (file, _) = reneg::lora::parse_spec(spec).map_err(user)?;
+            v.push(("lora", file));
+        }
+        for spec in &self.embeddings {
+            v.push((
+                "textual inversion",
+                reneg::embedding::textual_inversion::parse_spec(spec).1,
+            ));
+        }
+        v.extend(self.vae.iter().map(|p| ("vae", p.clone())));
+        v.extend(
+            self.model_config
+                .iter()
+                .map(|p| ("model config", p.clone())),
+        );
+        Ok(v)
+    }
+
     /// The `--model` value, or the built-in miniature-world pipeline (`builtin`).
     pub fn name(&self) -> Result<String> {
         match &self.model {
