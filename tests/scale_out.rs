@@ -70,6 +70,25 @@ fn prompts() -> Vec<String> {
     TRAIN.iter().map(|s| s.to_string()).collect()
 }
 
+/// A rank's collective that records the micro-batches this rank computed for each step (its
+/// contributions to the exchange).
+struct Recording<'a> {
+    inner: &'a mut dyn Collective,
+    computed: Vec<Vec<usize>>,
+}
+
+impl Collective for Recording<'_> {
+    fn world(&self) -> World {
+        self.inner.world()
+    }
+
+    fn gather(&mut self, step: u64, mine: Vec<Contribution>) -> reneg::Result<Vec<Contribution>> {
+        assert_eq!(step as usize, self.computed.len(), "steps in order");
+        self.computed.push(mine.iter().map(|c| c.index).collect());
+        self.inner.gather(step, mine)
+    }
+}
+
 fn run_rank(cfg: &TrainConfig, collective: &mut dyn Collective) -> Tensor {
     let mut sd = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
     let objective = Objective::new(vec![(aesthetic(), 1.0)]);
@@ -128,7 +147,16 @@ fn world_from_torchrun_variables() {
 #[test]
 fn two_ranks_train_the_single_process_embedding_bit_for_bit() {
     let single_out = tmp("single");
-    let single = run_rank(&config(&single_out, ""), &mut Single);
+    let mut alone = Recording {
+        inner: &mut Single,
+        computed: vec![],
+    };
+    let single = run_rank(&config(&single_out, ""), &mut alone);
+    assert_eq!(
+        alone.computed,
+        vec![vec![0, 1, 2, 3]; 3],
+        "one rank computes all"
+    );
     // train() is the world-size-1 path itself.
     let mut sd = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
     let init = sd.encode_prompt("").unwrap();
@@ -152,7 +180,7 @@ fn two_ranks_train_the_single_process_embedding_bit_for_bit() {
 
     let out = tmp("ranks");
     let exchange = out.join(".dist");
-    let ranks: Vec<Tensor> = std::thread::scope(|s| {
+    let ranks: Vec<(Tensor, Vec<Vec<usize>>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
             .map(|rank| {
                 let (out, exchange) = (out.clone(), exchange.clone());
@@ -167,14 +195,27 @@ fn two_ranks_train_the_single_process_embedding_bit_for_bit() {
                         FileGroup::new(&exchange, world, cfg.micro_batches(), &Device::Cpu)
                             .unwrap()
                             .with_timeout(std::time::Duration::from_secs(300));
-                    run_rank(&cfg, &mut group)
+                    let mut rec = Recording {
+                        inner: &mut group,
+                        computed: vec![],
+                    };
+                    let emb = run_rank(&cfg, &mut rec);
+                    (emb, rec.computed)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (rank, emb) in ranks.iter().enumerate() {
+    for (rank, (emb, computed)) in ranks.iter().enumerate() {
         assert_eq!(max_abs_diff(emb, &single), 0.0, "rank {rank} differs");
+        // Each rank computes only its own share of the four micro-batches of each step (a
+        // rank that computed them all would give the same sums, at twice the cost).
+        let share: Vec<usize> = (0..4).filter(|i| i % 2 == rank).collect();
+        assert_eq!(
+            computed,
+            &vec![share; 3],
+            "rank {rank}'s micro-batches per step"
+        );
     }
     assert!(
         max_abs_diff(&single, &config_init()) > 1e-4,
@@ -288,6 +329,18 @@ fn fp16_autocast_keeps_f32_between_models_and_follows_the_f32_gradient() {
     let x = reneg::rng::randn(3, &[1, 4, 4, 4], DType::F32, &Device::Cpu).unwrap();
     let eps = sd16.unet.forward(&x, 500.0, &cond).unwrap();
     assert_eq!(eps.dtype(), DType::F32);
+    // The f32 out of an fp16 run carries f16's rounding: a run done wholly in f32 would match
+    // the f32 model to f32 rounding (about 1e-7) and fail the lower bounds.
+    let cond32_same = sd32.encode_prompt("a red cube").unwrap();
+    let eps32 = sd32.unet.forward(&x, 500.0, &cond32_same).unwrap();
+    let rel_cond = max_abs_diff(&cond, &cond32_same) / max_abs(&cond32_same);
+    let rel_eps = max_abs_diff(&eps, &eps32) / max_abs(&eps32);
+    println!("fp16 autocast vs f32: text encoding {rel_cond:.2e}, UNet output {rel_eps:.2e}");
+    // Measured: 1.2e-3 and 1.7e-3 (f16 rounds to 4.9e-4 per op).
+    assert!(
+        rel_cond > 1e-4 && rel_cond < 1e-2 && rel_eps > 1e-4 && rel_eps < 1e-2,
+        "text encoding {rel_cond:e}, UNet output {rel_eps:e}"
+    );
     assert_eq!(sd16.decode(&x).unwrap().dtype(), DType::F32);
 
     let objective = Objective::new(vec![(aesthetic(), 1.0)]);
@@ -318,11 +371,17 @@ fn fp16_autocast_keeps_f32_between_models_and_follows_the_f32_gradient() {
         got.rewards[0],
         want.rewards[0]
     );
-    // Measured: 5.5e-2 at both scales, rewards -0.034 vs -0.053. f16 rounds to 4.9e-4; the
+    // Measured: 3.3e-2 and 3.4e-2, rewards -0.050 vs -0.053. f16 rounds to 4.9e-4; the
     // text encoder, UNet and decoder each end 1.3e-3 to 2.2e-3 from f32 here, and guidance
     // (7.5 x (c - u)) and the x0 prediction at t = 201 amplify the UNet's part. A dropped
     // cast or a scale left in the gradient would be off by 100% or by the scale.
     assert!(rel(&got.grad) < 0.08 && rel(&scaled.grad) < 0.08);
+    // ... and not f32's: an fp16 run that ran in f32 would be within about 1e-6.
+    assert!(
+        rel(&got.grad) > 5e-3 && rel(&scaled.grad) > 5e-3,
+        "the fp16 gradient is f32's: {:e}",
+        rel(&got.grad)
+    );
     let between = max_abs_diff(&got.grad, &scaled.grad) / max_abs(&got.grad);
     assert!(
         // Measured 2.5e-3: scaling by a power of two is exact, except where it rescues

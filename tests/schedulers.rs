@@ -1,7 +1,8 @@
 //! Every sampler against diffusers 0.42.1, step for step (`tests/fixtures/schedulers/`, made by
 //! `tools/gen_scheduler_fixtures.py`): from a model's `scheduler_config.json` as SD1.5 and
 //! SD2.1 ship it, the timesteps, sigmas and initial noise scale of a run, then at every step
-//! the UNet's input, the next sample and (where diffusers returns it) the predicted x0, on a
+//! the UNet's input, the next sample and the predicted x0 (every sampler's: see the fixtures'
+//! `pred_original_sample_source` for those whose step() returns none), on a
 //! fake model whose output depends on its input (`0.5 * input + 0.5 * e_i`), so an error at
 //! one step reaches every later one. Stochastic steps get the noise diffusers drew.
 
@@ -124,20 +125,24 @@ fn run_case(name: &str) -> f64 {
             Ok(z)
         };
         let o = s.step(&out, i, &x, &mut noise).unwrap();
-        if let Some(want) = t.get(&format!("pred_original_sample.{i}")) {
-            worst.see(
-                format!("pred_original_sample.{i}"),
-                &o.pred_original_sample,
-                want,
-            );
-            // The stateless x0 ReNeg differentiates is the step's own.
-            let again = s.pred_original_sample(&out, i, &x).unwrap();
-            assert_eq!(
-                max_abs_diff(&again, &o.pred_original_sample),
-                0.0,
-                "{name}: x0 at {i}"
-            );
-        }
+        // Every sampler's x0 (what ReNeg decodes for its reward): the step's own where diffusers
+        // returns one, else diffusers' own conversion (DPM++, UniPC) or, for PNDM, which keeps
+        // none, the training schedule's formula (the case's pred_original_sample_source).
+        let want = t
+            .get(&format!("pred_original_sample.{i}"))
+            .unwrap_or_else(|| panic!("{name}: no pred_original_sample.{i} in the fixture"));
+        worst.see(
+            format!("pred_original_sample.{i}"),
+            &o.pred_original_sample,
+            want,
+        );
+        // The stateless x0 ReNeg differentiates is the step's own.
+        let again = s.pred_original_sample(&out, i, &x).unwrap();
+        assert_eq!(
+            max_abs_diff(&again, &o.pred_original_sample),
+            0.0,
+            "{name}: x0 at {i}"
+        );
         worst.see(
             format!("prev_sample.{i}"),
             &o.prev_sample,

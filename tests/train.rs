@@ -100,7 +100,7 @@ const TRAIN: &[&str] = &[
 
 #[test]
 fn training_step_gradient_equals_each_parity_case() {
-    let mut ran = 0;
+    let mut ran = vec![];
     for dir in common::parity_case_dirs() {
         if !common::is_pipeline_case(&dir) {
             continue;
@@ -166,22 +166,31 @@ fn training_step_gradient_equals_each_parity_case() {
             let want = &exp["grad_negative_prompt_embeds"];
             let diff = max_abs_diff(&r.grad, want);
             let scale = max_abs(want).max(1e-30);
+            let loss = exp["loss"].to_scalar::<f32>().unwrap() as f64;
+            let loss_err = (r.loss - loss).abs() / loss.abs().max(1.0);
             println!(
-                "{} ({backward:?}): training-step gradient max rel err {:.3e}",
+                "{} ({backward:?}): training-step gradient max rel err {:.3e}, loss {loss_err:.3e}",
                 dir.display(),
                 diff / scale
             );
-            assert!(diff / scale < 1e-3, "{}: {}", dir.display(), diff / scale);
-            let loss = exp["loss"].to_scalar::<f32>().unwrap() as f64;
-            assert!(
-                (r.loss - loss).abs() <= 1e-4 * loss.abs().max(1.0),
-                "loss {} vs {loss}",
-                r.loss
-            );
+            // Measured on the committed cases: gradient at most 2.0e-5 (CI's output at d286acd,
+            // both kernel choices), loss at most 2.1e-5 of max(|loss|, 1); cases given
+            // through RENEG_PARITY_DIRS keep the documented 1e-3 for the gradient.
+            let (tol, loss_tol) = if common::is_committed_case(&dir) {
+                (2e-4, 1e-4)
+            } else {
+                (1e-3, 1e-4)
+            };
+            assert!(diff / scale < tol, "{}: {}", dir.display(), diff / scale);
+            assert!(loss_err <= loss_tol, "loss {} vs {loss}", r.loss);
         }
-        ran += 1;
+        ran.push(dir.clone());
     }
-    assert!(ran >= 3);
+    let missing = common::missing_cases(&common::COMMITTED_PIPELINE_CASES, &ran);
+    assert!(
+        missing.is_empty(),
+        "committed cases that did not run: {missing:?}"
+    );
 }
 
 fn prompt_file(name: &str) -> Vec<String> {
@@ -246,11 +255,42 @@ fn hundred_steps_raise_the_held_out_reward_above_null_text() {
     assert_eq!(lines.lines().count(), 100);
 }
 
-fn run(cfg: &TrainConfig, resume: bool, stop_after: Option<u64>) -> Tensor {
+/// The tiny aesthetic reward, counting the batches it scores.
+struct CountingReward {
+    inner: Box<dyn Reward>,
+    calls: std::rc::Rc<Cell<usize>>,
+}
+
+impl Reward for CountingReward {
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+    fn score(&self, images: &Tensor, prompts: &[String]) -> reneg::Result<Tensor> {
+        self.calls.set(self.calls.get() + 1);
+        self.inner.score(images, prompts)
+    }
+}
+
+/// What a run did: its embedding, the step it began at, the steps `on_step` saw, and how
+/// many batches the reward scored (one per micro-batch of every step computed).
+struct Ran {
+    embedding: Tensor,
+    started_at: u64,
+    steps: Vec<u64>,
+    scored: usize,
+}
+
+fn run(cfg: &TrainConfig, resume: bool, stop_after: Option<u64>) -> Ran {
     let mut sd = tiny();
-    let objective = Objective::new(vec![(aesthetic(), 1.0)]);
+    let calls = std::rc::Rc::new(Cell::new(0));
+    let reward = CountingReward {
+        inner: aesthetic(),
+        calls: calls.clone(),
+    };
+    let objective = Objective::new(vec![(Box::new(reward) as Box<dyn Reward>, 1.0)]);
     let init = sd.encode_prompt("").unwrap();
-    train(
+    let mut steps = vec![];
+    let outcome = train(
         cfg,
         &mut sd,
         &objective,
@@ -261,6 +301,7 @@ fn run(cfg: &TrainConfig, resume: bool, stop_after: Option<u64>) -> Tensor {
         init,
         resume,
         |m, _| {
+            steps.push(m.step);
             if stop_after == Some(m.step) {
                 ControlFlow::Break(())
             } else {
@@ -268,30 +309,62 @@ fn run(cfg: &TrainConfig, resume: bool, stop_after: Option<u64>) -> Tensor {
             }
         },
     )
-    .unwrap()
-    .embedding
+    .unwrap();
+    Ran {
+        embedding: outcome.embedding,
+        started_at: outcome.started_at,
+        steps,
+        scored: calls.get(),
+    }
 }
 
+/// Catches a resume that restarts from step 0 (a deterministic restart ends with the same
+/// files): the resumed run must begin at the checkpoint's step, compute no earlier step, and
+/// leave the metrics of the steps before it as the first run wrote them.
 #[test]
 fn interrupted_and_resumed_run_ends_bit_for_bit_equal() {
     let a = tmp("whole");
     let whole = run(&config(&a, "steps = 6\ncheckpoint_every = 2"), false, None);
+    assert_eq!((whole.started_at, whole.steps.len()), (0, 6));
     let b = tmp("resumed");
     let cfg = config(&b, "steps = 6\ncheckpoint_every = 2");
     // Interrupted after step index 4 (5 steps done); the last checkpoint holds 4.
-    run(&cfg, false, Some(4));
+    let first = run(&cfg, false, Some(4));
+    assert_eq!(first.steps, [0, 1, 2, 3, 4]);
     assert_eq!(
         Checkpoint::load(&b.join("checkpoint.safetensors"))
             .unwrap()
             .step,
         4
     );
-    let resumed = run(&cfg, true, None);
-    let diff = max_abs_diff(&whole, &resumed);
-    assert_eq!(diff, 0.0, "resumed run differs");
-    let steps: Vec<u64> = std::fs::read_to_string(b.join("metrics.jsonl"))
+    // Each line holds its step's wall time: a step run again writes another line.
+    let before: Vec<String> = std::fs::read_to_string(b.join("metrics.jsonl"))
         .unwrap()
         .lines()
+        .map(String::from)
+        .collect();
+    let resumed = run(&cfg, true, None);
+    assert_eq!(resumed.started_at, 4, "the resumed run's first step");
+    assert_eq!(resumed.steps, [4, 5], "steps the resumed run computed");
+    assert_eq!(
+        resumed.scored,
+        2 * cfg.micro_batches(),
+        "reward batches of the resumed run: two steps' micro-batches"
+    );
+    let diff = max_abs_diff(&whole.embedding, &resumed.embedding);
+    assert_eq!(diff, 0.0, "resumed run differs");
+    let after: Vec<String> = std::fs::read_to_string(b.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        after[..4],
+        before[..4],
+        "the metrics of steps 0-3 are the first run's, not written again"
+    );
+    let steps: Vec<u64> = after
+        .iter()
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
                 .as_u64()

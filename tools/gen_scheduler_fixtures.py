@@ -22,10 +22,12 @@ pipelines' loop:
 Writes, per case, under --out:
     <case>.json          case, class, source_config, overrides, effective_config (the scheduler's resolved
                          config), steps, eta (DDIM only), timesteps, sigmas (null when the class has none),
-                         init_noise_sigma, model_output_formula, the seeds, diffusers_version, torch_version
+                         init_noise_sigma, model_output_formula, the seeds, diffusers_version, torch_version,
+                         pred_original_sample_source (DPM++, UniPC, PNDM: where their x0 comes from)
     <case>.safetensors   float32 [1, 4, 6, 5]: noise (x_T before scaling by init_noise_sigma); for every step
-                         index i: model_input.i, e.i, model_output.i, prev_sample.i, pred_original_sample.i (when
-                         the step returns one) and step_noise.i (the exact tensor a stochastic step drew through
+                         index i: model_input.i, e.i, model_output.i, prev_sample.i, pred_original_sample.i (the
+                         step's own; DPM++ and UniPC: their convert_model_output, which step() does not
+                         return; PNDM: the alphas_cumprod formula) and step_noise.i (the exact tensor a stochastic step drew through
                          diffusers.utils.torch_utils.randn_tensor; absent when nothing was drawn)
 """
 import argparse
@@ -117,6 +119,30 @@ class NoiseRecorder:
         return out
 
 
+# Where each class's pred_original_sample.i comes from, for the samplers whose step() returns none.
+X0_SOURCE = {
+    DPMSolverMultistepScheduler: "convert_model_output (the solver's own data prediction), before step",
+    UniPCMultistepScheduler: "convert_model_output (the solver's own data prediction, predict_x0), before step",
+    PNDMScheduler: "alphas_cumprod[t] formula: (sample - sqrt(1 - a) * eps) / sqrt(a), or "
+    "sqrt(a) * sample - sqrt(1 - a) * v for v_prediction (PNDM keeps no x0 of its own)",
+}
+
+
+def reference_x0(sched, cls, model_output, t, sample):
+    """The predicted x0 of a step whose step() returns none, from diffusers' own conversion where the class
+    has one (the multistep solvers) or from the training schedule (PNDM); None for the other classes."""
+    if cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        if sched.step_index is None:
+            sched._init_step_index(t)
+        return sched.convert_model_output(model_output, sample=sample)
+    if cls is PNDMScheduler:
+        a = sched.alphas_cumprod[int(t)]
+        if sched.config.prediction_type == "v_prediction":
+            return a.sqrt() * sample - (1 - a).sqrt() * model_output
+        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
+    return None
+
+
 def jsonable(value):
     try:
         json.dumps(value)
@@ -163,12 +189,15 @@ def run_case(index, name, cls, source, overrides, steps, eta):
             model_output = 0.5 * model_input + 0.5 * es[i]
             if recorder is not None:
                 recorder.drawn.clear()
+            x0 = reference_x0(sched, cls, model_output, t, sample)
             out = sched.step(model_output, t, sample, **kwargs)
             tensors[f"model_input.{i}"] = model_input
             tensors[f"e.{i}"] = es[i]
             tensors[f"model_output.{i}"] = model_output
             tensors[f"prev_sample.{i}"] = out.prev_sample
             pred = getattr(out, "pred_original_sample", None)
+            if pred is None:
+                pred = x0
             if pred is not None:
                 tensors[f"pred_original_sample.{i}"] = pred
             if recorder is not None and recorder.drawn:
@@ -201,6 +230,8 @@ def run_case(index, name, cls, source, overrides, steps, eta):
     }
     if cls is DDIMScheduler:
         meta["eta"] = eta
+    if cls in X0_SOURCE:
+        meta["pred_original_sample_source"] = X0_SOURCE[cls]
     meta.update(
         {
             "timesteps": [float(x) for x in timesteps],

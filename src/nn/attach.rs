@@ -16,7 +16,28 @@ use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, Var,
 };
+use std::cell::Cell;
 use std::sync::Mutex;
+
+thread_local! {
+    /// (blocks checkpointed, blocks recomputed) by [`checkpoint2`] on this thread: what
+    /// checkpointing is for, counted so tests can see that it happens (its gradients are the
+    /// same with or without it).
+    static CHECKPOINTED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// Blocks this thread has checkpointed (kept without their graph) and recomputed in a
+/// backward so far.
+pub fn checkpoint_counts() -> (u64, u64) {
+    CHECKPOINTED.with(Cell::get)
+}
+
+fn count_checkpoint(kept: u64, recomputed: u64) {
+    CHECKPOINTED.with(|c| {
+        let (k, r) = c.get();
+        c.set((k + kept, r + recomputed));
+    });
+}
 
 /// The input-gradient function of an attached value.
 /// Called with the output gradient and the op's own output.
@@ -259,7 +280,9 @@ pub fn checkpoint2(
         // Trainable weights inside the block: their gradients need the block's own graph.
         return f(x, ctx);
     }
+    count_checkpoint(1, 0);
     let backward = move |g: &Tensor| -> Result<(Option<Tensor>, Option<Tensor>)> {
+        count_checkpoint(0, 1);
         let xv = Var::from_tensor(&xd)?;
         let cv = Var::from_tensor(&cd)?;
         let (xi, ci) = (

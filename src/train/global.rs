@@ -43,6 +43,8 @@ pub struct Validation {
 /// What a finished run returns.
 pub struct TrainOutcome {
     pub embedding: Tensor,
+    /// The step this run began at: 0, or the checkpoint's step when it resumed.
+    pub started_at: u64,
     pub steps_done: u64,
     pub skipped: u64,
     pub last_validation: Option<Validation>,
@@ -407,6 +409,7 @@ pub fn train_in_group(
             // Stopped by the caller (an interruption): the run resumes from the last checkpoint.
             return Ok(TrainOutcome {
                 embedding: emb,
+                started_at: start,
                 steps_done: done,
                 skipped,
                 last_validation: last_val,
@@ -418,6 +421,7 @@ pub fn train_in_group(
     }
     Ok(TrainOutcome {
         embedding: emb,
+        started_at: start,
         steps_done: cfg.steps,
         skipped,
         last_validation: last_val,

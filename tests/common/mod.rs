@@ -254,6 +254,41 @@ fn find_cases(root: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
 
 /// Every parity case folder: `tests/fixtures/parity/` and each path in `RENEG_PARITY_DIRS`
 /// (colon-separated).
+/// The parity cases committed under tests/fixtures/parity, by folder: each must run (a case
+/// that silently dropped out would leave its claims unchecked).
+pub const COMMITTED_PIPELINE_CASES: [&str; 7] = [
+    "controlnet-sd15-tiny",
+    "controlnet-sd2-tiny",
+    "sd-variant",
+    "sd15-tiny",
+    "sd2-tiny",
+    "text2video-ms-tiny",
+    "text2video-zs-tiny",
+];
+pub const COMMITTED_REWARD_CASES: [&str; 4] = [
+    "reward-aesthetic",
+    "reward-hfclip",
+    "reward-openclip-gelu",
+    "reward-openclip-quickgelu",
+];
+
+/// Whether `dir` is one of the committed cases (not one given through RENEG_PARITY_DIRS).
+pub fn is_committed_case(dir: &Path) -> bool {
+    dir.parent() == Some(Path::new("tests/fixtures/parity"))
+}
+
+/// The committed cases of `names` missing from `ran` (case folders that ran).
+pub fn missing_cases(names: &[&str], ran: &[std::path::PathBuf]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|n| {
+            !ran.iter()
+                .any(|d| is_committed_case(d) && d.file_name().is_some_and(|f| f == **n))
+        })
+        .map(|n| n.to_string())
+        .collect()
+}
+
 pub fn parity_case_dirs() -> Vec<std::path::PathBuf> {
     let mut roots = vec![std::path::PathBuf::from("tests/fixtures/parity")];
     if let Ok(extra) = std::env::var("RENEG_PARITY_DIRS") {

@@ -26,6 +26,32 @@ const CN2: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/pipeline/cont
 const CN2_IMAGE: &str = repo!("tests/fixtures/parity/controlnet-sd2-tiny/control.png");
 const T2V: &str = repo!("tests/fixtures/parity/text2video-ms-tiny/pipeline");
 const SD21_EMB: &str = repo!("../shared/data/reneg-official/sd2.1_reneg_emb.bin");
+const MALICIOUS: &str = repo!("tests/fixtures/embedding/malicious.pt");
+const LEGACY: &str = repo!("tests/fixtures/embedding/legacy_format.pt");
+const TORCH_SAVED: &str = repo!("tests/fixtures/embedding/torch_saved.pt");
+
+/// The files the table's cases point at must exist: a case naming a missing file would pass on
+/// "file not found", whose message names the file too, and never reach its check.
+fn assert_fixtures_exist() {
+    for f in [
+        SD15,
+        AESTHETIC,
+        HPS,
+        CN15,
+        CN2,
+        CN2_IMAGE,
+        T2V,
+        MALICIOUS,
+        LEGACY,
+        TORCH_SAVED,
+    ] {
+        assert!(Path::new(f).exists(), "fixture {f} is missing");
+    }
+    assert!(
+        Path::new(SD21_EMB).is_file(),
+        "{SD21_EMB} is missing: the official embeddings come from ../shared/data (beside the repository)"
+    );
+}
 
 fn tempdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("reneg-bad-{tag}-{}", std::process::id()));
@@ -53,6 +79,7 @@ fn save(path: &Path, t: Tensor) {
 
 #[test]
 fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
+    assert_fixtures_exist();
     let d = tempdir("table");
     let p = |name: &str| d.join(name).to_str().unwrap().to_string();
     // Files the cases point at.
@@ -190,7 +217,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {T2V} --prompt x --frames 0 --out {{out}}"), "--frames".into()),
         (format!("generate --model {T2V} --prompt x --fps 0 --out {{out}}"), "--fps".into()),
         (format!("generate --model {T2V} --controlnet {CN15}/pipeline/controlnet --control-image {CN15}/control.png --prompt x --out {{out}}"), "makes videos".into()),
-        (format!("generate --model {T2V} --prompt x --negative-embedding {SD21_EMB} --out {{out}}"), "sd2.1_reneg_emb.bin".into()),
+        (format!("generate --model {T2V} --prompt x --negative-embedding {SD21_EMB} --out {{out}}"), "embedding is [1, 77, 1024]".into()),
         (format!("train --model {SD15} --frames 3 --reward aesthetic --reward-model {AESTHETIC} --prompts {} --out {{out}}", p("prompts.txt")), "--frames".into()),
         (format!("eval --model {SD15} --prompt x --frames 3 --negative null --reward aesthetic --reward-model {AESTHETIC} --out {{out}}"), "--frames".into()),
         // eval
@@ -218,15 +245,16 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("embedding inspect {}", p("garbage.safetensors")), "garbage.safetensors".into()),
         (format!("embedding inspect {}", p("empty-emb.safetensors")), "empty-emb.safetensors".into()),
         (format!("embedding inspect {}", p("rank4.safetensors")), "rank4.safetensors".into()),
-        ("embedding inspect tests/fixtures/embedding/malicious.pt".into(), "malicious.pt".into()),
-        ("embedding inspect tests/fixtures/embedding/legacy_format.pt".into(), "legacy_format.pt".into()),
+        // The refusals themselves, not a missing file's message (which names the file too).
+        (format!("embedding inspect {MALICIOUS}"), "never code".into()),
+        (format!("embedding inspect {LEGACY}"), "legacy (pre-1.6) PyTorch format".into()),
         (format!("embedding import {} --out {{out}}/e.safetensors", p("truncated.pt")), "truncated.pt".into()),
         (format!("embedding export {} --format pt --out {{out}}/e.pt", p("ints.safetensors")), "ints.safetensors".into()),
         (format!("embedding encode --model {} --text x --out {{out}}/e.safetensors", p("empty-dir")), "model_index.json".into()),
         // mini
         (format!("mini experiment --mini {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
         // the kernel switch
-        ("embedding inspect tests/fixtures/embedding/torch_saved.pt RENEG_KERNELS=fast".into(), "RENEG_KERNELS".into()),
+        (format!("embedding inspect {TORCH_SAVED} RENEG_KERNELS=fast"), "RENEG_KERNELS".into()),
     ];
     assert!(cases.len() >= 40, "{} cases", cases.len());
     let mut failures = vec![];

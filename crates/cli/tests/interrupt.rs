@@ -25,7 +25,8 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
-fn run(args: &[String]) {
+/// Runs `args` to the end; returns what it printed.
+fn run(args: &[String]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
         .args(args)
         .output()
@@ -35,6 +36,7 @@ fn run(args: &[String]) {
         "{args:?}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Starts `args`, kills it with SIGKILL after `after`, and waits for it. Returns whether it
@@ -181,11 +183,35 @@ fn killed_train_resumes_to_the_uninterrupted_embedding() {
         kills += usize::from(kill_after(&a, Duration::from_millis(ms)));
         assert_readable(&cut);
     }
+    // The last resume continues the last checkpoint: it says so, and the metrics of the steps
+    // before it stay as written (each line holds its step's wall time, so a run that
+    // restarted from step 0 would rewrite them with other times).
+    let at = reneg::train::checkpoint::Checkpoint::load(&cut.join("checkpoint.safetensors"))
+        .unwrap()
+        .step;
+    let metric_lines = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    };
+    let before = metric_lines(&cut);
     let mut a = args(&cut);
     a.push("--resume".into());
-    run(&a);
-    println!("train: {kills} kill(s) landed while running");
+    let said = run(&a);
+    println!("train: {kills} kill(s) landed while running; the last resume at step {at}");
     assert!(kills >= 2, "the kills came too late to test anything");
+    assert!(at > 0 && at < 40, "checkpoint step {at}");
+    assert!(
+        said.contains(&format!("resumed at step {at}")),
+        "the resumed run began elsewhere than step {at}: {said}"
+    );
+    assert_eq!(
+        metric_lines(&cut)[..at as usize],
+        before[..at as usize],
+        "the steps before the checkpoint were run again"
+    );
     let finals = |f: &Path| {
         let n = f.file_name().unwrap().to_string_lossy();
         n == "embedding.safetensors" || n == "embedding.bin" || n == "metrics.jsonl"

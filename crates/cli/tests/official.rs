@@ -151,6 +151,38 @@ fn generate(case: &Path, controlnet: &Path, out: &Path, negative: Option<&str>) 
         .data
 }
 
+/// What the library's guidance makes of the official embedding as the negative, through the
+/// ControlNet folder: the pixels `generate` must write (the library's guidance through a
+/// ControlNet matches diffusers on the parity cases, with the negative in both networks'
+/// unconditional half).
+fn library_image(case: &Path) -> Vec<u8> {
+    let (dev, dtype) = (Device::Cpu, DType::F32);
+    let mut sd = reneg::StableDiffusion::load(&case.join("pipeline"), dtype, &dev).unwrap();
+    let cn = reneg::control::load(&case.join("pipeline/controlnet"), None, dtype, &dev).unwrap();
+    let rgb = reneg::io::read_png(&case.join("control.png")).unwrap();
+    let image =
+        reneg::control::image_tensor(&rgb.data, rgb.width as usize, rgb.height as usize, &dev)
+            .unwrap();
+    sd.add_controlnet(cn, image, 1.0, &case.join("pipeline/controlnet"))
+        .unwrap();
+    let official = reneg::embedding::NegativeEmbedding::load(Path::new(SD15_EMB)).unwrap();
+    let cond = sd.encode_prompt("a cat on a chair").unwrap();
+    let shape = [
+        vec![1],
+        sd.latent_shape(rgb.height as usize, rgb.width as usize, None)
+            .unwrap(),
+    ]
+    .concat();
+    let noise = reneg::rng::randn(0, &shape, dtype, &dev).unwrap();
+    let latents = sd
+        .sample(noise, 3, &cond, &official.tensor, 7.5, &[0], |_, _| {})
+        .unwrap();
+    let pixels = sd.decode(&latents).unwrap();
+    reneg::io::Rgb::from_pixels(&pixels.get(0).unwrap())
+        .unwrap()
+        .data
+}
+
 #[test]
 fn official_sd15_embedding_through_a_controlnet_folder_and_single_file() {
     let case = wide_controlnet_case();
@@ -168,5 +200,21 @@ fn official_sd15_embedding_through_a_controlnet_folder_and_single_file() {
             null, official,
             "{tag}: the official embedding changes the image"
         );
+        if tag == "folder" {
+            // The image is the official embedding used as the negative (not merely some
+            // change): a negative misread, left out of the ControlNet or used as the prompt
+            // would give other pixels.
+            let want = library_image(&case);
+            let worst = official
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            let differ = official.iter().zip(&want).filter(|(a, b)| a != b).count();
+            println!("generate vs the library's guidance: {differ} of {} values differ, by at most {worst}", want.len());
+            assert_eq!(official.len(), want.len());
+            assert!(worst <= 1, "generate's image is off by {worst} levels");
+        }
     }
 }

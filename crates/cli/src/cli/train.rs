@@ -459,8 +459,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     )
     .map_err(lib)?;
     bar.finish_and_clear();
+    // Where the run began says whether --resume continued the checkpoint (and the interrupt
+    // tests read it).
+    let began = match outcome.started_at {
+        0 => String::new(),
+        k => format!(", resumed at step {k}"),
+    };
     println!(
-        "trained {} steps ({} skipped); embedding: {}",
+        "trained {} steps ({} skipped{began}); embedding: {}",
         outcome.steps_done,
         outcome.skipped,
         cfg.out.join("embedding.safetensors").display()
