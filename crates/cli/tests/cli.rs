@@ -978,6 +978,49 @@ fn train_with_checkpointing_on_learns_what_off_learns() {
     );
 }
 
+/// A run whose output is not a terminal (a log file, a Slurm job) still shows its progress:
+/// plain lines on stdout with the step, the loss and reward, and the time left, at most every
+/// 30 seconds (RENEG_PROGRESS_SECONDS; 0 here: a line at every step).
+#[test]
+fn train_progress_reaches_a_log() {
+    let dir = tempdir("train-log");
+    let run = |tag: &str, every: Option<&str>| -> String {
+        let out = dir.join(tag);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_reneg"));
+        cmd.args(train_args(out.to_str().unwrap(), &["--steps", "3"]));
+        match every {
+            Some(s) => cmd.env("RENEG_PROGRESS_SECONDS", s),
+            None => cmd.env_remove("RENEG_PROGRESS_SECONDS"),
+        };
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let said = run("every-step", Some("0"));
+    let lines: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("training step "))
+        .collect();
+    assert_eq!(lines.len(), 3, "{said}");
+    for (k, l) in lines.iter().enumerate() {
+        assert!(
+            l.starts_with(&format!("training step {}/3 (loss ", k + 1))
+                && l.contains(", reward ")
+                && l.contains(" so far, "),
+            "{l}"
+        );
+    }
+    assert!(
+        lines[0].ends_with("time left not known yet"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[2].ends_with("about 0s left"), "{}", lines[2]);
+    // At the default interval a run of a few seconds writes none.
+    let quiet = run("default", None);
+    assert!(!quiet.contains("training step "), "{quiet}");
+}
+
 /// Training through another sampler's x0 prediction runs and records the sampler; the
 /// paper's DDIM stays the default.
 #[test]

@@ -11,7 +11,6 @@ use super::{
 };
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
 use reneg::prompts::{self, Prompt};
 use reneg::train::per_sample::adapt;
@@ -213,12 +212,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             seed: args.seed + i as u64,
         })
         .collect();
-    let bar = ProgressBar::new((jobs.len() * args.steps) as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
+    let bar = super::progress::Progress::new(
+        (jobs.len() * args.steps) as u64,
+        "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        "sampling step",
     );
     let mut jsonl = std::fs::OpenOptions::new()
         .create(true)
@@ -412,7 +409,7 @@ fn save_clip(
     fps: u32,
     params: &str,
     ffmpeg: Option<&Path>,
-    bar: &ProgressBar,
+    bar: &super::progress::Progress,
 ) -> Result<Clip> {
     let n = video.dim(1)?;
     let frames_dir = format!("{stem}-frames");

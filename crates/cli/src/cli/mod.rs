@@ -7,6 +7,7 @@ pub mod embedding;
 pub mod eval;
 pub mod generate;
 pub mod mini;
+pub mod progress;
 pub mod rewards;
 pub mod score;
 pub mod train;

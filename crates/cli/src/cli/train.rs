@@ -5,7 +5,6 @@ use super::rewards::RewardArg;
 use super::{device, lib, setup_precision, user, Precision};
 use anyhow::Result;
 use candle_core::DType;
-use indicatif::{ProgressBar, ProgressStyle};
 use reneg::embedding::NegativeEmbedding;
 use reneg::train::config::{Init, TrainConfig};
 use reneg::train::global::{self, Prompts};
@@ -398,12 +397,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
             e.tensor
         }
     };
-    let bar = ProgressBar::new(cfg.steps);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} step {pos}/{len} {msg} {per_sec} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
+    let bar = super::progress::Progress::new(
+        cfg.steps,
+        "{bar:30} step {pos}/{len} {msg} {per_sec} [{elapsed_precise}<{eta_precise}]",
+        "training step",
     );
     let mut collective: Box<dyn reneg::train::distributed::Collective> = if world.world_size > 1 {
         let dir = std::env::var_os("RENEG_DIST_DIR")
@@ -446,8 +443,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
         a.resume,
         collective.as_mut(),
         |m, v| {
+            // The message first: a log line goes out with the position.
+            bar.set_message(format!("loss {:.4}, reward {:.4}", m.loss, m.reward_mean));
             bar.set_position(m.step + 1);
-            bar.set_message(format!("reward {:.4}", m.reward_mean));
             if let Some(v) = v {
                 bar.println(format!(
                     "step {}: validation reward {:.4} (null text {:.4})",
