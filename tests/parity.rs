@@ -602,8 +602,8 @@ fn parity_cases() {
     run_cases(&test_device(), test_dtype(), false);
 }
 
-/// fp16 autocast on the CPU, asserted against PyTorch's autocast on every pipeline case (each
-/// must have its `autocast.safetensors`).
+/// fp16 autocast on the CPU, asserted against PyTorch's autocast on every pipeline case that has
+/// its `autocast.safetensors` (the committed ones all do); the others are named.
 #[test]
 fn autocast_fp16_parity() {
     run_cases(&Device::Cpu, DType::F16, true);
@@ -624,6 +624,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
     let mut failures = vec![];
     let mut errors: Vec<(String, f64)> = vec![];
     let mut ran: Vec<std::path::PathBuf> = vec![];
+    let mut without_autocast: Vec<String> = vec![];
     for dir in cases {
         let name = dir.display().to_string();
         let meta: serde_json::Value =
@@ -651,16 +652,18 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
             continue;
         }
         println!("case {name} ({kind})");
+        // A case in the shared format carries no autocast references (they are this project's
+        // own extension, docs/parity-autocast.md): parity_cases checks it in f32; here it is
+        // named, not failed. The committed cases have them (each must run, below).
+        if !strict && kind == "pipeline" && autocast_references(&dir, dtype).is_empty() {
+            println!("  no {dtype:?} autocast references: checked in f32 only (parity_cases)");
+            without_autocast.push(name);
+            continue;
+        }
         // A case that cannot even load (an unsupported config, say) fails by name; the
         // remaining cases still run.
         let outcome = std::panic::catch_unwind(|| {
             let autocast = autocast_references(&dir, dtype);
-            if !strict && kind == "pipeline" && autocast.is_empty() {
-                panic!(
-                    "no {dtype:?} autocast references in {}/autocast.safetensors; write them with tools/gen_autocast.py",
-                    dir.display()
-                );
-            }
             let mut report = Report {
                 case: name.clone(),
                 failures: vec![],
@@ -694,6 +697,16 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
         ran.push(dir.clone());
     }
     println!("parity: {} case(s) run", ran.len());
+    if !strict {
+        println!(
+            "cases without {dtype:?} autocast references (tools/gen_autocast.py writes them): {}",
+            if without_autocast.is_empty() {
+                "none".to_string()
+            } else {
+                without_autocast.join(", ")
+            }
+        );
+    }
     if !strict {
         // The largest error of each tensor over all cases, for the record.
         let mut worst: Vec<(String, f64)> = vec![];

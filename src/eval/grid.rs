@@ -2,23 +2,12 @@
 //! the mean reward per negative with its interval, titled, with axes and a legend naming
 //! each negative (`crate::chart` holds the font).
 
-use super::report::Report;
+use super::report::{Report, COLOURS};
 use super::Manifest;
 use crate::error::{Error, Result};
 use crate::io::{read_png, write_png, Rgb};
 use plotters::prelude::*;
 use std::path::Path;
-
-/// Bar colours, cycled over the negatives, and their names for the report.
-pub const COLOURS: [(u8, u8, u8); 6] = [
-    (120, 120, 120),
-    (230, 140, 40),
-    (50, 110, 200),
-    (60, 160, 80),
-    (170, 70, 160),
-    (200, 60, 60),
-];
-pub const COLOUR_NAMES: [&str; 6] = ["grey", "orange", "blue", "green", "purple", "red"];
 
 /// Prompts per grid file, and the most prompts shown in grids at all.
 const ROWS_PER_GRID: usize = 8;

@@ -5,6 +5,7 @@
 
 pub mod grid;
 pub mod negative;
+pub mod output;
 pub mod report;
 pub mod stats;
 

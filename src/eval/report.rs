@@ -1,11 +1,21 @@
-//! The comparison report: `report.json`, `report.md`, image grids and a bar chart, all built
-//! from the manifest and the records alone (so shards merged give the unsharded report).
+//! The comparison report: its numbers (`report.json`) and their markdown (`report.md`), built
+//! from the manifest and the records alone (so shards merged give the unsharded report);
+//! [`super::output`] writes them with the grids and the chart.
 
 use super::stats::{self, Summary};
 use super::{Manifest, Record};
-use crate::error::{Error, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+
+/// The negatives' colours in the chart (`super::grid` draws with them; the report names them).
+pub const COLOURS: [(u8, u8, u8); 6] = [
+    (120, 120, 120),
+    (230, 140, 40),
+    (50, 110, 200),
+    (60, 160, 80),
+    (170, 70, 160),
+    (200, 60, 60),
+];
+pub const COLOUR_NAMES: [&str; 6] = ["grey", "orange", "blue", "green", "purple", "red"];
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Row {
@@ -212,7 +222,7 @@ pub fn markdown(r: &Report, m: &Manifest) -> String {
             r.negatives
                 .iter()
                 .enumerate()
-                .map(|(j, n)| format!("{} = `{n}`", super::grid::COLOUR_NAMES[j % super::grid::COLOURS.len()]))
+                .map(|(j, n)| format!("{} = `{n}`", COLOUR_NAMES[j % COLOURS.len()]))
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
@@ -224,24 +234,4 @@ pub fn markdown(r: &Report, m: &Manifest) -> String {
         }
     }
     s
-}
-
-/// Writes `report.json`, `report.md`, the grids and the chart into `dir` (atomically).
-pub fn write(dir: &Path, m: &Manifest, records: Vec<Record>) -> Result<Report> {
-    let mut r = build(m, records);
-    r.grids = super::grid::write_grids(dir, m)?;
-    if r.units_complete > 0 {
-        super::grid::bar_chart(&r, &dir.join("chart.png"))?;
-        r.bar_chart = Some("chart.png".into());
-    }
-    let json = serde_json::to_string_pretty(&r).expect("report serialises");
-    crate::io::write_atomic(&dir.join("report.json"), json.as_bytes())?;
-    crate::io::write_atomic(&dir.join("report.md"), markdown(&r, m).as_bytes())?;
-    if r.units_complete == 0 {
-        return Err(Error::Invalid(format!(
-            "{}: no unit has a score for every negative and reward yet",
-            dir.display()
-        )));
-    }
-    Ok(r)
 }

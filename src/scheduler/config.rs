@@ -2,11 +2,35 @@
 //! sampler class: the keys that class takes, its own defaults for the others, and a refusal
 //! (naming the file, key and value) for settings reneg does not implement.
 
-use super::schedule::{BetaSchedule, PredictionType, TimestepSpacing};
 use crate::error::{read_json, Error, Result};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    #[serde(rename = "squaredcos_cap_v2")]
+    SquaredCosCapV2,
+}
 
 /// The samplers reneg implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

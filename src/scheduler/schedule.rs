@@ -3,33 +3,10 @@
 //! diffusers computes them (float32 tables, numpy's float64 interpolation).
 
 use super::config::{FinalSigma, SchedulerConfig, SchedulerKind};
+// The config's values, here by their old path too (the schedule reads the config; the config
+// never reads the schedule).
+pub use super::config::{BetaSchedule, PredictionType, TimestepSpacing};
 use crate::error::{Error, Result};
-use serde::Deserialize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictionType {
-    Epsilon,
-    VPrediction,
-    Sample,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TimestepSpacing {
-    Leading,
-    Trailing,
-    Linspace,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BetaSchedule {
-    Linear,
-    ScaledLinear,
-    #[serde(rename = "squaredcos_cap_v2")]
-    SquaredCosCapV2,
-}
 
 /// The schedule of one config, and the timesteps and sigmas of the current run.
 #[derive(Debug, Clone)]

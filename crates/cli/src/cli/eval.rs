@@ -9,7 +9,6 @@ use super::{
 };
 use anyhow::Result;
 use candle_core::{DType, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
 use reneg::prompts::{self, Prompt};
 use reneg::train::per_sample::adapt;
@@ -373,12 +372,10 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         loss_scale: 1.0,
     };
     let adapt_cfg = args.adapt.config(args.steps);
-    let bar = ProgressBar::new(todo.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} images {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
+    let bar = super::progress::Progress::new(
+        todo.len() as u64,
+        "{bar:30} {pos}/{len} images {msg} [{elapsed_precise}<{eta_precise}]",
+        "evaluation image",
     );
     if !done.is_empty() {
         bar.println(format!(
@@ -503,7 +500,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
 /// Writes the report of `dir` and prints where it is; a shard's report covers its own units.
 fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
     let records = eval::load_records(dir).map_err(lib)?;
-    let r = eval::report::write(dir, manifest, records).map_err(lib)?;
+    let r = eval::output::write(dir, manifest, records).map_err(lib)?;
     let note = match shard {
         Some(s) => format!(
             " (shard {}/{}: merge the shards with `reneg eval merge`)",
