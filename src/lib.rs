@@ -10,6 +10,7 @@ pub mod control;
 pub mod embedding;
 pub mod error;
 pub mod eval;
+pub mod family;
 pub mod io;
 pub mod lora;
 pub mod models;

@@ -2,7 +2,7 @@
 //! folder layout): prompt encoding, classifier-free guided DDIM sampling, decoding, and the
 //! one guided step through which ReNeg's gradient reaches the negative embedding.
 
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::unet::Residuals;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -104,7 +104,9 @@ impl StableDiffusion {
                 "not a diffusers pipeline folder (no model_index.json); pass the folder saved by save_pretrained",
             ));
         }
-        let _: serde_json::Value = read_json(&index)?;
+        // The family is decided before any weight is read: a pipeline reneg does not run is
+        // refused by its class name.
+        let family = crate::family::Family::of_folder(root)?;
 
         let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
 
@@ -121,6 +123,9 @@ impl StableDiffusion {
             Weights::load(&weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?, dtype, device)?;
         merge_all(loras, Component::Unet, &mut unet_w)?;
         let unet_vb = Vb::new(unet_w);
+        if let Some(f) = family {
+            f.check_unet(root, unet_cfg.video)?;
+        }
         let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
 
         let vae = load_vae(&root.join("vae"), dtype, device)?;

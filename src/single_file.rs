@@ -581,9 +581,13 @@ pub fn convert(path: &Path, overrides: &Overrides) -> Result<Converted> {
     } else if all.contains_key(&format!("{SD2_TEXT}token_embedding.weight")) {
         Base::Sd2
     } else {
+        let what = crate::family::Family::other_single_file(all.keys())
+            .map_or(String::new(), |name| {
+                format!(": {name}, a model family reneg does not run")
+            });
         return Err(Error::file(
             path,
-            "not an original Stable Diffusion 1.x/2.x checkpoint (no cond_stage_model text encoder); SDXL and others are not supported",
+            format!("not an original Stable Diffusion 1.x/2.x checkpoint (no cond_stage_model text encoder){what}"),
         ));
     };
     let (unet, mut unet_config) = convert_unet(&all, base, path)?;

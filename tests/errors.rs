@@ -250,6 +250,101 @@ fn pipeline_folder_errors() {
     assert!(msg.contains("model_index.json"), "{msg}");
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A copy of a pipeline folder whose model_index.json names `class`.
+fn folder_naming(from: &str, class: &str) -> PathBuf {
+    let dir = tempdir().join("pipeline");
+    copy_dir(Path::new(from), &dir);
+    let index = dir.join("model_index.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    v["_class_name"] = json!(class);
+    std::fs::write(&index, v.to_string()).unwrap();
+    dir
+}
+
+/// The family is recognised from model_index.json's pipeline class before any weight is
+/// read: a class reneg does not run is refused by name (an SDXL folder used to fail somewhere
+/// inside its text encoder), and a class whose UNet is of the other kind too.
+#[test]
+fn pipeline_folders_of_other_families_are_refused_by_class() {
+    let load = |dir: &Path| {
+        StableDiffusion::load(dir, DType::F32, &Device::Cpu)
+            .err()
+            .map(|e| e.to_string())
+    };
+    let sdxl = folder_naming(SD15, "StableDiffusionXLPipeline");
+    let msg = load(&sdxl).expect("an SDXL class is refused");
+    assert!(
+        msg.contains("StableDiffusionXLPipeline")
+            && msg.contains("model_index.json")
+            && msg.contains("StableDiffusionPipeline, StableDiffusionControlNetPipeline"),
+        "{msg}"
+    );
+    let video = folder_naming(SD15, "TextToVideoSDPipeline");
+    let msg = load(&video).expect("a video class over an image UNet is refused");
+    assert!(
+        msg.contains("UNet2DConditionModel (an image model)"),
+        "{msg}"
+    );
+    let image = folder_naming(
+        "tests/fixtures/parity/text2video-ms-tiny/pipeline",
+        "StableDiffusionPipeline",
+    );
+    let msg = load(&image).expect("an image class over a video UNet is refused");
+    assert!(
+        msg.contains("UNet3DConditionModel (a video model)"),
+        "{msg}"
+    );
+    // The families reneg runs load under each of their classes.
+    for class in [
+        "StableDiffusionPipeline",
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionImg2ImgPipeline",
+    ] {
+        assert_eq!(load(&folder_naming(SD15, class)), None, "{class}");
+    }
+    // A hand-made folder that names no class: the UNet decides, as before.
+    let bare = folder_naming(SD15, "x");
+    std::fs::write(bare.join("model_index.json"), "{}").unwrap();
+    assert_eq!(load(&bare), None);
+}
+
+/// An original single file of another family is named, not only "not SD 1.x/2.x".
+#[test]
+fn single_files_of_other_families_are_named() {
+    let dir = tempdir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sd_xl_base_1.0.safetensors");
+    let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let tensors: HashMap<String, Tensor> = [
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+        "model.diffusion_model.input_blocks.0.0.weight",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), t.clone()))
+    .collect();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let msg = reneg::single_file::convert(&file, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("Stable Diffusion XL") && msg.contains("sd_xl_base_1.0.safetensors"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn embedding_shape_is_checked_against_the_model() {
     let sd = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();

@@ -1,0 +1,113 @@
+//! Model families: which one a diffusers folder or an original single file holds, recognised
+//! from the owners' files as diffusers recognises them (the pipeline class `_class_name` in
+//! `model_index.json`; the key layout of a single file), and refused by name when reneg does
+//! not run it, before any weight is read. Today two families run, both through
+//! [`crate::StableDiffusion`]; this is the one place that decides which a model is (issue 30's
+//! seam grows from here).
+
+use crate::error::{read_json, Error, Result};
+use std::path::Path;
+
+/// A family reneg runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// SD 1.x / 2.x: CLIP text encoder, `UNet2DConditionModel`, `AutoencoderKL`.
+    StableDiffusion,
+    /// diffusers' `TextToVideoSDPipeline` (ModelScope, ZeroScope): a `UNet3DConditionModel`.
+    TextToVideoSd,
+}
+
+/// The pipeline classes of `model_index.json` that each family reads. The ControlNet and
+/// img2img pipelines save the same components as `StableDiffusionPipeline` (a ControlNet
+/// folder's `controlnet/` is read by `--controlnet`).
+const PIPELINES: [(&str, Family); 4] = [
+    ("StableDiffusionPipeline", Family::StableDiffusion),
+    ("StableDiffusionControlNetPipeline", Family::StableDiffusion),
+    ("StableDiffusionImg2ImgPipeline", Family::StableDiffusion),
+    ("TextToVideoSDPipeline", Family::TextToVideoSd),
+];
+
+/// Single-file layouts reneg recognises but does not run: (a key prefix only that layout has,
+/// its name).
+const OTHER_SINGLE_FILES: [(&str, &str); 3] = [
+    (
+        "conditioner.embedders.",
+        "a Stable Diffusion XL checkpoint (sd_xl_base layout: conditioner.embedders.*)",
+    ),
+    (
+        "model.diffusion_model.x_embedder.",
+        "a diffusion-transformer checkpoint (PixArt layout: x_embedder, t_embedder)",
+    ),
+    (
+        "model.diffusion_model.double_blocks.",
+        "a Flux checkpoint (double_blocks)",
+    ),
+];
+
+impl Family {
+    /// What the family is, for messages.
+    pub fn label(self) -> &'static str {
+        match self {
+            Family::StableDiffusion => "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
+            Family::TextToVideoSd => "text-to-video (TextToVideoSDPipeline: ModelScope, ZeroScope)",
+        }
+    }
+
+    /// The family of a diffusers pipeline folder, from `model_index.json`'s `_class_name`;
+    /// `None` when the file names no class (a hand-made folder: the UNet's class decides).
+    /// A class reneg does not run is refused, naming it and the classes it runs.
+    pub fn of_folder(root: &Path) -> Result<Option<Family>> {
+        let index = root.join("model_index.json");
+        let value: serde_json::Value = read_json(&index)?;
+        let Some(class) = value.get("_class_name").and_then(|c| c.as_str()) else {
+            return Ok(None);
+        };
+        match PIPELINES.iter().find(|(name, _)| *name == class) {
+            Some((_, family)) => Ok(Some(*family)),
+            None => Err(Error::file(
+                &index,
+                format!(
+                    "names the pipeline {class}, a model family reneg does not run; it runs {}",
+                    PIPELINES
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Checks that the family a folder names has the UNet it loaded (`video`: a
+    /// `UNet3DConditionModel`), naming the folder when they disagree.
+    pub fn check_unet(self, root: &Path, video: bool) -> Result<()> {
+        let wants_video = self == Family::TextToVideoSd;
+        if wants_video == video {
+            return Ok(());
+        }
+        Err(Error::file(
+            root.join("model_index.json"),
+            format!(
+                "names a {} pipeline, but unet/config.json is a {}",
+                self.label(),
+                if video {
+                    "UNet3DConditionModel (a video model)"
+                } else {
+                    "UNet2DConditionModel (an image model)"
+                }
+            ),
+        ))
+    }
+
+    /// For a single file that is not an SD 1.x/2.x checkpoint: which other layout its keys
+    /// are, if reneg recognises it.
+    pub fn other_single_file<'a>(
+        keys: impl IntoIterator<Item = &'a String>,
+    ) -> Option<&'static str> {
+        let keys: Vec<&String> = keys.into_iter().collect();
+        OTHER_SINGLE_FILES
+            .iter()
+            .find(|(prefix, _)| keys.iter().any(|k| k.starts_with(prefix)))
+            .map(|(_, name)| *name)
+    }
+}
