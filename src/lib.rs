@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod error;
 pub mod eval;
 pub mod family;
+pub mod guidance;
 pub mod io;
 pub mod lora;
 pub mod models;

@@ -13,11 +13,6 @@ use crate::weights::{Vb, Weights};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 
-/// Classifier-free guidance: eps = u + g (c - u).
-fn guide(u: &Tensor, c: &Tensor, g: f64) -> Result<Tensor> {
-    Ok((u + ((c - u)? * g)?)?)
-}
-
 pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
@@ -36,6 +31,8 @@ pub struct StableDiffusion {
     /// diffusers' guess mode: ControlNets act on the prompt's branch only (the negative's gets
     /// no residuals), their residuals scaled from 0.1 at the shallowest skip to 1 at the mid.
     pub guess_mode: bool,
+    /// diffusers' `guidance_rescale` (0: plain classifier-free guidance; [`crate::guidance`]).
+    pub guidance_rescale: f64,
     /// The empty prompt's encoding, made once on first need: [`Self::cat_contexts`] pads
     /// with it at every sampling step.
     empty_chunk: std::sync::OnceLock<Tensor>,
@@ -177,6 +174,7 @@ impl StableDiffusion {
             prompt_syntax: Default::default(),
             controls: Vec::new(),
             guess_mode: false,
+            guidance_rescale: 0.0,
             empty_chunk: std::sync::OnceLock::new(),
             dtype,
             device: device.clone(),
@@ -483,7 +481,7 @@ impl StableDiffusion {
                 .forward_with(&x2, &vec![t; 2 * b], &ctx, residuals.as_ref())?;
             (out.narrow(0, 0, b)?, out.narrow(0, b, b)?)
         };
-        guide(&u, &c, guidance_scale)
+        crate::guidance::guide(&u, &c, guidance_scale, self.guidance_rescale)
     }
 
     /// The UNet's prediction for one guidance branch on its own (`negative`: the negative
@@ -610,8 +608,11 @@ impl StableDiffusion {
         latents: &Tensor,
         g: f64,
     ) -> Result<Tensor> {
-        self.scheduler
-            .pred_original_sample(&guide(u, c, g)?, i, latents)
+        self.scheduler.pred_original_sample(
+            &crate::guidance::guide(u, c, g, self.guidance_rescale)?,
+            i,
+            latents,
+        )
     }
 
     /// The sampler's run over `steps` from standard-normal `noise` (scaled here to the

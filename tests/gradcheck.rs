@@ -670,3 +670,23 @@ fn trainable_conv_gradients_wrt_kernel_bias_and_input() {
         );
     }
 }
+
+/// Classifier-free guidance with diffusers' guidance_rescale (both stds carry the gradient),
+/// with respect to each branch, at no, partial and full rescale.
+#[test]
+fn guidance_with_rescale() {
+    let u = randn(90, &[2, 3, 4, 5]);
+    let c = (randn(91, &[2, 3, 4, 5]) * 1.7).unwrap();
+    for r in [0.0, 0.7, 1.0] {
+        assert_gradient(
+            &format!("guidance, rescale {r}, wrt the negative's branch"),
+            |u| reneg::guidance::guide(u, &c, 7.5, r).unwrap(),
+            &u,
+        );
+        assert_gradient(
+            &format!("guidance, rescale {r}, wrt the prompt's branch"),
+            |c| reneg::guidance::guide(&u, c, 7.5, r).unwrap(),
+            &c,
+        );
+    }
+}

@@ -158,6 +158,9 @@ struct PipelineCase {
     prompt: String,
     negative_prompt: String,
     guidance_scale: f64,
+    /// diffusers' guidance_rescale (the SDXL case format's key; 0 when absent).
+    #[serde(default)]
+    guidance_rescale: f64,
     num_inference_steps: usize,
     grad_step_index: usize,
 }
@@ -302,6 +305,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     // A ControlNet case: the pipeline's ControlNet with control.png, as
     // StableDiffusionControlNetPipeline runs it.
     let control_image = common::add_case_controlnet(&mut sd, dir);
+    sd.guidance_rescale = case.guidance_rescale;
     let controlnet = control_image.is_some();
     if let Some(image) = &control_image {
         report.tensor("control_image", image, &want("control_image"), FORWARD_TOL);
@@ -728,7 +732,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
     );
     // The autocast run takes the plain pipeline cases (those with autocast references).
     let committed: Vec<&str> = if pipelines_only {
-        vec!["sd-variant", "sd15-tiny", "sd2-tiny"]
+        vec!["sd-rescale-tiny", "sd-variant", "sd15-tiny", "sd2-tiny"]
     } else {
         [
             &common::COMMITTED_PIPELINE_CASES[..],

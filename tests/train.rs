@@ -113,6 +113,7 @@ fn training_step_gradient_equals_each_parity_case() {
             StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
         // Training through a ControlNet: the gradient reaches the negative through both.
         common::add_case_controlnet(&mut sd, &dir);
+        sd.guidance_rescale = meta["guidance_rescale"].as_f64().unwrap_or(0.0);
         // A video's objective is the mean over frames of a per-frame reward; the case's loss
         // sums over frames: the same with the weight [1, 3, F, H, W] as F per-frame weights
         // [F, 3, H, W] (the batch is one video) and the reward weighted by F.

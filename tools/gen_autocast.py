@@ -28,16 +28,18 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def guided_eps(unet, latents, t, neg, pos, g):
+def guided_eps(unet, latents, t, neg, pos, g, r=0.0):
     noise = unet(torch.cat([latents] * 2), t, encoder_hidden_states=torch.cat([neg, pos]), return_dict=False)[0]
     u, c = noise.float().chunk(2)
-    return u + g * (c - u)
+    out = u + g * (c - u)
+    return rescale_noise_cfg(out, c, guidance_rescale=r) if r > 0 else out
 
 
 def autocast_case(cdir: Path, name: str, dtype: torch.dtype) -> dict:
@@ -50,6 +52,7 @@ def autocast_case(cdir: Path, name: str, dtype: torch.dtype) -> dict:
         m.requires_grad_(False).eval().to(dtype)
     sf = vae.config.scaling_factor
     g = case["guidance_scale"]
+    r = case.get("guidance_rescale", 0.0)
     n_steps, k = case["num_inference_steps"], case["grad_step_index"]
     pos, neg = exp["prompt_embeds"].float(), exp["negative_prompt_embeds"].float()
     out = {}
@@ -60,7 +63,7 @@ def autocast_case(cdir: Path, name: str, dtype: torch.dtype) -> dict:
         sched.set_timesteps(n_steps)
         latents = exp["init_latents"].float()
         for t in sched.timesteps:
-            eps = guided_eps(unet, sched.scale_model_input(latents, t), t, neg, pos, g)
+            eps = guided_eps(unet, sched.scale_model_input(latents, t), t, neg, pos, g, r)
             latents = sched.step(eps, t, latents, eta=0.0).prev_sample.float()
         out["final_latents"] = latents
         out["image"] = vae.decode(exp["final_latents"].float() / sf).sample.float()
@@ -70,7 +73,7 @@ def autocast_case(cdir: Path, name: str, dtype: torch.dtype) -> dict:
     t = sched.timesteps[k]
     lat = exp["grad_latents_in"].float()
     with ac():
-        eps = guided_eps(unet, lat, t, neg_p, pos, g)
+        eps = guided_eps(unet, lat, t, neg_p, pos, g, r)
         x0 = sched.step(eps, t, lat, eta=0.0).pred_original_sample.float()
         dec = vae.decode(x0 / sf).sample.float()
         loss = -(exp["reward_weight"].float() * dec).sum()

@@ -87,6 +87,7 @@ torch.use_deterministic_algorithms(True)
 import diffusers  # noqa: E402
 import safetensors  # noqa: E402
 import transformers  # noqa: E402
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
@@ -397,15 +398,19 @@ def round_to_f16(*models):
 # --------------------------------------------------------------------------------------------------
 # Reference computation (diffusers' own modules, the same calls as StableDiffusionPipeline.__call__)
 # --------------------------------------------------------------------------------------------------
-def guided_eps(unet, latents, t, neg, pos, g):
+def guided_eps(unet, latents, t, neg, pos, g, r=0.0):
     inp = torch.cat([latents] * 2)
     noise = unet(inp, t, encoder_hidden_states=torch.cat([neg, pos]), return_dict=False)[0]
     u, c = noise.chunk(2)
-    return u + g * (c - u)
+    out = u + g * (c - u)
+    if r > 0:
+        # StableDiffusionPipeline.__call__'s guidance_rescale, after guidance, before the step.
+        out = rescale_noise_cfg(out, c, guidance_rescale=r)
+    return out
 
 
-def grad_step_loss(unet, vae, sched, latents_in, t, neg, pos, g, reward, sf):
-    eps = guided_eps(unet, latents_in, t, neg, pos, g)
+def grad_step_loss(unet, vae, sched, latents_in, t, neg, pos, g, reward, sf, r=0.0):
+    eps = guided_eps(unet, latents_in, t, neg, pos, g, r)
     x0 = sched.step(eps, t, latents_in, eta=0.0).pred_original_sample
     dec = vae.decode(x0 / sf).sample
     return -(reward * dec).sum(), x0
@@ -415,6 +420,7 @@ def reference(pipe, case, seed):
     tok, te, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     sf = vae.config.scaling_factor
     g = case["guidance_scale"]
+    r = case.get("guidance_rescale", 0.0)
     N, k = case["num_inference_steps"], case["grad_step_index"]
     H, W = case["height"], case["width"]
     vsf = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -440,7 +446,7 @@ def reference(pipe, case, seed):
         for i, t in enumerate(timesteps):
             if i == k:
                 lat_in = latents.clone()
-            inp_eps = guided_eps(unet, sched.scale_model_input(latents, t), t, neg, pos, g)
+            inp_eps = guided_eps(unet, sched.scale_model_input(latents, t), t, neg, pos, g, r)
             st = sched.step(inp_eps, t, latents, eta=0.0)
             if i == k:
                 x0_loop = st.pred_original_sample.clone()
@@ -452,7 +458,7 @@ def reference(pipe, case, seed):
     neg_p = neg.detach().clone().requires_grad_(True)
     sched_g = DDIMScheduler.from_config(pipe.scheduler.config)
     sched_g.set_timesteps(N)
-    loss, x0 = grad_step_loss(unet, vae, sched_g, lat_in.detach(), timesteps[k], neg_p, pos.detach(), g, reward, sf)
+    loss, x0 = grad_step_loss(unet, vae, sched_g, lat_in.detach(), timesteps[k], neg_p, pos.detach(), g, reward, sf, r)
     loss.backward()
     grad = neg_p.grad.detach().clone()
     assert torch.equal(x0.detach(), x0_loop), (x0.detach() - x0_loop).abs().max()
@@ -490,7 +496,8 @@ def check_forward_f64(pipe, case, exp):
     neg = te(exp["negative_input_ids"])[0]
     lat = exp["init_latents"].double()
     for t in sched.timesteps:
-        lat = sched.step(guided_eps(unet, lat, t, neg, pos, case["guidance_scale"]), t, lat, eta=0.0).prev_sample
+        eps = guided_eps(unet, lat, t, neg, pos, case["guidance_scale"], case.get("guidance_rescale", 0.0))
+        lat = sched.step(eps, t, lat, eta=0.0).prev_sample
     image = vae.decode(lat / vae.config.scaling_factor).sample
     enc = vae.encode(exp["vae_encoder_input"].double()).latent_dist
 
@@ -516,9 +523,10 @@ def check_gradient_f64(pipe, case, exp):
     pos = exp["prompt_embeds"].double()
     rw = exp["reward_weight"].double()
     g = case["guidance_scale"]
+    r = case.get("guidance_rescale", 0.0)
 
     def f(neg):
-        return grad_step_loss(unet, vae, sched, lat, t, neg, pos, g, rw, sf)[0]
+        return grad_step_loss(unet, vae, sched, lat, t, neg, pos, g, rw, sf, r)[0]
 
     neg = exp["negative_prompt_embeds"].double().clone().requires_grad_(True)
     loss64 = f(neg)
@@ -558,6 +566,29 @@ SD_SCHED = dict(
 )
 
 CASES = {
+    # Zero terminal SNR, v-prediction, trailing spacing (Lin et al.) with their guidance_rescale, as
+    # the miniature world ships its scheduler: the rescale's stds carry the gradient.
+    "sd-rescale-tiny": dict(
+        seed=4400,
+        text=dict(hidden=32, intermediate=37, layers=2, heads=4, act="quick_gelu"),
+        unet=dict(
+            sample_size=16, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=32, use_linear_projection=False,
+        ),
+        vae=dict(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215,
+        ),
+        sched=dict(SD_SCHED, prediction_type="v_prediction", timestep_spacing="trailing",
+                   rescale_betas_zero_snr=True),
+        pad=EOT, tokenizer_layout="vocab", f16=False,
+        case=dict(prompt="a green bottle on a shelf", negative_prompt="blurry, noisy", guidance_scale=7.5,
+                  guidance_rescale=0.7, num_inference_steps=5, grad_step_index=2, height=32, width=48),
+    ),
     "sd15-tiny": dict(
         seed=1500,
         text=dict(hidden=32, intermediate=37, layers=3, heads=4, act="quick_gelu"),
@@ -730,7 +761,8 @@ def gen_case(name: str, spec: dict, vocab_dir: Path, out: Path) -> dict:
     with torch.no_grad():
         lat = re_pipe(prompt=case["prompt"], negative_prompt=case["negative_prompt"], height=case["height"],
                       width=case["width"], num_inference_steps=case["num_inference_steps"],
-                      guidance_scale=case["guidance_scale"], eta=0.0, latents=exp["init_latents"].clone(),
+                      guidance_scale=case["guidance_scale"], guidance_rescale=case.get("guidance_rescale", 0.0),
+                      eta=0.0, latents=exp["init_latents"].clone(),
                       output_type="latent").images
     rel = ((lat - exp["final_latents"]).abs().max() / exp["final_latents"].abs().max()).item()
     print(f"   reload + StableDiffusionPipeline.__call__ final_latents rel err {rel:.2e}")

@@ -138,6 +138,9 @@ plants = [
             sample,
             false,""",
   T("--test", "schedulers")),
+ ("9 guidance_rescale ignored", "src/guidance.rs",
+  """    if rescale == 0.0 {""", """    if rescale >= 0.0 {""",
+  T("--test", "parity", "--test", "train", "--", "parity_cases", "training_step_gradient")),
  ("8e fp16 autocast that runs wholly in f32", "src/weights.rs",
   """    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {""",
   """    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {

@@ -81,6 +81,10 @@ pub struct TrainConfig {
     /// DDIM's eta (0: deterministic).
     #[serde(default)]
     pub eta: f64,
+    /// diffusers' guidance_rescale (0: plain guidance). Left out of the written config at 0,
+    /// so the configs of runs from before it existed still resume.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub guidance_rescale: f64,
     /// The gradient step is drawn uniformly from the last this many sampling steps.
     #[serde(default = "d_window")]
     pub grad_step_window: usize,
@@ -226,6 +230,12 @@ impl TrainConfig {
         if self.steps == 0 || self.checkpoint_every == 0 {
             return bad("steps and checkpoint_every must be positive".into());
         }
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return bad(format!(
+                "guidance_rescale must be between 0 and 1, got {}",
+                self.guidance_rescale
+            ));
+        }
         if !(0.0..=1.0).contains(&self.eta) {
             return bad(format!("eta must be between 0 and 1, got {}", self.eta));
         }
@@ -272,4 +282,8 @@ impl TrainConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }

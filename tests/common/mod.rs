@@ -256,9 +256,10 @@ fn find_cases(root: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
 /// (colon-separated).
 /// The parity cases committed under tests/fixtures/parity, by folder: each must run (a case
 /// that silently dropped out would leave its claims unchecked).
-pub const COMMITTED_PIPELINE_CASES: [&str; 7] = [
+pub const COMMITTED_PIPELINE_CASES: [&str; 8] = [
     "controlnet-sd15-tiny",
     "controlnet-sd2-tiny",
+    "sd-rescale-tiny",
     "sd-variant",
     "sd15-tiny",
     "sd2-tiny",

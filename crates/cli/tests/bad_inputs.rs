@@ -166,6 +166,8 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {} --prompt x --out {{out}}", p("no-unet-config")), "config.json".into()),
         (format!("generate --model {AESTHETIC} --prompt x --out {{out}}"), "model_index.json".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("sdxl-class")), "names the pipeline StableDiffusionXLPipeline".into()),
+        (format!("generate --model {SD15} --prompt x --guidance-rescale 1.5 --out {{out}}"), "--guidance-rescale".into()),
+        (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --guidance-rescale 1.5 --out {{out}}", p("prompts.txt")), "guidance_rescale".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("garbage.safetensors")), "garbage.safetensors".into()),
         (format!("generate --model {SD15} --prompts {} --out {{out}}", p("empty.txt")), "empty.txt".into()),
         (format!("generate --model {SD15} --prompts {} --out {{out}}", p("blank.txt")), "blank.txt".into()),

@@ -258,6 +258,7 @@ fn init_latents_reproduce_each_parity_case_image() {
         "sd15-tiny",
         "sd2-tiny",
         "sd-variant",
+        "sd-rescale-tiny",
         "controlnet-sd15-tiny",
         "controlnet-sd2-tiny",
         "text2video-ms-tiny",
@@ -331,6 +332,10 @@ fn init_latents_reproduce_each_parity_case_image() {
         let frames = s("num_frames");
         if meta["kind"] == "text2video" {
             args.extend(["--frames", &frames]);
+        }
+        let rescale = s("guidance_rescale");
+        if meta.get("guidance_rescale").is_some() {
+            args.extend(["--guidance-rescale", &rescale]);
         }
         args.extend(extra);
         ok(&args);

@@ -588,7 +588,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// An evaluation resumed with anything that changes its images or scores would mix two runs
 /// in one report: each setting (the model's LoRA, textual inversion, VAE, clip skip and prompt
-/// syntax, the precision, the sampler and its eta) and the content of each file it read under
+/// syntax, the precision, the sampler, its eta and the guidance rescale) and the content of each file it read under
 /// the same path (a reward model, a negative's embedding) is recorded, and a rerun that differs
 /// is refused, saying what differs. The same settings resume.
 #[test]
@@ -670,6 +670,7 @@ fn resuming_with_other_settings_is_refused() {
         (vec!["--precision", "fp16"], "precision \"f32\" -> \"fp16\""),
         (vec!["--scheduler", "euler"], "sampler"),
         (vec!["--eta", "0.5"], "eta"),
+        (vec!["--guidance-rescale", "0.7"], "guidance_rescale=0.7"),
     ] {
         refused(&format!("{extra:?}"), run(&extra), says);
     }

@@ -201,7 +201,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
-    super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
+    args.sampler.apply(&mut sd)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
     let first_prompt_image = prompt_list.iter().find_map(|p| p.control_image.clone());

@@ -130,7 +130,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     create_out_dir(&args.out)?;
 
     let mut sd = load_model(&args.model, dtype, &device)?;
-    super::set_sampler(&mut sd, args.sampler.scheduler, args.sampler.eta)?;
+    args.sampler.apply(&mut sd)?;
     super::check_prompts(&sd, &prompt_list)?;
     check_steps(&mut sd, args.steps)?;
     let control_size = super::control::apply(&mut sd, &args.control, None, dtype, &device)?;
@@ -360,6 +360,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 "guess_mode": args.control.guess_mode,
                 "control_preprocess": args.control.control_preprocess.map(|p| format!("{p:?}").to_lowercase()),
                 "eta": sd.scheduler.eta(),
+                "guidance_rescale": sd.guidance_rescale,
                 "loras": args.model.lora,
                 "prompt_syntax": args.model.prompt_syntax,
                 "embeddings": args.model.embeddings,

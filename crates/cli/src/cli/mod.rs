@@ -182,9 +182,26 @@ pub struct SamplerArgs {
     /// from each image's seed). DDIM only.
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
+    /// diffusers' guidance_rescale, 0 to 1: rescales the guided prediction towards the
+    /// prompt branch's standard deviation (Lin et al.; 0.7 for zero-terminal-SNR models).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
 }
 
 impl SamplerArgs {
+    /// Sets `sd`'s sampler, eta and guidance rescale from the flags.
+    pub fn apply(&self, sd: &mut StableDiffusion) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return Err(user(format!(
+                "--guidance-rescale {}: expected a value from 0 to 1 (0.7 for zero-terminal-SNR models)",
+                self.guidance_rescale
+            )));
+        }
+        set_sampler(sd, self.scheduler, self.eta)?;
+        sd.guidance_rescale = self.guidance_rescale;
+        Ok(())
+    }
+
     /// `key=value` lines for an evaluation's manifest (empty at the defaults).
     pub fn options(&self) -> Vec<String> {
         let mut v = vec![];
@@ -193,6 +210,9 @@ impl SamplerArgs {
         }
         if self.eta != 0.0 {
             v.push(format!("eta={}", self.eta));
+        }
+        if self.guidance_rescale != 0.0 {
+            v.push(format!("guidance_rescale={}", self.guidance_rescale));
         }
         v
     }

@@ -77,6 +77,9 @@ pub struct TrainArgs {
     /// DDIM's eta: 0 deterministic, up to 1 (DDPM's variance); DDIM only.
     #[arg(long)]
     pub eta: Option<f64>,
+    /// diffusers' guidance_rescale, 0 to 1 (Lin et al.; 0.7 for zero-terminal-SNR models).
+    #[arg(long)]
+    pub guidance_rescale: Option<f64>,
     /// Train through a ControlNet (diffusers folder or original single file): sampling and the
     /// reward gradient go through it, with --control-image for every prompt.
     #[arg(long)]
@@ -188,6 +191,7 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
         a.scheduler.map(|k| Value::String(k.name().to_string())),
     );
     put("eta", float(a.eta));
+    put("guidance_rescale", float(a.guidance_rescale));
     put("controlnet", path(&a.controlnet));
     put("control_image", path(&a.control_image));
     put("controlnet_scale", float(a.controlnet_scale));
@@ -366,6 +370,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     // A video model trains on clips of `frames` (recorded in the saved config).
     cfg.frames = super::generate::frames_for(&sd, cfg.frames, &cfg.model)?;
     super::set_sampler(&mut sd, Some(cfg.scheduler), cfg.eta)?;
+    sd.guidance_rescale = cfg.guidance_rescale;
     if let (Some(cn), Some((rgb, w, h))) = (&cfg.controlnet, &control) {
         let model = reneg::control::load(cn, None, dtype, &device).map_err(lib)?;
         let image = reneg::control::image_tensor(rgb, *w, *h, &device)
