@@ -182,31 +182,19 @@ fn layer_norm_closed_form_gradient_matches_autograd_of_the_formula() {
             .broadcast_add(&b)
             .unwrap()
     };
-    // d <y, g> / dx by candle's own backward of the formula: no attach op on this path.
-    let xv = var(&x);
-    let want_y = textbook(xv.as_tensor());
-    let want_g = (&want_y * &g)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap()
-        .get(xv.as_tensor())
-        .unwrap()
-        .clone();
+    // f(x) and d <f(x), g> / dx.
+    let value_and_grad = |f: &dyn Fn(&Tensor) -> Tensor| -> (Tensor, Tensor) {
+        let xv = var(&x);
+        let y = f(xv.as_tensor());
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(xv.as_tensor()).unwrap().clone();
+        (y, dx)
+    };
+    // By candle's own backward of the formula: no attach op on this path.
+    let (want_y, want_g) = value_and_grad(&textbook);
     for k in [Kernels::Auto, Kernels::Generic] {
         with_kernels(k, || {
-            let xv = var(&x);
-            let y = ln_wb.forward(xv.as_tensor()).unwrap();
-            let got = (&y * &g)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap()
-                .get(xv.as_tensor())
-                .unwrap()
-                .clone();
+            let (y, got) = value_and_grad(&|x| ln_wb.forward(x).unwrap());
             let ey = max_abs_diff(&y, &want_y) / max_abs(&want_y);
             let eg = max_abs_diff(&got, &want_g) / max_abs(&want_g);
             println!("{k:?} layer norm vs autograd of the formula: output {ey:.1e}, input gradient {eg:.1e}");

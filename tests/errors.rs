@@ -250,22 +250,10 @@ fn pipeline_folder_errors() {
     assert!(msg.contains("model_index.json"), "{msg}");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// A copy of a pipeline folder whose model_index.json names `class`.
 fn folder_naming(from: &str, class: &str) -> PathBuf {
     let dir = tempdir().join("pipeline");
-    copy_dir(Path::new(from), &dir);
+    common::copy_dir(Path::new(from), &dir);
     let index = dir.join("model_index.json");
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
     v["_class_name"] = json!(class);

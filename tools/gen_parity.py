@@ -565,24 +565,28 @@ SD_SCHED = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1,
 )
 
+# The sd15-tiny UNet and VAE (also the guidance-rescale case's).
+SD15_TINY_UNET = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
+    cross_attention_dim=32, use_linear_projection=False,
+)
+SD15_TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215,
+)
+
 CASES = {
     # Zero terminal SNR, v-prediction, trailing spacing (Lin et al.) with their guidance_rescale, as
     # the miniature world ships its scheduler: the rescale's stds carry the gradient.
     "sd-rescale-tiny": dict(
         seed=4400,
         text=dict(hidden=32, intermediate=37, layers=2, heads=4, act="quick_gelu"),
-        unet=dict(
-            sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
-            cross_attention_dim=32, use_linear_projection=False,
-        ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215,
-        ),
+        unet=SD15_TINY_UNET,
+        vae=SD15_TINY_VAE,
         sched=dict(SD_SCHED, prediction_type="v_prediction", timestep_spacing="trailing",
                    rescale_betas_zero_snr=True),
         pad=EOT, tokenizer_layout="vocab", f16=False,
@@ -592,18 +596,8 @@ CASES = {
     "sd15-tiny": dict(
         seed=1500,
         text=dict(hidden=32, intermediate=37, layers=3, heads=4, act="quick_gelu"),
-        unet=dict(
-            sample_size=16, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, norm_num_groups=32,
-            cross_attention_dim=32, use_linear_projection=False,
-        ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215,
-        ),
+        unet=SD15_TINY_UNET,
+        vae=SD15_TINY_VAE,
         sched=dict(SD_SCHED, prediction_type="epsilon", timestep_spacing="leading"),
         pad=EOT, tokenizer_layout="vocab", f16=False,
         case=dict(prompt="a red cube on a wooden table, photo", negative_prompt="", guidance_scale=7.5,

@@ -361,3 +361,17 @@ pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
         })
         .collect()
 }
+
+/// Copies folder `from` to `to`, recursively (a fixture to change in a test's own folder).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}

@@ -60,19 +60,6 @@ fn tempdir(tag: &str) -> PathBuf {
     d
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
 fn save(path: &Path, t: Tensor) {
     candle_core::safetensors::save(&[("e".to_string(), t)].into_iter().collect(), path).unwrap();
 }
@@ -97,7 +84,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     std::fs::write(d.join("bad-config.toml"), "steps = \"many\"\n").unwrap();
     std::fs::write(d.join("unknown-key.toml"), "stepz = 3\n").unwrap();
     // A pipeline folder of a family reneg does not run (its class in model_index.json).
-    copy_dir(Path::new(SD15), &d.join("sdxl-class"));
+    common::copy_dir(Path::new(SD15), &d.join("sdxl-class"));
     let index = d.join("sdxl-class/model_index.json");
     let text = std::fs::read_to_string(&index).unwrap();
     std::fs::write(
@@ -134,25 +121,25 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     let pt = std::fs::read(repo!("tests/fixtures/embedding/torch_saved.pt")).unwrap();
     std::fs::write(d.join("truncated.pt"), &pt[..pt.len() / 2]).unwrap();
     // Models: a corrupt UNet, an unknown scheduler, a wrong-family folder, a broken config.
-    copy_dir(Path::new(SD15), &d.join("corrupt-unet"));
+    common::copy_dir(Path::new(SD15), &d.join("corrupt-unet"));
     std::fs::write(
         d.join("corrupt-unet/unet/diffusion_pytorch_model.safetensors"),
         b"garbage",
     )
     .unwrap();
-    copy_dir(Path::new(SD15), &d.join("no-groups"));
+    common::copy_dir(Path::new(SD15), &d.join("no-groups"));
     let cfg = d.join("no-groups/vae/config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["norm_num_groups"] = serde_json::json!(0);
     std::fs::write(&cfg, v.to_string()).unwrap();
-    copy_dir(Path::new(SD15), &d.join("log-linear"));
+    common::copy_dir(Path::new(SD15), &d.join("log-linear"));
     let cfg = d.join("log-linear/scheduler/scheduler_config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["interpolation_type"] = serde_json::json!("log_linear");
     std::fs::write(&cfg, v.to_string()).unwrap();
-    copy_dir(Path::new(SD15), &d.join("no-unet-config"));
+    common::copy_dir(Path::new(SD15), &d.join("no-unet-config"));
     std::fs::remove_file(d.join("no-unet-config/unet/config.json")).unwrap();
 
     let out = |i: usize| d.join(format!("out{i}"));

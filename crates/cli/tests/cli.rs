@@ -7,6 +7,9 @@ macro_rules! repo {
     };
 }
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -455,33 +458,20 @@ fn each_negative_source_works_and_changes_the_image() {
     );
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        let dest = to.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
-}
-
 #[test]
 fn bad_input_exits_2_with_one_line_naming_the_problem() {
     let dir = tempdir("bad");
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     let corrupt = dir.join("corrupt");
-    copy_dir(Path::new(SD15), &corrupt);
+    common::copy_dir(Path::new(SD15), &corrupt);
     std::fs::write(
         corrupt.join("unet/diffusion_pytorch_model.safetensors"),
         b"garbage",
     )
     .unwrap();
     let sched = dir.join("sched");
-    copy_dir(Path::new(SD15), &sched);
+    common::copy_dir(Path::new(SD15), &sched);
     let cfg = sched.join("scheduler/scheduler_config.json");
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
@@ -698,7 +688,7 @@ fn hub_repo_ids_resolve_in_the_local_cache_only() {
     let repo = cache.join("models--acme--tiny-sd");
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    copy_dir(Path::new(SD15), &repo.join("snapshots/0123abcd"));
+    common::copy_dir(Path::new(SD15), &repo.join("snapshots/0123abcd"));
     let out = dir.join("out");
     let mut args = gen_args(out.to_str().unwrap(), &["--offline"]);
     args[2] = "acme/tiny-sd";

@@ -574,18 +574,6 @@ fn records_whose_image_path_leaves_the_folder_are_refused() {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// An evaluation resumed with anything that changes its images or scores would mix two runs
 /// in one report: each setting (the model's LoRA, textual inversion, VAE, clip skip and prompt
 /// syntax, the precision, the sampler, its eta and the guidance rescale) and the content of each file it read under
@@ -598,7 +586,7 @@ fn resuming_with_other_settings_is_refused() {
     let out = dir.join("out");
     // Files whose content changes under the same path.
     let reward = dir.join("reward");
-    copy_dir(Path::new(AESTHETIC), &reward);
+    common::copy_dir(Path::new(AESTHETIC), &reward);
     let negative = dir.join("negative.safetensors");
     let encode = |text: &str| {
         ok(&[

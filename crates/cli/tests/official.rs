@@ -9,6 +9,9 @@ macro_rules! repo {
     };
 }
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::weights::{Vb, Weights};
@@ -27,19 +30,6 @@ fn tempdir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
 }
 
 fn set_json(path: &Path, key: &str, value: serde_json::Value) {
@@ -77,7 +67,7 @@ fn widen_cross_attention(file: &Path) {
 /// real vocabulary; random weights) and cross-attention to match.
 fn wide_controlnet_case() -> PathBuf {
     let root = tempdir("case");
-    copy_dir(Path::new(CN15), &root);
+    common::copy_dir(Path::new(CN15), &root);
     let p = root.join("pipeline");
     let te_cfg = p.join("text_encoder/config.json");
     for (k, v) in [

@@ -9,6 +9,9 @@ macro_rules! repo {
     };
 }
 
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
@@ -45,19 +48,6 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).to_string() + &err
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Saves every tensor the model asked `vb` for, under its diffusers / transformers name.
 fn save_vars(vb: &Vb, dtype: DType, path: &Path) {
     let tensors: HashMap<String, Tensor> = vb
@@ -76,7 +66,7 @@ fn wide_video_model() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = tempdir("wide-model").join("pipeline");
-        copy_dir(Path::new(MS), &root);
+        common::copy_dir(Path::new(MS), &root);
         let read = |p: &Path| -> serde_json::Value {
             serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
         };
@@ -508,7 +498,7 @@ fn a_video_model_by_hub_id_from_the_local_cache() {
     let repo = cache.join("models--damo-vilab--text-to-video-ms-1.7b");
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "4567cdef").unwrap();
-    copy_dir(Path::new(MS), &repo.join("snapshots/4567cdef"));
+    common::copy_dir(Path::new(MS), &repo.join("snapshots/4567cdef"));
     let run = |model: &str, out: &Path| {
         let o = Command::new(env!("CARGO_BIN_EXE_reneg"))
             .args([
