@@ -6,6 +6,7 @@
 //! [`scheduler`] is DDIM; [`pipeline`] ties them into guided sampling and the gradient step.
 
 pub mod chart;
+pub mod conditioning;
 pub mod control;
 pub mod embedding;
 pub mod error;

@@ -302,3 +302,87 @@ fn the_same_embedding_is_saved_as_the_same_bytes() {
     assert!(k1 < k2, "{header}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A negative of several parts under diffusers' names (issue 30): the dict PyTorch saved and
+/// its safetensors twin read as the same three parts (values from tools/gen_embedding_fixtures.py);
+/// both writers give them back bit for bit (the .bin as torch.save of a dict, which
+/// tools/gen_embedding_fixtures.py's check reads with torch.load); a one-part negative still
+/// writes one plain tensor; an SD model refuses the parts it has no place for, by name.
+#[test]
+fn a_negative_of_several_parts_reads_writes_and_is_refused_by_sd() {
+    let fix = Path::new(FIX);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fix.join("manifest.json")).unwrap()).unwrap();
+    let want_pooled: Vec<f32> = manifest["parts.pt"]["pooled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let whole = NegativeEmbedding::load(&fix.join("torch_saved.pt")).unwrap();
+    let first5 = whole.tensor.narrow(1, 0, 5).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = NegativeEmbedding::load(&fix.join("parts.pt")).unwrap();
+    let b = NegativeEmbedding::load(&fix.join("parts.safetensors")).unwrap();
+    for (tag, e) in [("parts.pt", &a), ("parts.safetensors", &b)] {
+        let names: Vec<&str> = e.parts().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "negative_prompt_embeds",
+                "negative_pooled_prompt_embeds",
+                "negative_prompt_attention_mask"
+            ],
+            "{tag}"
+        );
+        assert_eq!(max_abs_diff(&e.tensor, &first5), 0.0, "{tag}");
+        assert_eq!(flat(e.pooled.as_ref().unwrap()), want_pooled, "{tag}");
+        assert_eq!(
+            flat(e.mask.as_ref().unwrap()),
+            [1.0, 1.0, 1.0, 0.0, 0.0],
+            "{tag}"
+        );
+    }
+    for ext in ["safetensors", "bin"] {
+        let p = tmp(&format!("parts.{ext}"));
+        a.save(&p).unwrap();
+        let back = NegativeEmbedding::load(&p).unwrap();
+        for ((n1, t1), (n2, t2)) in a.parts().iter().zip(back.parts().iter()) {
+            assert_eq!(n1, n2, "{ext}");
+            assert_eq!(flat(t1), flat(t2), "{ext}: {n1}");
+        }
+        assert_eq!(back.parts().len(), 3, "{ext}");
+    }
+    // One part: a plain tensor, as the official files and today's exports are.
+    let p = tmp("one-part.bin");
+    whole.save(&p).unwrap();
+    let (t, _) = reneg::torch_file::read(&std::fs::read(&p).unwrap(), &p).unwrap();
+    assert_eq!(max_abs_diff(&t, &whole.tensor), 0.0);
+    // An SD model has no place for a pooled embedding or a mask.
+    let err = a
+        .check_fits(5, 32, Path::new("parts.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parts.pt") && err.contains("negative_pooled_prompt_embeds"),
+        "{err}"
+    );
+    // A file of parts without the embeddings, or with a stray name, is refused by name.
+    let stray = tmp("stray.safetensors");
+    let mut tensors = std::collections::HashMap::new();
+    tensors.insert(
+        "negative_pooled_prompt_embeds".to_string(),
+        a.pooled.clone().unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &stray).unwrap();
+    let err = NegativeEmbedding::load(&stray).unwrap_err().to_string();
+    assert!(err.contains("holds no negative_prompt_embeds"), "{err}");
+    tensors.insert("negative_prompt_embeds".to_string(), first5.clone());
+    tensors.insert("pooled".to_string(), a.pooled.clone().unwrap());
+    candle_core::safetensors::save(&tensors, &stray).unwrap();
+    let err = NegativeEmbedding::load(&stray).unwrap_err().to_string();
+    assert!(
+        err.contains("stray.safetensors") && err.contains("pooled"),
+        "{err}"
+    );
+}

@@ -148,6 +148,15 @@ def main():
     torch.save(t.half(), out / "torch_saved_f16.pt")
     torch.save({"a": 1, "b": [1, 2, 3]}, out / "not_a_tensor.pt")
     torch.save(t2, out / "legacy_format.pt", _use_new_zipfile_serialization=False)
+    # A negative of several parts (issue 30), under diffusers' names, as torch.save of a dict and as
+    # safetensors: 5 tokens of t, a pooled embedding, and the mask of a 3-token prompt.
+    parts = {
+        "negative_prompt_embeds": t[:, :5, :].clone(),
+        "negative_pooled_prompt_embeds": torch.randn(1, 8, generator=torch.Generator().manual_seed(7703)),
+        "negative_prompt_attention_mask": torch.tensor([[1, 1, 1, 0, 0]], dtype=torch.int64),
+    }
+    torch.save(parts, out / "parts.pt")
+    save_file(parts, str(out / "parts.safetensors"))
 
     mal = out / "malicious.pt"
     mal.unlink(missing_ok=True)
@@ -174,6 +183,8 @@ def main():
     assert c == {"a": 1, "b": [1, 2, 3]}
     d = torch.load(out / "legacy_format.pt", weights_only=True)
     assert torch.equal(d, t2)
+    e = torch.load(out / "parts.pt", weights_only=True)
+    assert e.keys() == parts.keys() and all(torch.equal(e[k], parts[k]) for k in parts)
 
     manifest = {
         "torch_saved.pt": {"expect": "tensor", "seed": 7701, "make": "torch.randn(1,77,32, generator=manual_seed(7701))",
@@ -183,6 +194,11 @@ def main():
         "not_a_tensor.pt": {"expect": "error: payload is not a tensor (a dict {'a': 1, 'b': [1, 2, 3]})"},
         "malicious.pt": {"expect": "error: refuse the pickle global 'os system' (never execute it)",
                          "payload": f"os.system({MALICIOUS_CMD!r}) via GLOBAL + REDUCE", "canary": "/tmp/reneg-pwned"},
+        "parts.pt": {"expect": "a negative of three parts", "make": "torch.save({negative_prompt_embeds: torch_saved.pt's "
+                     "tensor[:, :5], negative_pooled_prompt_embeds: randn(1, 8, seed 7703), "
+                     "negative_prompt_attention_mask: [[1, 1, 1, 0, 0]] int64})",
+                     "pooled": parts["negative_pooled_prompt_embeds"].flatten().tolist()},
+        "parts.safetensors": {"expect": "the same three parts as parts.pt"},
         "legacy_format.pt": {"expect": "tensor, or a clear 'legacy (pre-1.6, non-zip) torch format not supported' error",
                              "seed": 7702, "make": "torch.randn(2,3,4, generator=manual_seed(7702))",
                              "values": t2.flatten().tolist(), **tensor_stats(t2)},

@@ -1,10 +1,14 @@
 //! The negative embedding as a value: a `[1, L, D]` tensor in the text encoder's output space
-//! (diffusers' `negative_prompt_embeds`), with metadata. Loads safetensors files and the
+//! (diffusers' `negative_prompt_embeds`), with the other parts of a negative where a family has
+//! them (`negative_pooled_prompt_embeds`, `negative_prompt_attention_mask`:
+//! [`crate::conditioning`]), and metadata. A file with one part holds one tensor, as before; a
+//! file with several holds each under its diffusers name (a `.bin` as `torch.save` of a dict). Loads safetensors files and the
 //! official ReNeg `torch.save` files (read without running any code); saves safetensors with
 //! metadata in the header and PyTorch-loadable `.pt`/`.bin` files.
 
 pub mod textual_inversion;
 
+use crate::conditioning::{Part, Parts};
 use crate::error::{Error, Result};
 use crate::torch_file;
 use candle_core::{DType, Device, Tensor};
@@ -22,6 +26,10 @@ pub struct NegativeEmbedding {
     pub metadata: BTreeMap<String, String>,
     /// The element type the file stored (the tensor itself is always held as f32).
     pub stored_dtype: DType,
+    /// `[1, P]` (SDXL's pooled text embedding), f32, when the file has one.
+    pub pooled: Option<Tensor>,
+    /// `[1, L]` of 0 and 1 (PixArt's and LTX's attention mask), f32, when the file has one.
+    pub mask: Option<Tensor>,
 }
 
 /// Summary statistics for `reneg embedding inspect`.
@@ -58,6 +66,8 @@ impl NegativeEmbedding {
             tensor,
             metadata: BTreeMap::new(),
             stored_dtype,
+            pooled: None,
+            mask: None,
         })
     }
 
@@ -68,9 +78,24 @@ impl NegativeEmbedding {
             std::io::ErrorKind::NotFound => Error::file(path, "embedding file not found"),
             _ => Error::file(path, format!("cannot read: {e}")),
         })?;
-        let (tensor, metadata, stored_dtype) = if torch_file::is_zip(&bytes) {
-            let (t, dtype) = torch_file::read(&bytes, path)?;
-            (t, BTreeMap::new(), dtype)
+        let (tensor, metadata, stored_dtype, extra) = if torch_file::is_zip(&bytes) {
+            match torch_file::read(&bytes, path) {
+                Ok((t, dtype)) => (t, BTreeMap::new(), dtype, None),
+                // A dict of a negative's parts; anything else keeps the single-tensor error.
+                Err(single) => match torch_file::read_state_dict(&bytes, path) {
+                    Ok(dict) if dict.keys().any(|k| Part::of_name(k).is_some()) => {
+                        let parts = Parts::from_named(dict.into_iter().collect(), path)?;
+                        let dtype = parts.embeds.dtype();
+                        (
+                            parts.embeds,
+                            BTreeMap::new(),
+                            dtype,
+                            Some((parts.pooled, parts.mask)),
+                        )
+                    }
+                    _ => return Err(single),
+                },
+            }
         } else if bytes.starts_with(b"\x80\x02\x8a\x0a") {
             // The legacy format opens with a pickled magic number (PROTO 2, LONG1 of 10 bytes).
             return Err(Error::file(
@@ -78,9 +103,9 @@ impl NegativeEmbedding {
                 "legacy (pre-1.6) PyTorch format; re-save it in Python with torch.save(t, path) from a current torch",
             ));
         } else {
-            let (t, meta) = read_safetensors(&bytes, path)?;
-            let dtype = t.dtype();
-            (t, meta, dtype)
+            let (parts, meta) = read_safetensors(&bytes, path)?;
+            let dtype = parts.embeds.dtype();
+            (parts.embeds, meta, dtype, Some((parts.pooled, parts.mask)))
         };
         let tensor = match tensor.rank() {
             2 => tensor.unsqueeze(0)?,
@@ -125,11 +150,29 @@ impl NegativeEmbedding {
                 ))
             }
         };
+        let (pooled, mask) = extra.unwrap_or((None, None));
+        let tokens = tensor.dim(1)?;
+        let pooled = pooled
+            .map(|p| one_row(p, None, "negative_pooled_prompt_embeds", path))
+            .transpose()?;
+        let mask = mask
+            .map(|m| one_row(m, Some(tokens), "negative_prompt_attention_mask", path))
+            .transpose()?;
         Ok(Self {
             tensor: tensor.to_dtype(DType::F32)?,
             metadata,
             stored_dtype,
+            pooled,
+            mask,
         })
+    }
+
+    /// The parts this embedding has, under the negative's diffusers names, embeddings first.
+    pub fn parts(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![(Part::Embeds.name(true), &self.tensor)];
+        v.extend(self.pooled.iter().map(|t| (Part::Pooled.name(true), t)));
+        v.extend(self.mask.iter().map(|t| (Part::Mask.name(true), t)));
+        v
     }
 
     pub fn tokens(&self) -> usize {
@@ -146,11 +189,7 @@ impl NegativeEmbedding {
         let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         meta.entry("format".into())
             .or_insert_with(|| "reneg negative embedding".into());
-        let bytes = crate::io::safetensors_f32(
-            &[(TENSOR_NAME, &self.tensor)],
-            meta,
-            "cannot serialise embedding",
-        )?;
+        let bytes = crate::io::safetensors_f32(&self.parts(), meta, "cannot serialise embedding")?;
         crate::io::write_atomic(path, &bytes)
     }
 
@@ -158,7 +197,10 @@ impl NegativeEmbedding {
     /// official inference script expects), atomically.
     pub fn save_torch(&self, path: &Path) -> Result<()> {
         let mut buf = std::io::Cursor::new(Vec::new());
-        torch_file::write(&self.tensor, &mut buf)?;
+        match self.parts().as_slice() {
+            [(_, one)] => torch_file::write(one, &mut buf)?,
+            parts => torch_file::write_dict(parts, &mut buf)?,
+        }
         crate::io::write_atomic(path, buf.get_ref())
     }
 
@@ -207,6 +249,12 @@ impl NegativeEmbedding {
 
     /// Refuses an embedding that the model's text encoder could not have produced.
     pub fn check_fits(&self, tokens: usize, width: usize, source: &Path) -> Result<()> {
+        if let Some((name, _)) = self.parts().get(1) {
+            return Err(Error::file(
+                source,
+                format!("has a {name} part, which this model (an SD 1.x/2.x text encoder) has no place for"),
+            ));
+        }
         if self.width() != width || self.tokens() != tokens {
             return Err(Error::file(
                 source,
@@ -223,7 +271,9 @@ impl NegativeEmbedding {
     }
 }
 
-fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Tensor, BTreeMap<String, String>)> {
+/// A safetensors embedding: one tensor (any name, as before), or several named as a negative's
+/// parts.
+fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Parts, BTreeMap<String, String>)> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
         Error::file(
             path,
@@ -231,28 +281,57 @@ fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Tensor, BTreeMap<Strin
         )
     })?;
     let names = st.names();
-    if names.len() != 1 {
+    let named_parts = names.iter().all(|n| Part::of_name(n).is_some());
+    let (one_tensor, all_parts) = (names.len() == 1, !names.is_empty() && named_parts);
+    if !one_tensor && !all_parts {
         return Err(Error::file(
             path,
             format!(
-                "holds {} tensors ({}); an embedding file holds exactly one",
+                "holds {} tensors ({}); an embedding file holds one, or a negative's parts under their names ({})",
                 names.len(),
                 names
                     .iter()
                     .take(5)
                     .map(|s| s.to_string())
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                Part::ALL.map(|p| p.name(true)).join(", ")
             ),
         ));
     }
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| Error::file(path, format!("cannot read tensor: {e}")))?;
-    let tensor = tensors.into_values().next().expect("one tensor");
+    let parts = if tensors.len() == 1 && !named_parts {
+        Parts {
+            embeds: tensors.into_values().next().expect("one tensor"),
+            pooled: None,
+            mask: None,
+        }
+    } else {
+        Parts::from_named(tensors, path)?
+    };
     let metadata = safetensors::SafeTensors::read_metadata(bytes)
         .ok()
         .and_then(|(_, m)| m.metadata().clone())
         .map(|m| m.into_iter().collect())
         .unwrap_or_default();
-    Ok((tensor, metadata))
+    Ok((parts, metadata))
+}
+
+/// A pooled embedding or a mask as `[1, n]` (a `[n]` file tensor gains the batch axis), f32;
+/// a mask's `n` must be the embeddings' token count.
+fn one_row(t: Tensor, n: Option<usize>, name: &str, path: &Path) -> Result<Tensor> {
+    let t = if t.rank() == 1 { t.unsqueeze(0)? } else { t };
+    let ok = t.rank() == 2 && t.dim(0)? == 1 && n.is_none_or(|n| t.dim(1).ok() == Some(n));
+    if !ok {
+        return Err(Error::file(
+            path,
+            format!(
+                "{name} has shape {:?}; it should be [1, {}]",
+                t.dims(),
+                n.map_or("width".to_string(), |n| n.to_string())
+            ),
+        ));
+    }
+    Ok(t.to_dtype(DType::F32)?)
 }

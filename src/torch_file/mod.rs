@@ -108,6 +108,9 @@ pub fn gather(data: &[u8], t: &TensorRef, path: &Path) -> Result<(Tensor, DType)
             }
             StorageDtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
             StorageDtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            StorageDtype::I64 => {
+                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32
+            }
         }
     };
     // Gather the strided view (every index below `last`, checked above).
@@ -129,6 +132,7 @@ pub fn gather(data: &[u8], t: &TensorRef, path: &Path) -> Result<(Tensor, DType)
         StorageDtype::F16 => DType::F16,
         StorageDtype::BF16 => DType::BF16,
         StorageDtype::F64 => DType::F64,
+        StorageDtype::I64 => DType::I64,
     };
     Ok((
         Tensor::from_vec(out, t.shape.as_slice(), &Device::Cpu)?,
@@ -203,64 +207,83 @@ pub fn read_state_dict(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tens
         .collect()
 }
 
-/// Writes `tensor` (f32, f16, bf16 or f64) as a `torch.save` zip file under the archive
-/// prefix `archive/`, each record 64-byte aligned as torch writes them.
-pub fn write<W: Write + std::io::Seek>(tensor: &Tensor, out: W) -> Result<()> {
-    let (dtype, bytes): (StorageDtype, Vec<u8>) = match tensor.dtype() {
+/// A tensor's storage dtype and little-endian bytes (f32, f16, bf16 or f64; others as f32).
+fn storage(tensor: &Tensor) -> Result<(StorageDtype, Vec<u8>)> {
+    let flat = tensor.flatten_all()?;
+    Ok(match tensor.dtype() {
         DType::F16 => (
             StorageDtype::F16,
-            tensor
-                .flatten_all()?
-                .to_vec1::<half::f16>()?
+            flat.to_vec1::<half::f16>()?
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
         DType::BF16 => (
             StorageDtype::BF16,
-            tensor
-                .flatten_all()?
-                .to_vec1::<half::bf16>()?
+            flat.to_vec1::<half::bf16>()?
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
         DType::F64 => (
             StorageDtype::F64,
-            tensor
-                .flatten_all()?
-                .to_vec1::<f64>()?
+            flat.to_vec1::<f64>()?
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
         _ => (
             StorageDtype::F32,
-            tensor
-                .to_dtype(DType::F32)?
-                .flatten_all()?
+            flat.to_dtype(DType::F32)?
                 .to_vec1::<f32>()?
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect(),
         ),
-    };
+    })
+}
+
+/// Writes `tensor` as a `torch.save` zip file under the archive prefix `archive/`, each record
+/// 64-byte aligned as torch writes them.
+pub fn write<W: Write + std::io::Seek>(tensor: &Tensor, out: W) -> Result<()> {
+    let (dtype, bytes) = storage(tensor)?;
     let pkl = pickle::write_tensor(dtype, tensor.dims(), "0");
+    write_zip(&pkl, &[bytes], out)
+}
+
+/// Writes `{name: tensor}` as `torch.save` writes a dict of tensors (what `torch.load` gives
+/// back as a dict), in the given order.
+pub fn write_dict<W: Write + std::io::Seek>(tensors: &[(&str, &Tensor)], out: W) -> Result<()> {
+    let mut entries = vec![];
+    let mut storages = vec![];
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let (dtype, bytes) = storage(t)?;
+        entries.push((*name, dtype, t.dims().to_vec(), i.to_string()));
+        storages.push(bytes);
+    }
+    write_zip(&pickle::write_dict(&entries), &storages, out)
+}
+
+/// The zip of a pickle and its storages `data/0`, `data/1`, ...
+fn write_zip<W: Write + std::io::Seek>(pkl: &[u8], storages: &[Vec<u8>], out: W) -> Result<()> {
     let io = |e: zip::result::ZipError| Error::Invalid(format!("cannot write PyTorch file: {e}"));
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .with_alignment(64);
     let mut zw = zip::ZipWriter::new(out);
-    let records: [(&str, &[u8]); 5] = [
-        ("archive/data.pkl", &pkl),
-        ("archive/byteorder", b"little"),
-        ("archive/data/0", &bytes),
-        ("archive/version", b"3\n"),
-        (
-            "archive/.data/serialization_id",
-            b"0000000000000000000000000000000000000000",
-        ),
-    ];
+    let data: Vec<(String, &[u8])> = storages
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (format!("archive/data/{i}"), b.as_slice()))
+        .collect();
+    let mut records: Vec<(&str, &[u8])> =
+        vec![("archive/data.pkl", pkl), ("archive/byteorder", b"little")];
+    records.extend(data.iter().map(|(n, b)| (n.as_str(), *b)));
+    records.push(("archive/version", b"3\n"));
+    records.push((
+        "archive/.data/serialization_id",
+        b"0000000000000000000000000000000000000000",
+    ));
     for (name, data) in records {
         zw.start_file(name, opts).map_err(io)?;
         zw.write_all(data)

@@ -12,6 +12,8 @@ pub enum StorageDtype {
     F16,
     BF16,
     F64,
+    /// int64: an attention mask's storage (read as f32: its 0s and 1s are exact).
+    I64,
 }
 
 impl StorageDtype {
@@ -21,6 +23,7 @@ impl StorageDtype {
             "HalfStorage" => Self::F16,
             "BFloat16Storage" => Self::BF16,
             "DoubleStorage" => Self::F64,
+            "LongStorage" => Self::I64,
             _ => return None,
         })
     }
@@ -29,7 +32,7 @@ impl StorageDtype {
         match self {
             Self::F32 => 4,
             Self::F16 | Self::BF16 => 2,
-            Self::F64 => 8,
+            Self::F64 | Self::I64 => 8,
         }
     }
 
@@ -39,6 +42,7 @@ impl StorageDtype {
             Self::F16 => "HalfStorage",
             Self::BF16 => "BFloat16Storage",
             Self::F64 => "DoubleStorage",
+            Self::I64 => "LongStorage",
         }
     }
 }
@@ -77,6 +81,7 @@ const ALLOWED: &[(&str, &str)] = &[
     ("torch", "HalfStorage"),
     ("torch", "BFloat16Storage"),
     ("torch", "DoubleStorage"),
+    ("torch", "LongStorage"),
 ];
 
 /// What can go wrong reading the pickle; mapped to a file error by the caller.
@@ -429,6 +434,29 @@ fn describe(v: &Value) -> &'static str {
 
 /// The pickle of one contiguous tensor as `torch.save` writes it (protocol 2).
 pub fn write_tensor(dtype: StorageDtype, shape: &[usize], storage_key: &str) -> Vec<u8> {
+    let mut out = vec![0x80, 2];
+    tensor_body(&mut out, dtype, shape, storage_key);
+    out.push(b'.');
+    out
+}
+
+/// The pickle of a dict of contiguous tensors, `{name: tensor}` in the given order, as
+/// `torch.save({...})` writes it: each entry (name, dtype, shape, storage key).
+pub fn write_dict(entries: &[(&str, StorageDtype, Vec<usize>, String)]) -> Vec<u8> {
+    let mut out = vec![0x80, 2, b'}', b'('];
+    for (name, dtype, shape, key) in entries {
+        out.push(b'X');
+        out.extend((name.len() as u32).to_le_bytes());
+        out.extend(name.as_bytes());
+        tensor_body(&mut out, *dtype, shape, key);
+    }
+    out.extend(b"u.");
+    out
+}
+
+/// `torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict())`, left on
+/// the stack.
+fn tensor_body(out: &mut Vec<u8>, dtype: StorageDtype, shape: &[usize], storage_key: &str) {
     fn unicode(out: &mut Vec<u8>, s: &str) {
         out.push(b'X');
         out.extend((s.len() as u32).to_le_bytes());
@@ -457,22 +485,20 @@ pub fn write_tensor(dtype: StorageDtype, shape: &[usize], storage_key: &str) -> 
     for i in (0..shape.len().saturating_sub(1)).rev() {
         stride[i] = stride[i + 1] * shape[i + 1];
     }
-    let mut out = vec![0x80, 2];
     out.extend(b"ctorch._utils\n_rebuild_tensor_v2\n");
     out.extend(b"((");
-    unicode(&mut out, "storage");
+    unicode(out, "storage");
     out.extend(format!("ctorch\n{}\n", dtype.class_name()).as_bytes());
-    unicode(&mut out, storage_key);
-    unicode(&mut out, "cpu");
-    int(&mut out, numel);
+    unicode(out, storage_key);
+    unicode(out, "cpu");
+    int(out, numel);
     out.extend(b"tQ");
-    int(&mut out, 0);
-    tuple(&mut out, shape);
-    tuple(&mut out, &stride);
+    int(out, 0);
+    tuple(out, shape);
+    tuple(out, &stride);
     out.push(0x89);
     out.extend(b"ccollections\nOrderedDict\n)R");
-    out.extend(b"tR.");
-    out
+    out.extend(b"tR");
 }
 
 #[cfg(test)]

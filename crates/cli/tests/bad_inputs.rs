@@ -249,6 +249,8 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("embedding inspect {}", p("rank4.safetensors")), "rank4.safetensors".into()),
         // The refusals themselves, not a missing file's message (which names the file too).
         (format!("embedding inspect {MALICIOUS}"), "never code".into()),
+        // A negative with a pooled part and a mask, on an SD model (no place for them).
+        (format!("generate --model {SD15} --prompt x --negative-embedding {} --out {{out}}", repo!("tests/fixtures/embedding/parts.pt")), "has a negative_pooled_prompt_embeds part".into()),
         (format!("embedding inspect {LEGACY}"), "legacy (pre-1.6) PyTorch format".into()),
         (format!("embedding import {} --out {{out}}/e.safetensors", p("truncated.pt")), "truncated.pt".into()),
         (format!("embedding export {} --format pt --out {{out}}/e.pt", p("ints.safetensors")), "ints.safetensors".into()),

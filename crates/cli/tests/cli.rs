@@ -917,6 +917,45 @@ fn train_from_toml_and_flags_writes_its_outputs_and_resumes() {
     );
 }
 
+/// `embedding inspect` names every part of a negative (issue 30): a pooled embedding and an
+/// attention mask beside the embeddings, in the text and the JSON output.
+#[test]
+fn inspect_shows_each_part_of_a_negative() {
+    let file = repo!("tests/fixtures/embedding/parts.pt");
+    let o = reneg(&["embedding", "inspect", file]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("shape     [1, 5, 32]"), "{text}");
+    assert!(
+        text.contains("part      negative_pooled_prompt_embeds [1, 8]")
+            && text.contains("part      negative_prompt_attention_mask [1, 5]"),
+        "{text}"
+    );
+    let o = reneg(&["embedding", "inspect", "--json", file]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "negative_prompt_embeds",
+            "negative_pooled_prompt_embeds",
+            "negative_prompt_attention_mask"
+        ]
+    );
+    // A one-part file shows no other part.
+    let o = reneg(&[
+        "embedding",
+        "inspect",
+        repo!("tests/fixtures/embedding/torch_saved.pt"),
+    ]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("part "));
+}
+
 /// `--checkpointing on` (each UNet layer and decoder block recomputed in the backward)
 /// learns the embedding `--checkpointing off` learns, and each run says which it does.
 /// (tests/dispatch.rs checks that the checkpointed graph is smaller and really recomputed.)

@@ -112,6 +112,11 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             if json {
                 let mut v = serde_json::to_value(&s)?;
                 v["metadata"] = serde_json::to_value(&emb.metadata)?;
+                v["parts"] = emb
+                    .parts()
+                    .iter()
+                    .map(|(name, t)| serde_json::json!({"name": name, "shape": t.dims()}))
+                    .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("file      {}", file.display());
@@ -123,6 +128,10 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
                     s.row_norm_min, s.row_norm_median, s.row_norm_max, s.row0_norm
                 );
                 println!("fits      {}", s.fits);
+                // The other parts of a negative (SDXL's pooled embedding, PixArt's mask).
+                for (name, t) in emb.parts().iter().skip(1) {
+                    println!("part      {name} {:?}", t.dims());
+                }
                 for (k, v) in &emb.metadata {
                     println!("meta      {k} = {v}");
                 }
