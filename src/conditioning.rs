@@ -32,11 +32,6 @@ impl Part {
         }
     }
 
-    /// Whether training and adaptation learn it (a mask stays fixed).
-    pub fn is_learned(self) -> bool {
-        self != Part::Mask
-    }
-
     /// The part a tensor name stands for (with or without `negative_`).
     pub fn of_name(name: &str) -> Option<Part> {
         Part::ALL
@@ -90,13 +85,5 @@ impl Parts {
             pooled: found.remove(Part::Pooled.name(true)),
             mask: found.remove(Part::Mask.name(true)),
         })
-    }
-
-    /// The parts present, embeddings first, under the negative's names.
-    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
-        let mut v = vec![(Part::Embeds.name(true), &self.embeds)];
-        v.extend(self.pooled.iter().map(|t| (Part::Pooled.name(true), t)));
-        v.extend(self.mask.iter().map(|t| (Part::Mask.name(true), t)));
-        v
     }
 }

@@ -2,9 +2,9 @@
 //! (diffusers' `negative_prompt_embeds`), with the other parts of a negative where a family has
 //! them (`negative_pooled_prompt_embeds`, `negative_prompt_attention_mask`:
 //! [`crate::conditioning`]), and metadata. A file with one part holds one tensor, as before; a
-//! file with several holds each under its diffusers name (a `.bin` as `torch.save` of a dict). Loads safetensors files and the
-//! official ReNeg `torch.save` files (read without running any code); saves safetensors with
-//! metadata in the header and PyTorch-loadable `.pt`/`.bin` files.
+//! file with several holds each under its diffusers name (a `.bin` as `torch.save` of a dict).
+//! Loads safetensors files and the official ReNeg `torch.save` files (read without running any
+//! code); saves safetensors with metadata in the header and PyTorch-loadable `.pt`/`.bin` files.
 
 pub mod textual_inversion;
 

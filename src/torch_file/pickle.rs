@@ -445,23 +445,23 @@ pub fn write_tensor(dtype: StorageDtype, shape: &[usize], storage_key: &str) -> 
 pub fn write_dict(entries: &[(&str, StorageDtype, Vec<usize>, String)]) -> Vec<u8> {
     let mut out = vec![0x80, 2, b'}', b'('];
     for (name, dtype, shape, key) in entries {
-        out.push(b'X');
-        out.extend((name.len() as u32).to_le_bytes());
-        out.extend(name.as_bytes());
+        unicode(&mut out, name);
         tensor_body(&mut out, *dtype, shape, key);
     }
     out.extend(b"u.");
     out
 }
 
+/// A string as pickle's BINUNICODE.
+fn unicode(out: &mut Vec<u8>, s: &str) {
+    out.push(b'X');
+    out.extend((s.len() as u32).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
 /// `torch._utils._rebuild_tensor_v2(storage, 0, shape, stride, False, OrderedDict())`, left on
 /// the stack.
 fn tensor_body(out: &mut Vec<u8>, dtype: StorageDtype, shape: &[usize], storage_key: &str) {
-    fn unicode(out: &mut Vec<u8>, s: &str) {
-        out.push(b'X');
-        out.extend((s.len() as u32).to_le_bytes());
-        out.extend(s.as_bytes());
-    }
     fn int(out: &mut Vec<u8>, v: usize) {
         if v < 256 {
             out.extend([b'K', v as u8]);

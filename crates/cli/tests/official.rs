@@ -144,7 +144,8 @@ fn generate(case: &Path, controlnet: &Path, out: &Path, negative: Option<&str>) 
 /// What the library's guidance makes of the official embedding as the negative, through the
 /// ControlNet folder: the pixels `generate` must write (the library's guidance through a
 /// ControlNet matches diffusers on the parity cases, with the negative in both networks'
-/// unconditional half).
+/// unconditional half; the file's values match PyTorch's in tests/embedding.rs). What this
+/// checks is the command's own path: the file loaded and placed as the negative, unaltered.
 fn library_image(case: &Path) -> Vec<u8> {
     let (dev, dtype) = (Device::Cpu, DType::F32);
     let mut sd = reneg::StableDiffusion::load(&case.join("pipeline"), dtype, &dev).unwrap();

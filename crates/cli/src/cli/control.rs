@@ -76,9 +76,7 @@ impl ControlArgs {
         }
         v
     }
-}
 
-impl ControlArgs {
     /// The ControlNets, their config folder and the control images, by role (for an
     /// evaluation's manifest).
     pub fn files(&self) -> Vec<(&'static str, PathBuf)> {
