@@ -30,6 +30,7 @@
 //! settings (`reneg::runtime`) for A/B runs.
 
 use candle_core::{Device, Tensor, Var};
+use reneg::conditioning::Conditioning;
 use reneg::models::clip_text::{ClipTextConfig, ClipTextModel};
 use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::{AutoencoderKL, VaeConfig};
@@ -39,7 +40,7 @@ use reneg::scheduler::SchedulerConfig;
 use reneg::tokenizer::ClipTokenizer;
 use reneg::train::step::{gradient_at, reneg_gradient, Backward, Objective, Pixels, Sampling};
 use reneg::weights::{Vb, Weights};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use serde_json::json;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -216,7 +217,7 @@ fn tiny() {
     let dev = bench_device();
     let precision = bench_precision(&dev);
     let dtype = precision.weight_dtype();
-    let mut sd = StableDiffusion::load(
+    let mut sd = Pipeline::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         dtype,
         &dev,
@@ -229,7 +230,7 @@ fn tiny() {
     )
     .unwrap();
     let objective = Objective::new(vec![(Box::new(reward), 1.0)]);
-    let emb = sd.encode_prompt("").unwrap();
+    let emb = sd.encode("").unwrap();
     let s = Sampling {
         steps: 10,
         guidance_scale: 7.5,
@@ -291,7 +292,7 @@ fn full(latent: usize, batch: usize) {
         p,
     )
     .unwrap();
-    let sd = StableDiffusion::from_parts(
+    let sd = Pipeline::from_parts(
         ClipTokenizer::embedded("<|endoftext|>").unwrap(),
         te,
         unet,
@@ -320,13 +321,18 @@ fn full(latent: usize, batch: usize) {
         .unwrap()
         .contiguous()
         .unwrap();
+    let (cond_c, neg_c, negs_c) = (
+        Conditioning::from(cond.clone()),
+        Conditioning::from(neg.clone()),
+        Conditioning::from(negs.clone()),
+    );
     let x = reneg::rng::randn(12, &[b, 4, latent, latent], act, &dev).unwrap();
     let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], act, &dev).unwrap();
     dev.synchronize().unwrap();
     let weights_gpu_mb = mem.peak_mb();
     mem.reset();
     let sample_s = time(&dev, reps(if gpu { 5 } else { 2 }), || {
-        sd.guided_eps(&x, 501.0, &cond, &negs, 7.5).unwrap();
+        sd.guided_eps(&x, 501.0, &cond_c, &negs_c, 7.5).unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
     if std::env::var_os("RENEG_BENCH_SAMPLING_ONLY").is_some() {
@@ -349,9 +355,9 @@ fn full(latent: usize, batch: usize) {
         gradient_at(
             &sd,
             &objective,
-            &neg,
+            &neg_c,
             &prompts,
-            &cond,
+            &cond_c,
             &x,
             grad_step,
             (7.5, backward, 1.0),
@@ -373,7 +379,7 @@ fn full(latent: usize, batch: usize) {
            "train_step_s": 24.5 * sample_s + grad_s,
            "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb(),
            "backward": format!("{backward:?}"),
-           "precision": precision.name(), "checkpointing": sd.unet.checkpointing(),
+           "precision": precision.name(), "checkpointing": sd.unet().unwrap().checkpointing(),
            "commit": commit(),
            "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")});
     out["peak_mem_mib"] = json!(peak_rss_mb());
@@ -390,14 +396,14 @@ fn full(latent: usize, batch: usize) {
 
 /// The gradient step's phases one by one (`RENEG_BENCH_PHASES=1`), for the profile in
 /// BENCHMARKS.md: printed to stderr, one line each.
-fn phases(sd: &StableDiffusion, x: &Tensor, neg: &Tensor, objective: &Objective) {
+fn phases(sd: &Pipeline, x: &Tensor, neg: &Tensor, objective: &Objective) {
     let dev = x.device().clone();
     let lap = |name: &str, c: Instant| {
         dev.synchronize().unwrap();
         eprintln!("phase {name}: {:.3} s", c.elapsed().as_secs_f64())
     };
     let c = Instant::now();
-    let u0 = sd.unet.forward(x, 201.0, neg).unwrap();
+    let u0 = sd.unet().unwrap().forward(x, 201.0, neg).unwrap();
     lap("unet forward, no graph", c);
     let x0 = Var::from_tensor(&u0).unwrap();
     let c = Instant::now();
@@ -416,7 +422,11 @@ fn phases(sd: &StableDiffusion, x: &Tensor, neg: &Tensor, objective: &Objective)
     drop((g, images, loss));
     let var = Var::from_tensor(neg).unwrap();
     let c = Instant::now();
-    let u = sd.unet.forward(x, 201.0, var.as_tensor()).unwrap();
+    let u = sd
+        .unet()
+        .unwrap()
+        .forward(x, 201.0, var.as_tensor())
+        .unwrap();
     lap("unet forward, graph", c);
     let c = Instant::now();
     let g = u.sum_all().unwrap().backward().unwrap();

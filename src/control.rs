@@ -1,5 +1,5 @@
 //! ControlNets in the pipeline: loading diffusers `ControlNetModel` folders, and the
-//! conditioning image each one sees. [`crate::StableDiffusion::add_controlnet`] checks that a
+//! conditioning image each one sees. [`crate::Pipeline::add_controlnet`] checks that a
 //! ControlNet fits the UNet; the guided step adds every ControlNet's residuals (diffusers'
 //! `MultiControlNetModel` sums them), with the negative going through their cross-attention
 //! as through the UNet's.

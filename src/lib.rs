@@ -3,7 +3,9 @@
 //!
 //! Layout: [`tokenizer`] and [`models`] mirror transformers/diffusers module for module;
 //! [`nn`] holds the differentiable building blocks (no fused ops without a backward);
-//! [`scheduler`] is DDIM; [`pipeline`] ties them into guided sampling and the gradient step.
+//! [`scheduler`] holds the samplers; [`family`] builds each model family's roles (prompt encoder,
+//! denoiser, decoder) from its owners' files; [`pipeline`] ties them into guided sampling and the
+//! gradient step, written once for every family.
 
 pub mod chart;
 pub mod conditioning;
@@ -34,4 +36,4 @@ pub mod video;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub use pipeline::StableDiffusion;
+pub use pipeline::Pipeline;

@@ -649,7 +649,7 @@ pub fn load(
     overrides: &Overrides,
     dtype: DType,
     device: &Device,
-) -> Result<crate::StableDiffusion> {
+) -> Result<crate::Pipeline> {
     load_with_loras(path, overrides, dtype, device, &[])
 }
 
@@ -660,7 +660,7 @@ pub fn load_with_loras(
     dtype: DType,
     device: &Device,
     loras: &[crate::lora::Lora],
-) -> Result<crate::StableDiffusion> {
+) -> Result<crate::Pipeline> {
     use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
     use crate::models::unet::{UNet2DConditionModel, UNetConfig};
     use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -704,7 +704,7 @@ pub fn load_with_loras(
             Base::Sd2 => "!",
         })?,
     };
-    crate::StableDiffusion::from_parts(
+    crate::Pipeline::from_parts(
         tokenizer,
         text_encoder,
         unet,

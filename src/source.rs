@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::single_file::{self, Overrides};
-use crate::StableDiffusion;
+use crate::Pipeline;
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
@@ -94,16 +94,9 @@ pub fn resolve(spec: &str, options: &LoadOptions) -> Result<ModelSource> {
 }
 
 /// Resolves and loads a model.
-pub fn load(
-    spec: &str,
-    options: &LoadOptions,
-    dtype: DType,
-    device: &Device,
-) -> Result<StableDiffusion> {
+pub fn load(spec: &str, options: &LoadOptions, dtype: DType, device: &Device) -> Result<Pipeline> {
     match resolve(spec, options)? {
-        ModelSource::Folder(dir) => {
-            StableDiffusion::load_with_loras(&dir, dtype, device, &options.loras)
-        }
+        ModelSource::Folder(dir) => Pipeline::load_with_loras(&dir, dtype, device, &options.loras),
         ModelSource::SingleFile(file) => {
             single_file::load_with_loras(&file, &options.single_file, dtype, device, &options.loras)
         }

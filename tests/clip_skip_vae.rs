@@ -5,11 +5,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, max_abs_diff};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::Path;
 
-fn model() -> StableDiffusion {
-    StableDiffusion::load(
+fn model() -> Pipeline {
+    Pipeline::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         DType::F32,
         &Device::Cpu,
@@ -32,8 +32,8 @@ fn clip_skip_takes_an_earlier_layer_through_the_final_norm_as_diffusers_does() {
     let mut sd = model();
     let mut outs = Vec::new();
     for k in 0..3 {
-        sd.text_encoder.set_clip_skip(k).unwrap();
-        let got = sd.encode_prompt(prompt).unwrap();
+        sd.set_clip_skip(k).unwrap();
+        let got = sd.encode(prompt).unwrap().embeds;
         let w = &want[&format!("skip_{k}")];
         let err = max_abs_diff(&got, w) / max_abs(w);
         println!("clip skip {k}: relative error {err:.2e}");
@@ -45,11 +45,7 @@ fn clip_skip_takes_an_earlier_layer_through_the_final_norm_as_diffusers_does() {
     assert!(max_abs_diff(&outs[0], &outs[1]) > 1e-3);
     assert!(max_abs_diff(&outs[1], &outs[2]) > 1e-3);
     let layers = case["layers"].as_u64().unwrap() as usize;
-    let e = sd
-        .text_encoder
-        .set_clip_skip(layers)
-        .unwrap_err()
-        .to_string();
+    let e = sd.set_clip_skip(layers).unwrap_err().to_string();
     assert!(
         e.contains("--clip-skip") && e.contains(&format!("{layers} layers")),
         "{e}"
@@ -71,7 +67,7 @@ fn a_swapped_vae_decodes_as_its_own_pipeline_and_a_folder_without_one_is_refused
     sd.replace_vae(&other.join("vae")).unwrap();
     let swapped = sd.decode(&z).unwrap();
     assert!(max_abs_diff(&swapped, &before) > 1e-3);
-    let theirs = StableDiffusion::load(other, DType::F32, &Device::Cpu)
+    let theirs = Pipeline::load(other, DType::F32, &Device::Cpu)
         .unwrap()
         .decode(&z)
         .unwrap();

@@ -210,7 +210,10 @@ fn width_and_length_are_checked_against_the_model() {
         NegativeEmbedding::new(Tensor::zeros((1, 77, 1024), DType::F32, &Device::Cpu).unwrap())
             .unwrap();
     let err = emb
-        .check_fits(77, 768, Path::new("x.safetensors"))
+        .check_fits(
+            &reneg::conditioning::Shape::embeds(77, 768),
+            Path::new("x.safetensors"),
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("1024") && err.contains("768"), "{err}");
@@ -218,12 +221,18 @@ fn width_and_length_are_checked_against_the_model() {
         NegativeEmbedding::new(Tensor::zeros((1, 60, 768), DType::F32, &Device::Cpu).unwrap())
             .unwrap();
     let err = short
-        .check_fits(77, 768, Path::new("x.safetensors"))
+        .check_fits(
+            &reneg::conditioning::Shape::embeds(77, 768),
+            Path::new("x.safetensors"),
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("60") && err.contains("77"), "{err}");
-    emb.check_fits(77, 1024, Path::new("x.safetensors"))
-        .unwrap();
+    emb.check_fits(
+        &reneg::conditioning::Shape::embeds(77, 1024),
+        Path::new("x.safetensors"),
+    )
+    .unwrap();
 }
 
 /// The storage view arithmetic of `torch_file` takes shape, stride and offset from the file:
@@ -360,7 +369,10 @@ fn a_negative_of_several_parts_reads_writes_and_is_refused_by_sd() {
     assert_eq!(max_abs_diff(&t, &whole.tensor), 0.0);
     // An SD model has no place for a pooled embedding or a mask.
     let err = a
-        .check_fits(5, 32, Path::new("parts.pt"))
+        .check_fits(
+            &reneg::conditioning::Shape::embeds(5, 32),
+            Path::new("parts.pt"),
+        )
         .unwrap_err()
         .to_string();
     assert!(
@@ -385,4 +397,34 @@ fn a_negative_of_several_parts_reads_writes_and_is_refused_by_sd() {
         err.contains("stray.safetensors") && err.contains("pooled"),
         "{err}"
     );
+}
+
+/// A family whose negatives have a pooled part (SDXL's shape) refuses one without it, or with
+/// one of another width, naming the file and the part.
+#[test]
+fn a_pooled_part_the_model_needs_is_checked() {
+    let shape = reneg::conditioning::Shape {
+        tokens: 77,
+        width: 8,
+        pooled: Some(4),
+        mask: false,
+    };
+    let zeros = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+    let mut emb = NegativeEmbedding::new(zeros(&[1, 77, 8])).unwrap();
+    let err = emb
+        .check_fits(&shape, Path::new("xl.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("xl.safetensors") && err.contains("has no negative_pooled_prompt_embeds"),
+        "{err}"
+    );
+    emb.pooled = Some(zeros(&[1, 3]));
+    let err = emb
+        .check_fits(&shape, Path::new("xl.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("[1, 4]") && err.contains("[1, 3]"), "{err}");
+    emb.pooled = Some(zeros(&[1, 4]));
+    emb.check_fits(&shape, Path::new("xl.safetensors")).unwrap();
 }

@@ -10,7 +10,7 @@ use reneg::models::unet::{UNet2DConditionModel, UNetConfig};
 use reneg::models::vae::VaeConfig;
 use reneg::scheduler::SchedulerConfig;
 use reneg::weights::{Vb, Weights};
-use reneg::{Error, StableDiffusion};
+use reneg::{Error, Pipeline};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -234,7 +234,7 @@ fn corrupt_safetensors_is_an_error_naming_the_file() {
 
 #[test]
 fn pipeline_folder_errors() {
-    let msg = StableDiffusion::load(Path::new("no/such/model"), DType::F32, &Device::Cpu)
+    let msg = Pipeline::load(Path::new("no/such/model"), DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -243,7 +243,7 @@ fn pipeline_folder_errors() {
         "{msg}"
     );
     let dir = tempdir();
-    let msg = StableDiffusion::load(&dir, DType::F32, &Device::Cpu)
+    let msg = Pipeline::load(&dir, DType::F32, &Device::Cpu)
         .err()
         .unwrap()
         .to_string();
@@ -267,7 +267,7 @@ fn folder_naming(from: &str, class: &str) -> PathBuf {
 #[test]
 fn pipeline_folders_of_other_families_are_refused_by_class() {
     let load = |dir: &Path| {
-        StableDiffusion::load(dir, DType::F32, &Device::Cpu)
+        Pipeline::load(dir, DType::F32, &Device::Cpu)
             .err()
             .map(|e| e.to_string())
     };
@@ -335,10 +335,26 @@ fn single_files_of_other_families_are_named() {
 
 #[test]
 fn embedding_shape_is_checked_against_the_model() {
-    let sd = StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
-    let good = Tensor::zeros((1, 77, 32), DType::F32, &Device::Cpu).unwrap();
-    sd.check_embedding(&good).unwrap();
-    let wide = Tensor::zeros((1, 77, 768), DType::F32, &Device::Cpu).unwrap();
-    let msg = sd.check_embedding(&wide).unwrap_err().to_string();
-    assert!(msg.contains("768") && msg.contains("[1, 77, 32]"), "{msg}");
+    let sd = Pipeline::load(Path::new(SD15), DType::F32, &Device::Cpu).unwrap();
+    let neg = |shape: (usize, usize, usize)| {
+        reneg::embedding::NegativeEmbedding::new(
+            Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap(),
+        )
+        .unwrap()
+    };
+    let file = Path::new("neg.safetensors");
+    sd.negative(&neg((1, 77, 32)), file).unwrap();
+    let msg = sd
+        .negative(&neg((1, 77, 768)), file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("768") && msg.contains("[1, 77, 32]") && msg.contains("neg.safetensors"),
+        "{msg}"
+    );
+    // A part the model has no place for is refused by its name.
+    let mut pooled = neg((1, 77, 32));
+    pooled.pooled = Some(Tensor::zeros((1, 8), DType::F32, &Device::Cpu).unwrap());
+    let msg = sd.negative(&pooled, file).unwrap_err().to_string();
+    assert!(msg.contains("negative_pooled_prompt_embeds"), "{msg}");
 }

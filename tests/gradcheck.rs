@@ -446,7 +446,9 @@ fn guided_renege_step_wrt_negative_embedding() {
         assert_gradient(
             &format!("guided step + x0 + decode ({pt}) wrt negative"),
             |u| {
-                let x0 = sd.predict_x0(&latents, 2, &cond, u, 7.5).unwrap();
+                let x0 = sd
+                    .predict_x0(&latents, 2, &cond.clone().into(), &u.clone().into(), 7.5)
+                    .unwrap();
                 sd.decode(&x0).unwrap()
             },
             &randn(43, &[1, 77, 12]),
@@ -523,13 +525,15 @@ fn guided_step_through_a_controlnet_wrt_negative_embedding() {
             Path::new("<tiny controlnet>"),
         )
         .unwrap();
-        sd.guess_mode = guess;
+        sd.set_guess_mode(guess).unwrap();
         let cond = randn(67, &[1, 77, 12]);
         let latents = randn(68, &[1, 4, 4, 4]);
         assert_gradient(
             &format!("guided step through a ControlNet (guess={guess}) + x0 + decode wrt negative"),
             |u| {
-                let x0 = sd.predict_x0(&latents, 2, &cond, u, 7.5).unwrap();
+                let x0 = sd
+                    .predict_x0(&latents, 2, &cond.clone().into(), &u.clone().into(), 7.5)
+                    .unwrap();
                 sd.decode(&x0).unwrap()
             },
             &randn(69, &[1, 77, 12]),

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, max_abs_diff};
 use reneg::lora::{parse_spec, Lora};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -19,9 +19,9 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     max_abs_diff(a, b) / max_abs(b)
 }
 
-fn outputs(sd: &StableDiffusion, latents: &Tensor) -> (Tensor, Tensor) {
-    let text = sd.encode_prompt("a photo of a cat").unwrap();
-    let eps = sd.unet.forward(latents, 500.0, &text).unwrap();
+fn outputs(sd: &Pipeline, latents: &Tensor) -> (Tensor, Tensor) {
+    let text = sd.encode("a photo of a cat").unwrap().embeds;
+    let eps = sd.unet().unwrap().forward(latents, 500.0, &text).unwrap();
     (text, eps)
 }
 
@@ -31,15 +31,14 @@ fn merged_loras_give_diffusers_fused_outputs_in_both_layouts() {
         candle_core::safetensors::load(Path::new(FIX).join("expected.safetensors"), &Device::Cpu)
             .unwrap();
     let latents = &want["latents"];
-    let base = StableDiffusion::load(Path::new(PIPE), DType::F32, &Device::Cpu).unwrap();
+    let base = Pipeline::load(Path::new(PIPE), DType::F32, &Device::Cpu).unwrap();
     let (bt, be) = outputs(&base, latents);
     assert!(rel_err(&bt, &want["base_text"]) < 1e-5);
     assert!(rel_err(&be, &want["base_eps"]) < 1e-5);
     for (name, scale) in [("kohya", 0.7), ("peft", 1.0)] {
         let lora = Lora::load(&Path::new(FIX).join(format!("{name}.safetensors")), scale).unwrap();
         let sd =
-            StableDiffusion::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
-                .unwrap();
+            Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora]).unwrap();
         let (t, e) = outputs(&sd, latents);
         let (et, ee) = (
             rel_err(&t, &want[&format!("{name}_text")]),
@@ -83,7 +82,7 @@ fn loras_for_other_models_are_refused_by_name() {
         ],
     );
     let lora = Lora::load(&p, 1.0).unwrap();
-    let e = StableDiffusion::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
+    let e = Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
         .err()
         .unwrap()
         .to_string();
@@ -102,7 +101,7 @@ fn loras_for_other_models_are_refused_by_name() {
         ],
     );
     let lora = Lora::load(&p, 1.0).unwrap();
-    let e = StableDiffusion::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
+    let e = Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
         .err()
         .unwrap()
         .to_string();

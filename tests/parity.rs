@@ -16,7 +16,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use reneg::StableDiffusion;
+use reneg::conditioning::Conditioning;
+use reneg::Pipeline;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -300,7 +301,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     let e = |n: &str| expected.input(n);
     let want = |n: &str| expected.want(n);
     let ids_of = |n: &str| expected.ids(n);
-    let mut sd = StableDiffusion::load(&dir.join("pipeline"), dtype, &dev)
+    let mut sd = Pipeline::load(&dir.join("pipeline"), dtype, &dev)
         .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
     // A ControlNet case: the pipeline's ControlNet with control.png, as
     // StableDiffusionControlNetPipeline runs it.
@@ -314,25 +315,25 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     // Tokenizer and text encoder.
     report.ids(
         "prompt_input_ids",
-        &sd.tokenizer.encode(&case.prompt),
+        &sd.clip().unwrap().tokenizer.encode(&case.prompt),
         &exp["prompt_input_ids"],
     );
     report.ids(
         "negative_input_ids",
-        &sd.tokenizer.encode(&case.negative_prompt),
+        &sd.clip().unwrap().tokenizer.encode(&case.negative_prompt),
         &exp["negative_input_ids"],
     );
     let ids = ids_of("prompt_input_ids");
     report.tensor(
         "prompt_embeds",
-        &sd.text_encoder.forward(&ids).unwrap(),
+        &sd.clip().unwrap().text_encoder.forward(&ids).unwrap(),
         &want("prompt_embeds"),
         FORWARD_TOL,
     );
     let nids = ids_of("negative_input_ids");
     report.tensor(
         "negative_prompt_embeds",
-        &sd.text_encoder.forward(&nids).unwrap(),
+        &sd.clip().unwrap().text_encoder.forward(&nids).unwrap(),
         &want("negative_prompt_embeds"),
         FORWARD_TOL,
     );
@@ -351,6 +352,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
 
     // Guided sampling from the reference's noise and embeddings.
     let (pe, ne) = (e("prompt_embeds"), e("negative_prompt_embeds"));
+    let (pc, nc): (Conditioning, Conditioning) = (pe.clone().into(), ne.clone().into());
     let mut x = e("init_latents");
     let mut latents_at_grad_step = None;
     for i in 0..sd.scheduler.len() {
@@ -358,7 +360,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
             latents_at_grad_step = Some(x.clone());
         }
         x = sd
-            .sample_step(&x, i, &pe, &ne, case.guidance_scale, &[0])
+            .sample_step(&x, i, &pc, &nc, case.guidance_scale, &[0])
             .unwrap();
     }
     report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
@@ -387,14 +389,15 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
             .scale_model_input(&e("grad_latents_in"), i)
             .unwrap();
         for (name, ctx) in [("eps_negative", &ne), ("eps_prompt", &pe)] {
-            let eps = sd.unet.forward(&x, t, ctx).unwrap();
+            let eps = sd.unet().unwrap().forward(&x, t, ctx).unwrap();
             report.tensor(name, &eps, &want(name), FORWARD_TOL);
         }
     }
     if exp.contains_key("transformer_in_probe_input") {
         let frames = e("init_latents").dim(2).unwrap();
         let out = sd
-            .unet
+            .unet()
+            .unwrap()
             .encoder()
             .forward_in(&e("transformer_in_probe_input"), frames)
             .unwrap();
@@ -413,12 +416,18 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         let t = sd.scheduler.timestep(case.grad_step_index).unwrap();
         let x2 = Tensor::cat(&[&x, &x], 0).unwrap();
         let ctx = Tensor::cat(&[&ne, &pe], 0).unwrap();
-        let c = &sd.controls[0];
+        let c = &sd.controls()[0];
+        let guess_mode = sd
+            .denoiser
+            .as_any()
+            .downcast_ref::<reneg::family::sd::UnetDenoiser>()
+            .unwrap()
+            .guess_mode;
         let (_, ch, h, w) = c.image.dims4().unwrap();
         let image = c.image.broadcast_as((2, ch, h, w)).unwrap();
         let r = c
             .model
-            .forward(&x2, t, &ctx, &image, c.scale, sd.guess_mode)
+            .forward(&x2, t, &ctx, &image, c.scale, guess_mode)
             .unwrap();
         report.tensor(
             "controlnet_mid_residual",
@@ -439,8 +448,8 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         .predict_x0(
             &e("grad_latents_in"),
             case.grad_step_index,
-            &pe,
-            neg.as_tensor(),
+            &pc,
+            &neg.as_tensor().clone().into(),
             case.guidance_scale,
         )
         .unwrap();
@@ -490,7 +499,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         "controlnet_mid_residual",
     ];
     if exp.contains_key("vae_encoder_input") {
-        let (mean, logvar) = sd.vae.encode(&e("vae_encoder_input")).unwrap();
+        let (mean, logvar) = sd.vae().unwrap().encode(&e("vae_encoder_input")).unwrap();
         report.tensor(
             "vae_encoder_mean",
             &mean,

@@ -7,19 +7,19 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, max_abs_diff};
 use reneg::prompt_syntax::{parse, Part, PromptSyntax};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::Path;
 
 const FIX: &str = "tests/fixtures/prompt_syntax";
 
-fn model() -> StableDiffusion {
-    let mut sd = StableDiffusion::load(
+fn model() -> Pipeline {
+    let mut sd = Pipeline::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         DType::F32,
         &Device::Cpu,
     )
     .unwrap();
-    sd.prompt_syntax = PromptSyntax::A1111;
+    sd.set_prompt_syntax(PromptSyntax::A1111).unwrap();
     sd
 }
 
@@ -63,7 +63,7 @@ fn long_and_weighted_prompts_encode_as_the_reference() {
             .unwrap();
     for (i, p) in c["prompts"].as_array().unwrap().iter().enumerate() {
         let text = p["prompt"].as_str().unwrap();
-        let got = sd.encode_prompt(text).unwrap();
+        let got = sd.encode(text).unwrap().embeds;
         let want = &expected[&format!("embeds_{i}")];
         assert_eq!(got.dims(), want.dims(), "{text:?}");
         let err = max_abs_diff(&got, want);
@@ -84,38 +84,40 @@ fn long_and_weighted_prompts_encode_as_the_reference() {
 fn plain_prompts_encode_exactly_as_before_and_contexts_pad_with_the_empty_chunk() {
     let sd = model();
     for text in ["a photo of a cat", "", "a cat: sitting, on a mat"] {
-        let old = sd
+        let clip = sd.clip().unwrap();
+        let old = clip
             .text_encoder
-            .forward(&sd.tokenize(text).unwrap())
+            .forward(&clip.tokenize(text).unwrap())
             .unwrap();
-        let new = sd.encode_prompt(text).unwrap();
+        let new = sd.encode(text).unwrap().embeds;
         let same = max_abs_diff(&old, &new);
         assert_eq!(same, 0.0, "{text:?}");
     }
     // Without A1111's syntax (the default) a long prompt is cut at 75 tokens and brackets are
     // text, as diffusers reads them.
     let mut plain = model();
-    plain.prompt_syntax = PromptSyntax::Plain;
+    plain.set_prompt_syntax(PromptSyntax::Plain).unwrap();
     for text in [
         case()["prompts"][4]["prompt"].as_str().unwrap(),
         "a (red:1.3) cat BREAK a dog",
     ] {
-        let got = plain.encode_prompt(text).unwrap();
-        let want = plain
+        let got = plain.encode(text).unwrap().embeds;
+        let clip = plain.clip().unwrap();
+        let want = clip
             .text_encoder
-            .forward(&plain.tokenize(text).unwrap())
+            .forward(&clip.tokenize(text).unwrap())
             .unwrap();
         assert_eq!(got.dims(), &[1, 77, 32]);
         let d = max_abs_diff(&got, &want);
         assert_eq!(d, 0.0, "{text:?}");
     }
     // A one-chunk negative beside a two-chunk prompt: the negative gets the empty chunk.
-    let short = sd.encode_prompt("blurry").unwrap();
-    let long = sd.encode_prompt("a cat BREAK a dog").unwrap();
-    let both = sd.cat_contexts(&[&short, &long]).unwrap();
+    let short = sd.encode("blurry").unwrap();
+    let long = sd.encode("a cat BREAK a dog").unwrap();
+    let both = sd.batch(&[&short, &long]).unwrap().embeds;
     assert_eq!(both.dims(), &[2, 154, 32]);
     let tail: Tensor = both.get(0).unwrap().narrow(0, 77, 77).unwrap();
-    let empty = sd.encode_prompt("").unwrap().squeeze(0).unwrap();
+    let empty = sd.encode("").unwrap().embeds.squeeze(0).unwrap();
     let d = max_abs_diff(&tail, &empty);
     assert_eq!(d, 0.0);
 }

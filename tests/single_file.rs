@@ -8,22 +8,22 @@ use common::max_abs_diff;
 
 use candle_core::{DType, Device, Tensor};
 use reneg::single_file::{self, Base, Overrides};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::{Path, PathBuf};
 
 fn case(name: &str) -> PathBuf {
     PathBuf::from("tests/fixtures/parity").join(name)
 }
 
-fn image(sd: &mut StableDiffusion, case_dir: &Path) -> Tensor {
+fn image(sd: &mut Pipeline, case_dir: &Path) -> Tensor {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(case_dir.join("case.json")).unwrap())
             .unwrap();
     let exp = candle_core::safetensors::load(case_dir.join("expected.safetensors"), &Device::Cpu)
         .unwrap();
-    let cond = sd.encode_prompt(meta["prompt"].as_str().unwrap()).unwrap();
+    let cond = sd.encode(meta["prompt"].as_str().unwrap()).unwrap();
     let uncond = sd
-        .encode_prompt(meta["negative_prompt"].as_str().unwrap())
+        .encode(meta["negative_prompt"].as_str().unwrap())
         .unwrap();
     let steps = meta["num_inference_steps"].as_u64().unwrap() as usize;
     let g = meta["guidance_scale"].as_f64().unwrap();
@@ -41,7 +41,7 @@ fn image(sd: &mut StableDiffusion, case_dir: &Path) -> Tensor {
     sd.decode(&latents).unwrap()
 }
 
-fn assert_same_image(single: &mut StableDiffusion, folder: &mut StableDiffusion, dir: &Path) {
+fn assert_same_image(single: &mut Pipeline, folder: &mut Pipeline, dir: &Path) {
     let a = image(single, dir);
     let b = image(folder, dir);
     let diff = max_abs_diff(&a, &b);
@@ -87,8 +87,7 @@ fn sd15_single_file_with_inferred_architecture_matches_the_folder() {
         prediction_type: None,
     };
     let mut single = single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap();
-    let mut folder =
-        StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let mut folder = Pipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     assert_same_image(&mut single, &mut folder, &dir);
 }
 
@@ -108,8 +107,7 @@ fn sd2_single_file_with_config_folder_matches_the_folder() {
         .keys()
         .all(|k| !k.starts_with("encoder.layers.3.")));
     let mut single = single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap();
-    let mut folder =
-        StableDiffusion::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let mut folder = Pipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     assert_same_image(&mut single, &mut folder, &dir);
 }
 

@@ -7,13 +7,13 @@ mod common;
 use candle_core::{DType, Device};
 use common::max_abs_diff;
 use reneg::embedding::textual_inversion::{parse_spec, split, Piece, TextualInversion};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::Path;
 
 const FIX: &str = "tests/fixtures/ti";
 
-fn model() -> StableDiffusion {
-    StableDiffusion::load(
+fn model() -> Pipeline {
+    Pipeline::load(
         Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
         DType::F32,
         &Device::Cpu,
@@ -56,7 +56,7 @@ fn prompts_using_an_embedding_encode_as_transformers_does() {
     assert_eq!(prompts.len(), 6);
     for (i, p) in prompts.iter().enumerate() {
         let text = p["prompt"].as_str().unwrap();
-        let got = sd.encode_prompt(text).unwrap();
+        let got = sd.encode(text).unwrap().embeds;
         let want = &expected[&format!("prompt_embeds_{i}")];
         let err = max_abs_diff(&got, want);
         println!("{text:?}: max abs error {err:.2e}");
@@ -81,8 +81,8 @@ fn a_prompt_without_names_encodes_exactly_as_before() {
         "notinyneg",
     ] {
         let (a, b) = (
-            plain.encode_prompt(text).unwrap(),
-            with.encode_prompt(text).unwrap(),
+            plain.encode(text).unwrap().embeds,
+            with.encode(text).unwrap().embeds,
         );
         assert_eq!(max_abs_diff(&a, &b), 0.0, "{text:?}");
     }
@@ -106,7 +106,7 @@ fn wrong_widths_and_undefined_names_are_refused_by_name() {
     )
     .unwrap();
     let e = sd
-        .encode_prompt("embedding:easynegative, blurry")
+        .encode("embedding:easynegative, blurry")
         .unwrap_err()
         .to_string();
     assert!(

@@ -8,7 +8,7 @@
 
 pub mod textual_inversion;
 
-use crate::conditioning::{Part, Parts};
+use crate::conditioning::{Conditioning, Part, Shape};
 use crate::error::{Error, Result};
 use crate::torch_file;
 use candle_core::{DType, Device, Tensor};
@@ -84,7 +84,7 @@ impl NegativeEmbedding {
                 // A dict of a negative's parts; anything else keeps the single-tensor error.
                 Err(single) => match torch_file::read_state_dict(&bytes, path) {
                     Ok(dict) if dict.keys().any(|k| Part::of_name(k).is_some()) => {
-                        let parts = Parts::from_named(dict.into_iter().collect(), path)?;
+                        let parts = Conditioning::from_named(dict.into_iter().collect(), path)?;
                         let dtype = parts.embeds.dtype();
                         (
                             parts.embeds,
@@ -164,6 +164,28 @@ impl NegativeEmbedding {
             stored_dtype,
             pooled,
             mask,
+        })
+    }
+
+    /// The negative as the pipeline takes it (on `device`, in `dtype`).
+    pub fn conditioning(&self, dtype: DType, device: &Device) -> Result<Conditioning> {
+        Conditioning {
+            embeds: self.tensor.clone(),
+            pooled: self.pooled.clone(),
+            mask: self.mask.clone(),
+        }
+        .map(|_, t| Ok(t.to_device(device)?.to_dtype(dtype)?))
+    }
+
+    /// A negative holding `c`'s parts (batch 1; as f32 on the CPU), stored as f32.
+    pub fn from_conditioning(c: &Conditioning) -> Result<Self> {
+        let c = c.map(|_, t| Ok(t.detach().to_device(&Device::Cpu)?.to_dtype(DType::F32)?))?;
+        Ok(Self {
+            tensor: c.embeds,
+            metadata: BTreeMap::new(),
+            stored_dtype: DType::F32,
+            pooled: c.pooled,
+            mask: c.mask,
         })
     }
 
@@ -247,12 +269,25 @@ impl NegativeEmbedding {
         })
     }
 
-    /// Refuses an embedding that the model's text encoder could not have produced.
-    pub fn check_fits(&self, tokens: usize, width: usize, source: &Path) -> Result<()> {
-        if let Some((name, _)) = self.parts().get(1) {
+    /// Refuses a negative that the model's encoder (making conditionings of `shape`) could
+    /// not have produced: a part it has no place for, a part it needs missing, a wrong shape.
+    pub fn check_fits(&self, shape: &Shape, source: &Path) -> Result<()> {
+        let (tokens, width) = (shape.tokens, shape.width);
+        let unexpected = [
+            (
+                Part::Pooled,
+                self.pooled.is_some() && shape.pooled.is_none(),
+            ),
+            (Part::Mask, self.mask.is_some() && !shape.mask),
+        ];
+        if let Some((part, _)) = unexpected.iter().find(|(_, bad)| *bad) {
             return Err(Error::file(
                 source,
-                format!("has a {name} part, which this model (an SD 1.x/2.x text encoder) has no place for"),
+                format!(
+                    "has a {} part, which this model's text encoder ({}) has no place for",
+                    part.name(true),
+                    encoder_for_width(width)
+                ),
             ));
         }
         if self.width() != width || self.tokens() != tokens {
@@ -267,13 +302,37 @@ impl NegativeEmbedding {
                 ),
             ));
         }
+        if let Some(p) = shape.pooled {
+            match &self.pooled {
+                None => {
+                    return Err(Error::file(
+                        source,
+                        format!(
+                            "has no {} part; this model needs one of [1, {p}] (a negative for another model family?)",
+                            Part::Pooled.name(true)
+                        ),
+                    ))
+                }
+                Some(t) if t.dims() != [1, p] => {
+                    return Err(Error::file(
+                        source,
+                        format!(
+                            "{} is {:?}; this model needs [1, {p}]",
+                            Part::Pooled.name(true),
+                            t.dims()
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
         Ok(())
     }
 }
 
 /// A safetensors embedding: one tensor (any name, as before), or several named as a negative's
 /// parts.
-fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Parts, BTreeMap<String, String>)> {
+fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Conditioning, BTreeMap<String, String>)> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
         Error::file(
             path,
@@ -302,13 +361,13 @@ fn read_safetensors(bytes: &[u8], path: &Path) -> Result<(Parts, BTreeMap<String
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
         .map_err(|e| Error::file(path, format!("cannot read tensor: {e}")))?;
     let parts = if tensors.len() == 1 && !named_parts {
-        Parts {
+        Conditioning {
             embeds: tensors.into_values().next().expect("one tensor"),
             pooled: None,
             mask: None,
         }
     } else {
-        Parts::from_named(tensors, path)?
+        Conditioning::from_named(tensors, path)?
     };
     let metadata = safetensors::SafeTensors::read_metadata(bytes)
         .ok()

@@ -94,8 +94,8 @@ impl World {
 #[derive(Debug, Clone)]
 pub struct Contribution {
     pub index: usize,
-    /// d loss / d embedding, f32.
-    pub grad: Tensor,
+    /// d loss / d each learned part of the negative (embeddings first), f32.
+    pub grad: Vec<Tensor>,
     pub loss: f64,
     pub rewards: Vec<f64>,
 }
@@ -173,7 +173,9 @@ impl FileGroup {
         ]
         .into_iter()
         .collect();
-        let bytes = crate::io::safetensors_f32(&[("grad", &c.grad)], meta, "exchange")?;
+        let names: Vec<String> = (0..c.grad.len()).map(grad_name).collect();
+        let tensors: Vec<(&str, &Tensor)> = names.iter().map(String::as_str).zip(&c.grad).collect();
+        let bytes = crate::io::safetensors_f32(&tensors, meta, "exchange")?;
         crate::io::write_atomic(&dir.join(format!("mb-{}.safetensors", c.index)), &bytes)
     }
 
@@ -195,10 +197,13 @@ impl FileGroup {
             .filter(|s| !s.is_empty())
             .map(number)
             .collect::<Result<Vec<f64>>>()?;
-        let grad = tensors
-            .get("grad")
-            .ok_or_else(|| bad("no gradient".into()))?
-            .to_device(&self.device)?;
+        let mut grad = vec![];
+        while let Some(t) = tensors.get(&grad_name(grad.len())) {
+            grad.push(t.to_device(&self.device)?);
+        }
+        if grad.is_empty() {
+            return Err(bad("no gradient".into()));
+        }
         Ok(Contribution {
             index,
             grad,
@@ -253,14 +258,37 @@ impl Collective for FileGroup {
     }
 }
 
-/// The summed gradient, loss and rewards of a step's contributions, in micro-batch order (the
-/// order a single process adds them in).
-pub fn sum_in_order(contributions: &[Contribution]) -> Result<(Tensor, f64, Vec<f64>)> {
-    let mut grad: Option<Tensor> = None;
+/// The name of a contribution's `i`-th gradient in an exchange file (`grad` for the
+/// embeddings', as before parts, then `grad.1`, ...).
+fn grad_name(i: usize) -> String {
+    if i == 0 {
+        "grad".into()
+    } else {
+        format!("grad.{i}")
+    }
+}
+
+/// The summed gradient (per learned part), loss and rewards of a step's contributions, in
+/// micro-batch order (the order a single process adds them in).
+pub fn sum_in_order(contributions: &[Contribution]) -> Result<(Vec<Tensor>, f64, Vec<f64>)> {
+    let mut grad: Option<Vec<Tensor>> = None;
     let (mut loss, mut rewards) = (0.0, vec![]);
     for c in contributions {
         grad = Some(match grad {
-            Some(s) => (s + &c.grad)?,
+            Some(s) => {
+                if s.len() != c.grad.len() {
+                    return Err(Error::Invalid(format!(
+                        "micro-batch {} has {} gradient parts, the others {}",
+                        c.index,
+                        c.grad.len(),
+                        s.len()
+                    )));
+                }
+                s.iter()
+                    .zip(&c.grad)
+                    .map(|(a, b)| Ok((a + b)?))
+                    .collect::<Result<Vec<_>>>()?
+            }
             None => c.grad.clone(),
         });
         loss += c.loss;

@@ -7,14 +7,15 @@ use super::checkpoint::Checkpoint;
 use super::config::TrainConfig;
 use super::distributed::{sum_in_order, Collective, Contribution};
 use super::memory;
-use super::optim::{cosine_lr, AdamW, AdamWConfig};
+use super::optim::{cosine_lr, for_learned, global_norm, update_learned, AdamW, AdamWConfig};
 use super::step::{reneg_gradient, sampled_reward, Objective, Sampling};
+use crate::conditioning::Conditioning;
 use crate::embedding::NegativeEmbedding;
 use crate::error::{Error, Result};
 use crate::precision::LossScaler;
 use crate::rng::SplitMix64;
-use crate::StableDiffusion;
-use candle_core::{DType, Tensor};
+use crate::Pipeline;
+use candle_core::DType;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +43,8 @@ pub struct Validation {
 
 /// What a finished run returns.
 pub struct TrainOutcome {
-    pub embedding: Tensor,
+    /// The learned negative (f32, on the model's device).
+    pub embedding: Conditioning,
     /// The step this run began at: 0, or the checkpoint's step when it resumed.
     pub started_at: u64,
     pub steps_done: u64,
@@ -114,9 +116,14 @@ fn append_jsonl<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
         .map_err(|e| Error::file(path, format!("cannot write: {e}")))
 }
 
-/// Saves the embedding (safetensors with metadata, and a torch-loadable .bin).
-pub fn save_embedding(emb: &Tensor, cfg: &TrainConfig, steps: u64, paths: &RunPaths) -> Result<()> {
-    let mut e = NegativeEmbedding::new(emb.clone())?;
+/// Saves the negative, every part (safetensors with metadata, and a torch-loadable .bin).
+pub fn save_embedding(
+    emb: &Conditioning,
+    cfg: &TrainConfig,
+    steps: u64,
+    paths: &RunPaths,
+) -> Result<()> {
+    let mut e = NegativeEmbedding::from_conditioning(emb)?;
     e.metadata.insert("base_model".into(), cfg.model.clone());
     let rewards: Vec<String> = cfg
         .rewards
@@ -141,15 +148,16 @@ pub struct Prompts<'a> {
     pub val: &'a [String],
 }
 
-/// The training loop from `init` (`[1, L, D]`). `resume`: continue from
+/// The training loop from `init` (a negative of batch 1; every floating part is learned,
+/// a mask stays fixed). `resume`: continue from
 /// `out/checkpoint.safetensors`. `on_step` sees every step's metrics (progress display) and
 /// may stop the run (as an interruption would).
 pub fn train(
     cfg: &TrainConfig,
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
     prompts: Prompts,
-    init: Tensor,
+    init: Conditioning,
     resume: bool,
     on_step: impl FnMut(&StepMetrics, Option<&Validation>) -> std::ops::ControlFlow<()>,
 ) -> Result<TrainOutcome> {
@@ -168,7 +176,7 @@ pub fn train(
 
 /// Whether the gradient step checkpoints activations for `cfg` on `sd`'s device
 /// (`cfg.checkpointing`, with `auto` decided from the estimated graph and the free memory).
-pub fn checkpointing_for(cfg: &TrainConfig, sd: &StableDiffusion) -> bool {
+pub fn checkpointing_for(cfg: &TrainConfig, sd: &Pipeline) -> bool {
     let (h, w) = image_size(cfg, sd);
     // A video's frames go through the networks as a batch.
     let batch = cfg.micro_batch_size * cfg.frames.unwrap_or(1);
@@ -176,8 +184,8 @@ pub fn checkpointing_for(cfg: &TrainConfig, sd: &StableDiffusion) -> bool {
     memory::decide(cfg.checkpointing, plain, memory::free_bytes(sd.device()))
 }
 
-fn image_size(cfg: &TrainConfig, sd: &StableDiffusion) -> (usize, usize) {
-    let px = sd.unet.config().sample_size.unwrap_or(64) * sd.vae_scale();
+fn image_size(cfg: &TrainConfig, sd: &Pipeline) -> (usize, usize) {
+    let px = sd.default_size();
     (cfg.height.unwrap_or(px), cfg.width.unwrap_or(px))
 }
 
@@ -187,10 +195,10 @@ fn image_size(cfg: &TrainConfig, sd: &StableDiffusion) -> (usize, usize) {
 #[allow(clippy::too_many_arguments)]
 pub fn train_in_group(
     cfg: &TrainConfig,
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
     prompts: Prompts,
-    init: Tensor,
+    init: Conditioning,
     resume: bool,
     collective: &mut dyn Collective,
     mut on_step: impl FnMut(&StepMetrics, Option<&Validation>) -> std::ops::ControlFlow<()>,
@@ -245,8 +253,12 @@ pub fn train_in_group(
             truncate_jsonl(&paths.validation(), ck.step + 1)?;
         }
         (
-            ck.embedding.to_dtype(DType::F32)?.to_device(&device)?,
-            ck.optimizer.to_device(&device)?,
+            ck.embedding
+                .map(|_, t| Ok(t.to_dtype(DType::F32)?.to_device(&device)?))?,
+            ck.optimizer
+                .iter()
+                .map(|o| o.to_device(&device))
+                .collect::<Result<Vec<_>>>()?,
             ck.step,
             ck.bad_in_row,
             ck.loss_scaler,
@@ -257,8 +269,8 @@ pub fn train_in_group(
                 let _ = std::fs::remove_file(p);
             }
         }
-        let init = init.to_dtype(DType::F32)?.to_device(&device)?;
-        let opt = AdamW::new(adam_cfg, &init)?;
+        let init = init.map(|_, t| Ok(t.to_dtype(DType::F32)?.to_device(&device)?))?;
+        let opt = for_learned(&adam_cfg, &init)?;
         let scaler = LossScaler::for_precision(cfg.precision);
         (init, opt, 0, 0, scaler)
     };
@@ -283,7 +295,7 @@ pub fn train_in_group(
         let clock = std::time::Instant::now();
         let lr = cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup_steps);
         let mut rng = SplitMix64::new(mix(cfg.seed, step, 0));
-        let model_emb = emb.to_dtype(model_dtype)?;
+        let model_emb = emb.map(|_, t| Ok(t.to_dtype(model_dtype)?))?;
         sampling.loss_scale = scaler.scale;
         let mut mine = vec![];
         for index in 0..cfg.micro_batches() {
@@ -300,21 +312,23 @@ pub fn train_in_group(
             let r = reneg_gradient(sd, objective, &model_emb, &batch, &seeds, k, &sampling)?;
             mine.push(Contribution {
                 index,
-                grad: r.grad.to_dtype(DType::F32)?,
+                grad: r
+                    .grad
+                    .iter()
+                    .map(|g| Ok(g.to_dtype(DType::F32)?))
+                    .collect::<Result<_>>()?,
                 loss: r.loss,
                 rewards: r.rewards,
             });
         }
         let (grad_sum, loss_sum, rewards) = sum_in_order(&collective.gather(step, mine)?)?;
         let m = cfg.micro_batches() as f64;
-        let grad = (grad_sum / m)?;
+        let grad = grad_sum
+            .iter()
+            .map(|g| Ok((g / m)?))
+            .collect::<Result<Vec<_>>>()?;
         let loss = loss_sum / m;
-        let grad_norm = grad
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?
-            .sqrt();
+        let grad_norm = global_norm(&grad)?;
         let finite = loss.is_finite() && grad_norm.is_finite();
         // Under fp16 loss scaling a non-finite gradient is an overflow of the scaled backward:
         // the step is skipped and the scale halved, without counting as a bad step.
@@ -322,10 +336,14 @@ pub fn train_in_group(
         if scaler.update(finite) {
             bad_in_row = 0;
             let grad = match cfg.max_grad_norm {
-                Some(max) if grad_norm > max => (grad * (max / grad_norm))?,
+                // Every part scaled by the one factor, as clip_grad_norm_ does.
+                Some(max) if grad_norm > max => grad
+                    .iter()
+                    .map(|g| Ok((g * (max / grad_norm))?))
+                    .collect::<Result<Vec<_>>>()?,
                 _ => grad,
             };
-            emb = opt.update(&emb, &grad, lr)?;
+            emb = update_learned(&mut opt, &emb, &grad, lr)?;
         } else {
             skipped += 1;
             if !overflow {
@@ -350,13 +368,13 @@ pub fn train_in_group(
             append_jsonl(&paths.metrics(), &metrics)?;
         }
         let done = step + 1;
-        let checkpoint = |opt: &AdamW, scaler: &LossScaler| -> Result<()> {
+        let checkpoint = |opt: &[AdamW], scaler: &LossScaler| -> Result<()> {
             if !main {
                 return Ok(());
             }
             Checkpoint {
                 embedding: emb.clone(),
-                optimizer: opt.clone(),
+                optimizer: opt.to_vec(),
                 step: done,
                 bad_in_row,
                 loss_scaler: scaler.clone(),
@@ -379,12 +397,12 @@ pub fn train_in_group(
             && (done % cfg.val_every == 0 || done == cfg.steps)
         {
             if null_val.is_none() {
-                let null = sd.encode_prompt("")?;
+                let null = sd.no_negative()?;
                 null_val = Some(mean(&validation_rewards(
                     sd, objective, &null, &val_list, &val_seeds, &sampling, cfg,
                 )?));
             }
-            let cur = emb.to_dtype(model_dtype)?;
+            let cur = emb.map(|_, t| Ok(t.to_dtype(model_dtype)?))?;
             let v = Validation {
                 step: done,
                 null_text: null_val.unwrap_or(f64::NAN),
@@ -431,9 +449,9 @@ pub fn train_in_group(
 /// Validation rewards of `list` x `seeds`, in micro-batches of the training's size (the whole
 /// list at once would hold every image's latents and activations together).
 fn validation_rewards(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
-    emb: &Tensor,
+    emb: &Conditioning,
     list: &[String],
     seeds: &[u64],
     sampling: &Sampling,

@@ -3,7 +3,7 @@
 //! fit in the device memory that is free.
 //!
 //! The estimate counts the activations the gradient path keeps alive, from the UNet's and the
-//! VAE's configs and the latent size: per UNet layer at `c` channels and `n = h w` positions,
+//! VAE's configs (each family's denoiser and decoder give theirs) and the latent size: per UNet layer at `c` channels and `n = h w` positions,
 //! a resnet keeps about 6 tensors of `c n` (the inputs of two norms, two convolutions, the
 //! time-embedding sum and the shortcut) and a transformer about 26 (norms, projections,
 //! q, k, v and outputs of two attentions recomputed in blocks, the 8c-wide GEGLU input and the
@@ -13,8 +13,10 @@
 //! is recomputed. These are counts of what the code keeps, not measurements: the device run
 //! checks the estimate against the measured peak (tools/gpu_check.sh).
 
+use crate::models::unet::UNetConfig;
+use crate::models::vae::VaeConfig;
 use crate::train::step::Backward;
-use crate::StableDiffusion;
+use crate::Pipeline;
 use candle_core::Device;
 
 #[derive(
@@ -45,9 +47,10 @@ const TRANSFORMER_KEPT: u64 = 26;
 const HEADROOM: f64 = 0.8;
 
 /// Estimated bytes of the gradient step's graph for `batch` samples of `height x width`
-/// pixels: `(plain, checkpointed)`.
+/// pixels: `(plain, checkpointed)`. A family whose roles give no estimate counts as 0 (never
+/// checkpointed by `auto`).
 pub fn graph_bytes(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     batch: usize,
     height: usize,
     width: usize,
@@ -57,8 +60,21 @@ pub fn graph_bytes(
     let elem = sd.weight_dtype().size_in_bytes() as u64;
     let (lh, lw) = ((height / f) as u64, (width / f) as u64);
     let b = batch as u64;
-    // UNet: per level, its layers (down and up) at that level's resolution.
-    let cfg = sd.unet.config();
+    let (unet_plain, unet_ckpt) = sd.denoiser.graph_elems(lh, lw).unwrap_or((0, 0));
+    let (dec_plain, dec_ckpt) = sd.decoder.graph_elems(lh, lw).unwrap_or((0, 0));
+    let combine = |u: u64, d: u64| match backward {
+        Backward::Staged => u.max(d),
+        Backward::OnePass => u + d,
+    };
+    (
+        b * elem * combine(unet_plain, dec_plain),
+        b * elem * combine(unet_ckpt, dec_ckpt),
+    )
+}
+
+/// A UNet's kept elements for one sample of `lh x lw` latents: `(plain, checkpointed)`.
+pub fn unet_graph_elems(cfg: &UNetConfig, lh: u64, lw: u64) -> (u64, u64) {
+    // Per level, its layers (down and up) at that level's resolution.
     let mut unet_plain = 0u64;
     let mut unet_largest_layer = 0u64;
     let mut unet_layers = 0u64;
@@ -80,9 +96,14 @@ pub fn graph_bytes(
         unet_largest_layer = unet_largest_layer.max(per);
         unet_layers += layers;
     }
-    let unet_ckpt = unet_layers * 2 * unet_channels_n(sd, lh, lw) + unet_largest_layer;
-    // VAE decoder: resnets per level at the upsampled resolutions.
-    let vcfg = sd.vae.config();
+    // `c n` of the first level: the largest activation between layers.
+    let first = cfg.block_out_channels.first().copied().unwrap_or(0) as u64 * lh * lw;
+    (unet_plain, unet_layers * 2 * first + unet_largest_layer)
+}
+
+/// A VAE decoder's kept elements for one sample of `lh x lw` latents: `(plain, checkpointed)`.
+pub fn vae_graph_elems(vcfg: &VaeConfig, lh: u64, lw: u64) -> (u64, u64) {
+    // Resnets per level at the upsampled resolutions.
     let vlevels = vcfg.block_out_channels.len();
     let mut dec_plain = 0u64;
     let mut dec_largest = 0u64;
@@ -96,27 +117,10 @@ pub fn graph_bytes(
         dec_largest = dec_largest.max(per);
         dec_layers += layers;
     }
-    let dec_ckpt = dec_layers * 2 * dec_largest / RESNET_KEPT + dec_largest;
-    let combine = |u: u64, d: u64| match backward {
-        Backward::Staged => u.max(d),
-        Backward::OnePass => u + d,
-    };
     (
-        b * elem * combine(unet_plain, dec_plain),
-        b * elem * combine(unet_ckpt, dec_ckpt),
+        dec_plain,
+        dec_layers * 2 * dec_largest / RESNET_KEPT + dec_largest,
     )
-}
-
-/// `c n` of the UNet's first level (the largest activation between layers).
-fn unet_channels_n(sd: &StableDiffusion, lh: u64, lw: u64) -> u64 {
-    let c = sd
-        .unet
-        .config()
-        .block_out_channels
-        .first()
-        .copied()
-        .unwrap_or(0) as u64;
-    c * lh * lw
 }
 
 /// Free memory on `device` in bytes, where it can be asked: `MemAvailable` on Linux for the

@@ -1,7 +1,10 @@
-//! AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`, on one tensor, and the learning-rate
-//! schedule: linear warm-up then cosine decay to zero.
+//! AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`, on one tensor and on every learned
+//! part of a negative (one state a part, stepping together, as one torch optimiser over
+//! several parameters), and the learning-rate schedule: linear warm-up then cosine decay to
+//! zero.
 
-use crate::error::Result;
+use crate::conditioning::Conditioning;
+use crate::error::{Error, Result};
 use candle_core::Tensor;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -70,6 +73,53 @@ impl AdamW {
         let update = ((&self.m / denom)? * (lr / bc1))?;
         Ok((p - update)?)
     }
+}
+
+/// One AdamW state for each learned part of `negative` ([`Conditioning::learned`]'s order).
+pub fn for_learned(cfg: &AdamWConfig, negative: &Conditioning) -> Result<Vec<AdamW>> {
+    negative
+        .learned()
+        .into_iter()
+        .map(|(_, t)| AdamW::new(cfg.clone(), t))
+        .collect()
+}
+
+/// One update of every learned part of `negative` with its gradient; the mask is kept.
+pub fn update_learned(
+    opts: &mut [AdamW],
+    negative: &Conditioning,
+    grads: &[Tensor],
+    lr: f64,
+) -> Result<Conditioning> {
+    let learned = negative.learned();
+    if opts.len() != learned.len() || grads.len() != learned.len() {
+        return Err(Error::Invalid(format!(
+            "{} optimiser states and {} gradients for {} learned parts",
+            opts.len(),
+            grads.len(),
+            learned.len()
+        )));
+    }
+    let updated = learned
+        .iter()
+        .zip(opts.iter_mut())
+        .zip(grads)
+        .map(|(((_, p), opt), g)| opt.update(p, g, lr))
+        .collect::<Result<Vec<_>>>()?;
+    negative.with_learned(&updated)
+}
+
+/// The norm of all gradients together (`torch.nn.utils.clip_grad_norm_`'s total norm).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0.0;
+    for g in grads {
+        sum += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(sum.sqrt())
 }
 
 /// Learning rate at `step` (0-based) of `total`: linear warm-up over `warmup` steps, then

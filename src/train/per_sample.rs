@@ -3,11 +3,12 @@
 //! improvement, keeping the best embedding seen. The start is a candidate too, so the result
 //! is never worse than the start on that prompt's reward.
 
-use super::optim::{AdamW, AdamWConfig};
+use super::optim::{for_learned, global_norm, update_learned, AdamWConfig};
 use super::step::{reneg_gradient, sampled_reward, Objective, Sampling};
+use crate::conditioning::Conditioning;
 use crate::error::Result;
-use crate::StableDiffusion;
-use candle_core::{DType, Tensor};
+use crate::Pipeline;
+use candle_core::{DType, Device};
 
 #[derive(Debug, Clone)]
 pub struct AdaptConfig {
@@ -30,18 +31,19 @@ impl Default for AdaptConfig {
 }
 
 pub struct Adapted {
-    pub embedding: Tensor,
+    /// The best negative seen (every learned part adapted; f32 on the CPU).
+    pub embedding: Conditioning,
     pub start_reward: f64,
     pub best_reward: f64,
     /// Reward after each step taken (sampled images).
     pub history: Vec<f64>,
 }
 
-/// Adapts `start` (`[1, L, D]`) to `prompt` with the image seed `seed`.
+/// Adapts `start` (a negative of batch 1) to `prompt` with the image seed `seed`.
 pub fn adapt(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
-    start: &Tensor,
+    start: &Conditioning,
     prompt: &str,
     seed: u64,
     cfg: &AdaptConfig,
@@ -50,16 +52,14 @@ pub fn adapt(
     let prompts = [prompt.to_string()];
     let dtype = sd.dtype();
     let device = sd.device().clone();
-    let to_model = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(&device)?) };
-    let start32 = start
-        .to_dtype(DType::F32)?
-        .to_device(&candle_core::Device::Cpu)?;
+    let to_model = |c: &Conditioning| c.map(|_, t| Ok(t.to_dtype(dtype)?.to_device(&device)?));
+    let start32 = start.map(|_, t| Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))?;
     let start_reward =
         sampled_reward(sd, objective, &to_model(&start32)?, &prompts, &[seed], s)?[0];
     let (mut best, mut best_reward) = (start32.clone(), start_reward);
     let mut emb = start32.clone();
-    let mut opt = AdamW::new(
-        AdamWConfig {
+    let mut opt = for_learned(
+        &AdamWConfig {
             lr: cfg.lr,
             weight_decay: 0.0,
             ..Default::default()
@@ -74,13 +74,13 @@ pub fn adapt(
         let r = reneg_gradient(sd, objective, &to_model(&emb)?, &prompts, &[seed], k, s)?;
         let g = r
             .grad
-            .to_dtype(DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?;
-        let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-        if !norm.is_finite() {
+            .iter()
+            .map(|g| Ok(g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+            .collect::<Result<Vec<_>>>()?;
+        if !global_norm(&g)?.is_finite() {
             break;
         }
-        emb = opt.update(&emb, &g, cfg.lr)?;
+        emb = update_learned(&mut opt, &emb, &g, cfg.lr)?;
         let reward = sampled_reward(sd, objective, &to_model(&emb)?, &prompts, &[seed], s)?[0];
         history.push(reward);
         if reward.is_finite() && reward > best_reward {

@@ -2,9 +2,10 @@
 //! graph down to timestep index `k`, take the one guided step whose negative branch carries
 //! the gradient, predict x0, decode, map to [0, 1], score; loss = -(weighted) mean reward.
 
+use crate::conditioning::Conditioning;
 use crate::error::{Error, Result};
 use crate::reward::Reward;
-use crate::StableDiffusion;
+use crate::Pipeline;
 use candle_core::{Tensor, Var};
 
 /// How decoded pixels reach the rewards.
@@ -86,8 +87,9 @@ impl Objective {
 /// What one micro-batch gives.
 pub struct StepResult {
     pub loss: f64,
-    /// d loss / d embedding, `[1, L, D]`.
-    pub grad: Tensor,
+    /// d loss / d each learned part of the negative ([`Conditioning::learned`]'s order):
+    /// `[1, L, D]` for the embeddings first.
+    pub grad: Vec<Tensor>,
     pub rewards: Vec<f64>,
 }
 
@@ -132,7 +134,7 @@ pub struct Sampling {
 }
 
 /// Starting noise for `seeds`, `[n, C, h, w]` (`[n, C, frames, h, w]` for videos).
-pub fn noise(sd: &StableDiffusion, seeds: &[u64], s: &Sampling) -> Result<Tensor> {
+pub fn noise(sd: &Pipeline, seeds: &[u64], s: &Sampling) -> Result<Tensor> {
     let shape = [vec![1], sd.latent_shape(s.height, s.width, s.frames)?].concat();
     let parts = seeds
         .iter()
@@ -146,27 +148,43 @@ pub fn to_unit(images: &Tensor) -> Result<Tensor> {
     Ok(((images * 0.5)? + 0.5)?.clamp(0f32, 1f32)?)
 }
 
-/// Text embeddings of `prompts`, `[n, L, D]` (long prompts' extra chunks padded with the
-/// empty prompt's, [`StableDiffusion::cat_contexts`]).
-pub fn encode_all(sd: &StableDiffusion, prompts: &[String]) -> Result<Tensor> {
+/// The conditioning of `prompts`, batch `n` (the encoder makes lengths equal:
+/// [`Pipeline::batch`]).
+pub fn encode_all(sd: &Pipeline, prompts: &[String]) -> Result<Conditioning> {
     let e = prompts
         .iter()
-        .map(|p| sd.encode_prompt(p))
+        .map(|p| sd.encode(p))
         .collect::<Result<Vec<_>>>()?;
-    sd.cat_contexts(&e.iter().collect::<Vec<_>>())
+    sd.batch(&e.iter().collect::<Vec<_>>())
 }
 
-/// The negative embedding repeated for a batch of `n`.
-fn batch_of(emb: &Tensor, n: usize) -> Result<Tensor> {
-    let (_, l, d) = emb.dims3()?;
-    Ok(emb.broadcast_as((n, l, d))?)
+/// The negative with a fresh variable for each learned part (the mask stays as it is), and
+/// the variables, in [`Conditioning::learned`]'s order.
+fn variables(negative: &Conditioning) -> Result<(Conditioning, Vec<Var>)> {
+    let vars = negative
+        .learned()
+        .iter()
+        .map(|(_, t)| Var::from_tensor(&t.detach()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    Ok((negative.detach().with_learned(&tensors)?, vars))
+}
+
+/// Each variable's gradient in `grads` (zeros for one the loss does not reach).
+fn gradients(grads: &candle_core::backprop::GradStore, vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect()
 }
 
 /// The gradient of the ReNeg loss for one micro-batch, taken at sampling step index `k`.
 pub fn reneg_gradient(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
-    embedding: &Tensor,
+    embedding: &Conditioning,
     prompts: &[String],
     seeds: &[u64],
     k: usize,
@@ -180,9 +198,9 @@ pub fn reneg_gradient(
 /// the sampler's initial sigma here); `seeds` give a stochastic sampler's step noise.
 #[allow(clippy::too_many_arguments)]
 pub fn reneg_gradient_from(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
-    embedding: &Tensor,
+    embedding: &Conditioning,
     prompts: &[String],
     start: Tensor,
     seeds: &[u64],
@@ -197,7 +215,7 @@ pub fn reneg_gradient_from(
             "gradient step {k} is past the last sampling step"
         )));
     }
-    let frozen = batch_of(&embedding.detach(), n)?;
+    let frozen = embedding.detach().repeat(n)?;
     let mut x = sd.start_latents(start)?;
     for i in 0..k {
         x = sd.sample_step(&x, i, &cond, &frozen, s.guidance_scale, seeds)?;
@@ -217,16 +235,16 @@ pub fn reneg_gradient_from(
 /// The reward of fully sampled images (no gradient): what validation and per-sample
 /// adaptation compare.
 pub fn sampled_reward(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     objective: &Objective,
-    embedding: &Tensor,
+    embedding: &Conditioning,
     prompts: &[String],
     seeds: &[u64],
     s: &Sampling,
 ) -> Result<Vec<f64>> {
     let n = prompts.len();
     let cond = encode_all(sd, prompts)?;
-    let uncond = batch_of(&embedding.detach(), n)?.contiguous()?;
+    let uncond = embedding.detach().repeat(n)?.contiguous()?;
     let latents = sd.sample(
         noise(sd, seeds, s)?,
         s.steps,
@@ -249,11 +267,11 @@ pub fn sampled_reward(
 /// `scale` in the backward (the returned gradient is unscaled).
 #[allow(clippy::too_many_arguments)]
 pub fn gradient_at(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     objective: &Objective,
-    embedding: &Tensor,
+    embedding: &Conditioning,
     prompts: &[String],
-    cond: &Tensor,
+    cond: &Conditioning,
     x: &Tensor,
     i: usize,
     (g, backward, scale): (f64, Backward, f64),
@@ -266,23 +284,19 @@ pub fn gradient_at(
         |grad: Tensor| -> Result<Tensor> { Ok(if scale == 1.0 { grad } else { (grad / scale)? }) };
     if backward == Backward::OnePass {
         let c = sd.branch_eps(&input, t, cond, false)?.detach();
-        let var = Var::from_tensor(&embedding.detach())?;
-        let u = sd.branch_eps(&input, t, &batch_of(var.as_tensor(), n)?, true)?;
+        let (negative, vars) = variables(embedding)?;
+        let u = sd.branch_eps(&input, t, &negative.repeat(n)?, true)?;
         let x0 = sd.guided_x0(&u, &c, i, x, g)?;
         let scores = objective.score_decoded(&sd.decode(&x0)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
-        let grad = (&loss * scale)?
-            .backward()?
-            .get(var.as_tensor())
-            .cloned()
-            .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
+        let grad = gradients(&(&loss * scale)?.backward()?, &vars)?;
         return Ok(StepResult {
             loss: loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
-            grad: unscale(grad)?,
+            grad: grad.into_iter().map(unscale).collect::<Result<_>>()?,
             rewards: scores.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?,
         });
     }
-    let frozen = batch_of(&embedding.detach(), n)?;
+    let frozen = embedding.detach().repeat(n)?;
     // The backward is staged so the decoder's and the UNet's graphs never coexist:
     // (1) x0 without a graph, then d loss / d x0 through decode and reward;
     // (2) the negative branch again, with a graph, and back from x0 with that gradient.
@@ -304,18 +318,13 @@ pub fn gradient_at(
         .detach();
     drop((scores, loss));
 
-    let var = Var::from_tensor(&embedding.detach())?;
-    let uncond = batch_of(var.as_tensor(), n)?;
-    let u = sd.branch_eps(&input, t, &uncond, true)?;
+    let (negative, vars) = variables(embedding)?;
+    let u = sd.branch_eps(&input, t, &negative.repeat(n)?, true)?;
     let surrogate = (sd.guided_x0(&u, &c, i, x, g)? * d_x0)?.sum_all()?;
-    let grad = surrogate
-        .backward()?
-        .get(var.as_tensor())
-        .cloned()
-        .unwrap_or_else(|| var.as_tensor().zeros_like().expect("zeros"));
+    let grad = gradients(&surrogate.backward()?, &vars)?;
     Ok(StepResult {
         loss: loss_value,
-        grad: unscale(grad)?,
+        grad: grad.into_iter().map(unscale).collect::<Result<_>>()?,
         rewards,
     })
 }

@@ -9,7 +9,7 @@ use reneg::models::vae::{AutoencoderKL, VaeConfig};
 use reneg::scheduler::SchedulerConfig;
 use reneg::tokenizer::ClipTokenizer;
 use reneg::weights::{Vb, Weights};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use serde_json::json;
 use std::path::Path;
 
@@ -112,7 +112,7 @@ pub fn tiny_vae(seed: u64) -> AutoencoderKL {
 }
 
 /// A whole tiny random pipeline in f64 (text width 12), with the given prediction type.
-pub fn tiny_pipeline(seed: u64, prediction_type: &str) -> StableDiffusion {
+pub fn tiny_pipeline(seed: u64, prediction_type: &str) -> Pipeline {
     let te_cfg = ClipTextConfig::from_value(
         json!({"hidden_size": 12, "intermediate_size": 20, "num_hidden_layers": 1,
                "num_attention_heads": 2, "hidden_act": "quick_gelu"}),
@@ -127,7 +127,7 @@ pub fn tiny_pipeline(seed: u64, prediction_type: &str) -> StableDiffusion {
         Path::new("<test scheduler config>"),
     )
     .unwrap();
-    StableDiffusion::from_parts(
+    Pipeline::from_parts(
         ClipTokenizer::embedded("<|endoftext|>").unwrap(),
         text_encoder,
         tiny_unet(seed + 2, false),
@@ -311,7 +311,7 @@ pub fn parity_case_dirs() -> Vec<std::path::PathBuf> {
 /// For a ControlNet parity case (`"kind": "controlnet"`): adds the pipeline's ControlNet with
 /// the case's `control.png`, scale and guess mode to `sd`, as StableDiffusionControlNetPipeline
 /// ran it; returns the control image tensor. None for other cases.
-pub fn add_case_controlnet(sd: &mut StableDiffusion, dir: &Path) -> Option<Tensor> {
+pub fn add_case_controlnet(sd: &mut Pipeline, dir: &Path) -> Option<Tensor> {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     if meta["kind"] != "controlnet" {
@@ -328,7 +328,8 @@ pub fn add_case_controlnet(sd: &mut StableDiffusion, dir: &Path) -> Option<Tenso
     let scale = meta["controlnet_conditioning_scale"]
         .as_f64()
         .unwrap_or(1.0);
-    sd.guess_mode = meta["guess_mode"].as_bool().unwrap_or(false);
+    sd.set_guess_mode(meta["guess_mode"].as_bool().unwrap_or(false))
+        .unwrap();
     sd.add_controlnet(model, image.clone(), scale, &cn_dir)
         .unwrap_or_else(|err| panic!("{}: {err}", cn_dir.display()));
     Some(image)

@@ -988,10 +988,11 @@ fn train_with_checkpointing_on_learns_what_off_learns() {
             .unwrap()
     };
     let (on, off) = (run("on"), run("off"));
-    let start = reneg::StableDiffusion::load(Path::new(SD15), DType::F32, &Device::Cpu)
+    let start = reneg::Pipeline::load(Path::new(SD15), DType::F32, &Device::Cpu)
         .unwrap()
-        .encode_prompt("")
+        .encode("")
         .unwrap()
+        .embeds
         .flatten_all()
         .unwrap()
         .to_vec1::<f32>()

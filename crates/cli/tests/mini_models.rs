@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use reneg::eval::Record;
 use reneg::reward::load::{load, RewardKind};
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use reneg_mini::judge::{load_reward, per_shape, recognised, Judge, JudgeScore};
 use reneg_mini::recipe::CHECK_SEED;
 use reneg_mini::scene::Scene;
@@ -62,19 +62,19 @@ const JUDGE_GENERATED_QUALITY_RANGE: (f64, f64) = (75.8, 90.0);
 #[test]
 fn committed_models_load_in_their_owners_layouts() {
     let root = mini();
-    let sd = StableDiffusion::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let sd = Pipeline::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let caption =
         "a large red circle on the left and a small blue square at the top, on a grey background";
     // The pipeline's tokenizer is the world's (711 tokens), not CLIP's 49,408.
     assert_eq!(
-        sd.tokenizer.eos_id() as usize + 1,
+        sd.clip().unwrap().tokenizer.eos_id() as usize + 1,
         reneg_mini::vocab::vocab_size()
     );
-    let e = sd.encode_prompt(caption).unwrap();
-    assert_eq!(e.dims(), &[1, 77, 64]);
+    let e = sd.encode(caption).unwrap();
+    assert_eq!(e.embeds.dims(), &[1, 77, 64]);
     // 32x32 images, 16x16x4 latents (docs/mini-world-v2.md).
     let img = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
-    let (mean, _) = sd.vae.encode(&img).unwrap();
+    let (mean, _) = sd.vae().unwrap().encode(&img).unwrap();
     assert_eq!(mean.dims(), &[1, 4, 16, 16]);
     let dev = Device::Cpu;
     let rewards = [
@@ -107,7 +107,8 @@ fn committed_models_load_in_their_owners_layouts() {
     }
     let global = root.join("negatives/reneg-global.safetensors");
     let emb = reneg::embedding::NegativeEmbedding::load(&global).unwrap();
-    emb.check_fits(77, 64, &global).unwrap();
+    emb.check_fits(&reneg::conditioning::Shape::embeds(77, 64), &global)
+        .unwrap();
     // The ControlNet (a diffusers ControlNetModel folder) fits the pipeline's UNet, with a
     // held-out scene's mask as its control image.
     let cn_dir = root.join("controlnet");
@@ -120,12 +121,13 @@ fn committed_models_load_in_their_owners_layouts() {
 }
 
 /// Images in [0, 1] after the pipeline's VAE (encode to the latent mean, decode, clamp).
-fn round_trip(sd: &StableDiffusion, images: &Tensor) -> Tensor {
+fn round_trip(sd: &Pipeline, images: &Tensor) -> Tensor {
     let (mean, _) = sd
-        .vae
+        .vae()
+        .unwrap()
         .encode(&((images * 2.0).unwrap() - 1.0).unwrap())
         .unwrap();
-    let decoded = sd.vae.decode(&mean).unwrap();
+    let decoded = sd.vae().unwrap().decode(&mean).unwrap();
     ((decoded.clamp(-1f32, 1f32).unwrap() + 1.0).unwrap() * 0.5).unwrap()
 }
 
@@ -152,7 +154,7 @@ fn scene_and_degradation_accuracy(judge: &Judge, images: &Tensor, ex: &[Example]
 #[test]
 fn judge_reads_renderings_and_their_vae_round_trips() {
     let root = mini();
-    let sd = StableDiffusion::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    let sd = Pipeline::load(&root.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
     let judge = Judge::load(&root.join("judge"), DType::F32, &Device::Cpu).unwrap();
     let cfg = DataConfig {
         degraded_share: 0.5,

@@ -148,7 +148,7 @@ fn generate(case: &Path, controlnet: &Path, out: &Path, negative: Option<&str>) 
 /// checks is the command's own path: the file loaded and placed as the negative, unaltered.
 fn library_image(case: &Path) -> Vec<u8> {
     let (dev, dtype) = (Device::Cpu, DType::F32);
-    let mut sd = reneg::StableDiffusion::load(&case.join("pipeline"), dtype, &dev).unwrap();
+    let mut sd = reneg::Pipeline::load(&case.join("pipeline"), dtype, &dev).unwrap();
     let cn = reneg::control::load(&case.join("pipeline/controlnet"), None, dtype, &dev).unwrap();
     let rgb = reneg::io::read_png(&case.join("control.png")).unwrap();
     let image =
@@ -157,7 +157,7 @@ fn library_image(case: &Path) -> Vec<u8> {
     sd.add_controlnet(cn, image, 1.0, &case.join("pipeline/controlnet"))
         .unwrap();
     let official = reneg::embedding::NegativeEmbedding::load(Path::new(SD15_EMB)).unwrap();
-    let cond = sd.encode_prompt("a cat on a chair").unwrap();
+    let cond = sd.encode("a cat on a chair").unwrap();
     let shape = [
         vec![1],
         sd.latent_shape(rgb.height as usize, rgb.width as usize, None)
@@ -166,7 +166,15 @@ fn library_image(case: &Path) -> Vec<u8> {
     .concat();
     let noise = reneg::rng::randn(0, &shape, dtype, &dev).unwrap();
     let latents = sd
-        .sample(noise, 3, &cond, &official.tensor, 7.5, &[0], |_, _| {})
+        .sample(
+            noise,
+            3,
+            &cond,
+            &official.tensor.clone().into(),
+            7.5,
+            &[0],
+            |_, _| {},
+        )
         .unwrap();
     let pixels = sd.decode(&latents).unwrap();
     reneg::io::Rgb::from_pixels(&pixels.get(0).unwrap())

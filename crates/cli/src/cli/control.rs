@@ -4,7 +4,7 @@
 
 use super::{lib, user};
 use anyhow::Result;
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,7 +141,7 @@ pub fn read_image(
 /// (width, height) in pixels, None without ControlNets. `fallback` is the image used when no
 /// --control-image is given (eval's per-prompt images replace it prompt by prompt).
 pub fn apply(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     a: &ControlArgs,
     fallback: Option<&Path>,
     dtype: candle_core::DType,
@@ -204,7 +204,7 @@ pub fn apply(
         sd.add_controlnet(model, image, scales[k], path)
             .map_err(lib)?;
     }
-    sd.guess_mode = a.guess_mode;
+    sd.set_guess_mode(a.guess_mode).map_err(lib)?;
     println!(
         "controlnet: {} ({}x{} control image{})",
         a.controlnet
@@ -242,7 +242,7 @@ pub fn check_size(
 /// The prompts' own control images (eval's `control_image` column), read once each and
 /// checked against the ControlNets and the output size before anything runs.
 pub fn prompt_images(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     a: &ControlArgs,
     prompts: &[reneg::prompts::Prompt],
     size: Option<(usize, usize)>,
@@ -256,7 +256,7 @@ pub fn prompt_images(
     if listed.is_empty() {
         return Ok(out);
     }
-    if sd.controls.is_empty() {
+    if sd.controls().is_empty() {
         return Err(user(format!(
             "the prompt file gives control images ({} first); add the --controlnet they are for",
             listed[0].display()
@@ -290,12 +290,12 @@ pub fn prompt_images(
 
 /// Sets every ControlNet's image to the prompt's own, or back to `defaults` when it has none.
 pub fn use_prompt_image(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     prompt: &reneg::prompts::Prompt,
     images: &std::collections::HashMap<PathBuf, candle_core::Tensor>,
     defaults: &[candle_core::Tensor],
 ) {
-    for (k, c) in sd.controls.iter_mut().enumerate() {
+    for (k, c) in sd.controls_mut().iter_mut().enumerate() {
         c.image = match prompt.control_image.as_ref().and_then(|p| images.get(p)) {
             Some(t) => t.clone(),
             None => defaults[k].clone(),

@@ -139,8 +139,8 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
         }
         EmbeddingCommand::Encode { model, text, out } => {
             let sd = load_model(&model, DType::F32, &Device::Cpu)?;
-            let t = sd.encode_prompt(&text).map_err(lib)?;
-            let mut emb = NegativeEmbedding::new(t).map_err(lib)?;
+            let c = sd.encode(&text).map_err(lib)?;
+            let mut emb = NegativeEmbedding::from_conditioning(&c).map_err(lib)?;
             tool_metadata(&mut emb);
             emb.metadata.insert("base_model".into(), model.name()?);
             emb.metadata.insert("text".into(), text);

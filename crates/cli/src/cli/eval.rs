@@ -122,7 +122,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
 
 /// A negative ready to use: a fixed embedding, or the start of a per-sample adaptation.
 struct Negative {
-    embedding: Tensor,
+    embedding: reneg::conditioning::Conditioning,
     per_sample: bool,
 }
 
@@ -214,7 +214,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     )?;
     let prompt_images =
         super::control::prompt_images(&sd, &args.control, &prompt_list, control_size, &device)?;
-    let default_images: Vec<Tensor> = sd.controls.iter().map(|c| c.image.clone()).collect();
+    let default_images: Vec<Tensor> = sd.controls().iter().map(|c| c.image.clone()).collect();
     let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
     let (h, w) = image_size(&sd, height, width)?;
     let frames = super::generate::frames_for(&sd, args.frames, &args.model.name()?)?;
@@ -255,7 +255,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
                 NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
                     load_embedding_for(&sd, p)?
                 }
-                text => sd.encode_prompt(text.text().unwrap_or("")).map_err(lib)?,
+                text => sd.encode(text.text().unwrap_or("")).map_err(lib)?,
             };
             Ok(Negative {
                 embedding,
@@ -393,7 +393,7 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             j + 1
         ));
         super::control::use_prompt_image(&mut sd, prompt, &prompt_images, &default_images);
-        let cond = sd.encode_prompt(&prompt.text).map_err(lib)?;
+        let cond = sd.encode(&prompt.text).map_err(lib)?;
         let uncond = if negatives[j].per_sample {
             adapt(
                 &mut sd,
@@ -406,8 +406,8 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
             )
             .map_err(lib)?
             .embedding
-            .to_dtype(sd.dtype())?
-            .to_device(&device)?
+            .map(|_, t| Ok(t.to_dtype(sd.dtype())?.to_device(&device)?))
+            .map_err(lib)?
         } else {
             negatives[j].embedding.clone()
         };

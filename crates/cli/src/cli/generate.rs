@@ -138,7 +138,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (h, w) = image_size(&sd, height, width)?;
     // A1111-style: the ControlNets named with their weights after the model.
     let control_label: String = sd
-        .controls
+        .controls()
         .iter()
         .enumerate()
         .map(|(k, c)| {
@@ -146,7 +146,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 ", ControlNet {k}: \"model: {}, weight: {}{}\"",
                 c.source.display(),
                 c.scale,
-                if sd.guess_mode { ", guess mode" } else { "" }
+                if args.control.guess_mode {
+                    ", guess mode"
+                } else {
+                    ""
+                }
             )
         })
         .collect();
@@ -163,7 +167,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ),
         (None, text) => {
             let text = text.clone().unwrap_or_default();
-            (sd.encode_prompt(&text).map_err(lib)?, text)
+            (sd.encode(&text).map_err(lib)?, text)
         }
     };
     let init = match &args.init_latents {
@@ -241,15 +245,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     &device,
                 )?,
             });
-            conds.push(sd.encode_prompt(&job.prompt.text).map_err(lib)?);
+            conds.push(sd.encode(&job.prompt.text).map_err(lib)?);
         }
         let noise = Tensor::cat(&noise, 0)?;
-        let cond = sd
-            .cat_contexts(&conds.iter().collect::<Vec<_>>())
-            .map_err(lib)?;
-        let mut uncond_b = uncond
-            .broadcast_as((b, uncond.dim(1)?, uncond.dim(2)?))?
-            .contiguous()?;
+        let cond = sd.batch(&conds.iter().collect::<Vec<_>>()).map_err(lib)?;
+        let mut uncond_b = uncond.repeat(b).and_then(|u| u.contiguous()).map_err(lib)?;
         if let Some(obj) = &objective {
             let job = &batch[0];
             let a = adapt(
@@ -273,7 +273,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 )
             });
             if let Some(dir) = &args.save_adapted {
-                let mut e = NegativeEmbedding::new(a.embedding.clone()).map_err(lib)?;
+                let mut e = NegativeEmbedding::from_conditioning(&a.embedding).map_err(lib)?;
                 e.metadata.insert("prompt".into(), job.prompt.text.clone());
                 e.metadata.insert("seed".into(), job.seed.to_string());
                 e.metadata
@@ -283,7 +283,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let name = format!("{:05}-seed{}.safetensors", job.index, job.seed);
                 e.save_safetensors(&dir.join(name)).map_err(lib)?;
             }
-            uncond_b = a.embedding.to_dtype(sd.dtype())?.to_device(&device)?;
+            uncond_b = a
+                .embedding
+                .map(|_, t| Ok(t.to_dtype(sd.dtype())?.to_device(&device)?))
+                .map_err(lib)?;
         }
         bar.set_message(format!("image {}/{}", batch[0].index + 1, jobs.len()));
         let latents = sd
@@ -378,7 +381,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 /// The frame count of a run: `--frames` for a video model (16 when not given), refused for an
 /// image model.
 pub(crate) fn frames_for(
-    sd: &reneg::StableDiffusion,
+    sd: &reneg::Pipeline,
     frames: Option<usize>,
     model: &str,
 ) -> Result<Option<usize>> {

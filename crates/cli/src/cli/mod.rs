@@ -15,7 +15,7 @@ pub mod train;
 use anyhow::Result;
 use candle_core::{DType, Device};
 pub use reneg::precision::Precision;
-use reneg::StableDiffusion;
+use reneg::Pipeline;
 use std::path::PathBuf;
 
 /// An error caused by the user's input: printed on one line, exit code 2.
@@ -190,7 +190,7 @@ pub struct SamplerArgs {
 
 impl SamplerArgs {
     /// Sets `sd`'s sampler, eta and guidance rescale from the flags.
-    pub fn apply(&self, sd: &mut StableDiffusion) -> Result<()> {
+    pub fn apply(&self, sd: &mut Pipeline) -> Result<()> {
         if !(0.0..=1.0).contains(&self.guidance_rescale) {
             return Err(user(format!(
                 "--guidance-rescale {}: expected a value from 0 to 1 (0.7 for zero-terminal-SNR models)",
@@ -225,7 +225,7 @@ pub fn parse_scheduler(s: &str) -> std::result::Result<reneg::scheduler::Schedul
 /// Switches `sd` to sampler `kind` (None: the model's own) with DDIM's `eta`; prints which
 /// sampler runs, and the model's note when reneg stands another sampler in for its class.
 pub fn set_sampler(
-    sd: &mut StableDiffusion,
+    sd: &mut Pipeline,
     kind: Option<reneg::scheduler::SchedulerKind>,
     eta: f64,
 ) -> Result<()> {
@@ -263,14 +263,14 @@ pub fn load_loras(specs: &[String]) -> Result<Vec<reneg::lora::Lora>> {
 
 /// Refuses, before anything is written, prompts that `sd` could not encode (an
 /// `embedding:NAME` with no such embedding loaded).
-pub fn check_prompts(sd: &StableDiffusion, prompts: &[reneg::prompts::Prompt]) -> Result<()> {
+pub fn check_prompts(sd: &Pipeline, prompts: &[reneg::prompts::Prompt]) -> Result<()> {
     for p in prompts {
         sd.check_prompt(&p.text).map_err(lib)?;
     }
     Ok(())
 }
 
-pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<StableDiffusion> {
+pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Pipeline> {
     let options = reneg::source::LoadOptions {
         offline: m.offline,
         single_file: reneg::single_file::Overrides {
@@ -285,7 +285,7 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Stable
         sd.replace_vae(vae).map_err(lib)?;
     }
     sd.set_clip_skip(m.clip_skip).map_err(lib)?;
-    sd.prompt_syntax = m.prompt_syntax;
+    sd.set_prompt_syntax(m.prompt_syntax).map_err(lib)?;
     for spec in &m.embeddings {
         use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
         let (ti_name, file) = parse_spec(spec);
@@ -329,7 +329,7 @@ impl AdaptArgs {
 
 /// Creates the output folder (a user error naming it when that fails).
 /// `--steps` checked against the model's scheduler before anything is written.
-pub fn check_steps(sd: &mut StableDiffusion, steps: usize) -> Result<()> {
+pub fn check_steps(sd: &mut Pipeline, steps: usize) -> Result<()> {
     sd.scheduler
         .set_timesteps(steps)
         .map_err(|e| user(format!("--steps {steps}: {e}")))
@@ -347,14 +347,13 @@ pub fn create_out_dir(out: &std::path::Path) -> Result<()> {
 /// `--height` / `--width` (default: the UNet's sample size times the VAE factor), checked to
 /// be positive multiples of what the model's down-sampling needs.
 pub fn image_size(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     height: Option<usize>,
     width: Option<usize>,
 ) -> Result<(usize, usize)> {
-    let f = sd.vae_scale();
-    let default_px = sd.unet.config().sample_size.unwrap_or(64) * f;
+    let default_px = sd.default_size();
     let (h, w) = (height.unwrap_or(default_px), width.unwrap_or(default_px));
-    let factor = f << sd.unet.config().downsamplings();
+    let factor = sd.size_multiple();
     if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
         return Err(user(format!(
             "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
@@ -380,13 +379,11 @@ pub fn load_rewards(
         .collect()
 }
 
-/// A negative-embedding file checked against `sd`'s text encoder, in `sd`'s dtype and device.
+/// A negative-embedding file checked against `sd`'s encoder, in `sd`'s dtype and device.
 pub fn load_embedding_for(
-    sd: &StableDiffusion,
+    sd: &Pipeline,
     path: &std::path::Path,
-) -> Result<candle_core::Tensor> {
+) -> Result<reneg::conditioning::Conditioning> {
     let e = reneg::embedding::NegativeEmbedding::load(path).map_err(lib)?;
-    e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), path)
-        .map_err(lib)?;
-    Ok(e.tensor.to_dtype(sd.dtype())?.to_device(sd.device())?)
+    sd.negative(&e, path).map_err(lib)
 }

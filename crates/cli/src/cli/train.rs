@@ -378,7 +378,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             .to_dtype(sd.dtype())?;
         sd.add_controlnet(model, image, cfg.controlnet_scale, cn)
             .map_err(lib)?;
-        sd.guess_mode = cfg.guess_mode;
+        sd.set_guess_mode(cfg.guess_mode).map_err(lib)?;
     }
     let rewards = cfg
         .rewards
@@ -393,13 +393,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let objective = Objective::new(rewards);
     objective.check_optimisable().map_err(lib)?;
     let init = match &cfg.init {
-        Init::Null => sd.encode_prompt("").map_err(lib)?,
-        Init::Prompt(t) => sd.encode_prompt(t).map_err(lib)?,
+        Init::Null => sd.no_negative().map_err(lib)?,
+        Init::Prompt(t) => sd.encode(t).map_err(lib)?,
         Init::File(p) => {
             let e = NegativeEmbedding::load(p).map_err(lib)?;
-            e.check_fits(sd.tokenizer.max_len(), sd.embed_dim(), p)
-                .map_err(lib)?;
-            e.tensor
+            sd.negative(&e, p).map_err(lib)?
         }
     };
     let bar = super::progress::Progress::new(

@@ -1,12 +1,23 @@
 //! Model families: which one a diffusers folder or an original single file holds, recognised
 //! from the owners' files as diffusers recognises them (the pipeline class `_class_name` in
 //! `model_index.json`; the key layout of a single file), and refused by name when reneg does
-//! not run it, before any weight is read. Today two families run, both through
-//! [`crate::StableDiffusion`]; this is the one place that decides which a model is (issue 30's
-//! seam grows from here).
+//! not run it, before any weight is read; and the one place that maps a family to the module
+//! that builds its roles ([`roles`]: prompt encoder, denoiser, decoder) from those files.
+//!
+//! Adding a family: a variant here with its pipeline classes, a module beside `sd.rs` that
+//! loads its roles, and one arm in [`Family::load_folder`] (docs/ARCHITECTURE.md's checklist).
+
+pub mod roles;
+pub mod sd;
+pub mod video_sd;
 
 use crate::error::{read_json, Error, Result};
+use candle_core::{DType, Device};
+use roles::{Decoder, Denoiser, PromptEncoder};
 use std::path::Path;
+
+/// A family's three roles, as loaded.
+pub type Roles = (Box<dyn PromptEncoder>, Box<dyn Denoiser>, Box<dyn Decoder>);
 
 /// A family reneg runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +86,24 @@ impl Family {
                         .join(", ")
                 ),
             )),
+        }
+    }
+
+    /// Loads a diffusers folder of this family (`None`: a folder whose `model_index.json`
+    /// names no class, read as SD with whichever UNet it has), LoRAs merged.
+    pub fn load_folder(
+        family: Option<Family>,
+        root: &Path,
+        dtype: DType,
+        device: &Device,
+        loras: &[crate::lora::Lora],
+    ) -> Result<Roles> {
+        match family {
+            Some(Family::TextToVideoSd) => video_sd::load_folder(root, dtype, device, loras),
+            Some(Family::StableDiffusion) | None => {
+                let (e, d, v) = sd::load_folder(root, dtype, device, loras, family)?;
+                Ok((Box::new(e), Box::new(d), Box::new(v)))
+            }
         }
     }
 

@@ -1,0 +1,695 @@
+//! Stable Diffusion 1.x/2.x (diffusers' `StableDiffusionPipeline`, its ControlNet and img2img
+//! variants, and original single files): the CLIP text encoder with textual inversions, clip
+//! skip and A1111 prompt syntax; the `UNet2DConditionModel` fed by ControlNets; the
+//! `AutoencoderKL` decoder. ModelScope/ZeroScope ([`super::video_sd`]) reuse all three with a
+//! `UNet3DConditionModel`.
+
+use super::roles::{Branch, Decoder, Denoiser, PromptEncoder};
+use crate::conditioning::{Conditioning, Shape};
+use crate::control::Control;
+use crate::embedding::textual_inversion::TextualInversion;
+use crate::error::{Error, Result};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{Residuals, UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::prompt_syntax::PromptSyntax;
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{Vb, Weights};
+use candle_core::{DType, Device, Tensor};
+use std::any::Any;
+use std::path::{Path, PathBuf};
+
+/// Finds a component's weights: the safetensors names diffusers and transformers write.
+pub fn weights_file(dir: &Path, candidates: &[&str]) -> Result<PathBuf> {
+    candidates
+        .iter()
+        .map(|c| dir.join(c))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::file(
+                dir,
+                format!(
+                    "no weights found (looked for {}); save the pipeline with safe_serialization=True",
+                    candidates.join(", ")
+                ),
+            )
+        })
+}
+
+pub const DIFFUSERS_WEIGHTS: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+pub const TRANSFORMERS_WEIGHTS: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
+
+/// A diffusers `AutoencoderKL` folder (`config.json` and its weights).
+pub fn load_vae(dir: &Path, dtype: DType, device: &Device) -> Result<AutoencoderKL> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "VAE folder not found"));
+    }
+    let cfg = VaeConfig::load(&dir.join("config.json"))?;
+    let vb = Vb::new(Weights::load(
+        &weights_file(dir, DIFFUSERS_WEIGHTS)?,
+        dtype,
+        device,
+    )?);
+    AutoencoderKL::new(cfg, &vb)
+}
+
+/// The three roles of a diffusers SD (or text-to-video SD) folder: tokenizer and text encoder,
+/// UNet, VAE, with LoRAs merged into the UNet's and the text encoder's weights.
+pub fn load_folder(
+    root: &Path,
+    dtype: DType,
+    device: &Device,
+    loras: &[crate::lora::Lora],
+    family: Option<super::Family>,
+) -> Result<(ClipEncoder, UnetDenoiser, VaeDecoder)> {
+    use crate::lora::{merge_all, Component};
+    let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+
+    let te_dir = root.join("text_encoder");
+    let te_cfg = ClipTextConfig::load(&te_dir.join("config.json"))?;
+    let mut te_w = Weights::load(&weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?, dtype, device)?;
+    merge_all(loras, Component::TextEncoder, &mut te_w)?;
+    let text_encoder = ClipTextModel::new(te_cfg, &Vb::new(te_w))?;
+
+    let unet_dir = root.join("unet");
+    let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
+    let mut unet_w = Weights::load(&weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?, dtype, device)?;
+    merge_all(loras, Component::Unet, &mut unet_w)?;
+    if let Some(f) = family {
+        f.check_unet(root, unet_cfg.video)?;
+    }
+    let unet = UNet2DConditionModel::new(unet_cfg, &Vb::new(unet_w))?;
+    let vae = load_vae(&root.join("vae"), dtype, device)?;
+    roles(tokenizer, text_encoder, unet, vae, root, dtype, device)
+}
+
+/// The roles from loaded models, checking that they fit one another.
+pub fn roles(
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    root: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(ClipEncoder, UnetDenoiser, VaeDecoder)> {
+    let (te, ctx) = (text_encoder.hidden_size(), unet.config().context_dim());
+    if te != ctx {
+        return Err(Error::file(
+            root,
+            format!("text encoder width {te} does not match the UNet's cross_attention_dim {ctx}"),
+        ));
+    }
+    let (have, want) = (vae.config().latent_channels, unet.config().in_channels);
+    if have != want {
+        return Err(Error::file(
+            root,
+            format!("a VAE with {have} latent channels; the UNet takes {want}"),
+        ));
+    }
+    Ok((
+        ClipEncoder {
+            tokenizer,
+            text_encoder,
+            prompt_syntax: PromptSyntax::default(),
+            textual_inversions: Vec::new(),
+            empty_chunk: std::sync::OnceLock::new(),
+            device: device.clone(),
+        },
+        UnetDenoiser {
+            unet,
+            controls: Vec::new(),
+            guess_mode: false,
+        },
+        VaeDecoder {
+            vae,
+            dtype,
+            device: device.clone(),
+        },
+    ))
+}
+
+/// CLIP's tokenizer and text encoder (the last hidden state, or an earlier layer with clip
+/// skip), with textual inversions and A1111 prompt syntax.
+pub struct ClipEncoder {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    /// How prompts are read (diffusers' way by default).
+    pub prompt_syntax: PromptSyntax,
+    /// Textual-inversion embeddings prompts may use by name.
+    pub textual_inversions: Vec<TextualInversion>,
+    /// The empty prompt's encoding, made once on first need: [`Self::cat_contexts`] pads
+    /// with it at every sampling step.
+    empty_chunk: std::sync::OnceLock<Tensor>,
+    device: Device,
+}
+
+impl ClipEncoder {
+    /// Token ids, `[1, 77]` u32.
+    pub fn tokenize(&self, text: &str) -> Result<Tensor> {
+        let ids = self.tokenizer.encode(text);
+        Ok(Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?)
+    }
+
+    /// The text encoder's last hidden state for `text`: `[1, 77 k, embed_dim]`.
+    ///
+    /// With the default [`PromptSyntax::Plain`](crate::prompt_syntax::PromptSyntax) k = 1:
+    /// the text is encoded as diffusers encodes it, its tokens past 75 cut off. With
+    /// `A1111`, as AUTOMATIC1111 does, a longer prompt is cut into chunks of 75 tokens (at the
+    /// last comma if one is within the last 20), each encoded as a prompt of its own and
+    /// concatenated; `BREAK` starts a new chunk; the emphasis (`(word:1.3)`, `(word)`,
+    /// `[word]`) scales each token's output and then the chunk back to its mean. Either way
+    /// names of textual-inversion embeddings take their vectors' places, and a text without
+    /// syntax, names or more than 75 tokens is encoded exactly as transformers does.
+    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
+        use crate::embedding::textual_inversion::{split, Piece};
+        use crate::prompt_syntax::{is_plain, parse, Part, PromptSyntax};
+        let a1111 = self.prompt_syntax == PromptSyntax::A1111;
+        let names: Vec<&str> = self
+            .textual_inversions
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        let tok = &self.tokenizer;
+        let chunk_len = tok.max_len() - 2;
+        // Split even without embeddings loaded: `embedding:NAME` must name a loaded one.
+        let has_names = split(text, &names)
+            .map_err(Error::Invalid)?
+            .iter()
+            .any(|p| matches!(p, Piece::Embedding(_)));
+        if !has_names && (!a1111 || (is_plain(text) && tok.tokens(text).len() <= chunk_len)) {
+            return self.text_encoder.forward(&self.tokenize(text)?);
+        }
+        let parts = if a1111 {
+            parse(text)
+        } else {
+            vec![Part::Text(text.to_string(), 1.0)]
+        };
+        // Tokens with their weights and (for embeddings) vectors; None marks BREAK.
+        let mut items: Vec<Option<(u32, f64, Option<Tensor>)>> = Vec::new();
+        for part in parts {
+            match part {
+                Part::Break => items.push(None),
+                Part::Text(t, w) => {
+                    for piece in split(&t, &names).map_err(Error::Invalid)? {
+                        match piece {
+                            Piece::Text(t) => items
+                                .extend(tok.tokens(t).into_iter().map(|id| Some((id, w, None)))),
+                            Piece::Embedding(j) => {
+                                let ti = &self.textual_inversions[j];
+                                for k in 0..ti.len() {
+                                    // A placeholder id; its input embedding is replaced.
+                                    items.push(Some((tok.bos_id(), w, Some(ti.vectors.get(k)?))));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let chunks = if a1111 {
+            chunk_tokens(items, chunk_len, tok.tokens(",").first().copied())
+        } else {
+            // One chunk, cut at 75 tokens as the tokenizer cuts a plain prompt.
+            vec![items.into_iter().flatten().take(chunk_len).collect()]
+        };
+        let mut outs = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let mut ids = vec![tok.bos_id()];
+            let mut weights = vec![1f32];
+            let mut overrides: Vec<(usize, Tensor)> = Vec::new();
+            for (id, w, v) in chunk {
+                if let Some(v) = v {
+                    overrides.push((ids.len(), v));
+                }
+                ids.push(id);
+                weights.push(w as f32);
+            }
+            ids.push(tok.eos_id());
+            ids.resize(tok.max_len(), tok.pad_id());
+            weights.resize(tok.max_len(), 1.0);
+            let n = ids.len();
+            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+            let z = self
+                .text_encoder
+                .forward_with_token_embeddings(&ids, &overrides)?;
+            let z = if weights.iter().all(|&w| w == 1.0) {
+                z
+            } else {
+                // A1111: scale each token's output, then the chunk back to its mean.
+                let w = Tensor::from_vec(weights, (1, n, 1), &self.device)?.to_dtype(z.dtype())?;
+                let before = z.mean_all()?;
+                let scaled = z.broadcast_mul(&w)?;
+                let after = scaled.mean_all()?;
+                scaled.broadcast_mul(&(before / after)?)?
+            };
+            outs.push(z);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// Prompt embeddings of different lengths (chunk counts, [`Self::encode_prompt`]) made
+    /// equal by appending the empty prompt's chunk to the shorter ones, as A1111 pads the
+    /// shorter of prompt and negative, and concatenated along the batch: `[sum b_i, L, D]`.
+    pub fn cat_contexts(&self, contexts: &[&Tensor]) -> Result<Tensor> {
+        let longest = contexts
+            .iter()
+            .map(|t| t.dim(1))
+            .collect::<candle_core::Result<Vec<_>>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        if contexts
+            .iter()
+            .all(|t| t.dim(1).is_ok_and(|l| l == longest))
+        {
+            return Ok(Tensor::cat(contexts, 0)?);
+        }
+        let empty = match self.empty_chunk.get() {
+            Some(e) => e.clone(),
+            None => {
+                let e = self.text_encoder.forward(&self.tokenize("")?)?;
+                self.empty_chunk.get_or_init(|| e).clone()
+            }
+        };
+        let chunk = empty.dim(1)?;
+        let padded = contexts
+            .iter()
+            .map(|t| {
+                let (b, l, _) = t.dims3()?;
+                if l == longest {
+                    return Ok((*t).clone());
+                }
+                if (longest - l) % chunk != 0 {
+                    return Err(Error::Invalid(format!(
+                        "prompt embeddings of {l} and {longest} tokens cannot be padded to one length in chunks of {chunk}"
+                    )));
+                }
+                let fill = empty
+                    .to_dtype(t.dtype())?
+                    .repeat((b, (longest - l) / chunk, 1))?;
+                Ok(Tensor::cat(&[*t, &fill], 1)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&padded, 0)?)
+    }
+}
+
+impl PromptEncoder for ClipEncoder {
+    fn encode(&self, text: &str) -> Result<Conditioning> {
+        Ok(self.encode_prompt(text)?.into())
+    }
+
+    /// A1111's longer prompts are padded with the empty prompt's chunks to one length.
+    fn batch(&self, conds: &[&Conditioning]) -> Result<Conditioning> {
+        let embeds: Vec<&Tensor> = conds.iter().map(|c| &c.embeds).collect();
+        Ok(self.cat_contexts(&embeds)?.into())
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            tokens: self.tokenizer.max_len(),
+            width: self.text_encoder.hidden_size(),
+            pooled: None,
+            mask: false,
+        }
+    }
+
+    fn check_prompt(&self, text: &str) -> Result<()> {
+        let names: Vec<&str> = self
+            .textual_inversions
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        crate::embedding::textual_inversion::split(text, &names)
+            .map(|_| ())
+            .map_err(Error::Invalid)
+    }
+
+    /// Replaces one of the same name; refuses vectors of another width (another family's).
+    fn add_textual_inversion(&mut self, ti: TextualInversion, path: &Path) -> Result<()> {
+        let width = self.text_encoder.hidden_size();
+        if ti.width() != width {
+            return Err(Error::file(
+                path,
+                format!(
+                    "textual-inversion vectors of width {}, but this model's text encoder takes {width} (an embedding for another model family)",
+                    ti.width()
+                ),
+            ));
+        }
+        self.textual_inversions.retain(|t| t.name != ti.name);
+        self.textual_inversions.push(ti);
+        Ok(())
+    }
+
+    /// The cached empty-prompt chunk follows the new layer.
+    fn set_clip_skip(&mut self, skip: usize) -> Result<()> {
+        self.text_encoder.set_clip_skip(skip)?;
+        self.empty_chunk = std::sync::OnceLock::new();
+        Ok(())
+    }
+
+    fn set_prompt_syntax(&mut self, syntax: PromptSyntax) -> Result<()> {
+        self.prompt_syntax = syntax;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The UNet (2D, or 3D for text-to-video) with the ControlNets that feed it.
+pub struct UnetDenoiser {
+    pub unet: UNet2DConditionModel,
+    /// ControlNets with their conditioning images.
+    pub controls: Vec<Control>,
+    /// diffusers' guess mode: ControlNets act on the prompt's branch only (the negative's gets
+    /// no residuals), their residuals scaled from 0.1 at the shallowest skip to 1 at the mid.
+    pub guess_mode: bool,
+}
+
+impl UnetDenoiser {
+    /// The summed residuals of every ControlNet for latents `x` `[b, ...]` with context `ctx`.
+    pub fn control_residuals(&self, x: &Tensor, t: f64, ctx: &Tensor) -> Result<Residuals> {
+        let b = x.dim(0)?;
+        let mut sum: Option<Residuals> = None;
+        for c in &self.controls {
+            let (_, ch, h, w) = c.image.dims4()?;
+            let image = c
+                .image
+                .to_dtype(x.dtype())?
+                .to_device(x.device())?
+                .broadcast_as((b, ch, h, w))?;
+            let r = c
+                .model
+                .forward(x, t, ctx, &image, c.scale, self.guess_mode)
+                .map_err(|e| Error::file(&c.source, e.to_string()))?;
+            sum = Some(match sum {
+                None => r,
+                Some(s) => s.add(&r)?,
+            });
+        }
+        sum.ok_or_else(|| Error::Invalid("no ControlNet to run".into()))
+    }
+}
+
+impl Denoiser for UnetDenoiser {
+    fn forward(&self, x: &Tensor, t: f64, cond: &Conditioning, branch: Branch) -> Result<Tensor> {
+        let ctx = &cond.embeds;
+        if self.controls.is_empty() {
+            return self.unet.forward(x, t, ctx);
+        }
+        let b = x.dim(0)?;
+        let residuals = match (branch, self.guess_mode) {
+            (Branch::Negative, true) => None,
+            (Branch::Both, true) => {
+                // diffusers: the ControlNets see the prompt's half; the negative's gets zeros.
+                let h = b / 2;
+                let r = self.control_residuals(&x.narrow(0, h, h)?, t, &ctx.narrow(0, h, h)?)?;
+                Some(Residuals::cat(&[&r.zeros_like()?, &r])?)
+            }
+            _ => Some(self.control_residuals(x, t, ctx)?),
+        };
+        self.unet
+            .forward_with(x, &vec![t; b], ctx, residuals.as_ref())
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.unet.config().in_channels
+    }
+
+    fn is_video(&self) -> bool {
+        self.unet.config().video
+    }
+
+    fn sample_size(&self) -> Option<usize> {
+        self.unet.config().sample_size
+    }
+
+    fn size_multiple(&self) -> usize {
+        1 << self.unet.config().downsamplings()
+    }
+
+    fn set_checkpointing(&mut self, on: bool) {
+        self.unet.set_checkpointing(on);
+    }
+
+    fn graph_elems(&self, h: u64, w: u64) -> Option<(u64, u64)> {
+        Some(crate::train::memory::unet_graph_elems(
+            self.unet.config(),
+            h,
+            w,
+        ))
+    }
+
+    /// Refuses one whose residuals would not fit this UNet (another model family, or another
+    /// architecture), naming `source`.
+    fn add_controlnet(
+        &mut self,
+        model: crate::models::controlnet::ControlNetModel,
+        image: Tensor,
+        scale: f64,
+        source: &Path,
+    ) -> Result<()> {
+        if self.is_video() {
+            return Err(Error::file(
+                source,
+                "ControlNets work with image models; this model makes videos",
+            ));
+        }
+        let (mine, theirs) = (self.unet.config(), &model.config().unet);
+        let refuse = |what: &str, a: String, b: String| {
+            Err(Error::file(
+                source,
+                format!(
+                    "this ControlNet's {what} is {b}, the UNet's {a}: a ControlNet for another model"
+                ),
+            ))
+        };
+        if mine.context_dim() != theirs.context_dim() {
+            return refuse(
+                "cross_attention_dim",
+                mine.context_dim().to_string(),
+                theirs.context_dim().to_string(),
+            );
+        }
+        if mine.block_out_channels != theirs.block_out_channels
+            || mine.layers_per_level()? != theirs.layers_per_level()?
+        {
+            return refuse(
+                "block_out_channels / layers_per_block",
+                format!(
+                    "{:?} / {:?}",
+                    mine.block_out_channels,
+                    mine.layers_per_level()?
+                ),
+                format!(
+                    "{:?} / {:?}",
+                    theirs.block_out_channels,
+                    theirs.layers_per_level()?
+                ),
+            );
+        }
+        if image.rank() != 4 || image.dim(1)? != model.config().conditioning_channels {
+            return Err(Error::Invalid(format!(
+                "control image for {}: shape {:?}, needs [1, {}, H, W]",
+                source.display(),
+                image.dims(),
+                model.config().conditioning_channels
+            )));
+        }
+        self.controls.push(Control {
+            model,
+            image,
+            scale,
+            source: source.to_path_buf(),
+        });
+        Ok(())
+    }
+
+    fn set_guess_mode(&mut self, on: bool) -> Result<()> {
+        self.guess_mode = on;
+        Ok(())
+    }
+
+    fn controls(&self) -> &[Control] {
+        &self.controls
+    }
+
+    fn controls_mut(&mut self) -> &mut [Control] {
+        &mut self.controls
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// The `AutoencoderKL`'s decoder.
+pub struct VaeDecoder {
+    pub vae: AutoencoderKL,
+    /// The weights' dtype and device (a replacement VAE is loaded alike).
+    dtype: DType,
+    device: Device,
+}
+
+impl Decoder for VaeDecoder {
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&(latents / self.vae.scaling_factor())?)
+    }
+
+    fn scale(&self) -> usize {
+        self.vae.config().downscale()
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.vae.config().latent_channels
+    }
+
+    fn set_checkpointing(&mut self, on: bool) {
+        self.vae.set_checkpointing(on);
+    }
+
+    fn graph_elems(&self, h: u64, w: u64) -> Option<(u64, u64)> {
+        Some(crate::train::memory::vae_graph_elems(
+            self.vae.config(),
+            h,
+            w,
+        ))
+    }
+
+    /// A fine-tuned decoder such as sd-vae-ft-mse, which must share the latent channels.
+    fn replace(&mut self, dir: &Path) -> Result<()> {
+        let vae = load_vae(dir, self.dtype, &self.device)?;
+        let (have, want) = (vae.config().latent_channels, self.latent_channels());
+        if have != want {
+            return Err(Error::file(
+                dir,
+                format!("a VAE with {have} latent channels; this model's UNet takes {want}"),
+            ));
+        }
+        self.vae = vae;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A1111's chunking: tokens (id, weight, vector) into chunks of at most `len`. A full chunk
+/// ends after its last comma when that comma is within the last 20 tokens (the rest moves
+/// to the next chunk); `None` (BREAK) ends a chunk; a textual-inversion embedding's vectors
+/// stay in one chunk. An empty prompt is one empty chunk.
+type Token = (u32, f64, Option<Tensor>);
+
+fn chunk_tokens(items: Vec<Option<Token>>, len: usize, comma: Option<u32>) -> Vec<Vec<Token>> {
+    const COMMA_BACKTRACK: usize = 20;
+    let mut chunks: Vec<Vec<Token>> = Vec::new();
+    let mut chunk: Vec<Token> = Vec::new();
+    let mut last_comma: Option<usize> = None;
+    let mut i = 0;
+    while i < items.len() {
+        let Some(item) = &items[i] else {
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
+            i += 1;
+            continue;
+        };
+        if Some(item.0) == comma && item.2.is_none() {
+            last_comma = Some(chunk.len());
+        } else if chunk.len() == len {
+            if let Some(c) = last_comma.filter(|&c| len - c <= COMMA_BACKTRACK) {
+                let moved = chunk.split_off(c + 1);
+                chunks.push(std::mem::replace(&mut chunk, moved));
+                last_comma = None;
+            }
+        }
+        if chunk.len() == len {
+            chunks.push(std::mem::take(&mut chunk));
+            last_comma = None;
+        }
+        if item.2.is_some() {
+            // An embedding's vectors are not split across chunks.
+            let run = items[i..]
+                .iter()
+                .take_while(|t| t.as_ref().is_some_and(|t| t.2.is_some()))
+                .count()
+                .min(len);
+            if chunk.len() + run > len {
+                chunks.push(std::mem::take(&mut chunk));
+                last_comma = None;
+            }
+            for t in items[i..i + run].iter().flatten() {
+                chunk.push(t.clone());
+            }
+            i += run;
+            continue;
+        }
+        chunk.push(item.clone());
+        i += 1;
+    }
+    if !chunk.is_empty() || chunks.is_empty() {
+        chunks.push(chunk);
+    }
+    chunks
+}
+
+impl crate::Pipeline {
+    /// An SD pipeline of loaded models (single files; tests that build one in memory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        tokenizer: ClipTokenizer,
+        text_encoder: ClipTextModel,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        scheduler: crate::scheduler::SchedulerConfig,
+        root: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (e, d, v) = roles(tokenizer, text_encoder, unet, vae, root, dtype, device)?;
+        Self::from_roles(
+            (Box::new(e), Box::new(d), Box::new(v)),
+            scheduler,
+            root,
+            dtype,
+            device,
+        )
+    }
+
+    /// The CLIP encoder of an SD-family pipeline (for checks of one model on its own).
+    pub fn clip(&self) -> Result<&ClipEncoder> {
+        self.encoder
+            .as_any()
+            .downcast_ref()
+            .ok_or_else(|| not_sd(&self.root, "CLIP text encoder"))
+    }
+
+    /// The UNet of an SD-family pipeline.
+    pub fn unet(&self) -> Result<&UNet2DConditionModel> {
+        self.denoiser
+            .as_any()
+            .downcast_ref::<UnetDenoiser>()
+            .map(|d| &d.unet)
+            .ok_or_else(|| not_sd(&self.root, "UNet"))
+    }
+
+    /// The VAE of an SD-family pipeline.
+    pub fn vae(&self) -> Result<&AutoencoderKL> {
+        self.decoder
+            .as_any()
+            .downcast_ref::<VaeDecoder>()
+            .map(|d| &d.vae)
+            .ok_or_else(|| not_sd(&self.root, "AutoencoderKL"))
+    }
+}
+
+fn not_sd(root: &Path, what: &str) -> Error {
+    Error::file(root, format!("has no SD-family {what}"))
+}
