@@ -104,3 +104,54 @@ fn load_single_file(
         &Vb::new(Weights::from_tensors(converted, path, dtype, device)),
     )
 }
+
+/// How a control image is prepared before the ControlNet sees it.
+#[derive(
+    clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Preprocess {
+    /// Canny edges (white on black), as ControlNet's canny models were trained on.
+    Canny,
+}
+
+/// An image file (PNG, JPEG, WebP) as 8-bit RGB, optionally preprocessed (`thresholds`: canny's
+/// low and high): (pixels HWC, width, height).
+pub fn read_image(
+    path: &Path,
+    pre: Option<Preprocess>,
+    thresholds: &[f32],
+) -> Result<(Vec<u8>, usize, usize)> {
+    let img = image::ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| Error::file(path, format!("cannot open the control image: {e}")))?
+        .decode()
+        .map_err(|e| {
+            Error::file(
+                path,
+                format!("not an image reneg can read ({e}); give a PNG, JPEG or WebP"),
+            )
+        })?;
+    let rgb = match pre {
+        None => img.to_rgb8(),
+        Some(Preprocess::Canny) => {
+            let (low, high) = match thresholds {
+                [low, high] => (*low, *high),
+                _ => {
+                    return Err(Error::Invalid(
+                        "canny needs two thresholds, LOW HIGH".into(),
+                    ))
+                }
+            };
+            if !(low >= 0.0 && high >= low) {
+                return Err(Error::Invalid(format!(
+                    "--canny-thresholds {low} {high}: need 0 <= LOW <= HIGH"
+                )));
+            }
+            let edges = imageproc::edges::canny(&img.to_luma8(), low, high);
+            image::DynamicImage::ImageLuma8(edges).to_rgb8()
+        }
+    };
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    Ok((rgb.into_raw(), w, h))
+}

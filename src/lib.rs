@@ -25,6 +25,7 @@ pub mod prompt_syntax;
 pub mod prompts;
 pub mod reward;
 pub mod rng;
+pub mod run;
 pub mod runtime;
 pub mod scheduler;
 pub mod single_file;

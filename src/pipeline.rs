@@ -400,6 +400,46 @@ impl Pipeline {
         self.denoiser.is_video()
     }
 
+    /// Sets the sampler `kind` (None: the model's own) and its `eta`. Returns the note to
+    /// show when the model's config names a sampler reneg stands another in for and no kind
+    /// was asked.
+    pub fn set_sampler(
+        &mut self,
+        kind: Option<crate::scheduler::SchedulerKind>,
+        eta: f64,
+    ) -> Result<Option<String>> {
+        let mut note = None;
+        match kind {
+            Some(k) if k != self.scheduler.kind() => {
+                self.scheduler = self
+                    .scheduler
+                    .with_kind(k)
+                    .map_err(|e| Error::Invalid(format!("--scheduler {k}: {e}")))?;
+            }
+            Some(_) => {}
+            None => note.clone_from(&self.scheduler_note),
+        }
+        self.scheduler
+            .set_eta(eta)
+            .map_err(|e| Error::Invalid(format!("--eta: {e}")))?;
+        Ok(note)
+    }
+
+    /// The frames per clip of a run (`frames` asked, or None): 16 by default for a video
+    /// model, as diffusers' `TextToVideoSDPipeline`; refused for an image model.
+    pub fn frames(&self, frames: Option<usize>) -> Result<Option<usize>> {
+        match (self.is_video(), frames) {
+            (true, None) => Ok(Some(16)),
+            (true, Some(0)) => Err(Error::Invalid("--frames must be at least 1".into())),
+            (true, Some(n)) => Ok(Some(n)),
+            (false, None) => Ok(None),
+            (false, Some(_)) => Err(Error::file(
+                &self.root,
+                "is a text-to-image model: drop --frames (`frames` in a config) or give a text-to-video model (a TextToVideoSDPipeline folder)",
+            )),
+        }
+    }
+
     /// The latents of one sample of `height` x `width` pixels: `[C, h, w]`, or a video's
     /// `[C, frames, h, w]`. `frames` must be given for a video model and only for one.
     pub fn latent_shape(

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::Pipeline;
 use candle_core::{DType, Device};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AdaptConfig {
     pub steps: usize,
     pub patience: usize,

@@ -7,11 +7,7 @@ use anyhow::Result;
 use reneg::Pipeline;
 use std::path::{Path, PathBuf};
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Preprocess {
-    /// Canny edges (white on black), as ControlNet's canny models were trained on.
-    Canny,
-}
+pub use reneg::control::Preprocess;
 
 #[derive(clap::Args, Clone, Default)]
 pub struct ControlArgs {
@@ -105,57 +101,16 @@ pub fn read_image(
     pre: Option<Preprocess>,
     thresholds: &[f32],
 ) -> Result<(Vec<u8>, usize, usize)> {
-    let img = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| {
-            user(format!(
-                "{}: cannot open the control image: {e}",
-                path.display()
-            ))
-        })?
-        .decode()
-        .map_err(|e| {
-            user(format!(
-                "{}: not an image reneg can read ({e}); give a PNG, JPEG or WebP",
-                path.display()
-            ))
-        })?;
-    let rgb = match pre {
-        None => img.to_rgb8(),
-        Some(Preprocess::Canny) => {
-            let (low, high) = (thresholds[0], thresholds[1]);
-            if !(low >= 0.0 && high >= low) {
-                return Err(user(format!(
-                    "--canny-thresholds {low} {high}: need 0 <= LOW <= HIGH"
-                )));
-            }
-            let edges = imageproc::edges::canny(&img.to_luma8(), low, high);
-            image::DynamicImage::ImageLuma8(edges).to_rgb8()
-        }
-    };
-    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    Ok((rgb.into_raw(), w, h))
+    reneg::control::read_image(path, pre, thresholds).map_err(lib)
 }
 
-/// Loads each ControlNet with its image and scale into `sd`; returns the control images' size
-/// (width, height) in pixels, None without ControlNets. `fallback` is the image used when no
-/// --control-image is given (eval's per-prompt images replace it prompt by prompt).
-pub fn apply(
-    sd: &mut Pipeline,
+/// Each ControlNet's image and scale: (the images given, which of them each ControlNet takes,
+/// the scales). One value of a flag is for all; otherwise one each.
+fn images_and_scales(
     a: &ControlArgs,
     fallback: Option<&Path>,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<Option<(usize, usize)>> {
+) -> Result<(Vec<PathBuf>, Vec<usize>, Vec<f64>)> {
     let n = a.controlnet.len();
-    if n == 0 {
-        if !a.control_image.is_empty() || !a.controlnet_scale.is_empty() || a.guess_mode {
-            return Err(user(
-                "--control-image, --controlnet-scale and --guess-mode need a --controlnet",
-            ));
-        }
-        return Ok(None);
-    }
     let pick = |len: usize, flag: &str| -> Result<Vec<usize>> {
         match len {
             1 => Ok(vec![0; n]),
@@ -182,6 +137,29 @@ pub fn apply(
     if let Some(s) = scales.iter().find(|s| !s.is_finite()) {
         return Err(user(format!("--controlnet-scale {s}: must be a number")));
     }
+    Ok((given, images, scales))
+}
+
+/// Loads each ControlNet with its image and scale into `sd`; returns the control images' size
+/// (width, height) in pixels, None without ControlNets. `fallback` is the image used when no
+/// --control-image is given (eval's per-prompt images replace it prompt by prompt).
+pub fn apply(
+    sd: &mut Pipeline,
+    a: &ControlArgs,
+    fallback: Option<&Path>,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Option<(usize, usize)>> {
+    let n = a.controlnet.len();
+    if n == 0 {
+        if !a.control_image.is_empty() || !a.controlnet_scale.is_empty() || a.guess_mode {
+            return Err(user(
+                "--control-image, --controlnet-scale and --guess-mode need a --controlnet",
+            ));
+        }
+        return Ok(None);
+    }
+    let (given, images, scales) = images_and_scales(a, fallback)?;
     let mut size = None;
     for (k, path) in a.controlnet.iter().enumerate() {
         let model = reneg::control::load(path, a.controlnet_config.as_deref(), dtype, device)

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::{Subcommand, ValueEnum};
 use reneg::embedding::NegativeEmbedding;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
 pub enum EmbeddingCommand {
@@ -68,6 +68,40 @@ fn tool_metadata(emb: &mut NegativeEmbedding) {
     );
 }
 
+/// `embedding inspect`: the shape, statistics, parts and metadata, as text or JSON.
+fn inspect(file: &Path, json: bool) -> Result<()> {
+    let emb = NegativeEmbedding::load(file).map_err(lib)?;
+    let s = emb.stats().map_err(lib)?;
+    if json {
+        let mut v = serde_json::to_value(&s)?;
+        v["metadata"] = serde_json::to_value(&emb.metadata)?;
+        v["parts"] = emb
+            .parts()
+            .iter()
+            .map(|(name, t)| serde_json::json!({"name": name, "shape": t.dims()}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("file      {}", file.display());
+        println!("shape     {:?} ({})", s.shape, s.dtype);
+        println!("mean      {:.6}", s.mean);
+        println!("std       {:.6}", s.std);
+        println!(
+            "row norms min {:.4}  median {:.4}  max {:.4}  (row 0: {:.4})",
+            s.row_norm_min, s.row_norm_median, s.row_norm_max, s.row0_norm
+        );
+        println!("fits      {}", s.fits);
+        // The other parts of a negative (SDXL's pooled embedding, PixArt's mask).
+        for (name, t) in emb.parts().iter().skip(1) {
+            println!("part      {name} {:?}", t.dims());
+        }
+        for (k, v) in &emb.metadata {
+            println!("meta      {k} = {v}");
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: EmbeddingCommand) -> Result<()> {
     match cmd {
         EmbeddingCommand::Import {
@@ -106,37 +140,7 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             .map_err(lib)?;
             println!("{}", out.display());
         }
-        EmbeddingCommand::Inspect { file, json } => {
-            let emb = NegativeEmbedding::load(&file).map_err(lib)?;
-            let s = emb.stats().map_err(lib)?;
-            if json {
-                let mut v = serde_json::to_value(&s)?;
-                v["metadata"] = serde_json::to_value(&emb.metadata)?;
-                v["parts"] = emb
-                    .parts()
-                    .iter()
-                    .map(|(name, t)| serde_json::json!({"name": name, "shape": t.dims()}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("file      {}", file.display());
-                println!("shape     {:?} ({})", s.shape, s.dtype);
-                println!("mean      {:.6}", s.mean);
-                println!("std       {:.6}", s.std);
-                println!(
-                    "row norms min {:.4}  median {:.4}  max {:.4}  (row 0: {:.4})",
-                    s.row_norm_min, s.row_norm_median, s.row_norm_max, s.row0_norm
-                );
-                println!("fits      {}", s.fits);
-                // The other parts of a negative (SDXL's pooled embedding, PixArt's mask).
-                for (name, t) in emb.parts().iter().skip(1) {
-                    println!("part      {name} {:?}", t.dims());
-                }
-                for (k, v) in &emb.metadata {
-                    println!("meta      {k} = {v}");
-                }
-            }
-        }
+        EmbeddingCommand::Inspect { file, json } => inspect(&file, json)?,
         EmbeddingCommand::Encode { model, text, out } => {
             let sd = load_model(&model, DType::F32, &Device::Cpu)?;
             let c = sd.encode(&text).map_err(lib)?;

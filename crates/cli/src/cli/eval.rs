@@ -1,19 +1,20 @@
-//! `reneg eval`: generates every (prompt, seed) with every negative from the same noise,
-//! scores each image with each reward, and writes the comparison report; `reneg eval merge`
-//! combines shard folders into the report an unsharded run gives.
+//! `reneg eval`: the flags as the [`Manifest`] that [`reneg::run::eval`] runs (every
+//! (prompt, seed) with every negative from the same noise, each image scored by each reward)
+//! and the report printed; `reneg eval merge` combines shard folders into the report an
+//! unsharded run gives.
 
 use super::rewards::RewardArg;
 use super::{
-    check_steps, create_out_dir, device, image_size, lib, load_embedding_for, load_model,
-    load_rewards, setup_precision, user, ModelArgs, Precision, SamplerArgs,
+    check_steps, device, image_size, lib, load_model, load_rewards, setup_precision, user,
+    ModelArgs, Precision, SamplerArgs,
 };
 use anyhow::Result;
-use candle_core::{DType, Tensor};
-use reneg::eval::{self, Manifest, NegativeSpec, Record, Shard};
+use candle_core::{DType, Device, Tensor};
+use reneg::eval::{self, Manifest, NegativeSpec, Shard};
 use reneg::prompts::{self, Prompt};
-use reneg::train::per_sample::adapt;
-use reneg::train::step::{noise, to_unit, Objective, Sampling};
-use std::collections::BTreeSet;
+use reneg::run::eval as run;
+use reneg::train::step::Objective;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -120,12 +121,6 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     }
 }
 
-/// A negative ready to use: a fixed embedding, or the start of a per-sample adaptation.
-struct Negative {
-    embedding: reneg::conditioning::Conditioning,
-    per_sample: bool,
-}
-
 fn load_prompts(args: &EvalArgs) -> Result<Vec<Prompt>> {
     let mut list = match &args.prompts {
         Some(file) => prompts::load(file).map_err(lib)?,
@@ -181,6 +176,142 @@ fn stamped_files(
         .collect()
 }
 
+/// The loaded rewards and what the manifest says of them.
+struct Rewards {
+    objective: Objective,
+    names: Vec<String>,
+    /// (name, evaluation-only) of each.
+    flags: Vec<(String, bool)>,
+    consistency_by: Option<usize>,
+}
+
+/// The rewards of `args`, each once; for clips, which one measures temporal consistency.
+fn rewards(
+    args: &EvalArgs,
+    frames: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Rewards> {
+    let rewards = load_rewards(&args.reward, &args.reward_model, dtype, device)?;
+    let names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
+    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+        return Err(user(
+            "the same reward is given twice; give each reward once",
+        ));
+    }
+    let flags = rewards
+        .iter()
+        .map(|(r, _)| (r.name().to_string(), r.evaluation_only()))
+        .collect();
+    // A clip's temporal consistency is measured with the first reward that has a CLIP image
+    // encoder (none: not measured, and the report says so by its absence).
+    let consistency_by = frames.and_then(|_| {
+        rewards
+            .iter()
+            .position(|(r, _)| r.image_encoder().is_some())
+    });
+    if frames.is_some() && consistency_by.is_none() {
+        println!("note: no CLIP-based reward given (hps, pickscore, clip, aesthetic): the clips' temporal consistency is not measured");
+    }
+    Ok(Rewards {
+        objective: Objective::new(rewards),
+        names,
+        flags,
+        consistency_by,
+    })
+}
+
+/// The model as the flags set it up, with the ControlNets' images: (model, the prompts' own
+/// control images, the defaults they replace, (height, width), frames).
+struct Model {
+    sd: reneg::Pipeline,
+    prompt_images: HashMap<PathBuf, Tensor>,
+    default_images: Vec<Tensor>,
+    size: (usize, usize),
+    frames: Option<usize>,
+}
+
+fn model(args: &EvalArgs, prompts: &[Prompt], dtype: DType, device: &Device) -> Result<Model> {
+    let mut sd = load_model(&args.model, dtype, device)?;
+    args.sampler.apply(&mut sd)?;
+    super::check_prompts(&sd, prompts)?;
+    check_steps(&mut sd, args.steps)?;
+    let first_image = prompts.iter().find_map(|p| p.control_image.clone());
+    let control = &args.control;
+    let size = super::control::apply(&mut sd, control, first_image.as_deref(), dtype, device)?;
+    let prompt_images = super::control::prompt_images(&sd, control, prompts, size, device)?;
+    let default_images = sd.controls().iter().map(|c| c.image.clone()).collect();
+    let (height, width) = super::control::check_size(size, args.height, args.width)?;
+    let size = image_size(&sd, height, width)?;
+    let frames = sd.frames(args.frames).map_err(lib)?;
+    Ok(Model {
+        sd,
+        prompt_images,
+        default_images,
+        size,
+        frames,
+    })
+}
+
+/// The run's manifest: everything that determines its images and scores.
+fn manifest(
+    args: &EvalArgs,
+    m: &Model,
+    r: &Rewards,
+    specs: &[NegativeSpec],
+    prompts: Vec<Prompt>,
+) -> Result<Manifest> {
+    let mut roles = eval::reward_roles(&args.negatives, specs, &run::trained_on(specs), &r.flags);
+    let mut names = r.names.clone();
+    if let Some(k) = r.consistency_by {
+        names.push(eval::TEMPORAL_CONSISTENCY.to_string());
+        roles.insert(
+            eval::TEMPORAL_CONSISTENCY.to_string(),
+            format!(
+                "Independent: the mean cosine between consecutive frames' image embeddings from {}'s CLIP image encoder (1 = a still clip); no negative is optimised on it.",
+                r.flags[k].0
+            ),
+        );
+    }
+    let per_sample = specs
+        .iter()
+        .any(|s| matches!(s, NegativeSpec::PerSample(_)));
+    let a = &args.adapt;
+    Ok(Manifest {
+        model: args.model.name()?,
+        files: stamped_files(args, specs, &prompts)?,
+        prompts,
+        seeds: args.seeds,
+        base_seed: args.seed,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        height: m.size.0,
+        width: m.size.1,
+        negatives: args.negatives.clone(),
+        rewards: names,
+        adapt: per_sample.then_some((a.adapt_steps, a.adapt_patience, a.adapt_lr)),
+        roles,
+        frames: m.frames,
+        model_options: [
+            args.model.options(),
+            args.sampler.options(),
+            args.control.options(),
+        ]
+        .concat(),
+        precision: args.precision.name().to_string(),
+        device: device_kind(m.sd.device()).to_string(),
+        sampler: m.sd.scheduler.label(),
+    })
+}
+
+fn device_kind(device: &Device) -> &'static str {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu",
+        candle_core::DeviceLocation::Cuda { .. } => "cuda",
+        candle_core::DeviceLocation::Metal { .. } => "metal",
+    }
+}
+
 pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     let specs = args
         .negatives
@@ -192,315 +323,53 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
         .as_deref()
         .map(|s| Shard::parse(s).map_err(user))
         .transpose()?;
-    let prompt_list = load_prompts(&args)?;
+    let prompts = load_prompts(&args)?;
     if args.seeds == 0 {
         return Err(user("--seeds must be at least 1"));
     }
     let device = device(&args.device)?;
     let dtype: DType = setup_precision(args.precision, &device)?;
-    create_out_dir(&args.out)?;
-
-    let mut sd = load_model(&args.model, dtype, &device)?;
-    args.sampler.apply(&mut sd)?;
-    super::check_prompts(&sd, &prompt_list)?;
-    check_steps(&mut sd, args.steps)?;
-    let first_prompt_image = prompt_list.iter().find_map(|p| p.control_image.clone());
-    let control_size = super::control::apply(
-        &mut sd,
-        &args.control,
-        first_prompt_image.as_deref(),
-        dtype,
-        &device,
-    )?;
-    let prompt_images =
-        super::control::prompt_images(&sd, &args.control, &prompt_list, control_size, &device)?;
-    let default_images: Vec<Tensor> = sd.controls().iter().map(|c| c.image.clone()).collect();
-    let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
-    let (h, w) = image_size(&sd, height, width)?;
-    let frames = super::generate::frames_for(&sd, args.frames, &args.model.name()?)?;
-    let rewards = load_rewards(&args.reward, &args.reward_model, dtype, &device)?;
-    let mut reward_names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
-    if reward_names.iter().collect::<BTreeSet<_>>().len() != reward_names.len() {
-        return Err(user(
-            "the same reward is given twice; give each reward once",
-        ));
-    }
-    let reward_flags: Vec<(String, bool)> = rewards
-        .iter()
-        .map(|(r, _)| (r.name().to_string(), r.evaluation_only()))
-        .collect();
-    // A clip's temporal consistency is measured with the first reward that has a CLIP image
-    // encoder (none: not measured, and the report says so by its absence).
-    let consistency_by = if frames.is_some() {
-        rewards
-            .iter()
-            .position(|(r, _)| r.image_encoder().is_some())
-    } else {
-        None
-    };
-    if frames.is_some() && consistency_by.is_none() {
-        println!("note: no CLIP-based reward given (hps, pickscore, clip, aesthetic): the clips' temporal consistency is not measured");
-    }
-    let objective = Objective::new(rewards);
+    let mut m = model(&args, &prompts, dtype, &device)?;
+    let r = rewards(&args, m.frames, dtype, &device)?;
     if specs
         .iter()
         .any(|s| matches!(s, NegativeSpec::PerSample(_)))
     {
-        objective.check_optimisable().map_err(lib)?;
+        r.objective.check_optimisable().map_err(lib)?;
     }
-    let negatives = specs
-        .iter()
-        .map(|spec| {
-            let embedding = match spec {
-                NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
-                    load_embedding_for(&sd, p)?
-                }
-                text => sd.encode(text.text().unwrap_or("")).map_err(lib)?,
-            };
-            Ok(Negative {
-                embedding,
-                per_sample: matches!(spec, NegativeSpec::PerSample(_)),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // The rewards each embedding was trained on, from its metadata (`reneg train` writes
-    // "kind:model:weight" items joined by commas).
-    let trained_on: Vec<Vec<String>> = specs
-        .iter()
-        .map(|spec| match spec {
-            NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
-                reneg::embedding::NegativeEmbedding::load(p)
-                    .ok()
-                    .and_then(|e| e.metadata.get("reward").cloned())
-                    .map(|r| {
-                        r.split(',')
-                            .filter_map(|item| item.split(':').next())
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            }
-            _ => vec![],
-        })
-        .collect();
-
-    let mut roles = eval::reward_roles(&args.negatives, &specs, &trained_on, &reward_flags);
-    if let Some(k) = consistency_by {
-        reward_names.push(eval::TEMPORAL_CONSISTENCY.to_string());
-        roles.insert(
-            eval::TEMPORAL_CONSISTENCY.to_string(),
-            format!(
-                "Independent: the mean cosine between consecutive frames' image embeddings from {}'s CLIP image encoder (1 = a still clip); no negative is optimised on it.",
-                reward_flags[k].0
-            ),
-        );
-    }
-    let files = stamped_files(&args, &specs, &prompt_list)?;
-    let manifest = Manifest {
-        model: args.model.name()?,
-        prompts: prompt_list,
-        seeds: args.seeds,
-        base_seed: args.seed,
-        steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        height: h,
-        width: w,
-        negatives: args.negatives.clone(),
-        rewards: reward_names.clone(),
-        adapt: negatives.iter().any(|n| n.per_sample).then_some((
-            args.adapt.adapt_steps,
-            args.adapt.adapt_patience,
-            args.adapt.adapt_lr,
-        )),
-        roles,
-        frames,
-        model_options: [
-            args.model.options(),
-            args.sampler.options(),
-            args.control.options(),
-        ]
-        .concat(),
-        precision: args.precision.name().to_string(),
-        device: match device.location() {
-            candle_core::DeviceLocation::Cpu => "cpu",
-            candle_core::DeviceLocation::Cuda { .. } => "cuda",
-            candle_core::DeviceLocation::Metal { .. } => "metal",
-        }
-        .to_string(),
-        sampler: sd.scheduler.label(),
-        files,
-    };
-    match Manifest::load(&args.out).map_err(lib)? {
-        Some(old) if old != manifest => {
-            return Err(user(format!(
-                "{}: holds an evaluation with other settings ({}); use another --out, or the same settings to resume",
-                args.out.join(eval::MANIFEST).display(),
-                old.differences(&manifest).join("; ")
-            )))
-        }
-        Some(_) => {}
-        None => manifest.save(&args.out).map_err(lib)?,
-    }
-    let done: BTreeSet<(usize, u64, usize)> = {
-        let by_key = eval::dedup(eval::load_records(&args.out).map_err(lib)?);
-        manifest
-            .units()
-            .into_iter()
-            .flat_map(|(p, s)| (0..negatives.len()).map(move |j| (p, s, j)))
-            .filter(|&(p, s, j)| {
-                reward_names
-                    .iter()
-                    .all(|r| by_key.contains_key(&(p, s, j, r.clone())))
-            })
-            .collect()
-    };
-    let todo: Vec<(usize, u64, usize)> = manifest
-        .units()
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| shard.is_none_or(|s| s.owns(*i)))
-        .flat_map(|(_, (p, s))| (0..negatives.len()).map(move |j| (p, s, j)))
-        .filter(|k| !done.contains(k))
-        .collect();
-    let sampling = Sampling {
-        steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        height: h,
-        width: w,
-        frames,
+    let negatives = run::negatives(&m.sd, &specs).map_err(lib)?;
+    let manifest = manifest(&args, &m, &r, &specs, prompts)?;
+    let eval_run = run::EvalRun {
+        manifest: &manifest,
+        out: args.out.clone(),
+        shard,
         backward: args.adapt.adapt_backward,
-        loss_scale: 1.0,
+        consistency_by: r.consistency_by,
     };
-    let adapt_cfg = args.adapt.config(args.steps);
-    let bar = super::progress::Progress::new(
-        todo.len() as u64,
+    let mut bar = super::progress::Progress::new(
+        0,
         "{bar:30} {pos}/{len} images {msg} [{elapsed_precise}<{eta_precise}]",
         "evaluation image",
     );
-    if !done.is_empty() {
-        bar.println(format!(
-            "{}: {} image(s) already done, skipped",
-            args.out.display(),
-            done.len()
-        ));
-    }
-    for &(p, seed, j) in &todo {
-        let prompt = &manifest.prompts[p];
-        bar.set_message(format!(
-            "prompt {}/{} seed {seed} negative {}",
-            p + 1,
-            manifest.prompts.len(),
-            j + 1
-        ));
-        super::control::use_prompt_image(&mut sd, prompt, &prompt_images, &default_images);
-        let cond = sd.encode(&prompt.text).map_err(lib)?;
-        let uncond = if negatives[j].per_sample {
-            adapt(
-                &mut sd,
-                &objective,
-                &negatives[j].embedding,
-                &prompt.text,
-                seed,
-                &adapt_cfg,
-                &sampling,
-            )
-            .map_err(lib)?
-            .embedding
-            .map(|_, t| Ok(t.to_dtype(sd.dtype())?.to_device(&device)?))
-            .map_err(lib)?
-        } else {
-            negatives[j].embedding.clone()
-        };
-        let start = noise(&sd, &[seed], &sampling).map_err(lib)?;
-        let latents = sd
-            .sample(
-                start,
-                args.steps,
-                &cond,
-                &uncond,
-                args.guidance_scale,
-                &[seed],
-                |_, _| {},
-            )
-            .map_err(lib)?;
-        let decoded = sd.decode(&latents).map_err(lib)?;
-        let image = Manifest::image_path(j, p, seed);
-        let params = format!(
-            "{}\nNegative: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {}",
-            prompt.text,
-            manifest.negatives[j],
-            args.steps,
-            sd.scheduler.label(),
-            args.guidance_scale,
-            seed,
-            manifest.model
-        ) + &frames.map(|n| format!(", Frames: {n}")).unwrap_or_default();
-        let path = args.out.join(&image);
-        // A clip is scored frame by frame, `[frames, 3, H, W]`, and saved as an animated PNG
-        // under the image's name (its first frame is what the grids and plain viewers show).
-        let pixels = match frames {
-            None => {
-                super::generate::save_png(&decoded.get(0)?, &path, &params)?;
-                to_unit(&decoded).map_err(lib)?
-            }
-            Some(_) => {
-                let clip = decoded.get(0)?.permute((1, 0, 2, 3))?.contiguous()?;
-                let rgbs = (0..clip.dim(0)?)
-                    .map(|k| reneg::io::Rgb::from_pixels(&clip.get(k)?))
-                    .collect::<reneg::Result<Vec<_>>>()
-                    .map_err(lib)?;
-                reneg::video::write_apng(&rgbs, 8, &path, Some(&params)).map_err(lib)?;
-                to_unit(&clip).map_err(lib)?
-            }
-        };
-        let n = pixels.dim(0)?;
-        let texts = vec![prompt.text.clone(); n];
-        let mut scores = vec![];
-        for (reward, _) in &objective.rewards {
-            // The clip's score: the mean over its frames (an image is one frame).
-            let score = reward
-                .score(&pixels, &texts)
-                .map_err(lib)?
-                .to_dtype(DType::F64)?
-                .mean_all()?
-                .to_scalar::<f64>()?;
-            scores.push((reward.name().to_string(), score));
-        }
-        if let Some(k) = consistency_by {
-            let features = objective.rewards[k]
-                .0
-                .image_encoder()
-                .expect("chosen for its image encoder")
-                .image_features(&pixels)
-                .map_err(lib)?;
-            let c = reneg::reward::temporal_consistency(&features).map_err(lib)?;
-            scores.push((eval::TEMPORAL_CONSISTENCY.to_string(), c));
-        }
-        let mut records = vec![];
-        for (reward, score) in scores {
-            records.push(Record {
-                prompt_index: p,
-                seed,
-                negative: j,
-                negative_label: manifest.negatives[j].clone(),
-                reward,
-                score,
-                image: image.display().to_string(),
-                prompt: prompt.text.clone(),
-                category: prompt.category.clone(),
-            });
-        }
-        eval::append_records(&args.out, &records).map_err(lib)?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let (images, defaults) = (&m.prompt_images, &m.default_images);
+    let mut before = |sd: &mut reneg::Pipeline, p: &Prompt| {
+        super::control::use_prompt_image(sd, p, images, defaults)
+    };
+    run::evaluate(
+        &mut m.sd,
+        &eval_run,
+        &negatives,
+        &r.objective,
+        &mut before,
+        &mut bar,
+    )
+    .map_err(lib)?;
     report(&args.out, &manifest, shard)
 }
 
 /// Writes the report of `dir` and prints where it is; a shard's report covers its own units.
 fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
-    let records = eval::load_records(dir).map_err(lib)?;
-    let r = eval::output::write(dir, manifest, records).map_err(lib)?;
+    let r = run::report(dir, manifest).map_err(lib)?;
     let note = match shard {
         Some(s) => format!(
             " (shard {}/{}: merge the shards with `reneg eval merge`)",
@@ -531,49 +400,6 @@ fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
 }
 
 pub fn merge(args: MergeArgs) -> Result<()> {
-    let mut manifest: Option<Manifest> = None;
-    let mut records = vec![];
-    for dir in &args.dirs {
-        let m = Manifest::load(dir).map_err(lib)?.ok_or_else(|| {
-            user(format!(
-                "{}: no {} here; give the --out folders of `reneg eval` runs",
-                dir.display(),
-                eval::MANIFEST
-            ))
-        })?;
-        match &manifest {
-            Some(first) if *first != m => {
-                return Err(user(format!(
-                    "{}: evaluated with other settings than {} ({}); merge only shards of one evaluation",
-                    dir.display(),
-                    args.dirs[0].display(),
-                    first.differences(&m).join("; ")
-                )))
-            }
-            Some(_) => {}
-            None => manifest = Some(m),
-        }
-        for r in eval::load_records(dir).map_err(lib)? {
-            let (from, to) = (dir.join(&r.image), args.out.join(&r.image));
-            let same = from.canonicalize().ok().is_some()
-                && from.canonicalize().ok() == to.canonicalize().ok();
-            if !same && from.is_file() {
-                let bytes = std::fs::read(&from)
-                    .map_err(|e| user(format!("{}: cannot read: {e}", from.display())))?;
-                reneg::io::write_atomic(&to, &bytes).map_err(lib)?;
-            }
-            records.push(r);
-        }
-    }
-    let manifest = manifest.expect("clap requires at least one folder");
-    create_out_dir(&args.out)?;
-    manifest.save(&args.out).map_err(lib)?;
-    let merged: Vec<Record> = eval::dedup(records).into_values().collect();
-    let mut text = String::new();
-    for r in &merged {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    reneg::io::write_atomic(&args.out.join(eval::RESULTS), text.as_bytes()).map_err(lib)?;
+    let manifest = run::merge(&args.dirs, &args.out).map_err(lib)?;
     report(&args.out, &manifest, None)
 }

@@ -121,6 +121,21 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The model and its options as the library runs them.
+    pub fn plan(&self) -> Result<reneg::run::model::ModelPlan> {
+        Ok(reneg::run::model::ModelPlan {
+            model: self.name()?,
+            offline: self.offline,
+            model_config: self.model_config.clone(),
+            prediction_type: self.prediction_type.clone(),
+            loras: self.lora.clone(),
+            embeddings: self.embeddings.clone(),
+            prompt_syntax: self.prompt_syntax,
+            vae: self.vae.clone(),
+            clip_skip: self.clip_skip,
+        })
+    }
+
     /// The options besides the model that change its images, as `key=value` lines (empty
     /// when all are at their defaults): recorded in an evaluation's manifest.
     pub fn options(&self) -> Vec<String> {
@@ -229,36 +244,11 @@ pub fn set_sampler(
     kind: Option<reneg::scheduler::SchedulerKind>,
     eta: f64,
 ) -> Result<()> {
-    match kind {
-        Some(k) if k != sd.scheduler.kind() => {
-            sd.scheduler = sd
-                .scheduler
-                .with_kind(k)
-                .map_err(|e| user(format!("--scheduler {k}: {e}")))?;
-        }
-        Some(_) => {}
-        None => {
-            if let Some(note) = &sd.scheduler_note {
-                eprintln!("note: {note}");
-            }
-        }
+    if let Some(note) = sd.set_sampler(kind, eta).map_err(lib)? {
+        eprintln!("note: {note}");
     }
-    sd.scheduler
-        .set_eta(eta)
-        .map_err(|e| user(format!("--eta: {e}")))?;
     println!("sampler: {}", sd.scheduler.label());
     Ok(())
-}
-
-/// `--lora FILE[:SCALE]` values, read.
-pub fn load_loras(specs: &[String]) -> Result<Vec<reneg::lora::Lora>> {
-    specs
-        .iter()
-        .map(|s| {
-            let (file, scale) = reneg::lora::parse_spec(s).map_err(user)?;
-            reneg::lora::Lora::load(&file, scale).map_err(lib)
-        })
-        .collect()
 }
 
 /// Refuses, before anything is written, prompts that `sd` could not encode (an
@@ -271,29 +261,10 @@ pub fn check_prompts(sd: &Pipeline, prompts: &[reneg::prompts::Prompt]) -> Resul
 }
 
 pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Pipeline> {
-    let options = reneg::source::LoadOptions {
-        offline: m.offline,
-        single_file: reneg::single_file::Overrides {
-            config_dir: m.model_config.clone(),
-            prediction_type: m.prediction_type.clone(),
-        },
-        loras: load_loras(&m.lora)?,
-    };
-    let name = m.name()?;
-    let mut sd = reneg::source::load(&name, &options, dtype, device).map_err(lib)?;
-    if let Some(vae) = &m.vae {
-        sd.replace_vae(vae).map_err(lib)?;
-    }
-    sd.set_clip_skip(m.clip_skip).map_err(lib)?;
-    sd.set_prompt_syntax(m.prompt_syntax).map_err(lib)?;
-    for spec in &m.embeddings {
-        use reneg::embedding::textual_inversion::{parse_spec, TextualInversion};
-        let (ti_name, file) = parse_spec(spec);
-        let ti = TextualInversion::load(&file, &ti_name).map_err(lib)?;
-        sd.add_textual_inversion(ti, &file).map_err(lib)?;
-    }
+    let plan = m.plan()?;
+    let sd = plan.load(dtype, device).map_err(lib)?;
     // The model a command runs, first (it may be the built-in one, written on first use).
-    println!("model: {name}");
+    println!("model: {}", plan.model);
     Ok(sd)
 }
 
@@ -377,13 +348,4 @@ pub fn load_rewards(
         .zip(models)
         .map(|(k, m)| Ok((k.load(m, dtype, device).map_err(lib)?, 1.0)))
         .collect()
-}
-
-/// A negative-embedding file checked against `sd`'s encoder, in `sd`'s dtype and device.
-pub fn load_embedding_for(
-    sd: &Pipeline,
-    path: &std::path::Path,
-) -> Result<reneg::conditioning::Conditioning> {
-    let e = reneg::embedding::NegativeEmbedding::load(path).map_err(lib)?;
-    sd.negative(&e, path).map_err(lib)
 }

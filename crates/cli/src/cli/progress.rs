@@ -23,7 +23,7 @@ pub struct Progress {
 
 /// The plain-line side: what is counted, and when the last line was written.
 struct Log {
-    what: &'static str,
+    what: String,
     every: Duration,
     start: Instant,
     last_line: Instant,
@@ -44,7 +44,7 @@ impl Progress {
         let log = (!std::io::stdout().is_terminal()).then(|| {
             let now = Instant::now();
             Mutex::new(Log {
-                what,
+                what: what.to_string(),
                 every: log_every(),
                 start: now,
                 last_line: now,
@@ -55,6 +55,16 @@ impl Progress {
             })
         });
         Self { bar, log }
+    }
+
+    /// A new length and unit (a library run's stage).
+    pub fn set_length(&self, len: u64, what: &str) {
+        self.bar.set_length(len);
+        // Not an update: the rate is measured from the first position reported.
+        if let Some(Ok(mut l)) = self.log.as_ref().map(|l| l.lock()) {
+            l.len = len;
+            l.what = what.to_string();
+        }
     }
 
     pub fn set_position(&self, pos: u64) {
@@ -109,6 +119,32 @@ impl Progress {
         l.last_line = now;
         let line = l.line(now);
         self.bar.suspend(|| println!("{line}"));
+    }
+}
+
+/// How a library run's progress shows: the bar (or log lines) and lines that stay on stdout;
+/// warnings on stderr.
+impl reneg::run::Progress for Progress {
+    fn begin(&mut self, total: u64, unit: &str) {
+        self.set_length(total, unit);
+    }
+    fn position(&mut self, done: u64) {
+        self.set_position(done);
+    }
+    fn advance(&mut self, n: u64) {
+        self.inc(n);
+    }
+    fn status(&mut self, msg: &str) {
+        self.set_message(msg.to_string());
+    }
+    fn note(&mut self, line: &str) {
+        self.println(line);
+    }
+    fn warn(&mut self, line: &str) {
+        self.suspend(|| eprintln!("warning: {line}"));
+    }
+    fn finish(&mut self) {
+        self.finish_and_clear();
     }
 }
 
@@ -173,7 +209,7 @@ mod tests {
     fn time_left_is_measured_from_the_first_update() {
         let t0 = Instant::now();
         let l = Log {
-            what: "training step",
+            what: "training step".into(),
             every: Duration::ZERO,
             start: t0,
             last_line: t0,

@@ -33,30 +33,36 @@ pub fn read_png(path: &Path) -> Result<Tensor> {
     Ok(Tensor::from_vec(img.to_chw(), (1, 3, h, w), &Device::Cpu)?)
 }
 
-pub fn run(args: ScoreArgs) -> Result<()> {
-    let mut pairs: Vec<(PathBuf, String)> = vec![];
-    if let Some(file) = &args.pairs {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| user(format!("{}: cannot read: {e}", file.display())))?;
-        let base = file.parent().unwrap_or(Path::new("."));
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| user(format!("{}:{}: invalid JSON: {e}", file.display(), i + 1)))?;
-            let (Some(img), prompt) = (v["image"].as_str(), v["prompt"].as_str().unwrap_or(""))
-            else {
-                return Err(user(format!(
-                    "{}:{}: needs an \"image\" field",
-                    file.display(),
-                    i + 1
-                )));
-            };
-            pairs.push((base.join(img), prompt.to_string()));
-        }
+/// The (image, prompt) pairs of a `--pairs` JSON-lines file (image paths relative to it).
+fn read_pairs(file: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut pairs = vec![];
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| user(format!("{}: cannot read: {e}", file.display())))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| user(format!("{}:{}: invalid JSON: {e}", file.display(), i + 1)))?;
+        let (Some(img), prompt) = (v["image"].as_str(), v["prompt"].as_str().unwrap_or("")) else {
+            return Err(user(format!(
+                "{}:{}: needs an \"image\" field",
+                file.display(),
+                i + 1
+            )));
+        };
+        pairs.push((base.join(img), prompt.to_string()));
     }
+    Ok(pairs)
+}
+
+pub fn run(args: ScoreArgs) -> Result<()> {
+    let mut pairs: Vec<(PathBuf, String)> = match &args.pairs {
+        Some(file) => read_pairs(file)?,
+        None => vec![],
+    };
     let prompts: Vec<String> = match args.prompt.len() {
         0 => vec![String::new(); args.images.len()],
         1 => vec![args.prompt[0].clone(); args.images.len()],

@@ -1,14 +1,11 @@
 //! `reneg train`: learn a global negative embedding by reward feedback. Options come from
-//! `--config FILE.toml`, then flags; the resolved config is written to `--out`.
+//! `--config FILE.toml`, then flags; the resolved config (the plan [`reneg::run::train`]
+//! runs) is written to `--out`.
 
 use super::rewards::RewardArg;
-use super::{device, lib, setup_precision, user, Precision};
+use super::{device, lib, user, Precision};
 use anyhow::Result;
-use candle_core::DType;
-use reneg::embedding::NegativeEmbedding;
 use reneg::train::config::{Init, TrainConfig};
-use reneg::train::global::{self, Prompts};
-use reneg::train::step::Objective;
 use std::path::PathBuf;
 use toml::Value;
 
@@ -154,8 +151,19 @@ pub struct TrainArgs {
     pub device: String,
 }
 
+/// The flags given, as a TOML table over the config file's.
 fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     let mut t = toml::Table::new();
+    plain_overrides(a, &mut t);
+    choice_overrides(a, &mut t)?;
+    if let Some(rewards) = reward_overrides(a)? {
+        t.insert("rewards".into(), rewards);
+    }
+    Ok(t)
+}
+
+/// The flags of one number, path or word.
+fn plain_overrides(a: &TrainArgs, t: &mut toml::Table) {
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
             t.insert(k.to_string(), v);
@@ -205,6 +213,10 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
     put("checkpoint_every", int(a.checkpoint_every));
     put("val_every", int(a.val_every));
     put("val_seeds", uint(a.val_seeds));
+}
+
+/// The flags that choose among named values.
+fn choice_overrides(a: &TrainArgs, t: &mut toml::Table) -> Result<()> {
     if let Some(b) = a.backward {
         let v = toml::Value::try_from(b).map_err(|e| user(format!("--backward: {e}")))?;
         t.insert("backward".into(), v);
@@ -221,45 +233,50 @@ fn overrides(a: &TrainArgs) -> Result<toml::Table> {
             toml::Value::try_from(Init::parse(init)).map_err(|e| user(format!("--init: {e}")))?;
         t.insert("init".into(), v);
     }
-    if !a.reward.is_empty() || !a.reward_model.is_empty() {
-        if a.reward.len() != a.reward_model.len() {
-            return Err(user(format!(
-                "{} --reward but {} --reward-model: give one model per reward",
-                a.reward.len(),
-                a.reward_model.len()
-            )));
-        }
-        if !a.reward_weight.is_empty() && a.reward_weight.len() != a.reward.len() {
-            return Err(user("--reward-weight: give one weight per reward, or none"));
-        }
-        let list: Vec<Value> = a
-            .reward
-            .iter()
-            .zip(&a.reward_model)
-            .enumerate()
-            .map(|(i, (k, m))| {
-                let kind = k.core().ok_or_else(|| {
-                    user(format!(
-                        "--reward {}: evaluation-only (the miniature world's judge scores in `reneg eval`); training cannot optimise it",
-                        k.flag()
-                    ))
-                })?;
-                let mut e = toml::Table::new();
-                e.insert(
-                    "kind".into(),
-                    toml::Value::try_from(kind).expect("kind serialises"),
-                );
-                e.insert("model".into(), Value::String(m.display().to_string()));
-                e.insert(
-                    "weight".into(),
-                    Value::Float(a.reward_weight.get(i).copied().unwrap_or(1.0)),
-                );
-                Ok(Value::Table(e))
-            })
-            .collect::<Result<_>>()?;
-        t.insert("rewards".into(), Value::Array(list));
+    Ok(())
+}
+
+/// `--reward KIND --reward-model PATH [--reward-weight W]` as the config's `rewards` list.
+fn reward_overrides(a: &TrainArgs) -> Result<Option<Value>> {
+    if a.reward.is_empty() && a.reward_model.is_empty() {
+        return Ok(None);
     }
-    Ok(t)
+    if a.reward.len() != a.reward_model.len() {
+        return Err(user(format!(
+            "{} --reward but {} --reward-model: give one model per reward",
+            a.reward.len(),
+            a.reward_model.len()
+        )));
+    }
+    if !a.reward_weight.is_empty() && a.reward_weight.len() != a.reward.len() {
+        return Err(user("--reward-weight: give one weight per reward, or none"));
+    }
+    let list: Vec<Value> = a
+        .reward
+        .iter()
+        .zip(&a.reward_model)
+        .enumerate()
+        .map(|(i, (k, m))| {
+            let kind = k.core().ok_or_else(|| {
+                user(format!(
+                    "--reward {}: evaluation-only (the miniature world's judge scores in `reneg eval`); training cannot optimise it",
+                    k.flag()
+                ))
+            })?;
+            let mut e = toml::Table::new();
+            e.insert(
+                "kind".into(),
+                toml::Value::try_from(kind).expect("kind serialises"),
+            );
+            e.insert("model".into(), Value::String(m.display().to_string()));
+            e.insert(
+                "weight".into(),
+                Value::Float(a.reward_weight.get(i).copied().unwrap_or(1.0)),
+            );
+            Ok(Value::Table(e))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Some(Value::Array(list)))
 }
 
 /// `train --help` with each option's default from [`TrainConfig::default_values`], the one
@@ -320,146 +337,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let mut over = overrides(&a)?;
     mini_defaults(&table, &mut over);
-    let mut cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
-    // The control image sets the training images' size (recorded in the saved config).
-    let control = match &cfg.control_image {
-        Some(p) => {
-            let (rgb, w, h) = super::control::read_image(p, None, &[])?;
-            if cfg.height.is_some_and(|x| x != h) || cfg.width.is_some_and(|x| x != w) {
-                return Err(user(format!(
-                    "--control-image {} is {w}x{h}, but height/width ask for {}x{}",
-                    p.display(),
-                    cfg.width.unwrap_or(w),
-                    cfg.height.unwrap_or(h)
-                )));
-            }
-            cfg.height = Some(h);
-            cfg.width = Some(w);
-            Some((rgb, w, h))
-        }
-        None => None,
-    };
+    let cfg = TrainConfig::resolve(table, over, &source).map_err(lib)?;
     let world = reneg::train::distributed::World::from_env().map_err(lib)?;
-    let device = match a.device.as_str() {
-        "cuda" if world.world_size > 1 => device(&format!("cuda:{}", world.local_rank))?,
-        d => device(d)?,
-    };
-    let dtype: DType = setup_precision(cfg.precision, &device)?;
-    let prompts: Vec<String> = reneg::prompts::load(&cfg.prompts)
-        .map_err(lib)?
-        .into_iter()
-        .map(|p| p.text)
-        .collect();
-    let val: Vec<String> = match &cfg.val_prompts {
-        Some(p) => reneg::prompts::load(p)
-            .map_err(lib)?
-            .into_iter()
-            .map(|p| p.text)
-            .collect(),
-        None => vec![],
-    };
-    let options = reneg::source::LoadOptions {
+    let setup = reneg::run::train::Setup {
+        resume: a.resume,
+        device: match a.device.as_str() {
+            "cuda" if world.world_size > 1 => device(&format!("cuda:{}", world.local_rank))?,
+            d => device(d)?,
+        },
+        world,
+        exchange_dir: std::env::var_os("RENEG_DIST_DIR").map(PathBuf::from),
         offline: a.offline,
         single_file: reneg::single_file::Overrides {
             config_dir: a.model_config.clone(),
             prediction_type: a.prediction_type.clone(),
         },
-        loras: super::load_loras(&cfg.loras)?,
     };
-    let mut sd = reneg::source::load(&cfg.model, &options, dtype, &device).map_err(lib)?;
-    // A video model trains on clips of `frames` (recorded in the saved config).
-    cfg.frames = super::generate::frames_for(&sd, cfg.frames, &cfg.model)?;
-    super::set_sampler(&mut sd, Some(cfg.scheduler), cfg.eta)?;
-    sd.guidance_rescale = cfg.guidance_rescale;
-    if let (Some(cn), Some((rgb, w, h))) = (&cfg.controlnet, &control) {
-        let model = reneg::control::load(cn, None, dtype, &device).map_err(lib)?;
-        let image = reneg::control::image_tensor(rgb, *w, *h, &device)
-            .map_err(lib)?
-            .to_dtype(sd.dtype())?;
-        sd.add_controlnet(model, image, cfg.controlnet_scale, cn)
-            .map_err(lib)?;
-        sd.set_guess_mode(cfg.guess_mode).map_err(lib)?;
-    }
-    let rewards = cfg
-        .rewards
-        .iter()
-        .map(|r| {
-            Ok((
-                reneg::reward::load::load(r.kind, &r.model, dtype, &device).map_err(lib)?,
-                r.weight,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let objective = Objective::new(rewards);
-    objective.check_optimisable().map_err(lib)?;
-    let init = match &cfg.init {
-        Init::Null => sd.no_negative().map_err(lib)?,
-        Init::Prompt(t) => sd.encode(t).map_err(lib)?,
-        Init::File(p) => {
-            let e = NegativeEmbedding::load(p).map_err(lib)?;
-            sd.negative(&e, p).map_err(lib)?
-        }
-    };
-    let bar = super::progress::Progress::new(
+    let mut bar = super::progress::Progress::new(
         cfg.steps,
         "{bar:30} step {pos}/{len} {msg} {per_sec} [{elapsed_precise}<{eta_precise}]",
         "training step",
     );
-    let mut collective: Box<dyn reneg::train::distributed::Collective> = if world.world_size > 1 {
-        let dir = std::env::var_os("RENEG_DIST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cfg.out.join(".dist"));
-        let group =
-            reneg::train::distributed::FileGroup::new(&dir, world, cfg.micro_batches(), &device)
-                .map_err(lib)?;
-        Box::new(group)
-    } else {
-        Box::new(reneg::train::distributed::Single)
-    };
-    if world.is_main() {
-        println!(
-            "training on {} ({}, {}, activation checkpointing {}{})",
-            cfg.model,
-            format!("{:?}", device.location()).to_lowercase(),
-            cfg.precision.name(),
-            if global::checkpointing_for(&cfg, &sd) {
-                "on"
-            } else {
-                "off"
-            },
-            if world.world_size > 1 {
-                format!(", rank 0 of {}", world.world_size)
-            } else {
-                String::new()
-            }
-        );
-    }
-    let outcome = global::train_in_group(
-        &cfg,
-        &mut sd,
-        &objective,
-        Prompts {
-            train: &prompts,
-            val: &val,
-        },
-        init,
-        a.resume,
-        collective.as_mut(),
-        |m, v| {
-            // The message first: a log line goes out with the position.
-            bar.set_message(format!("loss {:.4}, reward {:.4}", m.loss, m.reward_mean));
-            bar.set_position(m.step + 1);
-            if let Some(v) = v {
-                bar.println(format!(
-                    "step {}: validation reward {:.4} (null text {:.4})",
-                    v.step, v.embedding, v.null_text
-                ));
-            }
-            std::ops::ControlFlow::Continue(())
-        },
-    )
-    .map_err(lib)?;
-    bar.finish_and_clear();
+    let (outcome, cfg) = reneg::run::train::train(cfg, &setup, &mut bar).map_err(lib)?;
     // Where the run began says whether --resume continued the checkpoint (and the interrupt
     // tests read it).
     let began = match outcome.started_at {

@@ -1,0 +1,84 @@
+//! Which model a run uses and how it is set up, as data: the model (folder, single file or hub
+//! id), LoRAs, textual inversions, a replacement VAE, clip skip and the prompt syntax. Loading
+//! it checks each option against the model's family (an option it has no place for is
+//! refused by name).
+
+use crate::error::{Error, Result};
+use crate::prompt_syntax::PromptSyntax;
+use crate::Pipeline;
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ModelPlan {
+    /// A diffusers folder, an original single file, or a hub id in the local cache.
+    pub model: String,
+    /// Never touch the network.
+    #[serde(default)]
+    pub offline: bool,
+    /// For single files: a diffusers-style folder whose configs replace the inferred ones.
+    #[serde(default)]
+    pub model_config: Option<PathBuf>,
+    /// For single files: epsilon or v_prediction (inferred otherwise).
+    #[serde(default)]
+    pub prediction_type: Option<String>,
+    /// LoRAs merged at load, `FILE` or `FILE:SCALE`.
+    #[serde(default)]
+    pub loras: Vec<String>,
+    /// Textual inversions prompts may use by name, `NAME=FILE` or `FILE`.
+    #[serde(default)]
+    pub embeddings: Vec<String>,
+    #[serde(default)]
+    pub prompt_syntax: PromptSyntax,
+    /// A diffusers `AutoencoderKL` folder to decode with instead of the model's.
+    #[serde(default)]
+    pub vae: Option<PathBuf>,
+    #[serde(default)]
+    pub clip_skip: usize,
+}
+
+impl ModelPlan {
+    /// A plan of the model alone, every option at its default.
+    pub fn of(model: &str) -> Self {
+        Self {
+            model: model.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Loads the model with every option of the plan.
+    pub fn load(&self, dtype: DType, device: &Device) -> Result<Pipeline> {
+        let loras = self
+            .loras
+            .iter()
+            .map(|s| {
+                let (file, scale) = crate::lora::parse_spec(s).map_err(Error::Invalid)?;
+                crate::lora::Lora::load(&file, scale)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let options = crate::source::LoadOptions {
+            offline: self.offline,
+            single_file: crate::single_file::Overrides {
+                config_dir: self.model_config.clone(),
+                prediction_type: self.prediction_type.clone(),
+            },
+            loras,
+        };
+        let mut sd = crate::source::load(&self.model, &options, dtype, device)?;
+        if let Some(vae) = &self.vae {
+            sd.replace_vae(vae)?;
+        }
+        if self.clip_skip != 0 {
+            sd.set_clip_skip(self.clip_skip)?;
+        }
+        sd.set_prompt_syntax(self.prompt_syntax)?;
+        for spec in &self.embeddings {
+            use crate::embedding::textual_inversion::{parse_spec, TextualInversion};
+            let (name, file) = parse_spec(spec);
+            let ti = TextualInversion::load(&file, &name)?;
+            sd.add_textual_inversion(ti, &file)?;
+        }
+        Ok(sd)
+    }
+}
