@@ -213,6 +213,17 @@ impl Drop for GpuMemory {
     }
 }
 
+/// `RENEG_BENCH_BRANCHES=batched|apart` fixes how the guidance branches run (A/B of
+/// `Pipeline::branch_mode`; unset: its default).
+fn set_branch_mode(sd: &mut Pipeline) {
+    use reneg::pipeline::BranchMode;
+    sd.branch_mode = match std::env::var("RENEG_BENCH_BRANCHES").as_deref() {
+        Ok("batched") => BranchMode::Batched,
+        Ok("apart") => BranchMode::Apart,
+        _ => BranchMode::Auto,
+    };
+}
+
 fn tiny() {
     let dev = bench_device();
     let precision = bench_precision(&dev);
@@ -223,6 +234,7 @@ fn tiny() {
         &dev,
     )
     .unwrap();
+    set_branch_mode(&mut sd);
     let reward = reneg::reward::load::load_aesthetic(
         Path::new("tests/fixtures/parity/reward-aesthetic/reward"),
         dtype,
@@ -304,6 +316,7 @@ fn full(latent: usize, batch: usize) {
     )
     .unwrap();
     let mut sd = sd;
+    set_branch_mode(&mut sd);
     sd.set_checkpointing(bench_checkpointing());
     // The gradient step at timestep 201, as the PyTorch reference takes it: DDIM's step 3
     // of 5 (leading spacing, offset 1).

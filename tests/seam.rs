@@ -390,3 +390,55 @@ fn ranks_exchange_a_gradient_for_every_part() {
         }
     }
 }
+
+/// The guidance branches batched or apart (side by side on two threads, as small latents run
+/// by default) give the same predictions and the same gradient, A1111's longer prompts (the
+/// negative padded with the empty prompt's chunk) included.
+#[test]
+fn the_guidance_branches_agree_batched_or_apart() {
+    use reneg::pipeline::BranchMode;
+    use reneg::prompt_syntax::PromptSyntax;
+    let mut sd = common::tiny_pipeline(70, "epsilon");
+    sd.set_prompt_syntax(PromptSyntax::A1111).unwrap();
+    sd.scheduler.set_timesteps(5).unwrap();
+    let x = randn(71, &[2, 4, 4, 4]);
+    let long = sd.encode("a cat BREAK a dog").unwrap();
+    let cond = sd.batch(&[&long, &long]).unwrap();
+    assert_eq!(cond.embeds.dim(1).unwrap(), 154, "two chunks");
+    let uncond = Conditioning::from(randn(72, &[1, 77, 12]))
+        .repeat(2)
+        .unwrap();
+    let mut eps = vec![];
+    let mut grads = vec![];
+    for mode in [BranchMode::Batched, BranchMode::Apart] {
+        sd.branch_mode = mode;
+        eps.push(sd.guided_eps(&x, 401.0, &cond, &uncond, 7.5).unwrap());
+        let objective = objective_for(&sd);
+        let r = gradient_at(
+            &sd,
+            &objective,
+            &uncond.narrow(0, 1).unwrap(),
+            &["a".into(), "b".into()],
+            &cond,
+            &x,
+            2,
+            (7.5, Backward::Staged, 1.0),
+        )
+        .unwrap();
+        grads.push(r.grad[0].clone());
+    }
+    let d = max_abs_diff(&eps[0], &eps[1]);
+    assert!(d < 1e-12, "predictions differ by {d:e}");
+    let g = max_abs_diff(&grads[0], &grads[1]);
+    assert!(g < 1e-12, "gradients differ by {g:e}");
+}
+
+/// A linear reward over the tiny pipeline's decoded pixels.
+fn objective_for(sd: &Pipeline) -> Objective {
+    let x0 = randn(73, &[1, 4, 4, 4]);
+    let pixels = sd.decode(&x0).unwrap();
+    Objective {
+        rewards: vec![(Box::new(LinearReward(randn(74, pixels.dims()))), 1.0)],
+        pixels: Pixels::Raw,
+    }
+}

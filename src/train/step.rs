@@ -283,9 +283,8 @@ pub fn gradient_at(
     let unscale =
         |grad: Tensor| -> Result<Tensor> { Ok(if scale == 1.0 { grad } else { (grad / scale)? }) };
     if backward == Backward::OnePass {
-        let c = sd.branch_eps(&input, t, cond, false)?.detach();
         let (negative, vars) = variables(embedding)?;
-        let u = sd.branch_eps(&input, t, &negative.repeat(n)?, true)?;
+        let (u, c) = sd.branches(&input, t, cond, &negative.repeat(n)?)?;
         let x0 = sd.guided_x0(&u, &c, i, x, g)?;
         let scores = objective.score_decoded(&sd.decode(&x0)?, prompts)?;
         let loss = scores.mean_all()?.neg()?;
@@ -300,9 +299,8 @@ pub fn gradient_at(
     // The backward is staged so the decoder's and the UNet's graphs never coexist:
     // (1) x0 without a graph, then d loss / d x0 through decode and reward;
     // (2) the negative branch again, with a graph, and back from x0 with that gradient.
-    // The prompt branch c is computed once, without a graph.
-    let c = sd.branch_eps(&input, t, cond, false)?.detach();
-    let u0 = sd.branch_eps(&input, t, &frozen, true)?;
+    // The prompt branch c is computed once, without a graph (beside u0: `Pipeline::branches`).
+    let (u0, c) = sd.branches(&input, t, cond, &frozen)?;
     let x0 = Var::from_tensor(&sd.guided_x0(&u0, &c, i, x, g)?)?;
     drop(u0);
     let scores = objective.score_decoded(&sd.decode(x0.as_tensor())?, prompts)?;
@@ -319,7 +317,8 @@ pub fn gradient_at(
     drop((scores, loss));
 
     let (negative, vars) = variables(embedding)?;
-    let u = sd.branch_eps(&input, t, &negative.repeat(n)?, true)?;
+    let (negative, _) = sd.same_length(&negative.repeat(n)?, cond)?;
+    let u = sd.branch_eps(&input, t, &negative, true)?;
     let surrogate = (sd.guided_x0(&u, &c, i, x, g)? * d_x0)?.sum_all()?;
     let grad = gradients(&surrogate.backward()?, &vars)?;
     Ok(StepResult {
