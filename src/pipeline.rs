@@ -155,6 +155,24 @@ impl Pipeline {
         self.vae_scale() * self.denoiser.size_multiple()
     }
 
+    /// The image size of a run: `height` and `width` asked (default: [`Self::default_size`]),
+    /// checked to be positive multiples of [`Self::size_multiple`].
+    pub fn image_size(
+        &self,
+        height: Option<usize>,
+        width: Option<usize>,
+    ) -> Result<(usize, usize)> {
+        let px = self.default_size();
+        let (h, w) = (height.unwrap_or(px), width.unwrap_or(px));
+        let factor = self.size_multiple();
+        if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
+            return Err(Error::Invalid(format!(
+                "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
+            )));
+        }
+        Ok((h, w))
+    }
+
     /// One prompt's conditioning, batch 1 (the family's encoder; for SD, with textual
     /// inversions, clip skip and the prompt syntax set).
     pub fn encode(&self, text: &str) -> Result<Conditioning> {

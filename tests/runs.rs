@@ -99,6 +99,10 @@ fn a_program_plans_generates_and_sees_the_progress() {
     }
     let lines = std::fs::read_to_string(out.join("images.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 2);
+    // The plan is written beside what it made, and reads back as the plan that ran.
+    let written = std::fs::read_to_string(out.join(reneg::run::generate::PLAN)).unwrap();
+    let back: GeneratePlan = serde_json::from_str(&written).unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), text);
 }
 
 #[test]

@@ -237,7 +237,7 @@ impl Manifest {
 }
 
 /// `--shard i/n`: this process does the units whose index is `i` modulo `n` (0-based `i`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Shard {
     pub index: usize,
     pub count: usize,

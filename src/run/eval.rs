@@ -1,18 +1,119 @@
 //! An evaluation: every (prompt, seed) with every negative from the same noise, each image
 //! scored by each reward, the records appended as they come (a rerun resumes), and the report.
-//! The [`Manifest`] is the plan: written to the output folder first, and a rerun or a merge
-//! must agree with it. Shards do a share of the units; [`merge`] joins their folders.
+//! An [`EvalPlan`] says what to run; [`run`] sets the model up from it and writes its
+//! [`Manifest`] (everything that determines the images and scores) to the output folder first:
+//! a rerun or a merge must agree with it. Shards do a share of the units; [`merge`] joins
+//! their folders.
 
 use super::Progress;
 use crate::conditioning::Conditioning;
 use crate::error::{Error, Result};
 use crate::eval::{self, Manifest, NegativeSpec, Record, Shard};
 use crate::prompts::Prompt;
+use crate::reward::Reward;
 use crate::train::per_sample::{adapt, AdaptConfig};
 use crate::train::step::{noise, to_unit, Backward, Objective, Sampling};
 use crate::Pipeline;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+
+/// A reward of an evaluation: its kind, as `--reward` names it, and its model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardChoice {
+    pub kind: String,
+    pub model: PathBuf,
+}
+
+/// Loads a reward of an evaluation. The caller's, since some kinds (the miniature world's
+/// judge) come from crates the library does not know.
+pub type RewardLoader<'a> = &'a dyn Fn(&RewardChoice, DType, &Device) -> Result<Box<dyn Reward>>;
+
+/// The sampler of a run: the kind (None: the model's own), DDIM's eta, guidance rescale.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplerPlan {
+    pub scheduler: Option<crate::scheduler::SchedulerKind>,
+    pub eta: f64,
+    pub guidance_rescale: f64,
+}
+
+impl SamplerPlan {
+    /// Sets `sd`'s sampler; returns the note to show when reneg stands another sampler in for
+    /// the model's.
+    pub fn apply(&self, sd: &mut Pipeline) -> Result<Option<String>> {
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return Err(Error::Invalid(format!(
+                "--guidance-rescale {}: expected a value from 0 to 1 (0.7 for zero-terminal-SNR models)",
+                self.guidance_rescale
+            )));
+        }
+        let note = sd.set_sampler(self.scheduler, self.eta)?;
+        sd.guidance_rescale = self.guidance_rescale;
+        Ok(note)
+    }
+
+    /// `key=value` lines for an evaluation's manifest (empty at the defaults).
+    pub fn options(&self) -> Vec<String> {
+        let mut v = vec![];
+        if let Some(k) = self.scheduler {
+            v.push(format!("scheduler={k}"));
+        }
+        if self.eta != 0.0 {
+            v.push(format!("eta={}", self.eta));
+        }
+        if self.guidance_rescale != 0.0 {
+            v.push(format!("guidance_rescale={}", self.guidance_rescale));
+        }
+        v
+    }
+}
+
+/// Per-sample adaptation's settings (used when a negative is `per-sample:FILE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptSettings {
+    pub steps: usize,
+    pub patience: usize,
+    pub lr: f64,
+    pub backward: Backward,
+}
+
+impl Default for AdaptSettings {
+    /// 10 steps, patience 3, learning rate 5e-3, the staged backward.
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            patience: 3,
+            lr: 5e-3,
+            backward: Backward::Staged,
+        }
+    }
+}
+
+/// What an evaluation runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalPlan {
+    pub model: super::model::ModelPlan,
+    pub sampler: SamplerPlan,
+    pub control: super::control::ControlPlan,
+    pub prompts: Vec<Prompt>,
+    /// Seeds per prompt (base seed, base seed + 1, ...), the same for every negative.
+    pub seeds: usize,
+    pub seed: u64,
+    /// The negatives compared, the first the baseline: null, handcrafted, prompt:TEXT, an
+    /// embedding file, or per-sample:FILE.
+    pub negatives: Vec<String>,
+    pub rewards: Vec<RewardChoice>,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub frames: Option<usize>,
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    pub adapt: AdaptSettings,
+    pub shard: Option<Shard>,
+    pub precision: crate::precision::Precision,
+    pub out: PathBuf,
+}
 
 /// What a run needs besides its manifest.
 pub struct EvalRun<'a> {
@@ -351,4 +452,238 @@ fn copy_image(from: &Path, to: &Path) -> Result<()> {
 /// Writes the report of `dir` (every record there; a shard's covers its own units).
 pub fn report(dir: &Path, manifest: &Manifest) -> Result<crate::eval::report::Report> {
     crate::eval::output::write(dir, manifest, eval::load_records(dir)?)
+}
+
+/// The model as a plan sets it up, with its ControlNets' images.
+struct Model {
+    sd: Pipeline,
+    prompt_images: HashMap<PathBuf, Tensor>,
+    default_images: Vec<Tensor>,
+    size: (usize, usize),
+    frames: Option<usize>,
+}
+
+fn model(
+    plan: &EvalPlan,
+    dtype: DType,
+    device: &Device,
+    progress: &mut dyn Progress,
+) -> Result<Model> {
+    let mut sd = plan.model.load(dtype, device)?;
+    // The model a run uses, first (it may be the built-in one, written on first use).
+    progress.note(&format!("model: {}", plan.model.model));
+    if let Some(note) = plan.sampler.apply(&mut sd)? {
+        progress.warn(&note);
+    }
+    progress.note(&format!("sampler: {}", sd.scheduler.label()));
+    for p in &plan.prompts {
+        sd.check_prompt(&p.text)?;
+    }
+    sd.scheduler
+        .set_timesteps(plan.steps)
+        .map_err(|e| Error::Invalid(format!("--steps {}: {e}", plan.steps)))?;
+    let first_image = plan.prompts.iter().find_map(|p| p.control_image.clone());
+    let control = &plan.control;
+    let size = control.apply(&mut sd, first_image.as_deref(), dtype, device)?;
+    if let Some(line) = control.summary(size) {
+        progress.note(&line);
+    }
+    let prompt_images = control.prompt_images(&sd, &plan.prompts, size)?;
+    let default_images = sd.controls().iter().map(|c| c.image.clone()).collect();
+    let (height, width) = super::control::check_size(size, plan.height, plan.width)?;
+    let size = sd.image_size(height, width)?;
+    let frames = sd.frames(plan.frames)?;
+    Ok(Model {
+        sd,
+        prompt_images,
+        default_images,
+        size,
+        frames,
+    })
+}
+
+/// The loaded rewards and what the manifest says of them.
+struct Rewards {
+    objective: Objective,
+    names: Vec<String>,
+    /// (name, evaluation-only) of each.
+    flags: Vec<(String, bool)>,
+    consistency_by: Option<usize>,
+}
+
+/// The plan's rewards, each once; for clips, which one measures temporal consistency.
+fn rewards(
+    plan: &EvalPlan,
+    frames: Option<usize>,
+    (dtype, device): (DType, &Device),
+    load: RewardLoader,
+    progress: &mut dyn Progress,
+) -> Result<Rewards> {
+    let rewards = plan
+        .rewards
+        .iter()
+        .map(|r| Ok((load(r, dtype, device)?, 1.0)))
+        .collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = rewards.iter().map(|(r, _)| r.name().to_string()).collect();
+    if names.iter().collect::<BTreeSet<_>>().len() != names.len() {
+        return Err(Error::Invalid(
+            "the same reward is given twice; give each reward once".into(),
+        ));
+    }
+    let flags = rewards
+        .iter()
+        .map(|(r, _)| (r.name().to_string(), r.evaluation_only()))
+        .collect();
+    // A clip's temporal consistency is measured with the first reward that has a CLIP image
+    // encoder (none: not measured, and the report says so by its absence).
+    let consistency_by = frames.and_then(|_| {
+        rewards
+            .iter()
+            .position(|(r, _)| r.image_encoder().is_some())
+    });
+    if frames.is_some() && consistency_by.is_none() {
+        progress.note("note: no CLIP-based reward given (hps, pickscore, clip, aesthetic): the clips' temporal consistency is not measured");
+    }
+    Ok(Rewards {
+        objective: Objective::new(rewards),
+        names,
+        flags,
+        consistency_by,
+    })
+}
+
+/// The files besides the model that shape the images and scores, each stamped with its
+/// content hash: reward models, negatives' files, LoRAs, textual inversions, a VAE,
+/// ControlNets and control images (the prompts' own included).
+fn stamped_files(plan: &EvalPlan, specs: &[NegativeSpec]) -> Result<Vec<eval::FileStamp>> {
+    let mut files: Vec<(&str, PathBuf)> = plan
+        .rewards
+        .iter()
+        .map(|r| ("reward model", r.model.clone()))
+        .collect();
+    for spec in specs {
+        if let NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) = spec {
+            files.push(("negative", p.clone()));
+        }
+    }
+    files.extend(plan.model.files()?);
+    files.extend(plan.control.files());
+    files.extend(
+        plan.prompts
+            .iter()
+            .filter_map(|p| p.control_image.clone())
+            .map(|p| ("control image", p)),
+    );
+    files.sort();
+    files.dedup();
+    files
+        .iter()
+        .map(|(role, p)| eval::FileStamp::of(role, p))
+        .collect()
+}
+
+/// The run's manifest: everything that determines its images and scores.
+fn manifest(plan: &EvalPlan, m: &Model, r: &Rewards, specs: &[NegativeSpec]) -> Result<Manifest> {
+    let mut roles = eval::reward_roles(&plan.negatives, specs, &trained_on(specs), &r.flags);
+    let mut names = r.names.clone();
+    if let Some(k) = r.consistency_by {
+        names.push(eval::TEMPORAL_CONSISTENCY.to_string());
+        roles.insert(
+            eval::TEMPORAL_CONSISTENCY.to_string(),
+            format!(
+                "Independent: the mean cosine between consecutive frames' image embeddings from {}'s CLIP image encoder (1 = a still clip); no negative is optimised on it.",
+                r.flags[k].0
+            ),
+        );
+    }
+    let per_sample = specs
+        .iter()
+        .any(|s| matches!(s, NegativeSpec::PerSample(_)));
+    let a = &plan.adapt;
+    Ok(Manifest {
+        model: plan.model.model.clone(),
+        files: stamped_files(plan, specs)?,
+        prompts: plan.prompts.clone(),
+        seeds: plan.seeds,
+        base_seed: plan.seed,
+        steps: plan.steps,
+        guidance_scale: plan.guidance_scale,
+        height: m.size.0,
+        width: m.size.1,
+        negatives: plan.negatives.clone(),
+        rewards: names,
+        adapt: per_sample.then_some((a.steps, a.patience, a.lr)),
+        roles,
+        frames: m.frames,
+        model_options: [
+            plan.model.options(),
+            plan.sampler.options(),
+            plan.control.options(),
+        ]
+        .concat(),
+        precision: plan.precision.name().to_string(),
+        device: match m.sd.device().location() {
+            candle_core::DeviceLocation::Cpu => "cpu",
+            candle_core::DeviceLocation::Cuda { .. } => "cuda",
+            candle_core::DeviceLocation::Metal { .. } => "metal",
+        }
+        .to_string(),
+        sampler: m.sd.scheduler.label(),
+    })
+}
+
+/// Runs the evaluation `plan` says on `device`, loading its rewards with `load`; returns its
+/// manifest (what [`report`] needs).
+pub fn run(
+    plan: &EvalPlan,
+    device: &Device,
+    load: RewardLoader,
+    progress: &mut dyn Progress,
+) -> Result<Manifest> {
+    let specs = plan
+        .negatives
+        .iter()
+        .map(|s| NegativeSpec::parse(s).map_err(Error::Invalid))
+        .collect::<Result<Vec<_>>>()?;
+    if plan.prompts.is_empty() {
+        return Err(Error::Invalid(
+            "no prompts to evaluate: give --prompts FILE or --prompt TEXT (and a --limit above 0)"
+                .into(),
+        ));
+    }
+    if plan.seeds == 0 {
+        return Err(Error::Invalid("--seeds must be at least 1".into()));
+    }
+    plan.precision.check(device)?;
+    plan.precision.apply(device);
+    let dtype = plan.precision.weight_dtype();
+    let mut m = model(plan, dtype, device, progress)?;
+    let r = rewards(plan, m.frames, (dtype, device), load, progress)?;
+    if specs
+        .iter()
+        .any(|s| matches!(s, NegativeSpec::PerSample(_)))
+    {
+        r.objective.check_optimisable()?;
+    }
+    let negatives = negatives(&m.sd, &specs)?;
+    let manifest = manifest(plan, &m, &r, &specs)?;
+    let eval_run = EvalRun {
+        manifest: &manifest,
+        out: plan.out.clone(),
+        shard: plan.shard,
+        backward: plan.adapt.backward,
+        consistency_by: r.consistency_by,
+    };
+    let (images, defaults) = (&m.prompt_images, &m.default_images);
+    let mut before =
+        |sd: &mut Pipeline, p: &Prompt| super::control::use_prompt_image(sd, p, images, defaults);
+    evaluate(
+        &mut m.sd,
+        &eval_run,
+        &negatives,
+        &r.objective,
+        &mut before,
+        progress,
+    )?;
+    Ok(manifest)
 }

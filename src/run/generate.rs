@@ -1,8 +1,9 @@
 //! Guided text-to-image (or text-to-video) generation with a null-text, prompt or embedding
-//! negative, optionally adapted per image to rewards (ReNeg Sec. 3.3). Writes one PNG per
-//! image (the generation parameters in a `parameters` text chunk, as other SD front ends do)
-//! and one JSON line per image in `images.jsonl`; a video model's clip as its frames (PNGs in
-//! a folder), an animated PNG, and an MP4 when an `ffmpeg` is on the PATH.
+//! negative, optionally adapted per image to rewards (ReNeg Sec. 3.3). Writes the plan
+//! (`generate.json`), one PNG per image (the generation parameters in a `parameters` text
+//! chunk, as other SD front ends do) and one JSON line per image in `images.jsonl`; a video
+//! model's clip as its frames (PNGs in a folder), an animated PNG, and an MP4 when an `ffmpeg`
+//! is on the PATH.
 
 use super::Progress;
 use crate::conditioning::Conditioning;
@@ -17,6 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// The file in the output folder that holds the plan of the latest run into it.
+pub const PLAN: &str = "generate.json";
 
 /// The negative of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,9 +137,12 @@ pub fn generate(
         Some(p) => Some(load_init_latents(p, &latent_shape, n)?),
         None => None,
     };
-    // Everything is checked; only now is anything written.
+    // Everything is checked; only now is anything written: the plan first (the latest run's;
+    // each image's record in images.jsonl carries its own settings).
     std::fs::create_dir_all(&plan.out)
         .map_err(|e| Error::file(&plan.out, format!("cannot create the output folder: {e}")))?;
+    let text = serde_json::to_string_pretty(plan).map_err(|e| Error::Invalid(e.to_string()))?;
+    crate::io::write_atomic(&plan.out.join(PLAN), text.as_bytes())?;
     let jobs: Vec<Job> = plan
         .prompts
         .iter()

@@ -3,6 +3,7 @@
 //! run's output) and reports what happens through [`Progress`]. The CLI parses, prints and maps
 //! errors to exit codes; nothing a run decides lives there.
 
+pub mod control;
 pub mod eval;
 pub mod generate;
 pub mod model;

@@ -47,6 +47,46 @@ impl ModelPlan {
         }
     }
 
+    /// The options besides the model that change its images, as `key=value` lines (empty when
+    /// all are at their defaults): recorded in an evaluation's manifest.
+    pub fn options(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.loras.iter().map(|l| format!("lora={l}")).collect();
+        v.extend(self.embeddings.iter().map(|e| format!("embedding={e}")));
+        if let Some(vae) = &self.vae {
+            v.push(format!("vae={}", vae.display()));
+        }
+        if self.clip_skip != 0 {
+            v.push(format!("clip_skip={}", self.clip_skip));
+        }
+        if self.prompt_syntax != PromptSyntax::Plain {
+            v.push("prompt_syntax=a1111".into());
+        }
+        v
+    }
+
+    /// The files besides the model that change its images, by role: LoRAs, textual
+    /// inversions, the VAE, a single file's config folder.
+    pub fn files(&self) -> Result<Vec<(&'static str, PathBuf)>> {
+        let mut v = vec![];
+        for spec in &self.loras {
+            let (file, _) = crate::lora::parse_spec(spec).map_err(Error::Invalid)?;
+            v.push(("lora", file));
+        }
+        for spec in &self.embeddings {
+            v.push((
+                "textual inversion",
+                crate::embedding::textual_inversion::parse_spec(spec).1,
+            ));
+        }
+        v.extend(self.vae.iter().map(|p| ("vae", p.clone())));
+        v.extend(
+            self.model_config
+                .iter()
+                .map(|p| ("model config", p.clone())),
+        );
+        Ok(v)
+    }
+
     /// Loads the model with every option of the plan.
     pub fn load(&self, dtype: DType, device: &Device) -> Result<Pipeline> {
         let loras = self

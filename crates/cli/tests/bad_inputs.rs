@@ -255,6 +255,8 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("embedding import {} --out {{out}}/e.safetensors", p("truncated.pt")), "truncated.pt".into()),
         (format!("embedding export {} --format pt --out {{out}}/e.pt", p("ints.safetensors")), "ints.safetensors".into()),
         (format!("embedding encode --model {} --text x --out {{out}}/e.safetensors", p("empty-dir")), "model_index.json".into()),
+        // An evaluation plan file that is not one.
+        (format!("eval --plan {} --out {{out}}", p("prompts.txt")), "not an evaluation plan".into()),
         // mini
         (format!("mini experiment --mini {} --out {{out}}", p("empty-dir")), "empty-dir".into()),
         // the kernel switch

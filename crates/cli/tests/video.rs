@@ -277,7 +277,12 @@ fn mp4_through_ffmpeg_when_one_is_on_the_path() {
     sorted.sort();
     assert_eq!(
         sorted,
-        ["00000-seed3-frames", "00000-seed3.apng", "images.jsonl"],
+        [
+            "00000-seed3-frames",
+            "00000-seed3.apng",
+            "generate.json",
+            "images.jsonl"
+        ],
         "{names:?}"
     );
 }

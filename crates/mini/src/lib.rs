@@ -7,8 +7,10 @@
 //! evaluation-only scorer would.
 
 pub mod degrade;
+pub mod experiment;
 pub mod judge;
 pub mod recipe;
+pub mod rewards;
 pub mod scene;
 pub mod vocab;
 

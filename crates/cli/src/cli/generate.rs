@@ -108,7 +108,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut sd = load_model(&args.model, dtype, &device)?;
     args.sampler.apply(&mut sd)?;
     check_steps(&mut sd, args.steps)?;
-    let control_size = super::control::apply(&mut sd, &args.control, None, dtype, &device)?;
+    let control_size = super::control::apply(&mut sd, &args.control, dtype, &device)?;
     let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
     let (height, width) = image_size(&sd, height, width)?;
     let objective = match args.reward.is_empty() {

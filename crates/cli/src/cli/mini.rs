@@ -3,8 +3,10 @@
 
 use super::{device, lib};
 use anyhow::Result;
+use reneg::run::eval::EvalPlan;
+use reneg_mini::experiment::ExperimentPlan;
 use reneg_mini::recipe::{self, Budget, RecipeConfig};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(clap::Subcommand)]
 pub enum MiniCommand {
@@ -18,9 +20,6 @@ pub enum MiniCommand {
     /// ControlNet, the same embedding through it (--out/transfer).
     Experiment(ExperimentArgs),
 }
-
-/// The hand-written negative of the miniature world: the quality words its captions use.
-pub const HAND_WRITTEN: &str = "blurry, noisy, washed out, colour cast, blocky";
 
 #[derive(clap::Args)]
 pub struct ExperimentArgs {
@@ -139,138 +138,6 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-#[derive(clap::Parser)]
-struct TrainCli {
-    #[command(flatten)]
-    args: super::train::TrainArgs,
-}
-
-#[derive(clap::Parser)]
-struct EvalCli {
-    #[command(flatten)]
-    args: super::eval::EvalArgs,
-}
-
-/// The `reneg train` arguments of the experiment (also printed, so it can be rerun by hand).
-pub fn experiment_train_args(mini: &Path, out: &Path, steps: u64, device: &str) -> Vec<String> {
-    let p = |x: PathBuf| x.display().to_string();
-    let mut v: Vec<String> = vec![
-        "train".into(),
-        "--model".into(),
-        p(mini.join("pipeline")),
-        "--reward".into(),
-        "hps".into(),
-        "--reward-model".into(),
-        p(mini.join("reward")),
-        "--prompts".into(),
-        p(mini.join("prompts/train.txt")),
-        "--val-prompts".into(),
-        p(mini.join("prompts/heldout.txt")),
-        "--out".into(),
-        p(out.to_path_buf()),
-        "--device".into(),
-        device.into(),
-    ];
-    for (k, val) in [
-        ("--steps", steps.to_string()),
-        ("--lr", "0.01".into()),
-        ("--batch-size", "4".into()),
-        ("--micro-batch-size", "4".into()),
-        ("--sampling-steps", "20".into()),
-        ("--grad-step-window", "5".into()),
-        ("--height", "32".into()),
-        ("--width", "32".into()),
-        ("--val-every", (steps / 4).max(1).to_string()),
-        ("--val-seeds", "2".into()),
-    ] {
-        v.push(k.into());
-        v.push(val);
-    }
-    v
-}
-
-/// The `reneg eval` arguments of the experiment; with `controlnet`, its transfer part: the
-/// same negatives through the world's ControlNet, each held-out prompt with its scene's mask.
-#[allow(clippy::too_many_arguments)]
-pub fn experiment_eval_args(
-    mini: &Path,
-    embedding: &Path,
-    out: &Path,
-    prompts: usize,
-    seeds: usize,
-    per_sample: bool,
-    controlnet: Option<&Path>,
-    device: &str,
-) -> Vec<String> {
-    let p = |x: &Path| x.display().to_string();
-    let mut v: Vec<String> = vec!["eval".into(), "--model".into(), p(&mini.join("pipeline"))];
-    let mut negatives = vec![
-        "null".to_string(),
-        format!("prompt:{HAND_WRITTEN}"),
-        p(embedding),
-    ];
-    if per_sample {
-        negatives.push(format!("per-sample:{}", p(embedding)));
-    }
-    for n in negatives {
-        v.push("--negative".into());
-        v.push(n);
-    }
-    for (kind, dir) in [
-        ("hps", "reward"),
-        ("judge-quality", "judge"),
-        ("judge-match", "judge"),
-    ] {
-        v.extend([
-            "--reward".into(),
-            kind.into(),
-            "--reward-model".into(),
-            p(&mini.join(dir)),
-        ]);
-    }
-    let prompt_file = match controlnet {
-        Some(cn) => {
-            v.extend(["--controlnet".into(), p(cn)]);
-            mini.join("prompts").join(recipe::CONTROL_PROMPTS)
-        }
-        None => mini.join("prompts/heldout.txt"),
-    };
-    for (k, val) in [
-        ("--prompts", p(&prompt_file)),
-        ("--limit", prompts.to_string()),
-        ("--seeds", seeds.to_string()),
-        ("--steps", "20".into()),
-        ("--height", "32".into()),
-        ("--width", "32".into()),
-        ("--out", p(out)),
-        ("--device", device.into()),
-    ] {
-        v.push(k.into());
-        v.push(val);
-    }
-    v
-}
-
-/// The command line as a shell would take it back (arguments with spaces quoted).
-fn shell_line(argv: &[String]) -> String {
-    let quoted: Vec<String> = argv
-        .iter()
-        .map(|a| {
-            if a.contains([' ', '\'', '"', '$', '\\']) {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
-    format!("reneg {}", quoted.join(" "))
-}
-
-fn parse<T: clap::Parser>(argv: &[String]) -> Result<T> {
-    T::try_parse_from(argv.iter().map(String::as_str))
-        .map_err(|e| super::user(format!("internal argument error: {e}")))
-}
-
 /// How many processes the experiment's evaluations run in: on the CPU, one per group of
 /// `--threads` cores (the world's models run fastest on one thread each, so two cores are
 /// best used by two single-threaded shards of the (prompt, seed) units, merged after); on a
@@ -284,26 +151,39 @@ fn eval_shards(a: &ExperimentArgs) -> usize {
     (cores / per_process).clamp(1, a.prompts.saturating_mul(a.seeds).max(1))
 }
 
-/// Runs the evaluation `args(out)` describes into `out`: in this process when `shards` is 1;
-/// else as `shards` processes of this binary, shard i of n each into `out`-shards/i (each
-/// resumes on its own, as `reneg eval` does), then `reneg eval merge` into `out`.
-fn run_eval(out: &Path, shards: usize, args: impl Fn(&Path) -> Vec<String>) -> Result<()> {
+/// Runs the evaluation `plan` describes: in this process when `shards` is 1; else as `shards`
+/// processes of this binary (`reneg eval --plan FILE --shard i/n`, each resuming on its own
+/// in `OUT-shards/i`), then merged into the plan's folder. The plan is written first, so the
+/// printed commands rerun each part by hand.
+fn run_eval(plan: &EvalPlan, shards: usize, device: &str) -> Result<()> {
+    let out = &plan.out;
+    let base = PathBuf::from(format!("{}-shards", out.display()));
+    let file = base.join("plan.json");
+    let text = serde_json::to_string_pretty(plan)?;
+    reneg::io::write_atomic(&file, text.as_bytes()).map_err(lib)?;
     if shards <= 1 {
-        let argv = args(out);
-        println!("{}", shell_line(&argv));
-        return super::eval::evaluate(parse::<EvalCli>(&argv)?.args);
+        println!("reneg eval --plan {} --device {device}", file.display());
+        return super::eval::run_plan(plan, device);
     }
     let exe = std::env::current_exe().map_err(|e| {
         anyhow::anyhow!("cannot find this program to run the evaluation's shards: {e}")
     })?;
-    let base = PathBuf::from(format!("{}-shards", out.display()));
     let dirs: Vec<PathBuf> = (0..shards).map(|i| base.join(i.to_string())).collect();
     let mut children = Vec::new();
     let mut failed = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
-        let mut argv = args(dir);
-        argv.extend(["--shard".into(), format!("{i}/{shards}")]);
-        println!("{}", shell_line(&argv));
+        let argv: Vec<String> = vec![
+            "eval".into(),
+            "--plan".into(),
+            file.display().to_string(),
+            "--shard".into(),
+            format!("{i}/{shards}"),
+            "--out".into(),
+            dir.display().to_string(),
+            "--device".into(),
+            device.into(),
+        ];
+        println!("reneg {}", argv.join(" "));
         match std::process::Command::new(&exe).args(&argv).spawn() {
             Ok(child) => children.push(child),
             Err(e) => {
@@ -312,7 +192,26 @@ fn run_eval(out: &Path, shards: usize, args: impl Fn(&Path) -> Vec<String>) -> R
             }
         }
     }
-    // Every shard started is waited for, so none is left running behind an error.
+    wait_all(children, &mut failed);
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "the evaluation's shards failed ({}); rerun the same command to resume them",
+            failed.join("; ")
+        );
+    }
+    println!(
+        "reneg eval merge --out {} {}",
+        out.display(),
+        base.display()
+    );
+    super::eval::merge(super::eval::MergeArgs {
+        dirs,
+        out: out.to_path_buf(),
+    })
+}
+
+/// Waits for every shard started, so none is left running behind an error.
+fn wait_all(children: Vec<std::process::Child>, failed: &mut Vec<String>) {
     for (i, mut child) in children.into_iter().enumerate() {
         match child.wait() {
             Ok(status) if status.success() => {}
@@ -320,79 +219,48 @@ fn run_eval(out: &Path, shards: usize, args: impl Fn(&Path) -> Vec<String>) -> R
             Err(e) => failed.push(format!("shard {i}: {e}")),
         }
     }
-    if !failed.is_empty() {
-        anyhow::bail!(
-            "the evaluation's shards failed ({}); rerun the same command to resume them",
-            failed.join("; ")
-        );
-    }
-    let mut argv: Vec<String> = vec!["eval".into(), "merge".into(), "--out".into()];
-    argv.push(out.display().to_string());
-    argv.extend(dirs.iter().map(|d| d.display().to_string()));
-    println!("{}", shell_line(&argv));
-    super::eval::merge(super::eval::MergeArgs {
-        dirs,
-        out: out.to_path_buf(),
-    })
 }
 
 fn experiment(a: ExperimentArgs) -> Result<()> {
-    let mini = match a.mini.clone() {
-        Some(m) => m,
-        None => super::builtin::mini_root()?,
+    let plan = ExperimentPlan {
+        mini: match a.mini.clone() {
+            Some(m) => m,
+            None => super::builtin::mini_root()?,
+        },
+        out: a.out.clone(),
+        train_steps: a.train_steps,
+        embedding: a.embedding.clone(),
+        prompts: a.prompts,
+        seeds: a.seeds,
+        per_sample: !a.no_per_sample,
     };
-    if !mini.join("pipeline/model_index.json").is_file() {
-        return Err(super::user(format!(
-            "{}: not a miniature world (no pipeline/model_index.json); run `reneg mini train --out {}` first",
-            mini.display(),
-            mini.display()
-        )));
-    }
+    plan.check().map_err(lib)?;
     super::create_out_dir(&a.out)?;
-    let embedding = match &a.embedding {
-        Some(e) => e.clone(),
-        None => {
-            let train_out = a.out.join("train");
-            let mut argv = experiment_train_args(&mini, &train_out, a.train_steps, &a.device);
-            if train_out.join("checkpoint.safetensors").is_file() {
-                argv.push("--resume".into());
+    let setup = reneg::run::train::Setup::single(device(&a.device)?);
+    let shards = eval_shards(&a);
+    // An evaluation's own error (a failed shard) is returned as it was, not as the library's.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut evaluate = |p: &EvalPlan, _: &mut dyn reneg::run::Progress| -> reneg::Result<()> {
+        match run_eval(p, shards, &a.device) {
+            Ok(()) => {
+                println!("report: {}", p.out.join("report.md").display());
+                Ok(())
             }
-            if !train_out.join("embedding.safetensors").is_file()
-                || train_out.join("checkpoint.safetensors").is_file()
-            {
-                println!("{}", shell_line(&argv));
-                super::train::run(parse::<TrainCli>(&argv)?.args)?;
+            Err(e) => {
+                let message = format!("{e:#}");
+                failure = Some(e);
+                Err(reneg::Error::Invalid(message))
             }
-            train_out.join("embedding.safetensors")
         }
     };
-    let shards = eval_shards(&a);
-    let eval_args = |out: &Path, per_sample: bool, controlnet: Option<&Path>| {
-        experiment_eval_args(
-            &mini, &embedding, out, a.prompts, a.seeds, per_sample, controlnet, &a.device,
-        )
-    };
-    let eval_out = a.out.join("eval");
-    run_eval(&eval_out, shards, |out| {
-        eval_args(out, !a.no_per_sample, None)
-    })?;
-    println!("report: {}", eval_out.join("report.md").display());
-    // Transfer (issue 18): the embedding learned on the plain pipeline, unchanged, through the
-    // world's ControlNet, against null text and the hand-written negative.
-    let controlnet = mini.join("controlnet");
-    if controlnet.join("config.json").is_file() {
-        run_eval(&a.out.join("transfer"), shards, |out| {
-            eval_args(out, false, Some(&controlnet))
-        })?;
-        println!(
-            "transfer report: {}",
-            a.out.join("transfer").join("report.md").display()
-        );
-    } else {
-        println!(
-            "no ControlNet in {} (`reneg mini train` makes one): the transfer part is skipped",
-            mini.display()
-        );
+    let mut bar = super::progress::Progress::new(
+        0,
+        "{bar:30} step {pos}/{len} {msg} {per_sec} [{elapsed_precise}<{eta_precise}]",
+        "training step",
+    );
+    let result = reneg_mini::experiment::run(&plan, &setup, &mut evaluate, &mut bar);
+    match (result, failure) {
+        (Err(_), Some(e)) => Err(e),
+        (r, _) => r.map_err(lib),
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod train;
 use anyhow::Result;
 use candle_core::{DType, Device};
 pub use reneg::precision::Precision;
+use reneg::run::eval::AdaptSettings;
 use reneg::Pipeline;
 use std::path::PathBuf;
 
@@ -136,46 +137,6 @@ impl ModelArgs {
         })
     }
 
-    /// The options besides the model that change its images, as `key=value` lines (empty
-    /// when all are at their defaults): recorded in an evaluation's manifest.
-    pub fn options(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.lora.iter().map(|l| format!("lora={l}")).collect();
-        v.extend(self.embeddings.iter().map(|e| format!("embedding={e}")));
-        if let Some(vae) = &self.vae {
-            v.push(format!("vae={}", vae.display()));
-        }
-        if self.clip_skip != 0 {
-            v.push(format!("clip_skip={}", self.clip_skip));
-        }
-        if self.prompt_syntax != reneg::prompt_syntax::PromptSyntax::Plain {
-            v.push("prompt_syntax=a1111".into());
-        }
-        v
-    }
-
-    /// The files besides the model that change its images, by role: LoRAs, textual
-    /// inversions, the VAE, a single file's config folder (for an evaluation's manifest).
-    pub fn files(&self) -> Result<Vec<(&'static str, PathBuf)>> {
-        let mut v = vec![];
-        for spec in &self.lora {
-            let (file, _) = reneg::lora::parse_spec(spec).map_err(user)?;
-            v.push(("lora", file));
-        }
-        for spec in &self.embeddings {
-            v.push((
-                "textual inversion",
-                reneg::embedding::textual_inversion::parse_spec(spec).1,
-            ));
-        }
-        v.extend(self.vae.iter().map(|p| ("vae", p.clone())));
-        v.extend(
-            self.model_config
-                .iter()
-                .map(|p| ("model config", p.clone())),
-        );
-        Ok(v)
-    }
-
     /// The `--model` value, or the built-in miniature-world pipeline (`builtin`).
     pub fn name(&self) -> Result<String> {
         match &self.model {
@@ -204,60 +165,28 @@ pub struct SamplerArgs {
 }
 
 impl SamplerArgs {
-    /// Sets `sd`'s sampler, eta and guidance rescale from the flags.
-    pub fn apply(&self, sd: &mut Pipeline) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.guidance_rescale) {
-            return Err(user(format!(
-                "--guidance-rescale {}: expected a value from 0 to 1 (0.7 for zero-terminal-SNR models)",
-                self.guidance_rescale
-            )));
+    /// The flags as the library's sampler plan.
+    pub fn plan(&self) -> reneg::run::eval::SamplerPlan {
+        reneg::run::eval::SamplerPlan {
+            scheduler: self.scheduler,
+            eta: self.eta,
+            guidance_rescale: self.guidance_rescale,
         }
-        set_sampler(sd, self.scheduler, self.eta)?;
-        sd.guidance_rescale = self.guidance_rescale;
-        Ok(())
     }
 
-    /// `key=value` lines for an evaluation's manifest (empty at the defaults).
-    pub fn options(&self) -> Vec<String> {
-        let mut v = vec![];
-        if let Some(k) = self.scheduler {
-            v.push(format!("scheduler={k}"));
+    /// Sets `sd`'s sampler, eta and guidance rescale from the flags; prints which sampler
+    /// runs, and the model's note when reneg stands another sampler in for its class.
+    pub fn apply(&self, sd: &mut Pipeline) -> Result<()> {
+        if let Some(note) = self.plan().apply(sd).map_err(lib)? {
+            eprintln!("note: {note}");
         }
-        if self.eta != 0.0 {
-            v.push(format!("eta={}", self.eta));
-        }
-        if self.guidance_rescale != 0.0 {
-            v.push(format!("guidance_rescale={}", self.guidance_rescale));
-        }
-        v
+        println!("sampler: {}", sd.scheduler.label());
+        Ok(())
     }
 }
 
 pub fn parse_scheduler(s: &str) -> std::result::Result<reneg::scheduler::SchedulerKind, String> {
     s.parse()
-}
-
-/// Switches `sd` to sampler `kind` (None: the model's own) with DDIM's `eta`; prints which
-/// sampler runs, and the model's note when reneg stands another sampler in for its class.
-pub fn set_sampler(
-    sd: &mut Pipeline,
-    kind: Option<reneg::scheduler::SchedulerKind>,
-    eta: f64,
-) -> Result<()> {
-    if let Some(note) = sd.set_sampler(kind, eta).map_err(lib)? {
-        eprintln!("note: {note}");
-    }
-    println!("sampler: {}", sd.scheduler.label());
-    Ok(())
-}
-
-/// Refuses, before anything is written, prompts that `sd` could not encode (an
-/// `embedding:NAME` with no such embedding loaded).
-pub fn check_prompts(sd: &Pipeline, prompts: &[reneg::prompts::Prompt]) -> Result<()> {
-    for p in prompts {
-        sd.check_prompt(&p.text).map_err(lib)?;
-    }
-    Ok(())
 }
 
 pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Pipeline> {
@@ -273,13 +202,13 @@ pub fn load_model(m: &ModelArgs, dtype: DType, device: &Device) -> Result<Pipeli
 #[derive(clap::Args, Clone)]
 pub struct AdaptArgs {
     /// Adaptation steps per image.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = AdaptSettings::default().steps)]
     pub adapt_steps: usize,
     /// Stop adapting after this many steps without improvement.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = AdaptSettings::default().patience)]
     pub adapt_patience: usize,
     /// Adaptation learning rate (Adam).
-    #[arg(long, default_value_t = 5e-3)]
+    #[arg(long, default_value_t = AdaptSettings::default().lr)]
     pub adapt_lr: f64,
     /// The adaptation's gradient step: staged (less memory) or one-pass (faster).
     #[arg(long, value_enum, default_value = "staged")]
@@ -287,6 +216,16 @@ pub struct AdaptArgs {
 }
 
 impl AdaptArgs {
+    /// The flags as the library's adaptation settings.
+    pub fn settings(&self) -> AdaptSettings {
+        AdaptSettings {
+            steps: self.adapt_steps,
+            patience: self.adapt_patience,
+            lr: self.adapt_lr,
+            backward: self.adapt_backward,
+        }
+    }
+
     /// The adaptation for a sampler of `steps` steps (the gradient step drawn from the last 10).
     pub fn config(&self, steps: usize) -> reneg::train::per_sample::AdaptConfig {
         reneg::train::per_sample::AdaptConfig {
@@ -322,15 +261,7 @@ pub fn image_size(
     height: Option<usize>,
     width: Option<usize>,
 ) -> Result<(usize, usize)> {
-    let default_px = sd.default_size();
-    let (h, w) = (height.unwrap_or(default_px), width.unwrap_or(default_px));
-    let factor = sd.size_multiple();
-    if h == 0 || w == 0 || h % factor != 0 || w % factor != 0 {
-        return Err(user(format!(
-            "--height {h} / --width {w}: both must be positive multiples of {factor} for this model"
-        )));
-    }
-    Ok((h, w))
+    sd.image_size(height, width).map_err(lib)
 }
 
 /// `--reward KIND --reward-model PATH` pairs, loaded, each with weight 1.

@@ -1,12 +1,10 @@
-//! `--reward` values: the core library's reward kinds and the miniature world's judge. The
-//! judge lives in its own crate (`reneg-mini`); the core only knows the `Reward` interface
-//! it implements, so this is the one place that names both.
+//! `--reward` values: the core library's reward kinds and the miniature world's judge, as
+//! flags; `reneg_mini::rewards` loads them by name.
 
 use candle_core::{DType, Device};
 use reneg::error::Result;
 use reneg::reward::load::RewardKind;
 use reneg::reward::Reward;
-use reneg_mini::judge::JudgeScore;
 use std::path::Path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,19 +43,6 @@ impl RewardArg {
     }
 
     pub fn load(self, path: &Path, dtype: DType, device: &Device) -> Result<Box<dyn Reward>> {
-        match self {
-            RewardArg::JudgeQuality => {
-                reneg_mini::judge::load_reward(JudgeScore::Quality, path, dtype, device)
-            }
-            RewardArg::JudgeMatch => {
-                reneg_mini::judge::load_reward(JudgeScore::Match, path, dtype, device)
-            }
-            core => reneg::reward::load::load(
-                core.core().expect("every other value is a core kind"),
-                path,
-                dtype,
-                device,
-            ),
-        }
+        reneg_mini::rewards::load(&self.flag(), path, dtype, device)
     }
 }
