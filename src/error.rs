@@ -26,6 +26,11 @@ pub enum Error {
         problem: String,
     },
 
+    /// An option the model's family has no place for (`what`: "textual inversions", ...).
+    /// [`crate::Pipeline`] names the model in it.
+    #[error("{what} do not apply to this model family")]
+    NotInFamily { what: String },
+
     /// A bad argument or input value (shapes, empty prompt lists, ...).
     #[error("{0}")]
     Invalid(String),

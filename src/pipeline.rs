@@ -198,9 +198,7 @@ impl Pipeline {
     /// The error for an option the family has no place for, naming the family.
     fn refuse(&self, e: Error) -> Error {
         match e {
-            Error::Invalid(m) if m.ends_with("do not apply to this model family") => {
-                Error::file(&self.root, m)
-            }
+            e @ Error::NotInFamily { .. } => Error::file(&self.root, e.to_string()),
             e => e,
         }
     }

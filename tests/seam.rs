@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_gradient, max_abs_diff, randn};
+use common::{assert_gradient, max_abs, max_abs_diff, randn};
 use reneg::conditioning::{Conditioning, Shape};
 use reneg::family::roles::{Branch, Decoder, Denoiser, PromptEncoder};
 use reneg::reward::LinearReward;
@@ -215,13 +215,7 @@ fn every_learned_part_gets_the_gradient_finite_differences_give() {
             "two learned parts; the mask is not learned"
         );
         for (got, want) in r.grad.iter().zip(&want) {
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let scale = max_abs(want);
             assert!(scale > 0.0);
             let d = max_abs_diff(got, want) / scale;
             assert!(d < 1e-12, "{backward:?}: {d:e}");
@@ -441,4 +435,28 @@ fn objective_for(sd: &Pipeline) -> Objective {
         rewards: vec![(Box::new(LinearReward(randn(74, pixels.dims()))), 1.0)],
         pixels: Pixels::Raw,
     }
+}
+
+/// An option the family has no place for (the toy has no textual inversions, clip skip,
+/// ControlNets or replaceable VAE) is refused with the model named, never ignored.
+#[test]
+fn options_a_family_lacks_are_refused_naming_the_model() {
+    let mut sd = toy();
+    let errors = [
+        sd.set_clip_skip(1).unwrap_err().to_string(),
+        sd.set_guess_mode(true).unwrap_err().to_string(),
+        sd.replace_vae(Path::new("some-vae"))
+            .unwrap_err()
+            .to_string(),
+    ];
+    for (e, what) in errors.iter().zip(["clip skip", "guess mode", "VAE"]) {
+        assert!(
+            e.starts_with("<toy>: ") && e.contains(what) && e.contains("model family"),
+            "{e}"
+        );
+    }
+    // What every family has is no refusal.
+    sd.set_guess_mode(false).unwrap();
+    sd.set_prompt_syntax(reneg::prompt_syntax::PromptSyntax::Plain)
+        .unwrap();
 }

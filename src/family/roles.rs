@@ -18,7 +18,7 @@ use std::path::Path;
 
 /// An option this family has no place for.
 pub fn unsupported(what: &str) -> Error {
-    Error::Invalid(format!("{what} do not apply to this model family"))
+    Error::NotInFamily { what: what.into() }
 }
 
 /// Text to conditioning.

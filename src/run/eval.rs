@@ -78,6 +78,13 @@ pub struct AdaptSettings {
     pub backward: Backward,
 }
 
+impl AdaptSettings {
+    /// The adaptation for a sampler of `sampling_steps` steps.
+    pub fn config(&self, sampling_steps: usize) -> AdaptConfig {
+        AdaptConfig::for_sampler(self.steps, self.patience, self.lr, sampling_steps)
+    }
+}
+
 impl Default for AdaptSettings {
     /// 10 steps, patience 3, learning rate 5e-3, the staged backward.
     fn default() -> Self {
@@ -281,12 +288,7 @@ fn image(
     let cond = sd.encode(&prompt.text)?;
     let uncond = match (negative.per_sample, m.adapt) {
         (true, Some((steps, patience, lr))) => {
-            let cfg = AdaptConfig {
-                steps,
-                patience,
-                lr,
-                grad_step_window: m.steps.min(10),
-            };
+            let cfg = AdaptConfig::for_sampler(steps, patience, lr, m.steps);
             let a = adapt(
                 sd,
                 objective,

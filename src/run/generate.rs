@@ -160,6 +160,8 @@ pub fn generate(
         .append(true)
         .open(&path)
         .map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
+    // Looked up once a run (a search of the PATH), for clips only.
+    let ffmpeg = plan.frames.and_then(|_| crate::video::find_ffmpeg());
     progress.begin((jobs.len() * plan.steps) as u64, "sampling step");
     let mut records = vec![];
     for batch in jobs.chunks(plan.batch_size) {
@@ -178,7 +180,7 @@ pub fn generate(
             progress,
         )?;
         for (k, job) in batch.iter().enumerate() {
-            let record = write_image(sd, plan, job, &images.get(k)?, progress)?;
+            let record = write_image(sd, plan, job, &images.get(k)?, ffmpeg.as_deref(), progress)?;
             writeln!(jsonl, "{record}")
                 .map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
             records.push(record);
@@ -289,6 +291,7 @@ fn write_image(
     plan: &GeneratePlan,
     job: &Job,
     image: &Tensor,
+    ffmpeg: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Value> {
     let stem = format!("{:05}-seed{}", job.index, job.seed);
@@ -312,15 +315,8 @@ fn write_image(
             .map(|n| format!(", Frames: {n}, FPS: {}", plan.fps))
             .unwrap_or_default();
     let clip = if video {
-        let ffmpeg = crate::video::find_ffmpeg();
         Some(save_clip(
-            image,
-            &plan.out,
-            &stem,
-            plan.fps,
-            &params,
-            ffmpeg.as_deref(),
-            progress,
+            image, &plan.out, &stem, plan.fps, &params, ffmpeg, progress,
         )?)
     } else {
         save_png(image, &path, &params)?;

@@ -19,6 +19,19 @@ pub struct AdaptConfig {
     pub grad_step_window: usize,
 }
 
+impl AdaptConfig {
+    /// Adaptation for a sampler of `sampling_steps` steps: the gradient step drawn from its
+    /// last 10 (from all of them when there are fewer).
+    pub fn for_sampler(steps: usize, patience: usize, lr: f64, sampling_steps: usize) -> Self {
+        Self {
+            steps,
+            patience,
+            lr,
+            grad_step_window: sampling_steps.min(10),
+        }
+    }
+}
+
 impl Default for AdaptConfig {
     fn default() -> Self {
         Self {

@@ -226,14 +226,9 @@ impl AdaptArgs {
         }
     }
 
-    /// The adaptation for a sampler of `steps` steps (the gradient step drawn from the last 10).
+    /// The adaptation for a sampler of `steps` steps.
     pub fn config(&self, steps: usize) -> reneg::train::per_sample::AdaptConfig {
-        reneg::train::per_sample::AdaptConfig {
-            steps: self.adapt_steps,
-            patience: self.adapt_patience,
-            lr: self.adapt_lr,
-            grad_step_window: steps.min(10),
-        }
+        self.settings().config(steps)
     }
 }
 
