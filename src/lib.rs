@@ -17,6 +17,7 @@ pub mod family;
 pub mod guidance;
 pub mod io;
 pub mod lora;
+pub mod model_file;
 pub mod models;
 pub mod nn;
 pub mod pipeline;

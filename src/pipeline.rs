@@ -488,6 +488,28 @@ impl Pipeline {
             .contiguous()?)
     }
 
+    /// What the family's own scripts sample with (guidance, steps, eta, frame rate).
+    pub fn defaults(&self) -> crate::family::roles::Defaults {
+        self.denoiser.defaults()
+    }
+
+    /// The frame rate the model is conditioned on, for a family that conditions on one.
+    pub fn frame_rate(&self) -> Option<f64> {
+        self.denoiser.frame_rate()
+    }
+
+    /// A clip's frame rate: what the model is conditioned on (VideoCrafter2), and otherwise
+    /// only the rate its files play at, so nothing to set.
+    pub fn set_fps(&mut self, fps: u32) -> Result<()> {
+        if fps == 0 || fps > u16::MAX as u32 {
+            return Err(Error::Invalid("--fps must be between 1 and 65535".into()));
+        }
+        match self.denoiser.frame_rate() {
+            Some(_) => self.denoiser.set_frame_rate(fps as f64),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the model makes videos (latents with a frames axis).
     pub fn is_video(&self) -> bool {
         self.denoiser.is_video()

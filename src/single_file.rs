@@ -48,14 +48,14 @@ pub struct Converted {
     pub scheduler_config: Value,
 }
 
-fn strip(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+pub(crate) fn strip(all: &HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
     all.iter()
         .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
         .collect()
 }
 
 /// Indices `i` for which some key starts with `{prefix}{i}.`.
-fn indices(keys: &HashMap<String, Tensor>, prefix: &str) -> Vec<usize> {
+pub(crate) fn indices(keys: &HashMap<String, Tensor>, prefix: &str) -> Vec<usize> {
     let mut v: Vec<usize> = keys
         .keys()
         .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
@@ -65,12 +65,12 @@ fn indices(keys: &HashMap<String, Tensor>, prefix: &str) -> Vec<usize> {
     v
 }
 
-fn has_prefix(keys: &HashMap<String, Tensor>, prefix: &str) -> bool {
+pub(crate) fn has_prefix(keys: &HashMap<String, Tensor>, prefix: &str) -> bool {
     keys.keys().any(|k| k.starts_with(prefix))
 }
 
 /// Moves every key under `from` to `to` (with a renaming of the remainder).
-fn move_prefix(
+pub(crate) fn move_prefix(
     src: &HashMap<String, Tensor>,
     out: &mut HashMap<String, Tensor>,
     from: &str,
@@ -84,7 +84,7 @@ fn move_prefix(
     }
 }
 
-fn resnet_name(rest: &str) -> String {
+pub(crate) fn resnet_name(rest: &str) -> String {
     // LDM ResBlock -> diffusers ResnetBlock2D.
     for (a, b) in [
         ("in_layers.0.", "norm1."),
@@ -102,7 +102,7 @@ fn resnet_name(rest: &str) -> String {
     rest.to_string()
 }
 
-fn same(rest: &str) -> String {
+pub(crate) fn same(rest: &str) -> String {
     rest.to_string()
 }
 
@@ -376,7 +376,7 @@ fn convert_vae_mid(
     Ok(())
 }
 
-fn convert_vae(
+pub(crate) fn convert_vae(
     all: &HashMap<String, Tensor>,
     file: &Path,
 ) -> Result<(HashMap<String, Tensor>, Value)> {
@@ -515,12 +515,40 @@ fn convert_text_sd2(
     file: &Path,
 ) -> Result<(HashMap<String, Tensor>, Value)> {
     let t = strip(all, SD2_TEXT);
-    let mut out = HashMap::new();
     let blocks = indices(&t, "transformer.resblocks.");
-    let used = blocks.len().saturating_sub(1);
     let hidden = dim(&t, "token_embedding.weight", 1, file)?;
+    let tower = OpenClipText {
+        blocks_used: blocks.len().saturating_sub(1),
+        heads: (hidden / 64).max(1),
+        hidden_act: "gelu",
+    };
+    convert_open_clip_text(&t, &tower, file)
+}
+
+/// Which of an OpenCLIP text tower's blocks a model conditions on, and what the weights do not
+/// say about it.
+pub(crate) struct OpenClipText {
+    /// Resblocks run (the rest are dropped): all but the last for the penultimate layer.
+    pub blocks_used: usize,
+    pub heads: usize,
+    /// transformers' name of its activation: "gelu", or "quick_gelu" for OpenAI's towers.
+    pub hidden_act: &'static str,
+}
+
+/// An OpenCLIP text tower (keys without their prefix: `token_embedding.weight`,
+/// `positional_embedding`, `transformer.resblocks.N.*`, `ln_final.*`) as transformers'
+/// `CLIPTextModel` of `tower.blocks_used` layers, with its config. The output is the last kept
+/// block's through `final_layer_norm`, as SD 2.x and lvdm read it.
+pub(crate) fn convert_open_clip_text(
+    t: &HashMap<String, Tensor>,
+    tower: &OpenClipText,
+    file: &Path,
+) -> Result<(HashMap<String, Tensor>, Value)> {
+    let mut out = HashMap::new();
+    let used = tower.blocks_used;
+    let hidden = dim(t, "token_embedding.weight", 1, file)?;
     move_prefix(
-        &t,
+        t,
         &mut out,
         "token_embedding.",
         "embeddings.token_embedding.",
@@ -529,7 +557,7 @@ fn convert_text_sd2(
     if let Some(pos) = t.get("positional_embedding") {
         out.insert("embeddings.position_embedding.weight".into(), pos.clone());
     }
-    move_prefix(&t, &mut out, "ln_final.", "final_layer_norm.", same);
+    move_prefix(t, &mut out, "ln_final.", "final_layer_norm.", same);
     for i in 0..used {
         let p = format!("transformer.resblocks.{i}.");
         let to = format!("encoder.layers.{i}.");
@@ -540,7 +568,7 @@ fn convert_text_sd2(
             ("mlp.c_proj.", "mlp.fc2."),
             ("attn.out_proj.", "self_attn.out_proj."),
         ] {
-            move_prefix(&t, &mut out, &format!("{p}{a}"), &format!("{to}{b}"), same);
+            move_prefix(t, &mut out, &format!("{p}{a}"), &format!("{to}{b}"), same);
         }
         for (param, name) in [("in_proj_weight", "weight"), ("in_proj_bias", "bias")] {
             let fused = t
@@ -559,21 +587,28 @@ fn convert_text_sd2(
         }
     }
     let cfg = json!({
-        "vocab_size": dim(&t, "token_embedding.weight", 0, file)?,
+        "vocab_size": dim(t, "token_embedding.weight", 0, file)?,
         "hidden_size": hidden,
-        "intermediate_size": dim(&t, "transformer.resblocks.0.mlp.c_fc.weight", 0, file)?,
+        "intermediate_size": dim(t, "transformer.resblocks.0.mlp.c_fc.weight", 0, file)?,
         "num_hidden_layers": used,
-        "num_attention_heads": (hidden / 64).max(1),
-        "max_position_embeddings": dim(&t, "positional_embedding", 0, file)?,
-        "hidden_act": "gelu",
+        "num_attention_heads": tower.heads,
+        "max_position_embeddings": dim(t, "positional_embedding", 0, file)?,
+        "hidden_act": tower.hidden_act,
     });
     Ok((out, cfg))
 }
 
 /// Reads and converts a single-file checkpoint.
 pub fn convert(path: &Path, overrides: &Overrides) -> Result<Converted> {
-    let all = candle_core::safetensors::load(path, &Device::Cpu)
-        .map_err(|e| Error::file(path, format!("not a readable safetensors checkpoint ({e})")))?;
+    convert_tensors(crate::model_file::read(path)?, path, overrides)
+}
+
+/// [`convert`] of a checkpoint already read (`path` names it in errors).
+pub fn convert_tensors(
+    all: HashMap<String, Tensor>,
+    path: &Path,
+    overrides: &Overrides,
+) -> Result<Converted> {
     let base = if all.contains_key(&format!(
         "{SD1_TEXT}text_model.embeddings.token_embedding.weight"
     )) {
@@ -661,6 +696,25 @@ pub fn load_with_loras(
     device: &Device,
     loras: &[crate::lora::Lora],
 ) -> Result<crate::Pipeline> {
+    load_tensors(
+        crate::model_file::read(path)?,
+        path,
+        overrides,
+        dtype,
+        device,
+        loras,
+    )
+}
+
+/// [`load_with_loras`] of a checkpoint already read (`path` names it in errors).
+pub fn load_tensors(
+    all: HashMap<String, Tensor>,
+    path: &Path,
+    overrides: &Overrides,
+    dtype: DType,
+    device: &Device,
+    loras: &[crate::lora::Lora],
+) -> Result<crate::Pipeline> {
     use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
     use crate::models::unet::{UNet2DConditionModel, UNetConfig};
     use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -668,7 +722,22 @@ pub fn load_with_loras(
     use crate::tokenizer::ClipTokenizer;
     use crate::weights::{Vb, Weights};
 
-    let mut c = convert(path, overrides)?;
+    // VideoCrafter's LatentDiffusion shares SD's prefixes; its temporal layers tell it apart.
+    if crate::family::videocrafter::is_lvdm(all.keys()) {
+        use crate::family::videocrafter::{load, Files};
+        let config = match &overrides.config_dir {
+            Some(p) if p.is_file() => Some(p.clone()),
+            Some(p) => {
+                return Err(Error::file(
+                    p,
+                    "is a folder; a VideoCrafter checkpoint takes its inference .yaml as --model-config",
+                ))
+            }
+            None => None,
+        };
+        return load(&Files::of_file(path, config), all, dtype, device, loras);
+    }
+    let mut c = convert_tensors(all, path, overrides)?;
     crate::lora::merge_all(loras, crate::lora::Component::Unet, &mut c.unet)?;
     crate::lora::merge_all(
         loras,

@@ -55,11 +55,10 @@ pub fn resolve(spec: &str, options: &LoadOptions) -> Result<ModelSource> {
     }
     if path.is_file() {
         return match path.extension().and_then(|e| e.to_str()) {
-            Some("safetensors") => Ok(ModelSource::SingleFile(path.to_path_buf())),
-            Some("ckpt" | "pt" | "bin" | "pth") => Err(Error::file(
-                path,
-                "pickled checkpoints are not loaded (they can run code); convert it to .safetensors first",
-            )),
+            // Pickles are read by the safe reader (tensors only, never code).
+            Some("safetensors" | "ckpt" | "pt" | "bin" | "pth") => {
+                Ok(ModelSource::SingleFile(path.to_path_buf()))
+            }
             _ => Err(Error::file(
                 path,
                 "not a model: pass a diffusers folder, a .safetensors checkpoint or a hub repo id",
@@ -96,7 +95,17 @@ pub fn resolve(spec: &str, options: &LoadOptions) -> Result<ModelSource> {
 /// Resolves and loads a model.
 pub fn load(spec: &str, options: &LoadOptions, dtype: DType, device: &Device) -> Result<Pipeline> {
     match resolve(spec, options)? {
-        ModelSource::Folder(dir) => Pipeline::load_with_loras(&dir, dtype, device, &options.loras),
+        ModelSource::Folder(dir) => {
+            // A VideoCrafter folder (lvdm's checkpoint and yaml) has no model_index.json.
+            use crate::family::videocrafter::{load, Files};
+            if !dir.join("model_index.json").is_file() {
+                if let Some(files) = Files::of_folder(&dir)? {
+                    let all = crate::model_file::read(&files.checkpoint)?;
+                    return load(&files, all, dtype, device, &options.loras);
+                }
+            }
+            Pipeline::load_with_loras(&dir, dtype, device, &options.loras)
+        }
         ModelSource::SingleFile(file) => {
             single_file::load_with_loras(&file, &options.single_file, dtype, device, &options.loras)
         }

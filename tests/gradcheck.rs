@@ -694,3 +694,89 @@ fn guidance_with_rescale() {
         );
     }
 }
+
+/// VideoCrafter2's denoiser: the video UNet with lvdm's frame-rate embedding added to the time
+/// embedding (`UnetDenoiser::frame_rate`), wrt the text and the latents; and the rate changes
+/// the output (a rate that did not reach the UNet would pass the gradient checks).
+#[test]
+fn video_unet_conditioned_on_frame_rate() {
+    use reneg::conditioning::Conditioning;
+    use reneg::family::roles::{Branch, Defaults, Denoiser};
+    use reneg::family::sd::{FrameRate, UnetDenoiser};
+    let vb = random_vb(140);
+    let unet =
+        reneg::models::unet::UNet2DConditionModel::new(tiny_video_unet_config(), &vb).unwrap();
+    let frame_rate = FrameRate::new(8, 28.0, &vb.pp("fps_embedding")).unwrap();
+    let mut d = UnetDenoiser {
+        unet,
+        controls: vec![],
+        guess_mode: false,
+        frame_rate: Some(frame_rate),
+        defaults: Defaults::default(),
+    };
+    let ctx = randn(141, &[2, 5, 12]);
+    let x = randn(142, &[2, 4, 3, 4, 4]);
+    let run = |d: &UnetDenoiser, x: &Tensor, c: &Tensor| {
+        let cond: Conditioning = c.clone().into();
+        d.forward(x, 321.0, &cond, Branch::Both).unwrap()
+    };
+    assert_gradient("frame-rate denoiser wrt text", |c| run(&d, &x, c), &ctx);
+    assert_gradient("frame-rate denoiser wrt sample", |s| run(&d, s, &ctx), &x);
+    let at28 = run(&d, &x, &ctx);
+    d.set_frame_rate(8.0).unwrap();
+    let at8 = run(&d, &x, &ctx);
+    let diff = max_abs(&(at28 - at8).unwrap());
+    assert!(
+        diff > 1e-3,
+        "the frame rate does not change the output ({diff:e})"
+    );
+}
+
+/// lvdm's DDIM (VideoCrafter2): x0 divided by scale_arr[t], from a schedule given as tables, at
+/// a step below the t = 400 knee and one above it.
+#[test]
+fn lvdm_ddim_x0_with_scale_arr() {
+    let base = SchedulerConfig::from_value(
+        json!({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
+               "beta_start": 0.00085, "beta_end": 0.012, "timestep_spacing": "uniform",
+               "steps_offset": 1, "set_alpha_to_one": false, "clip_sample": false}),
+        Path::new("<test>"),
+    )
+    .unwrap();
+    let acp: Vec<f32> = Scheduler::ddim(base.clone())
+        .unwrap()
+        .alphas_cumprod()
+        .to_vec();
+    let scale: Vec<f32> = (0..1400)
+        .map(|t| {
+            if t < 400 {
+                1.0 - 0.3 * t as f32 / 399.0
+            } else {
+                0.7
+            }
+        })
+        .collect();
+    let tables = reneg::scheduler::ProcessTables {
+        alphas_cumprod: acp,
+        scale: Some(scale),
+    };
+    let mut s = Scheduler::ddim(base.with_tables(tables, Path::new("<test>")).unwrap()).unwrap();
+    s.set_timesteps(6).unwrap();
+    for i in [1, 5] {
+        let sample = randn(150, &[1, 4, 2, 2, 2]);
+        let out = randn(151, &[1, 4, 2, 2, 2]);
+        assert_gradient(
+            &format!("lvdm ddim x0 at step {i} wrt model output"),
+            |m| s.pred_original_sample(m, i, &sample).unwrap(),
+            &out,
+        );
+        assert_gradient(
+            &format!("lvdm ddim x0 at step {i} of a model on the sample, wrt sample"),
+            |x| {
+                let m = ((x.sin().unwrap() * 0.7).unwrap() + &out).unwrap();
+                s.pred_original_sample(&m, i, x).unwrap()
+            },
+            &sample,
+        );
+    }
+}

@@ -164,6 +164,11 @@ struct PipelineCase {
     guidance_rescale: f64,
     num_inference_steps: usize,
     grad_step_index: usize,
+    /// VideoCrafter cases: the frame rate both branches are conditioned on, and DDIM's eta.
+    #[serde(default)]
+    fps: Option<u32>,
+    #[serde(default)]
+    ddim_eta: f64,
 }
 
 /// max |a - b| / max |b|, the fixture format's error measure.
@@ -293,6 +298,27 @@ impl Report {
     }
 }
 
+/// A case's model: a diffusers `pipeline/` folder, or a VideoCrafter case's `model/` (lvdm's
+/// checkpoint and yaml), loaded as `--model` loads it, with the case's frame rate.
+fn load_case_model(dir: &Path, case: &PipelineCase, dtype: DType, dev: &Device) -> Pipeline {
+    let lvdm = dir.join("model");
+    let mut sd = if lvdm.is_dir() {
+        reneg::source::load(lvdm.to_str().unwrap(), &Default::default(), dtype, dev)
+    } else {
+        Pipeline::load(&dir.join("pipeline"), dtype, dev)
+    }
+    .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+    if let Some(fps) = case.fps {
+        assert!(
+            sd.frame_rate().is_some(),
+            "{}: a case with an fps whose model is not conditioned on one",
+            dir.display()
+        );
+        sd.set_fps(fps).unwrap();
+    }
+    sd
+}
+
 fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
     let case: PipelineCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
@@ -301,8 +327,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     let e = |n: &str| expected.input(n);
     let want = |n: &str| expected.want(n);
     let ids_of = |n: &str| expected.ids(n);
-    let mut sd = Pipeline::load(&dir.join("pipeline"), dtype, &dev)
-        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+    let mut sd = load_case_model(dir, &case, dtype, &dev);
     // A ControlNet case: the pipeline's ControlNet with control.png, as
     // StableDiffusionControlNetPipeline runs it.
     let control_image = common::add_case_controlnet(&mut sd, dir);
@@ -344,6 +369,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
         .scheduler
         .with_kind(reneg::scheduler::SchedulerKind::Ddim)
         .unwrap();
+    sd.scheduler.set_eta(case.ddim_eta).unwrap();
     sd.scheduler
         .set_timesteps(case.num_inference_steps)
         .unwrap();
@@ -388,8 +414,12 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
             .scheduler
             .scale_model_input(&e("grad_latents_in"), i)
             .unwrap();
-        for (name, ctx) in [("eps_negative", &ne), ("eps_prompt", &pe)] {
-            let eps = sd.unet().unwrap().forward(&x, t, ctx).unwrap();
+        use reneg::family::roles::Branch;
+        for (name, ctx, branch) in [
+            ("eps_negative", &nc, Branch::Negative),
+            ("eps_prompt", &pc, Branch::Prompt),
+        ] {
+            let eps = sd.denoiser.forward(&x, t, ctx, branch).unwrap();
             report.tensor(name, &eps, &want(name), FORWARD_TOL);
         }
     }
@@ -651,10 +681,11 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
         if pipelines_only && kind != "pipeline" {
             continue;
         }
-        const KINDS: [&str; 6] = [
+        const KINDS: [&str; 7] = [
             "pipeline",
             "controlnet",
             "text2video",
+            "videocrafter",
             "openclip",
             "hf-clip",
             "aesthetic",
@@ -685,7 +716,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
                 errors: vec![],
                 autocast,
             };
-            if ["pipeline", "controlnet", "text2video"].contains(&kind.as_str()) {
+            if ["pipeline", "controlnet", "text2video", "videocrafter"].contains(&kind.as_str()) {
                 run_pipeline_case(&dir, dev, dtype, &mut report);
             } else {
                 run_reward_case(&dir, &kind, dev, dtype, &mut report);

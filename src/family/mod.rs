@@ -10,6 +10,7 @@
 pub mod roles;
 pub mod sd;
 pub mod video_sd;
+pub mod videocrafter;
 
 use crate::error::{read_json, Error, Result};
 use candle_core::{DType, Device};

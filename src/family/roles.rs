@@ -72,6 +72,28 @@ pub enum Branch {
     Prompt,
 }
 
+/// What a family's own scripts sample with when the user says nothing: guidance, steps, DDIM's
+/// eta and a clip's frame rate (played back at, and for VideoCrafter2 conditioned on).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    pub guidance_scale: f64,
+    pub steps: usize,
+    pub eta: f64,
+    pub fps: u32,
+}
+
+impl Default for Defaults {
+    /// Stable Diffusion's (diffusers' guidance 7.5; reneg's 30 DDIM steps; 8 fps playback).
+    fn default() -> Self {
+        Self {
+            guidance_scale: 7.5,
+            steps: 30,
+            eta: 0.0,
+            fps: 8,
+        }
+    }
+}
+
 /// Latents, timestep and conditioning to the model output (noise, v or x0 as the sampler's
 /// config says). Latents keep the VAE's layout here: `[b, C, h, w]`, a video's
 /// `[b, C, frames, h, w]`; a family that patches them into tokens does so inside.
@@ -88,6 +110,20 @@ pub trait Denoiser: Send + Sync {
     /// Latent sides must be multiples of this.
     fn size_multiple(&self) -> usize;
     fn set_checkpointing(&mut self, _on: bool) {}
+
+    /// The family's sampling defaults.
+    fn defaults(&self) -> Defaults {
+        Defaults::default()
+    }
+
+    /// The frame rate the model is conditioned on, for a family that conditions on one
+    /// (VideoCrafter2); None for the others, whose clips only play back at a rate.
+    fn frame_rate(&self) -> Option<f64> {
+        None
+    }
+    fn set_frame_rate(&mut self, _fps: f64) -> Result<()> {
+        Err(unsupported("frame-rate conditioning"))
+    }
 
     /// Bytes the gradient step's graph keeps through this denoiser for one sample of
     /// `h x w` latents, `(plain, checkpointed)` per byte of element size (`crate::train::memory`).

@@ -4,7 +4,7 @@
 //! `AutoencoderKL` decoder. ModelScope/ZeroScope ([`super::video_sd`]) reuse all three with a
 //! `UNet3DConditionModel`.
 
-use super::roles::{Branch, Decoder, Denoiser, PromptEncoder};
+use super::roles::{Branch, Decoder, Defaults, Denoiser, PromptEncoder};
 use crate::conditioning::{Conditioning, Shape};
 use crate::control::Control;
 use crate::embedding::textual_inversion::TextualInversion;
@@ -123,6 +123,8 @@ pub fn roles(
             unet,
             controls: Vec::new(),
             guess_mode: false,
+            frame_rate: None,
+            defaults: Defaults::default(),
         },
         VaeDecoder {
             vae,
@@ -371,6 +373,36 @@ pub struct UnetDenoiser {
     /// diffusers' guess mode: ControlNets act on the prompt's branch only (the negative's gets
     /// no residuals), their residuals scaled from 0.1 at the shallowest skip to 1 at the mid.
     pub guess_mode: bool,
+    /// lvdm's frame-rate conditioning (VideoCrafter2), when the UNet has it.
+    pub frame_rate: Option<FrameRate>,
+    pub defaults: Defaults,
+}
+
+/// lvdm's `fps_embedding`: the frame rate through the timestep's sinusoid and an MLP of its
+/// own (Linear, SiLU, Linear), added to the time embedding. Both guidance branches get the
+/// same rate, as lvdm's sampler passes them.
+pub struct FrameRate {
+    pub linear_1: crate::nn::linear::Linear,
+    pub linear_2: crate::nn::linear::Linear,
+    pub fps: f64,
+}
+
+impl FrameRate {
+    /// `fps_embedding.linear_{1,2}` under `vb`, for a UNet of `c0` base channels.
+    pub fn new(c0: usize, fps: f64, vb: &Vb) -> Result<Self> {
+        use crate::nn::linear::Linear;
+        Ok(Self {
+            linear_1: Linear::new(c0, 4 * c0, true, &vb.pp("linear_1"))?,
+            linear_2: Linear::new(4 * c0, 4 * c0, true, &vb.pp("linear_2"))?,
+            fps,
+        })
+    }
+
+    /// The embedding `[b, 4 * c0]` of this rate for `b` rows.
+    pub fn embed(&self, b: usize, c0: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let f = crate::models::unet::sinusoid(&vec![self.fps; b], c0, true, 0.0, dtype, dev)?;
+        Ok(self.linear_2.forward(&self.linear_1.forward(&f)?.silu()?)?)
+    }
 }
 
 impl UnetDenoiser {
@@ -401,6 +433,12 @@ impl UnetDenoiser {
 impl Denoiser for UnetDenoiser {
     fn forward(&self, x: &Tensor, t: f64, cond: &Conditioning, branch: Branch) -> Result<Tensor> {
         let ctx = &cond.embeds;
+        if let Some(rate) = &self.frame_rate {
+            let b = x.dim(0)?;
+            let c0 = self.unet.config().block_out_channels[0];
+            let added = rate.embed(b, c0, x.dtype(), x.device())?;
+            return self.unet.forward_added(x, &vec![t; b], ctx, &added);
+        }
         if self.controls.is_empty() {
             return self.unet.forward(x, t, ctx);
         }
@@ -437,6 +475,24 @@ impl Denoiser for UnetDenoiser {
 
     fn set_checkpointing(&mut self, on: bool) {
         self.unet.set_checkpointing(on);
+    }
+
+    fn defaults(&self) -> Defaults {
+        self.defaults
+    }
+
+    fn frame_rate(&self) -> Option<f64> {
+        self.frame_rate.as_ref().map(|r| r.fps)
+    }
+
+    fn set_frame_rate(&mut self, fps: f64) -> Result<()> {
+        match &mut self.frame_rate {
+            Some(r) => {
+                r.fps = fps;
+                Ok(())
+            }
+            None => Err(super::roles::unsupported("frame-rate conditioning")),
+        }
     }
 
     fn graph_elems(&self, h: u64, w: u64) -> Option<(u64, u64)> {

@@ -1022,9 +1022,33 @@ impl UNet2DConditionModel {
                     "ControlNet residuals cannot be added to a video UNet".into(),
                 ));
             }
-            return self.forward_video(sample, timesteps, context);
+            return self.forward_video(sample, timesteps, context, None);
         }
-        self.forward_frames(sample, timesteps, context, residuals, 1)
+        self.forward_frames(sample, timesteps, context, residuals, None, 1)
+    }
+
+    /// [`Self::forward_each`] with `added` `[b, 4 * c0]` summed into each row's time embedding
+    /// (a video's to each of its frames): what a family conditions on besides the timestep
+    /// and the text, such as VideoCrafter2's frame rate.
+    pub fn forward_added(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        context: &Tensor,
+        added: &Tensor,
+    ) -> Result<Tensor> {
+        check_inputs(&self.enc.cfg, sample, timesteps, context, "UNet")?;
+        let want = (timesteps.len(), self.enc.cfg.block_out_channels[0] * 4);
+        if added.dims2()? != want {
+            return Err(Error::Invalid(format!(
+                "an added time embedding of shape {:?}; this UNet takes {want:?}",
+                added.dims()
+            )));
+        }
+        if self.enc.cfg.video {
+            return self.forward_video(sample, timesteps, context, Some(added));
+        }
+        self.forward_frames(sample, timesteps, context, None, Some(added), 1)
     }
 
     /// diffusers' `UNet3DConditionModel.forward`: the frames of `[b, c, f, h, w]` as a batch
@@ -1034,6 +1058,7 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timesteps: &[f64],
         context: &Tensor,
+        added: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (b, c, f, h, w) = sample.dims5()?;
         let frames = sample
@@ -1049,7 +1074,19 @@ impl UNet2DConditionModel {
             .unsqueeze(1)?
             .broadcast_as((b, f, l, d))?
             .reshape((b * f, l, d))?;
-        let out = self.forward_frames(&frames, &per_frame, &ctx, None, f)?;
+        // Each video's added embedding, repeated for its frames.
+        let added = match added {
+            Some(a) => {
+                let d = a.dim(1)?;
+                Some(
+                    a.unsqueeze(1)?
+                        .broadcast_as((b, f, d))?
+                        .reshape((b * f, d))?,
+                )
+            }
+            None => None,
+        };
+        let out = self.forward_frames(&frames, &per_frame, &ctx, None, added.as_ref(), f)?;
         let oc = out.dim(1)?;
         Ok(out
             .reshape((b, f, oc, h, w))?
@@ -1064,9 +1101,14 @@ impl UNet2DConditionModel {
         timesteps: &[f64],
         context: &Tensor,
         residuals: Option<&Residuals>,
+        added: Option<&Tensor>,
         frames: usize,
     ) -> Result<Tensor> {
         let temb = self.time_embedding_each(timesteps, sample.dtype(), sample.device())?;
+        let temb = match added {
+            Some(a) => (temb + a.to_dtype(sample.dtype())?)?,
+            None => temb,
+        };
         let xs = self.enc.forward_in(sample, frames)?;
         let (mut xs, mut skips) = self.enc.forward_down(&xs, &temb, context, frames)?;
         if let Some(r) = residuals {
@@ -1104,8 +1146,27 @@ fn time_features(
     dev: &candle_core::Device,
 ) -> candle_core::Result<Tensor> {
     let dim = cfg.block_out_channels[0];
+    sinusoid(
+        timesteps,
+        dim,
+        cfg.flip_sin_to_cos,
+        cfg.freq_shift,
+        dtype,
+        dev,
+    )
+}
+
+/// diffusers' `get_timestep_embedding` (and lvdm's `timestep_embedding`, which is its
+/// `flip_sin_to_cos`, shift 0 case) of any values: `[b]` -> `[b, dim]`, frequencies in f32.
+pub fn sinusoid(
+    timesteps: &[f64],
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
     let half = dim / 2;
-    let shift = cfg.freq_shift;
     // diffusers computes the frequencies in f32; mirror that for parity.
     let freqs: Vec<f32> = (0..half)
         .map(|i| {
@@ -1118,7 +1179,7 @@ fn time_features(
         let args: Vec<f32> = freqs.iter().map(|f| timestep as f32 * f).collect();
         let sin = args.iter().map(|a| a.sin());
         let cos = args.iter().map(|a| a.cos());
-        if cfg.flip_sin_to_cos {
+        if flip_sin_to_cos {
             data.extend(cos.chain(sin));
         } else {
             data.extend(sin.chain(cos));

@@ -30,11 +30,13 @@ pub struct RewardChoice {
 /// judge) come from crates the library does not know.
 pub type RewardLoader<'a> = &'a dyn Fn(&RewardChoice, DType, &Device) -> Result<Box<dyn Reward>>;
 
-/// The sampler of a run: the kind (None: the model's own), DDIM's eta, guidance rescale.
+/// The sampler of a run: the kind (None: the model's own), DDIM's eta (None: the family's,
+/// 1 for VideoCrafter2, 0 for the others), guidance rescale.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SamplerPlan {
     pub scheduler: Option<crate::scheduler::SchedulerKind>,
-    pub eta: f64,
+    #[serde(default)]
+    pub eta: Option<f64>,
     pub guidance_rescale: f64,
 }
 
@@ -48,7 +50,8 @@ impl SamplerPlan {
                 self.guidance_rescale
             )));
         }
-        let note = sd.set_sampler(self.scheduler, self.eta)?;
+        let eta = self.eta.unwrap_or(sd.defaults().eta);
+        let note = sd.set_sampler(self.scheduler, eta)?;
         sd.guidance_rescale = self.guidance_rescale;
         Ok(note)
     }
@@ -59,8 +62,8 @@ impl SamplerPlan {
         if let Some(k) = self.scheduler {
             v.push(format!("scheduler={k}"));
         }
-        if self.eta != 0.0 {
-            v.push(format!("eta={}", self.eta));
+        if let Some(eta) = self.eta {
+            v.push(format!("eta={eta}"));
         }
         if self.guidance_rescale != 0.0 {
             v.push(format!("guidance_rescale={}", self.guidance_rescale));
@@ -111,9 +114,13 @@ pub struct EvalPlan {
     /// embedding file, or per-sample:FILE.
     pub negatives: Vec<String>,
     pub rewards: Vec<RewardChoice>,
-    pub steps: usize,
-    pub guidance_scale: f64,
+    /// Sampling steps and guidance (None: the family's, as for generate).
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
     pub frames: Option<usize>,
+    /// The frame rate a VideoCrafter2 clip is conditioned on and saved at (None: 28).
+    #[serde(default)]
+    pub fps: Option<u32>,
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub adapt: AdaptSettings,
@@ -343,7 +350,8 @@ fn image(
             let rgbs = (0..clip.dim(0)?)
                 .map(|k| crate::io::Rgb::from_pixels(&clip.get(k)?))
                 .collect::<Result<Vec<_>>>()?;
-            crate::video::write_apng(&rgbs, 8, &path, Some(&params))?;
+            let fps = sd.frame_rate().map_or(sd.defaults().fps, |f| f as u32);
+            crate::video::write_apng(&rgbs, fps, &path, Some(&params))?;
             to_unit(&clip)
         }
     }
@@ -463,6 +471,8 @@ struct Model {
     default_images: Vec<Tensor>,
     size: (usize, usize),
     frames: Option<usize>,
+    steps: usize,
+    guidance_scale: f64,
 }
 
 fn model(
@@ -481,9 +491,13 @@ fn model(
     for p in &plan.prompts {
         sd.check_prompt(&p.text)?;
     }
+    let defaults = sd.defaults();
+    let steps = plan.steps.unwrap_or(defaults.steps);
     sd.scheduler
-        .set_timesteps(plan.steps)
-        .map_err(|e| Error::Invalid(format!("--steps {}: {e}", plan.steps)))?;
+        .set_timesteps(steps)
+        .map_err(|e| Error::Invalid(format!("--steps {steps}: {e}")))?;
+    let fps = plan.fps.unwrap_or(defaults.fps);
+    sd.set_fps(fps)?;
     let first_image = plan.prompts.iter().find_map(|p| p.control_image.clone());
     let control = &plan.control;
     let size = control.apply(&mut sd, first_image.as_deref(), dtype, device)?;
@@ -501,6 +515,8 @@ fn model(
         default_images,
         size,
         frames,
+        steps,
+        guidance_scale: plan.guidance_scale.unwrap_or(defaults.guidance_scale),
     })
 }
 
@@ -608,8 +624,8 @@ fn manifest(plan: &EvalPlan, m: &Model, r: &Rewards, specs: &[NegativeSpec]) -> 
         prompts: plan.prompts.clone(),
         seeds: plan.seeds,
         base_seed: plan.seed,
-        steps: plan.steps,
-        guidance_scale: plan.guidance_scale,
+        steps: m.steps,
+        guidance_scale: m.guidance_scale,
         height: m.size.0,
         width: m.size.1,
         negatives: plan.negatives.clone(),
@@ -621,6 +637,10 @@ fn manifest(plan: &EvalPlan, m: &Model, r: &Rewards, specs: &[NegativeSpec]) -> 
             plan.model.options(),
             plan.sampler.options(),
             plan.control.options(),
+            // The rate a frame-rate-conditioned model's clips depend on.
+            m.sd.frame_rate()
+                .map(|f| vec![format!("fps={f}")])
+                .unwrap_or_default(),
         ]
         .concat(),
         precision: plan.precision.name().to_string(),

@@ -127,6 +127,10 @@ pub fn generate(
     for p in &plan.prompts {
         sd.check_prompt(&p.text)?;
     }
+    sd.set_fps(plan.fps)?;
+    // lvdm's uniform spacing can visit more timesteps than asked: count what runs.
+    sd.scheduler.set_timesteps(plan.steps)?;
+    let visited = sd.scheduler.len();
     let latent_shape = sd.latent_shape(plan.height, plan.width, plan.frames)?;
     let negative = match &plan.negative {
         Negative::Prompt(t) => sd.encode(t)?,
@@ -162,7 +166,7 @@ pub fn generate(
         .map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
     // Looked up once a run (a search of the PATH), for clips only.
     let ffmpeg = plan.frames.and_then(|_| crate::video::find_ffmpeg());
-    progress.begin((jobs.len() * plan.steps) as u64, "sampling step");
+    progress.begin((jobs.len() * visited) as u64, "sampling step");
     let mut records = vec![];
     for batch in jobs.chunks(plan.batch_size) {
         let uncond = match (&plan.adapt, objective) {

@@ -21,6 +21,10 @@ pub enum TimestepSpacing {
     Leading,
     Trailing,
     Linspace,
+    /// lvdm's (VideoCrafter's) `uniform` discretisation: `range(0, T, T // steps)` plus
+    /// `steps_offset`, every one of them, so a step count that does not divide T visits more
+    /// timesteps than asked (50 -> 50, 30 -> 31, 6 -> 7).
+    Uniform,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -191,6 +195,17 @@ pub struct SchedulerConfig {
     pub disable_corrector: Vec<usize>,
     /// UniPC: `bh1` or `bh2`.
     pub unipc_bh2: bool,
+    /// A process given by tables instead of the beta formulas (None: the formulas).
+    pub tables: Option<std::sync::Arc<ProcessTables>>,
+}
+
+/// A noise process given by tables, as lvdm (VideoCrafter2) samples with the buffers of its
+/// checkpoint: alpha-bar, and with `use_scale` the `scale_arr` s(t) by which its forward
+/// process scales the clean latents, x_t = sqrt(alpha-bar_t) s(t) x0 + sqrt(1 - alpha-bar_t) e.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessTables {
+    pub alphas_cumprod: Vec<f32>,
+    pub scale: Option<Vec<f32>>,
 }
 
 /// The keys whose defaults depend on the class, per diffusers 0.42.1.
@@ -248,6 +263,13 @@ impl SchedulerConfig {
     /// The config `kind` samples with: the file's keys, `kind`'s class defaults, and the
     /// settings its name fixes (DPM++ 2M is second order, its Karras variant Karras).
     pub fn for_kind(&self, kind: SchedulerKind) -> Result<Self> {
+        if self.tables.as_ref().is_some_and(|t| t.scale.is_some()) && kind != SchedulerKind::Ddim {
+            return Err(Error::Invalid(format!(
+                "{}: this model's noise process scales the clean latents by timestep (lvdm's use_scale, VideoCrafter2), which only lvdm's DDIM sampler implements; drop --scheduler {} (or choose ddim)",
+                self.path.display(),
+                kind.name()
+            )));
+        }
         let mut fixed = Map::new();
         match kind {
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
@@ -264,13 +286,55 @@ impl SchedulerConfig {
             }
             _ => {}
         }
-        Self::resolve(
+        let mut cfg = Self::resolve(
             self.raw.clone(),
             self.path.clone(),
             self.class_name.clone(),
             Some(kind),
             &fixed,
-        )
+        )?;
+        cfg.tables.clone_from(&self.tables);
+        Ok(cfg)
+    }
+
+    /// This config with its process given by `tables` (one entry per training timestep at
+    /// least), naming `source` when they do not fit.
+    pub fn with_tables(mut self, tables: ProcessTables, source: &Path) -> Result<Self> {
+        let n = self.num_train_timesteps;
+        let short = |what: &str, len: usize| {
+            Error::file(
+                source,
+                format!("{what} has {len} entries; the schedule needs {n}"),
+            )
+        };
+        if tables.alphas_cumprod.len() != n {
+            return Err(short("alphas_cumprod", tables.alphas_cumprod.len()));
+        }
+        if let Some(s) = &tables.scale {
+            if s.len() < n {
+                return Err(short("scale_arr", s.len()));
+            }
+        }
+        let bad = |v: &f32| !(v.is_finite() && *v > 0.0 && *v <= 1.0);
+        if tables.alphas_cumprod.iter().any(bad) {
+            return Err(Error::file(
+                source,
+                "alphas_cumprod holds values outside (0, 1]: not a diffusion schedule",
+            ));
+        }
+        if tables
+            .scale
+            .iter()
+            .flatten()
+            .any(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return Err(Error::file(
+                source,
+                "scale_arr holds values that are not positive",
+            ));
+        }
+        self.tables = Some(std::sync::Arc::new(tables));
+        Ok(self)
     }
 
     /// The sampler the file's class names, and a note when reneg stands DDIM in for it.
@@ -414,6 +478,7 @@ impl SchedulerConfig {
             raw: Map::new(),
             path: path.clone(),
             class_name,
+            tables: None,
         };
         let refuse = |key: &str, value: &dyn std::fmt::Display, why: &str| {
             Err(Error::unsupported(p, key, value, why))
@@ -433,6 +498,15 @@ impl SchedulerConfig {
                     "needs num_train_timesteps values",
                 );
             }
+        }
+        if cfg.timestep_spacing == TimestepSpacing::Uniform
+            && !matches!(kind, None | Some(SchedulerKind::Ddim))
+        {
+            return refuse(
+                "timestep_spacing",
+                &"uniform",
+                "lvdm's uniform spacing is its DDIM sampler's; choose --scheduler ddim",
+            );
         }
         // Settings of the samplers' own keys that reneg does not implement.
         let flag = |key: &str| get(key) == Some(&Value::Bool(true));

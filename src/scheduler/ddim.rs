@@ -34,6 +34,11 @@ pub fn predict(
             ((sample - (model_output * sa)?)? / sb)?,
         ),
     };
+    // lvdm's use_scale: its forward process scales x0 by s(t), so the network's x0 is s(t) x0.
+    let x0 = match scale_at(cfg, t) {
+        Some(s) => (x0 / s)?,
+        None => x0,
+    };
     let x0 = if clip && cfg.clip_sample {
         let r = cfg.clip_sample_range;
         x0.clamp(-r, r)?
@@ -57,14 +62,17 @@ pub fn step(
     let t = sched.timesteps[i] as usize;
     let (x0, eps) = predict(cfg, sched, model_output, t, sample, true)?;
     let a_t = sched.alphas_cumprod[t] as f64;
-    let a_prev = match t.checked_sub(sched.stride) {
+    let prev_t = t.checked_sub(sched.stride);
+    let a_prev = match prev_t {
         Some(p) => sched.alphas_cumprod[p] as f64,
         None => sched.final_alpha_cumprod as f64,
     };
+    // lvdm: the next latent carries the scale of the previous timestep (s[0] after the last).
+    let s_prev = scale_at(cfg, prev_t.unwrap_or(0)).unwrap_or(1.0);
     let variance = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev);
     let std_dev = eta * variance.sqrt();
     let direction = (eps * (1.0 - a_prev - std_dev * std_dev).sqrt())?;
-    let mut prev = ((&x0 * a_prev.sqrt())? + direction)?;
+    let mut prev = ((&x0 * (a_prev.sqrt() * s_prev))? + direction)?;
     if eta > 0.0 {
         let z = noise(i, model_output.dims())?.to_dtype(prev.dtype())?;
         prev = (prev + (z * std_dev)?)?;
@@ -73,4 +81,11 @@ pub fn step(
         prev_sample: prev,
         pred_original_sample: x0,
     })
+}
+
+/// lvdm's `scale_arr` at timestep `t` (as f32, as its sampler's coefficients), when the process
+/// has one.
+fn scale_at(cfg: &SchedulerConfig, t: usize) -> Option<f64> {
+    let s = cfg.tables.as_ref()?.scale.as_ref()?;
+    Some(s[t] as f64)
 }

@@ -19,7 +19,7 @@ mod pndm;
 pub mod schedule;
 mod unipc;
 
-pub use config::{SchedulerConfig, SchedulerKind};
+pub use config::{ProcessTables, SchedulerConfig, SchedulerKind};
 pub use schedule::{BetaSchedule, PredictionType, TimestepSpacing};
 
 use crate::error::{Error, Result};
@@ -213,7 +213,7 @@ impl Scheduler {
                 let max = self.sched.sigmas.iter().cloned().fold(0f32, f32::max) as f64;
                 match self.cfg.timestep_spacing {
                     TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-                    TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+                    TimestepSpacing::Leading | TimestepSpacing::Uniform => (max * max + 1.0).sqrt(),
                 }
             }
             _ => 1.0,

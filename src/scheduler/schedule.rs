@@ -60,6 +60,10 @@ impl Schedule {
             acc *= (1.0f32 - b) as f64;
             alphas_cumprod.push(acc as f32);
         }
+        // A model that ships its tables (lvdm) samples with them, not with the formulas.
+        if let Some(t) = &cfg.tables {
+            alphas_cumprod.clone_from(&t.alphas_cumprod);
+        }
         let final_alpha_cumprod = if cfg.set_alpha_to_one {
             1.0
         } else {
@@ -105,7 +109,17 @@ impl Schedule {
         self.stride = t / steps;
         let offset = cfg.steps_offset as f64;
         let (timesteps, sigmas) = match kind {
-            SchedulerKind::Ddim => (ddim_timesteps(cfg, steps), vec![]),
+            SchedulerKind::Ddim => {
+                let ts = ddim_timesteps(cfg, steps);
+                if let Some(&last) = ts.first().filter(|&&v| v >= t as f64) {
+                    // lvdm indexes alphas_cumprod[1000] here and crashes.
+                    return Err(Error::Invalid(format!(
+                        "with {steps} steps this sampler's uniform spacing visits timestep {last}, past the schedule's last ({}); VideoCrafter's own sampler fails the same way: choose another step count (50 as its script, 25, 30...)",
+                        t - 1
+                    )));
+                }
+                (ts, vec![])
+            }
             SchedulerKind::Pndm => {
                 // PLMS: the leading or spaced timesteps, with the second-smallest repeated (its
                 // first step is taken twice, the second time as a half step back).
@@ -130,7 +144,7 @@ impl Schedule {
                         v.reverse();
                         v
                     }
-                    TimestepSpacing::Leading => {
+                    TimestepSpacing::Leading | TimestepSpacing::Uniform => {
                         let ratio = t / steps;
                         (0..steps)
                             .rev()
@@ -171,7 +185,7 @@ impl Schedule {
                         v.pop();
                         v
                     }
-                    TimestepSpacing::Leading => {
+                    TimestepSpacing::Leading | TimestepSpacing::Uniform => {
                         let ratio = t / (steps + 1);
                         (1..=steps)
                             .rev()
@@ -266,6 +280,11 @@ fn ddim_timesteps(cfg: &SchedulerConfig, steps: usize) -> Vec<f64> {
                 .collect()
         }
         TimestepSpacing::Trailing => trailing(t, steps).into_iter().map(|v| v - 1.0).collect(),
+        TimestepSpacing::Uniform => (0..t)
+            .step_by((t / steps).max(1))
+            .rev()
+            .map(|v| (v + cfg.steps_offset) as f64)
+            .collect(),
     }
 }
 

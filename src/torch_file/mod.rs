@@ -207,6 +207,28 @@ pub fn read_state_dict(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tens
         .collect()
 }
 
+/// Reads the tensors of a `torch.save` file whose names `select` keeps (and renames), as f32:
+/// the pickle is parsed first and only the kept storages are read, so a checkpoint's optimizer
+/// state or EMA copy is never loaded. `bytes` may be a mapped file: nothing is held twice.
+pub fn read_state_dict_selected(
+    bytes: &[u8],
+    path: &Path,
+    select: impl Fn(&[String]) -> Vec<(usize, String)>,
+) -> Result<HashMap<String, Tensor>> {
+    let (mut archive, pkl) = Archive::open(bytes, path)?;
+    let entries = pickle::read_state_dict(&pkl).map_err(|e| {
+        Error::file(
+            path,
+            format!("{e}; expected a state dict saved with torch.save"),
+        )
+    })?;
+    let names: Vec<String> = entries.iter().map(|(n, _)| n.clone()).collect();
+    select(&names)
+        .into_iter()
+        .map(|(i, name)| Ok((name, archive.tensor(&entries[i].1)?.0)))
+        .collect()
+}
+
 /// A tensor's storage dtype and little-endian bytes (f32, f16, bf16 or f64; others as f32).
 fn storage(tensor: &Tensor) -> Result<(StorageDtype, Vec<u8>)> {
     let flat = tensor.flatten_all()?;

@@ -64,6 +64,7 @@ enum Value {
     Int(i64),
     Float(f64),
     Str(String),
+    Bytes(usize),
     Tuple(Vec<Value>),
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
@@ -77,6 +78,13 @@ const ALLOWED: &[(&str, &str)] = &[
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
     ("collections", "OrderedDict"),
+    // What protocol 2 (torch.save's default) writes for the plain data of a checkpoint's
+    // metadata: sets and bytes. Built here as data; nothing of Python's is called.
+    ("builtins", "set"),
+    ("__builtin__", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "frozenset"),
+    ("_codecs", "encode"),
     ("torch", "FloatStorage"),
     ("torch", "HalfStorage"),
     ("torch", "BFloat16Storage"),
@@ -109,6 +117,13 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> PickleResult<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
+    /// An 8-byte length that must fit in the data left.
+    fn u64_len(&mut self) -> PickleResult<usize> {
+        let b = self.take(8)?;
+        let n = u64::from_le_bytes(b.try_into().unwrap());
+        usize::try_from(n).map_err(|_| "length too large".to_string())
+    }
+
     fn line(&mut self) -> PickleResult<String> {
         let rest = &self.data[self.pos..];
         let n = rest
@@ -181,6 +196,15 @@ fn reduce(func: Value, args: Value) -> PickleResult<Value> {
             _ => Err("_rebuild_parameter without a tensor".into()),
         },
         ("collections", "OrderedDict") => Ok(Value::Dict(vec![])),
+        ("builtins" | "__builtin__", "set" | "frozenset") => match args.into_iter().next() {
+            Some(Value::List(items)) => Ok(Value::List(items)),
+            None => Ok(Value::List(vec![])),
+            _ => Err(format!("{module}.{name} of something other than a list")),
+        },
+        ("_codecs", "encode") => match args.first() {
+            Some(Value::Str(s)) => Ok(Value::Bytes(s.len())),
+            _ => Err("_codecs.encode of something other than a string".into()),
+        },
         _ => Err(format!("refused callable {module}.{name}")),
     }
 }
@@ -283,6 +307,88 @@ fn parse(data: &[u8]) -> PickleResult<Value> {
             0x8c => {
                 let n = r.u8()? as usize;
                 stack.push(Value::Str(r.string(n)?));
+            }
+            0x8d => {
+                let n = r.u64_len()?;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            // Byte strings (checkpoint metadata): kept as their length only; never decoded.
+            b'C' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.len()));
+            }
+            b'B' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Bytes(r.take(n)?.len()));
+            }
+            0x8e => {
+                let n = r.u64_len()?;
+                stack.push(Value::Bytes(r.take(n)?.len()));
+            }
+            // Protocol 0-2 strings and numbers (pickles written by older Pythons and by
+            // Lightning's metadata).
+            b'U' => {
+                let n = r.u8()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            b'T' => {
+                let n = r.u32()? as usize;
+                stack.push(Value::Str(r.string(n)?));
+            }
+            b'V' | b'S' => {
+                let line = r.line()?;
+                stack.push(Value::Str(line));
+            }
+            b'I' | b'L' => {
+                let line = r.line()?;
+                let t = line.trim_end_matches('L');
+                stack.push(match t {
+                    "00" => Value::Bool(false),
+                    "01" => Value::Bool(true),
+                    _ => Value::Int(t.parse().map_err(|_| format!("bad integer {line:?}"))?),
+                });
+            }
+            b'F' => {
+                let line = r.line()?;
+                stack.push(Value::Float(
+                    line.parse().map_err(|_| format!("bad float {line:?}"))?,
+                ));
+            }
+            0x8b => {
+                let n = r.u32()? as usize;
+                let bytes = r.take(n)?;
+                if n > 8 {
+                    return Err("integer too large".into());
+                }
+                let mut buf = [0u8; 8];
+                buf[..n].copy_from_slice(bytes);
+                if n > 0 && bytes[n - 1] & 0x80 != 0 {
+                    buf[n..].fill(0xff);
+                }
+                stack.push(Value::Int(i64::from_le_bytes(buf)));
+            }
+            // Sets are kept as lists: nothing here needs their semantics.
+            0x8f => stack.push(Value::List(vec![])),
+            0x90 => {
+                let items = pop_mark(&mut stack)?;
+                match stack.last_mut() {
+                    Some(Value::List(l)) => l.extend(items),
+                    _ => return Err("ADDITEMS without a set".into()),
+                }
+            }
+            0x91 => {
+                let items = pop_mark(&mut stack)?;
+                stack.push(Value::List(items));
+            }
+            b'0' => {
+                pop(&mut stack)?;
+            }
+            b'1' => {
+                pop_mark(&mut stack)?;
+            }
+            b'2' => {
+                let top = stack.last().cloned().ok_or("DUP on an empty stack")?;
+                stack.push(top);
             }
             b')' => stack.push(Value::Tuple(vec![])),
             b']' => stack.push(Value::List(vec![])),

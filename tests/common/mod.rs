@@ -256,7 +256,7 @@ fn find_cases(root: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
 /// (colon-separated).
 /// The parity cases committed under tests/fixtures/parity, by folder: each must run (a case
 /// that silently dropped out would leave its claims unchecked).
-pub const COMMITTED_PIPELINE_CASES: [&str; 8] = [
+pub const COMMITTED_PIPELINE_CASES: [&str; 10] = [
     "controlnet-sd15-tiny",
     "controlnet-sd2-tiny",
     "sd-rescale-tiny",
@@ -265,6 +265,8 @@ pub const COMMITTED_PIPELINE_CASES: [&str; 8] = [
     "sd2-tiny",
     "text2video-ms-tiny",
     "text2video-zs-tiny",
+    "videocrafter2-tiny",
+    "videocrafter2-tiny-f16",
 ];
 pub const COMMITTED_REWARD_CASES: [&str; 4] = [
     "reward-aesthetic",

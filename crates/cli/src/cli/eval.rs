@@ -70,18 +70,21 @@ pub struct EvalArgs {
     /// The model of each --reward, in the same order.
     #[arg(long)]
     pub reward_model: Vec<PathBuf>,
-    /// DDIM sampling steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
+    /// Sampling steps (default: 30; 50 for VideoCrafter2).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: 7.5; 12 for VideoCrafter2).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
     /// Frames per clip, for a text-to-video model (default 16). Each reward scores every
     /// frame and the clip gets the mean; the clip's temporal consistency (mean cosine of
     /// consecutive frames' CLIP image embeddings, from the first CLIP-based reward) is
     /// reported beside the rewards.
     #[arg(long)]
     pub frames: Option<usize>,
+    /// The frame rate VideoCrafter2 clips are conditioned on and saved at (default 28).
+    #[arg(long)]
+    pub fps: Option<u32>,
     /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
@@ -164,6 +167,7 @@ fn plan_of_flags(args: &EvalArgs) -> Result<EvalPlan> {
         steps: args.steps,
         guidance_scale: args.guidance_scale,
         frames: args.frames,
+        fps: args.fps,
         height: args.height,
         width: args.width,
         adapt: args.adapt.settings(),

@@ -33,12 +33,13 @@ pub struct GenerateArgs {
     /// A learned negative embedding (.safetensors, or a PyTorch .bin/.pt such as the official ReNeg files).
     #[arg(long)]
     pub negative_embedding: Option<PathBuf>,
-    /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
-    /// DDIM sampling steps.
-    #[arg(long, default_value_t = 30)]
-    pub steps: usize,
+    /// Classifier-free guidance scale (default: the family's: 7.5; 12 for VideoCrafter2).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Sampling steps (default: 30; 50 for VideoCrafter2, whose sampler visits one more
+    /// timestep when the count does not divide 1000).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Base seed: image i (counting over all prompts) uses seed + i.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -54,13 +55,15 @@ pub struct GenerateArgs {
     /// Images per UNet batch.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// Frames per clip, for a text-to-video model (ModelScope, ZeroScope; default 16, as
-    /// diffusers' TextToVideoSDPipeline).
+    /// Frames per clip, for a text-to-video model (ModelScope, ZeroScope, VideoCrafter2;
+    /// default 16).
     #[arg(long)]
     pub frames: Option<usize>,
-    /// Playback speed of a clip's animated PNG and MP4.
-    #[arg(long, default_value_t = 8)]
-    pub fps: u32,
+    /// A clip's frame rate: its animated PNG's and MP4's playback speed, and for VideoCrafter2
+    /// the rate the model is conditioned on, which changes the clip (default 8; 28 for
+    /// VideoCrafter2, as its script).
+    #[arg(long)]
+    pub fps: Option<u32>,
     /// Start from these latents (safetensors, one tensor [N, C, h, w]; image i takes row i)
     /// instead of seeded noise, to compare with other implementations.
     #[arg(long)]
@@ -107,7 +110,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let dtype: DType = setup_precision(args.precision, &device)?;
     let mut sd = load_model(&args.model, dtype, &device)?;
     args.sampler.apply(&mut sd)?;
-    check_steps(&mut sd, args.steps)?;
+    let steps = args.steps.unwrap_or(sd.defaults().steps);
+    check_steps(&mut sd, steps)?;
     let control_size = super::control::apply(&mut sd, &args.control, dtype, &device)?;
     let (height, width) = super::control::check_size(control_size, args.height, args.width)?;
     let (height, width) = image_size(&sd, height, width)?;
@@ -140,27 +144,29 @@ fn plan(
     prompts: Vec<Prompt>,
     (height, width): (usize, usize),
 ) -> Result<GeneratePlan> {
+    let defaults = sd.defaults();
+    let steps = args.steps.unwrap_or(defaults.steps);
     let negative = match (&args.negative_embedding, &args.negative_prompt) {
         (Some(path), _) => Negative::Embedding(path.clone()),
         (None, text) => Negative::Prompt(text.clone().unwrap_or_default()),
     };
     let adapt = (!args.reward.is_empty()).then(|| AdaptPlan {
-        config: args.adapt.config(args.steps),
+        config: args.adapt.config(steps),
         backward: args.adapt.adapt_backward,
         save_to: args.save_adapted.clone(),
     });
     Ok(GeneratePlan {
         prompts,
         negative,
-        steps: args.steps,
-        guidance_scale: args.guidance_scale,
+        steps,
+        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
         seed: args.seed,
         height,
         width,
         images_per_prompt: args.num_images_per_prompt,
         batch_size: args.batch_size,
         frames: sd.frames(args.frames).map_err(lib)?,
-        fps: args.fps,
+        fps: args.fps.unwrap_or(defaults.fps),
         init_latents: args.init_latents.clone(),
         adapt,
         out: args.out.clone(),

@@ -155,9 +155,9 @@ pub struct SamplerArgs {
     #[arg(long, value_parser = parse_scheduler)]
     pub scheduler: Option<reneg::scheduler::SchedulerKind>,
     /// DDIM's eta: 0 is deterministic, 1 adds DDPM's variance (fresh noise per step, drawn
-    /// from each image's seed). DDIM only.
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
+    /// from each image's seed). DDIM only. Default: 0; 1 for VideoCrafter2, as its script.
+    #[arg(long)]
+    pub eta: Option<f64>,
     /// diffusers' guidance_rescale, 0 to 1: rescales the guided prediction towards the
     /// prompt branch's standard deviation (Lin et al.; 0.7 for zero-terminal-SNR models).
     #[arg(long, default_value_t = 0.0)]
