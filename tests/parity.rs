@@ -164,9 +164,7 @@ struct PipelineCase {
     guidance_rescale: f64,
     num_inference_steps: usize,
     grad_step_index: usize,
-    /// VideoCrafter cases: the frame rate both branches are conditioned on, and DDIM's eta.
-    #[serde(default)]
-    fps: Option<u32>,
+    /// VideoCrafter cases: DDIM's eta (their fps is set by `common::load_case_pipeline`).
     #[serde(default)]
     ddim_eta: f64,
 }
@@ -298,27 +296,6 @@ impl Report {
     }
 }
 
-/// A case's model: a diffusers `pipeline/` folder, or a VideoCrafter case's `model/` (lvdm's
-/// checkpoint and yaml), loaded as `--model` loads it, with the case's frame rate.
-fn load_case_model(dir: &Path, case: &PipelineCase, dtype: DType, dev: &Device) -> Pipeline {
-    let lvdm = dir.join("model");
-    let mut sd = if lvdm.is_dir() {
-        reneg::source::load(lvdm.to_str().unwrap(), &Default::default(), dtype, dev)
-    } else {
-        Pipeline::load(&dir.join("pipeline"), dtype, dev)
-    }
-    .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
-    if let Some(fps) = case.fps {
-        assert!(
-            sd.frame_rate().is_some(),
-            "{}: a case with an fps whose model is not conditioned on one",
-            dir.display()
-        );
-        sd.set_fps(fps).unwrap();
-    }
-    sd
-}
-
 fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
     let case: PipelineCase =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
@@ -327,7 +304,7 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     let e = |n: &str| expected.input(n);
     let want = |n: &str| expected.want(n);
     let ids_of = |n: &str| expected.ids(n);
-    let mut sd = load_case_model(dir, &case, dtype, &dev);
+    let mut sd = common::load_case_pipeline(dir, dtype, &dev);
     // A ControlNet case: the pipeline's ControlNet with control.png, as
     // StableDiffusionControlNetPipeline runs it.
     let control_image = common::add_case_controlnet(&mut sd, dir);

@@ -109,7 +109,7 @@ fn training_step_gradient_equals_each_parity_case() {
             serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let exp: HashMap<String, Tensor> =
             candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
-        let mut sd = Pipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+        let mut sd = common::load_case_pipeline(&dir, DType::F32, &Device::Cpu);
         // Training through a ControlNet: the gradient reaches the negative through both.
         common::add_case_controlnet(&mut sd, &dir);
         sd.guidance_rescale = meta["guidance_rescale"].as_f64().unwrap_or(0.0);
@@ -175,7 +175,8 @@ fn training_step_gradient_equals_each_parity_case() {
                 diff / scale
             );
             // Measured on the committed cases: gradient at most 2.0e-5 (CI's output at d286acd,
-            // both kernel choices), loss at most 2.1e-5 of max(|loss|, 1); cases given
+            // both kernel choices; the VideoCrafter cases 3.7e-5, their 7 and 4 lvdm steps in
+            // place), loss at most 3.4e-5 of max(|loss|, 1) (videocrafter2-tiny-f16); cases given
             // through RENEG_PARITY_DIRS keep the documented 1e-3 for the gradient.
             let (tol, loss_tol) = if common::is_committed_case(&dir) {
                 (2e-4, 1e-4)

@@ -165,6 +165,19 @@ plants = [
   """        let names: Vec<String> = (0..c.grad.len()).map(grad_name).collect();""",
   """        let names: Vec<String> = (0..1).map(grad_name).collect();""",
   T("--test", "seam")),
+ # Issue 31: VideoCrafter2's sampler and frame-rate conditioning.
+ ("11a lvdm's x0 not divided by scale_arr", "src/scheduler/ddim.rs",
+  """        Some(s) => (x0 / s)?,""", """        Some(_) => x0,""",
+  T("--test", "parity", "--test", "videocrafter")),
+ ("11b lvdm's last step to alpha-bar 1", "src/family/videocrafter/config.rs",
+  """            "set_alpha_to_one": false,""", """            "set_alpha_to_one": true,""",
+  T("--test", "parity", "--test", "videocrafter")),
+ ("11c the frame rate fixed at 28", "src/family/sd.rs",
+  """sinusoid(&vec![self.fps; b]""", """sinusoid(&vec![28.0; b]""",
+  T("--test", "parity", "--test", "gradcheck", "--", "parity_cases", "frame_rate")),
+ ("11d lvdm's uniform timesteps cut to the steps asked", "src/scheduler/schedule.rs",
+  """        TimestepSpacing::Uniform => (0..t)""", """        TimestepSpacing::Uniform => (0..t / steps * steps)""",
+  T("--test", "parity", "--test", "videocrafter")),
 ]
 
 

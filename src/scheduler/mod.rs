@@ -150,8 +150,15 @@ impl Scheduler {
 
     /// A short label for image metadata (A1111's "Sampler:" names where one exists).
     pub fn label(&self) -> String {
+        // lvdm's DDIM (VideoCrafter2) samples with its checkpoint's tables.
+        let lvdm = if self.cfg.tables.is_some() {
+            "lvdm, "
+        } else {
+            ""
+        };
         match self.state {
-            State::Ddim { eta } if eta > 0.0 => format!("DDIM (eta {eta})"),
+            State::Ddim { eta } if eta > 0.0 => format!("DDIM ({lvdm}eta {eta})"),
+            State::Ddim { .. } if !lvdm.is_empty() => "DDIM (lvdm)".to_string(),
             _ => self.kind.label().to_string(),
         }
     }

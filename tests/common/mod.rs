@@ -341,11 +341,40 @@ pub fn add_case_controlnet(sd: &mut Pipeline, dir: &Path) -> Option<Tensor> {
 pub fn is_pipeline_case(dir: &Path) -> bool {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
-    dir.join("pipeline").is_dir()
-        && matches!(
-            meta["kind"].as_str(),
-            None | Some("pipeline") | Some("controlnet") | Some("text2video")
-        )
+    match meta["kind"].as_str() {
+        Some("videocrafter") => dir.join("model").is_dir(),
+        None | Some("pipeline") | Some("controlnet") | Some("text2video") => {
+            dir.join("pipeline").is_dir()
+        }
+        _ => false,
+    }
+}
+
+/// A pipeline case's model as `--model` loads it: a diffusers `pipeline/` folder, or a
+/// VideoCrafter case's `model/` (lvdm's checkpoint and yaml) with the case's frame rate and
+/// DDIM eta (`fps`, `ddim_eta` in case.json).
+pub fn load_case_pipeline(dir: &Path, dtype: DType, dev: &Device) -> Pipeline {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let lvdm = dir.join("model");
+    let mut sd = if meta["kind"] == "videocrafter" {
+        reneg::source::load(lvdm.to_str().unwrap(), &Default::default(), dtype, dev)
+    } else {
+        Pipeline::load(&dir.join("pipeline"), dtype, dev)
+    }
+    .unwrap_or_else(|err| panic!("{}: {err}", dir.display()));
+    if let Some(fps) = meta["fps"].as_u64() {
+        assert!(
+            sd.frame_rate().is_some(),
+            "{}: a case with an fps whose model is not conditioned on one",
+            dir.display()
+        );
+        sd.set_fps(fps as u32).unwrap();
+    }
+    if let Some(eta) = meta["ddim_eta"].as_f64() {
+        sd.scheduler.set_eta(eta).unwrap();
+    }
+    sd
 }
 
 /// Every file under `dir`, recursively (none when `dir` does not exist).

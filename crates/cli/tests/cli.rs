@@ -266,6 +266,8 @@ fn init_latents_reproduce_each_parity_case_image() {
         "controlnet-sd2-tiny",
         "text2video-ms-tiny",
         "text2video-zs-tiny",
+        "videocrafter2-tiny",
+        "videocrafter2-tiny-f16",
     ] {
         let cdir = PathBuf::from(repo!("tests/fixtures/parity")).join(case);
         let meta: serde_json::Value =
@@ -293,7 +295,11 @@ fn init_latents_reproduce_each_parity_case_image() {
             s("height"),
             s("width"),
         );
-        let model = cdir.join("pipeline");
+        // A VideoCrafter case's model is lvdm's checkpoint and yaml.
+        let model = match meta["kind"] == "videocrafter" {
+            true => cdir.join("model"),
+            false => cdir.join("pipeline"),
+        };
         // A ControlNet case: the pipeline's ControlNet, its image and scale (diffusers'
         // StableDiffusionControlNetPipeline made the reference).
         let cn = cdir.join("pipeline/controlnet");
@@ -332,9 +338,12 @@ fn init_latents_reproduce_each_parity_case_image() {
             "--out",
             dir.to_str().unwrap(),
         ];
-        let frames = s("num_frames");
-        if meta["kind"] == "text2video" {
+        let (frames, fps, eta) = (s("num_frames"), s("fps"), s("ddim_eta"));
+        if meta["kind"] == "text2video" || meta["kind"] == "videocrafter" {
             args.extend(["--frames", &frames]);
+        }
+        if meta["kind"] == "videocrafter" {
+            args.extend(["--fps", &fps, "--eta", &eta]);
         }
         let rescale = s("guidance_rescale");
         if meta.get("guidance_rescale").is_some() {
@@ -358,7 +367,8 @@ fn init_latents_reproduce_each_parity_case_image() {
                 .to_vec1()
                 .unwrap()
         };
-        let (got, want): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if meta["kind"] == "text2video" {
+        let video = meta["kind"] == "text2video" || meta["kind"] == "videocrafter";
+        let (got, want): (Vec<Vec<u8>>, Vec<Vec<u8>>) = if video {
             // Each frame's PNG against the reference video's frame; the APNG holds them all.
             let video = exp["video"].squeeze(0).unwrap();
             let n = video.dim(1).unwrap();
