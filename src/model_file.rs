@@ -31,8 +31,8 @@ pub fn select_weights(names: &[String]) -> Vec<(usize, String)> {
     names.iter().cloned().enumerate().collect()
 }
 
-/// Reads every weight of the checkpoint at `path` (f32 from a PyTorch file; a safetensors
-/// file's own dtypes), on the CPU.
+/// Reads every weight of the checkpoint at `path` (a PyTorch file's f16 and bf16 as stored,
+/// its other floats as f32; a safetensors file's own dtypes), on the CPU.
 pub fn read(path: &Path) -> Result<HashMap<String, Tensor>> {
     let file =
         std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;

@@ -207,7 +207,8 @@ pub fn read_state_dict(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tens
         .collect()
 }
 
-/// Reads the tensors of a `torch.save` file whose names `select` keeps (and renames), as f32:
+/// Reads the tensors of a `torch.save` file whose names `select` keeps (and renames), f16 and
+/// bf16 as stored, the others as f32:
 /// the pickle is parsed first and only the kept storages are read, so a checkpoint's optimizer
 /// state or EMA copy is never loaded. `bytes` may be a mapped file: nothing is held twice.
 pub fn read_state_dict_selected(
@@ -223,9 +224,18 @@ pub fn read_state_dict_selected(
         )
     })?;
     let names: Vec<String> = entries.iter().map(|(n, _)| n.clone()).collect();
+    // Each tensor in the dtype it was stored in (f16 and bf16 exactly: the f32 gather is
+    // lossless), so a half-precision checkpoint takes half the memory of f32.
     select(&names)
         .into_iter()
-        .map(|(i, name)| Ok((name, archive.tensor(&entries[i].1)?.0)))
+        .map(|(i, name)| {
+            let (t, stored) = archive.tensor(&entries[i].1)?;
+            let t = match stored {
+                DType::F16 | DType::BF16 => t.to_dtype(stored)?,
+                _ => t,
+            };
+            Ok((name, t))
+        })
         .collect()
 }
 

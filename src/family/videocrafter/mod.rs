@@ -161,11 +161,25 @@ fn tables(all: &HashMap<String, Tensor>, cfg: &LvdmConfig) -> Result<ProcessTabl
     })
 }
 
+/// Takes the tensors under `prefix` out of `all` (full names kept): each model's source
+/// tensors leave the map as it is built and are freed with it, so a load in another dtype
+/// does not hold the whole checkpoint beside the converted model.
+fn take(all: &mut HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let keys: Vec<String> = all
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    keys.into_iter()
+        .filter_map(|k| all.remove_entry(&k))
+        .collect()
+}
+
 /// A VideoCrafter pipeline from its files, `all` being the checkpoint's weights (read by the
 /// caller, who may have needed their names to tell the family).
 pub fn load(
     files: &Files,
-    all: HashMap<String, Tensor>,
+    mut all: HashMap<String, Tensor>,
     dtype: DType,
     device: &Device,
     loras: &[crate::lora::Lora],
@@ -188,7 +202,7 @@ pub fn load(
 
     // Text: the first blocks of the OpenCLIP tower, then ln_final.
     let (heads, layers, act) = open_clip_text(files, &cfg)?;
-    let text = strip(&all, TEXT);
+    let text = strip(&take(&mut all, TEXT), TEXT);
     let blocks = crate::single_file::indices(&text, "transformer.resblocks.").len();
     if blocks != layers {
         return Err(Error::file(
@@ -203,20 +217,22 @@ pub fn load(
         hidden_act: act,
     };
     let (te, te_cfg) = convert_open_clip_text(&text, &tower, file)?;
+    drop(text);
     let text_encoder = ClipTextModel::new(
         ClipTextConfig::from_value(te_cfg, &label("text encoder config"))?,
         &vb(te, "text encoder"),
     )?;
 
     // UNet, with lvdm's frame-rate embedding.
-    let u = strip(&all, convert::UNET);
-    if u.is_empty() {
+    let lvdm_unet = strip(&take(&mut all, convert::UNET), convert::UNET);
+    if lvdm_unet.is_empty() {
         return Err(Error::file(
             file,
             "no UNet (model.diffusion_model.*) in the checkpoint",
         ));
     }
-    let (u, unet_cfg) = convert::unet(&u, &cfg.unet, file)?;
+    let (u, unet_cfg) = convert::unet(&lvdm_unet, &cfg.unet, file)?;
+    drop(lvdm_unet);
     let unet_vb = vb(u, "unet");
     let unet = UNet2DConditionModel::new(
         UNetConfig::from_value(unet_cfg, &label("unet config"))?,
@@ -231,9 +247,10 @@ pub fn load(
         )?),
         false => None,
     };
+    drop(unet_vb);
 
     // VAE: latents scaled by the config's scale_factor.
-    let (v, mut vae_cfg) = convert_vae(&all, file)?;
+    let (v, mut vae_cfg) = convert_vae(&take(&mut all, "first_stage_model."), file)?;
     vae_cfg["scaling_factor"] = cfg.diffusion.scale_factor.into();
     let vae = AutoencoderKL::new(
         VaeConfig::from_value(vae_cfg, &label("vae config"))?,
