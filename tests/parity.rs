@@ -17,7 +17,6 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::conditioning::Conditioning;
-use reneg::Pipeline;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
