@@ -488,6 +488,19 @@ impl Pipeline {
             .contiguous()?)
     }
 
+    /// SDXL's size conditioning; refused by families without it.
+    pub fn set_size_conditioning(
+        &mut self,
+        sizes: crate::family::roles::SizeConditioning,
+    ) -> Result<()> {
+        if sizes.is_default() {
+            return Ok(());
+        }
+        self.denoiser
+            .set_size_conditioning(sizes)
+            .map_err(|e| self.refuse(e))
+    }
+
     /// What the family's own scripts sample with (guidance, steps, eta, frame rate).
     pub fn defaults(&self) -> crate::family::roles::Defaults {
         self.denoiser.defaults()

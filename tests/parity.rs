@@ -17,6 +17,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::conditioning::Conditioning;
+use reneg::Pipeline;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -534,6 +535,240 @@ fn run_pipeline_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report
     }
 }
 
+#[derive(Deserialize)]
+struct SdxlCase {
+    prompt: String,
+    negative_prompt: Option<String>,
+    guidance_scale: f64,
+    #[serde(default)]
+    guidance_rescale: f64,
+    num_inference_steps: usize,
+    grad_step_index: usize,
+    original_size: Option<[usize; 2]>,
+    target_size: Option<[usize; 2]>,
+    crops_coords_top_left: Option<[usize; 2]>,
+}
+
+/// SDXL cases: both tokenizers and encoders, the pooled embedding, the size ids and their
+/// embedding, the sampler (Euler or DDIM, as the folder ships), the UNet's output at the
+/// gradient step on [negative, prompt], x0, the decoded image, and the gradient with respect to
+/// both learned parts of the negative.
+fn run_sdxl_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
+    use reneg::family::roles::{Branch, SizeConditioning};
+    use reneg::family::sdxl::{SdxlDenoiser, SdxlEncoder};
+    let case: SdxlCase =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let expected = Expected::load(dir, dev, dtype);
+    let (exp, dev, dtype) = (&expected.tensors, expected.dev.clone(), expected.dtype);
+    let e = |n: &str| expected.input(n);
+    let want = |n: &str| expected.want(n);
+    let mut sd = common::load_case_pipeline(dir, dtype, &dev);
+    sd.guidance_rescale = case.guidance_rescale;
+    let pair = |p: Option<[usize; 2]>| p.map(|[a, b]| (a, b));
+    sd.set_size_conditioning(SizeConditioning {
+        original: pair(case.original_size),
+        target: pair(case.target_size),
+        crops_top_left: pair(case.crops_coords_top_left).unwrap_or((0, 0)),
+    })
+    .unwrap();
+    let enc = sd.encoder.as_any().downcast_ref::<SdxlEncoder>().unwrap();
+
+    // Tokenizers and encoders, each fed the reference's ids.
+    let mut texts = vec![("prompt", case.prompt.as_str())];
+    if let Some(n) = &case.negative_prompt {
+        texts.push(("negative", n.as_str()));
+    }
+    for (name, text) in &texts {
+        report.ids(
+            &format!("{name}_input_ids"),
+            &enc.tokenizer.encode(text),
+            &exp[&format!("{name}_input_ids")],
+        );
+        report.ids(
+            &format!("{name}_input_ids_2"),
+            &enc.tokenizer_2.encode(text),
+            &exp[&format!("{name}_input_ids_2")],
+        );
+        let ids = |k: &str| expected.ids(&format!("{name}_input_ids{k}"));
+        let c = enc.encode_ids(&ids(""), &ids("_2")).unwrap();
+        let tag = if *name == "prompt" { "" } else { "negative_" };
+        report.tensor(
+            &format!("{tag}prompt_embeds"),
+            &c.embeds,
+            &want(&format!("{tag}prompt_embeds")),
+            FORWARD_TOL,
+        );
+        report.tensor(
+            &format!("{tag}pooled_prompt_embeds"),
+            c.pooled.as_ref().unwrap(),
+            &want(&format!("{tag}pooled_prompt_embeds")),
+            FORWARD_TOL,
+        );
+    }
+    if case.negative_prompt.is_none() {
+        // No negative: what the pipeline uses instead (zeros under force_zeros_for_empty_prompt).
+        let c = sd.no_negative().unwrap();
+        report.tensor(
+            "negative_prompt_embeds",
+            &c.embeds,
+            &want("negative_prompt_embeds"),
+            FORWARD_TOL,
+        );
+        report.tensor(
+            "negative_pooled_prompt_embeds",
+            c.pooled.as_ref().unwrap(),
+            &want("negative_pooled_prompt_embeds"),
+            FORWARD_TOL,
+        );
+    }
+
+    // Size ids, from the latents' size and the case's size conditioning.
+    fn den(sd: &Pipeline) -> &SdxlDenoiser {
+        sd.denoiser.as_any().downcast_ref::<SdxlDenoiser>().unwrap()
+    }
+    let (_, _, h, w) = exp["init_latents"].dims4().unwrap();
+    let ids = den(&sd).time_ids(h, w);
+    let ids_t = Tensor::from_vec(ids.map(|v| v as f32).to_vec(), (1, 6), &Device::Cpu).unwrap();
+    report.tensor("add_time_ids", &ids_t, &want("add_time_ids"), FORWARD_TOL);
+    report.tensor(
+        "negative_add_time_ids",
+        &ids_t,
+        &want("negative_add_time_ids"),
+        FORWARD_TOL,
+    );
+
+    // The sampler's timesteps (and Euler's sigmas through the step), from the folder's class.
+    sd.scheduler
+        .set_timesteps(case.num_inference_steps)
+        .unwrap();
+    let ts: Vec<f32> = sd.scheduler.timesteps().iter().map(|&t| t as f32).collect();
+    let want_ts: Vec<f32> = exp["timesteps"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ts, want_ts, "{}: timesteps", dir.display());
+    println!("  {:<30} exact", "timesteps");
+
+    let cond = |k: &str| Conditioning {
+        embeds: e(&format!("{k}prompt_embeds")),
+        pooled: Some(e(&format!("{k}pooled_prompt_embeds"))),
+        mask: None,
+    };
+    let (pc, nc) = (cond(""), cond("negative_"));
+    let mut x = sd.start_latents(e("init_latents")).unwrap();
+    let mut at_grad = None;
+    for i in 0..sd.scheduler.len() {
+        if i == case.grad_step_index {
+            at_grad = Some(x.clone());
+        }
+        x = sd
+            .sample_step(&x, i, &pc, &nc, case.guidance_scale, &[0])
+            .unwrap();
+    }
+    report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
+    report.tensor(
+        "grad_latents_in",
+        &at_grad.unwrap(),
+        &want("grad_latents_in"),
+        FORWARD_TOL,
+    );
+    report.tensor(
+        "image",
+        &sd.decode(&e("final_latents")).unwrap(),
+        &want("image"),
+        FORWARD_TOL,
+    );
+
+    // The UNet at the gradient step on [negative, prompt], and its added embedding.
+    let i = case.grad_step_index;
+    let t = sd.scheduler.timestep(i).unwrap();
+    let xin = sd
+        .scheduler
+        .scale_model_input(&e("grad_latents_in"), i)
+        .unwrap();
+    let x2 = Tensor::cat(&[&xin, &xin], 0).unwrap();
+    let both = Conditioning::cat(&[&nc, &pc]).unwrap();
+    let out = sd.denoiser.forward(&x2, t, &both, Branch::Both).unwrap();
+    report.tensor("unet_output", &out, &want("unet_output"), FORWARD_TOL);
+    if exp.contains_key("add_embedding_output") {
+        let added = den(&sd)
+            .unet
+            .text_time_embedding(both.pooled.as_ref().unwrap(), &[ids, ids])
+            .unwrap();
+        report.tensor(
+            "add_embedding_output",
+            &added,
+            &want("add_embedding_output"),
+            FORWARD_TOL,
+        );
+    }
+
+    // ReNeg's step: the gradient reaches both learned parts of the negative.
+    let (ne, np) = (
+        Var::from_tensor(&nc.embeds).unwrap(),
+        Var::from_tensor(nc.pooled.as_ref().unwrap()).unwrap(),
+    );
+    let neg = Conditioning {
+        embeds: ne.as_tensor().clone(),
+        pooled: Some(np.as_tensor().clone()),
+        mask: None,
+    };
+    let x0 = sd
+        .predict_x0(&e("grad_latents_in"), i, &pc, &neg, case.guidance_scale)
+        .unwrap();
+    report.tensor("x0_pred", &x0, &want("x0_pred"), FORWARD_TOL);
+    let loss = (sd.decode(&x0).unwrap() * e("reward_weight"))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    report.tensor("loss", &loss, &want("loss"), FORWARD_TOL);
+    let grads = loss.backward().unwrap();
+    report.tensor(
+        "grad_negative_prompt_embeds",
+        grads.get(ne.as_tensor()).unwrap(),
+        &want("grad_negative_prompt_embeds"),
+        GRAD_TOL,
+    );
+    report.tensor(
+        "grad_negative_pooled_prompt_embeds",
+        grads.get(np.as_tensor()).unwrap(),
+        &want("grad_negative_pooled_prompt_embeds"),
+        GRAD_TOL,
+    );
+    // Euler's sigmas are checked through every step above.
+    let known = [
+        "prompt_input_ids",
+        "prompt_input_ids_2",
+        "negative_input_ids",
+        "negative_input_ids_2",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "add_time_ids",
+        "negative_add_time_ids",
+        "init_latents",
+        "timesteps",
+        "sigmas",
+        "final_latents",
+        "image",
+        "grad_latents_in",
+        "unet_output",
+        "add_embedding_output",
+        "x0_pred",
+        "reward_weight",
+        "loss",
+        "grad_negative_prompt_embeds",
+        "grad_negative_pooled_prompt_embeds",
+    ];
+    for name in exp.keys().filter(|k| !known.contains(&k.as_str())) {
+        println!("  {name:<30} not checked (a tensor this test does not know)");
+    }
+}
+
 /// Reward cases: features, score and d score / d pixels from the already preprocessed pixels.
 fn run_reward_case(dir: &Path, kind: &str, dev: &Device, dtype: DType, report: &mut Report) {
     use reneg::reward::{l2_normalize, load, rowwise_dot};
@@ -657,7 +892,8 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
         if pipelines_only && kind != "pipeline" {
             continue;
         }
-        const KINDS: [&str; 7] = [
+        const KINDS: [&str; 8] = [
+            "sdxl",
             "pipeline",
             "controlnet",
             "text2video",
@@ -694,6 +930,8 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
             };
             if ["pipeline", "controlnet", "text2video", "videocrafter"].contains(&kind.as_str()) {
                 run_pipeline_case(&dir, dev, dtype, &mut report);
+            } else if kind == "sdxl" {
+                run_sdxl_case(&dir, dev, dtype, &mut report);
             } else {
                 run_reward_case(&dir, &kind, dev, dtype, &mut report);
             }

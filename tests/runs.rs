@@ -57,6 +57,7 @@ fn plan(out: PathBuf) -> GeneratePlan {
         batch_size: 2,
         frames: None,
         fps: 8,
+        sizes: Default::default(),
         init_latents: None,
         adapt: None,
         out,

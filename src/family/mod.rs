@@ -9,6 +9,7 @@
 
 pub mod roles;
 pub mod sd;
+pub mod sdxl;
 pub mod video_sd;
 pub mod videocrafter;
 
@@ -27,16 +28,19 @@ pub enum Family {
     StableDiffusion,
     /// diffusers' `TextToVideoSDPipeline` (ModelScope, ZeroScope): a `UNet3DConditionModel`.
     TextToVideoSd,
+    /// Stable Diffusion XL: two CLIP encoders, a pooled embedding, size conditioning.
+    Sdxl,
 }
 
 /// The pipeline classes of `model_index.json` that each family reads. The ControlNet and
 /// img2img pipelines save the same components as `StableDiffusionPipeline` (a ControlNet
 /// folder's `controlnet/` is read by `--controlnet`).
-const PIPELINES: [(&str, Family); 4] = [
+const PIPELINES: [(&str, Family); 5] = [
     ("StableDiffusionPipeline", Family::StableDiffusion),
     ("StableDiffusionControlNetPipeline", Family::StableDiffusion),
     ("StableDiffusionImg2ImgPipeline", Family::StableDiffusion),
     ("TextToVideoSDPipeline", Family::TextToVideoSd),
+    ("StableDiffusionXLPipeline", Family::Sdxl),
 ];
 
 /// Single-file layouts reneg recognises but does not run: (a key prefix only that layout has,
@@ -62,6 +66,7 @@ impl Family {
         match self {
             Family::StableDiffusion => "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
             Family::TextToVideoSd => "text-to-video (TextToVideoSDPipeline: ModelScope, ZeroScope)",
+            Family::Sdxl => "Stable Diffusion XL (StableDiffusionXLPipeline)",
         }
     }
 
@@ -101,6 +106,7 @@ impl Family {
     ) -> Result<Roles> {
         match family {
             Some(Family::TextToVideoSd) => video_sd::load_folder(root, dtype, device, loras),
+            Some(Family::Sdxl) => sdxl::load_folder(root, dtype, device, loras),
             Some(Family::StableDiffusion) | None => {
                 let (e, d, v) = sd::load_folder(root, dtype, device, loras, family)?;
                 Ok((Box::new(e), Box::new(d), Box::new(v)))

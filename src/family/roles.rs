@@ -32,6 +32,11 @@ pub trait PromptEncoder: Send + Sync {
         self.encode("")
     }
 
+    /// What [`Self::no_negative`] is, for the first lines of a run.
+    fn no_negative_label(&self) -> &'static str {
+        "the encoding of \"\" (null text)"
+    }
+
     /// Conditionings (batch 1 or more each) concatenated along the batch; an encoder whose
     /// prompts can differ in length first makes them equal.
     fn batch(&self, conds: &[&Conditioning]) -> Result<Conditioning> {
@@ -94,6 +99,21 @@ impl Default for Defaults {
     }
 }
 
+/// SDXL's size conditioning (diffusers' `original_size`, `target_size`,
+/// `crops_coords_top_left`, in pixels as (height, width) and (top, left)); None: the image's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SizeConditioning {
+    pub original: Option<(usize, usize)>,
+    pub target: Option<(usize, usize)>,
+    pub crops_top_left: (usize, usize),
+}
+
+impl SizeConditioning {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// Latents, timestep and conditioning to the model output (noise, v or x0 as the sampler's
 /// config says). Latents keep the VAE's layout here: `[b, C, h, w]`, a video's
 /// `[b, C, frames, h, w]`; a family that patches them into tokens does so inside.
@@ -123,6 +143,12 @@ pub trait Denoiser: Send + Sync {
     }
     fn set_frame_rate(&mut self, _fps: f64) -> Result<()> {
         Err(unsupported("frame-rate conditioning"))
+    }
+    /// SDXL's size conditioning (--original-size, --target-size, --crops-coords-top-left).
+    fn set_size_conditioning(&mut self, _sizes: SizeConditioning) -> Result<()> {
+        Err(unsupported(
+            "size conditioning (--original-size, --target-size, --crops-coords-top-left)",
+        ))
     }
 
     /// Bytes the gradient step's graph keeps through this denoiser for one sample of

@@ -81,6 +81,12 @@ pub fn load_folder(
     if let Some(f) = family {
         f.check_unet(root, unet_cfg.video)?;
     }
+    if unet_cfg.addition_embed_type.is_some() {
+        return Err(Error::file(
+            &unet_dir,
+            "is an SDXL UNet (addition_embed_type text_time); its folder's model_index.json should name StableDiffusionXLPipeline",
+        ));
+    }
     let unet = UNet2DConditionModel::new(unet_cfg, &Vb::new(unet_w))?;
     let vae = load_vae(&root.join("vae"), dtype, device)?;
     roles(tokenizer, text_encoder, unet, vae, root, dtype, device)
@@ -592,6 +598,17 @@ pub struct VaeDecoder {
     /// The weights' dtype and device (a replacement VAE is loaded alike).
     dtype: DType,
     device: Device,
+}
+
+impl VaeDecoder {
+    /// A decoder of `vae`, whose weights are `dtype` on `device`.
+    pub fn new(vae: AutoencoderKL, dtype: DType, device: &Device) -> Self {
+        Self {
+            vae,
+            dtype,
+            device: device.clone(),
+        }
+    }
 }
 
 impl Decoder for VaeDecoder {

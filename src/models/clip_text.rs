@@ -204,9 +204,17 @@ impl ClipTextModel {
         }
         let tok = tok.reshape((b, n, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, n)?;
-        let mut xs = tok.broadcast_add(&pos)?;
-        let mask = causal_mask(n, xs.dtype(), xs.device())?;
-        for layer in &self.layers[..self.layers.len() - self.clip_skip] {
+        let xs = tok.broadcast_add(&pos)?;
+        let xs = self.layers(xs, self.layers.len() - self.clip_skip)?;
+        // Prompt embeddings leave the model in f32 under autocast (`crate::precision`).
+        let out = self.final_layer_norm.forward(&xs)?;
+        Ok(out.to_dtype(crate::precision::activation_dtype(out.dtype()))?)
+    }
+
+    /// The first `count` layers on the embedded tokens `xs`, with the causal mask.
+    fn layers(&self, mut xs: Tensor, count: usize) -> Result<Tensor> {
+        let mask = causal_mask(xs.dim(1)?, xs.dtype(), xs.device())?;
+        for layer in &self.layers[..count] {
             xs = layer.forward(
                 &xs,
                 Some(&mask),
@@ -214,9 +222,39 @@ impl ClipTextModel {
                 self.cfg.hidden_act,
             )?;
         }
-        // Prompt embeddings leave the model in f32 under autocast (`crate::precision`).
-        let out = self.final_layer_norm.forward(&xs)?;
-        Ok(out.to_dtype(crate::precision::activation_dtype(out.dtype()))?)
+        Ok(xs)
+    }
+
+    /// SDXL's two readings of one pass: the hidden state entering the last layer
+    /// (transformers' `hidden_states[-2]`, no final layer norm), and the last layer's output
+    /// through the final layer norm (whose end-of-text row is the pooled output).
+    ///
+    /// # Shapes
+    /// `input_ids`: `[b, n]` -> (`[b, n, hidden]`, `[b, n, hidden]`)
+    pub fn penultimate_and_last(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, n) = input_ids.dims2()?;
+        if n > self.cfg.max_position_embeddings || self.layers.len() < 2 {
+            return Err(crate::Error::Invalid(format!(
+                "an SDXL text encoder needs at most {} tokens and two layers",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
+        let tok =
+            self.token_embedding
+                .index_select(&ids, 0)?
+                .reshape((b, n, self.cfg.hidden_size))?;
+        let xs = tok.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
+        let pen = self.layers(xs, self.layers.len() - 1)?;
+        let last = self.layers[self.layers.len() - 1].forward(
+            &pen,
+            Some(&causal_mask(n, pen.dtype(), pen.device())?),
+            self.cfg.num_attention_heads,
+            self.cfg.hidden_act,
+        )?;
+        let last = self.final_layer_norm.forward(&last)?;
+        let f32 = |t: Tensor| t.to_dtype(crate::precision::activation_dtype(t.dtype()));
+        Ok((f32(pen)?, f32(last)?))
     }
 }
 

@@ -11,7 +11,9 @@ use crate::models::config::{parse_with_raw, require_defaults, IntOrList};
 use crate::models::resnet::{ResnetBlock2D, ResnetConfig};
 use crate::models::temporal::{TemporalConvLayer, TransformerTemporalModel};
 use crate::models::transformer::{Transformer2DModel, TransformerConfig};
-use crate::nn::{upsample_nearest_2x, Conv2d, Downsample2D, GroupNorm, Linear};
+use crate::nn::{
+    upsample_nearest_2x, upsample_nearest_to, Conv2d, Downsample2D, GroupNorm, Linear,
+};
 use crate::weights::Vb;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
@@ -58,6 +60,14 @@ pub struct UNetConfig {
     /// scores in f32 (`nn::attention`), so it is read and changes nothing.
     #[serde(default)]
     pub upcast_attention: bool,
+    /// SDXL's added conditioning, `"text_time"`: the pooled text and six size ids, embedded
+    /// and added to the time embedding ([`TextTimeEmbedding`]).
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub sample_size: Option<usize>,
     #[serde(skip)]
@@ -294,8 +304,6 @@ impl UNetConfig {
                 ("act_fn", json!("silu")),
                 ("center_input_sample", json!(false)),
                 ("class_embed_type", json!(null)),
-                ("addition_embed_type", json!(null)),
-                ("addition_time_embed_dim", json!(null)),
                 ("encoder_hid_dim", json!(null)),
                 ("encoder_hid_dim_type", json!(null)),
                 ("time_cond_proj_dim", json!(null)),
@@ -304,7 +312,6 @@ impl UNetConfig {
                 ("time_embedding_act_fn", json!(null)),
                 ("timestep_post_act", json!(null)),
                 ("num_class_embeds", json!(null)),
-                ("projection_class_embeddings_input_dim", json!(null)),
                 ("class_embeddings_concat", json!(false)),
                 ("only_cross_attention", json!(false)),
                 ("dual_cross_attention", json!(false)),
@@ -320,6 +327,26 @@ impl UNetConfig {
                 ("reverse_transformer_layers_per_block", json!(null)),
             ],
         )?;
+        match cfg.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time")
+                if cfg.addition_time_embed_dim.is_some()
+                    && cfg.projection_class_embeddings_input_dim.is_some() => {}
+            Some("text_time") => {
+                return Err(Error::file(
+                    path,
+                    "addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim",
+                ))
+            }
+            Some(other) => {
+                return Err(Error::unsupported(
+                    path,
+                    "addition_embed_type",
+                    other,
+                    "only null and \"text_time\" (SDXL) are supported",
+                ))
+            }
+        }
         if let Some(n) = &cfg.num_attention_heads {
             // diffusers itself refuses this key for UNet2DConditionModel (naming issue).
             return Err(Error::unsupported(
@@ -536,7 +563,16 @@ impl UNetBlock {
             xs = self.layer(j, &xs, temb, ctx, frames)?;
         }
         if let Some(us) = &self.upsampler {
-            xs = us.forward(&upsample_nearest_2x(&xs)?)?;
+            // diffusers' `forward_upsample_size`: to the size of the skip the next block takes
+            // first (2x unless the latents are not a multiple of the downsampling).
+            let (_, _, h, w) = xs.dims4()?;
+            let up = match skips.last().map(|s| s.dims4()).transpose()? {
+                Some((_, _, sh, sw)) if (sh, sw) != (2 * h, 2 * w) => {
+                    upsample_nearest_to(&xs, sh, sw)?
+                }
+                _ => upsample_nearest_2x(&xs)?,
+            };
+            xs = us.forward(&up)?;
         }
         Ok(xs)
     }
@@ -837,8 +873,10 @@ fn check_inputs(
             timesteps.len()
         )));
     }
+    // An image UNet takes any size (upsampling to its skips' sizes, as diffusers); the video
+    // UNets (ModelScope, lvdm) keep to multiples.
     let factor = 1usize << cfg.downsamplings();
-    if h % factor != 0 || w % factor != 0 {
+    if cfg.video && (h % factor != 0 || w % factor != 0) {
         return Err(Error::Invalid(format!(
             "latent size {h}x{w} must be divisible by {factor} for this {what}; choose a height and width divisible by {}",
             factor * 8
@@ -860,6 +898,64 @@ pub struct UNet2DConditionModel {
     up: Vec<UNetBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// SDXL's `add_embedding` (`addition_embed_type: "text_time"`).
+    text_time: Option<TextTimeEmbedding>,
+}
+
+/// SDXL's added conditioning (diffusers' `get_aug_embed` for `text_time`): each of six size
+/// ids (original h, w; crop top, left; target h, w) through the timestep's sinusoid of
+/// `addition_time_embed_dim` channels, after the pooled text embedding, through
+/// `add_embedding` (Linear, SiLU, Linear); the result is added to the time embedding.
+pub struct TextTimeEmbedding {
+    time_dim: usize,
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TextTimeEmbedding {
+    fn new(cfg: &UNetConfig, vb: &Vb) -> Result<Option<Self>> {
+        let (Some(time_dim), Some(input)) = (
+            cfg.addition_time_embed_dim,
+            cfg.projection_class_embeddings_input_dim,
+        ) else {
+            return Ok(None);
+        };
+        let temb = cfg.block_out_channels[0] * 4;
+        Ok(Some(Self {
+            time_dim,
+            linear_1: Linear::new(input, temb, true, &vb.pp("add_embedding.linear_1"))?,
+            linear_2: Linear::new(temb, temb, true, &vb.pp("add_embedding.linear_2"))?,
+        }))
+    }
+
+    /// `text_embeds` `[b, P]` and one row of six ids per sample -> `[b, 4 * c0]`.
+    pub fn forward(
+        &self,
+        cfg: &UNetConfig,
+        text_embeds: &Tensor,
+        time_ids: &[[f64; 6]],
+    ) -> Result<Tensor> {
+        let b = text_embeds.dim(0)?;
+        if time_ids.len() != b {
+            return Err(Error::Invalid(format!(
+                "{b} pooled embeddings but {} rows of size ids",
+                time_ids.len()
+            )));
+        }
+        let flat: Vec<f64> = time_ids.iter().flatten().copied().collect();
+        let (dtype, dev) = (text_embeds.dtype(), text_embeds.device());
+        let ids = sinusoid(
+            &flat,
+            self.time_dim,
+            cfg.flip_sin_to_cos,
+            cfg.freq_shift,
+            dtype,
+            dev,
+        )?
+        .reshape((b, 6 * self.time_dim))?;
+        let x = Tensor::cat(&[text_embeds, &ids], 1)?;
+        Ok(self.linear_2.forward(&self.linear_1.forward(&x)?.silu()?)?)
+    }
 }
 
 impl UNet2DConditionModel {
@@ -926,11 +1022,27 @@ impl UNet2DConditionModel {
             up,
             conv_norm_out: GroupNorm::new(lv.groups, ch[0], cfg.norm_eps, &vb.pp("conv_norm_out"))?,
             conv_out: Conv2d::new(ch[0], cfg.out_channels, 3, 1, 1, &vb.pp("conv_out"))?,
+            text_time: TextTimeEmbedding::new(&cfg, vb)?,
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
         &self.enc.cfg
+    }
+
+    /// SDXL's added embedding of `text_embeds` `[b, P]` and `time_ids` (one row a sample),
+    /// for [`Self::forward_added`]; an error for a UNet without `text_time`.
+    pub fn text_time_embedding(
+        &self,
+        text_embeds: &Tensor,
+        time_ids: &[[f64; 6]],
+    ) -> Result<Tensor> {
+        match &self.text_time {
+            Some(e) => e.forward(&self.enc.cfg, text_embeds, time_ids),
+            None => Err(Error::Invalid(
+                "this UNet has no added text/time conditioning (not an SDXL UNet)".into(),
+            )),
+        }
     }
 
     /// The contracting half (conv_in, time embedding, down and mid blocks).
@@ -1016,6 +1128,11 @@ impl UNet2DConditionModel {
         residuals: Option<&Residuals>,
     ) -> Result<Tensor> {
         check_inputs(&self.enc.cfg, sample, timesteps, context, "UNet")?;
+        if self.text_time.is_some() {
+            return Err(Error::Invalid(
+                "an SDXL UNet needs its added conditioning (pooled text and size ids): run it through its family's denoiser".into(),
+            ));
+        }
         if self.enc.cfg.video {
             if residuals.is_some() {
                 return Err(Error::Invalid(

@@ -54,6 +54,23 @@ pub fn upsample_nearest_2x(xs: &Tensor) -> Result<Tensor> {
         .reshape((b, c, 2 * h, 2 * w))
 }
 
+/// Nearest-neighbour resize of `[b, c, h, w]` to `[b, c, oh, ow]` as torch's
+/// `interpolate(mode="nearest")` picks rows (`floor(i * h / oh)` in f32): diffusers' UNet
+/// upsamples this way to its skip connection's size when the latents are not a multiple of
+/// its downsampling. A gather, so its gradient is the scatter-add of the output's.
+pub fn upsample_nearest_to(xs: &Tensor, oh: usize, ow: usize) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let index = |n: usize, out: usize| -> Result<Tensor> {
+        let scale = n as f32 / out as f32;
+        let idx: Vec<u32> = (0..out)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(n - 1) as u32)
+            .collect();
+        Tensor::from_vec(idx, out, xs.device())
+    };
+    xs.index_select(&index(h, oh)?, 2)?
+        .index_select(&index(w, ow)?, 3)
+}
+
 /// Multi-head scaled dot-product attention.
 ///
 /// # Shapes

@@ -121,6 +121,9 @@ pub struct EvalPlan {
     /// The frame rate a VideoCrafter2 clip is conditioned on and saved at (None: 28).
     #[serde(default)]
     pub fps: Option<u32>,
+    /// SDXL's size conditioning (the image's size by default).
+    #[serde(default)]
+    pub sizes: crate::family::roles::SizeConditioning,
     pub height: Option<usize>,
     pub width: Option<usize>,
     pub adapt: AdaptSettings,
@@ -498,6 +501,7 @@ fn model(
         .map_err(|e| Error::Invalid(format!("--steps {steps}: {e}")))?;
     let fps = plan.fps.unwrap_or(defaults.fps);
     sd.set_fps(fps)?;
+    sd.set_size_conditioning(plan.sizes)?;
     let first_image = plan.prompts.iter().find_map(|p| p.control_image.clone());
     let control = &plan.control;
     let size = control.apply(&mut sd, first_image.as_deref(), dtype, device)?;
@@ -600,6 +604,22 @@ fn stamped_files(plan: &EvalPlan, specs: &[NegativeSpec]) -> Result<Vec<eval::Fi
         .collect()
 }
 
+/// SDXL's size conditioning as manifest options (none at the defaults).
+fn size_options(s: &crate::family::roles::SizeConditioning) -> Vec<String> {
+    let mut v = vec![];
+    if let Some((h, w)) = s.original {
+        v.push(format!("original_size={h},{w}"));
+    }
+    if let Some((h, w)) = s.target {
+        v.push(format!("target_size={h},{w}"));
+    }
+    if s.crops_top_left != (0, 0) {
+        let (t, l) = s.crops_top_left;
+        v.push(format!("crops_coords_top_left={t},{l}"));
+    }
+    v
+}
+
 /// The run's manifest: everything that determines its images and scores.
 fn manifest(plan: &EvalPlan, m: &Model, r: &Rewards, specs: &[NegativeSpec]) -> Result<Manifest> {
     let mut roles = eval::reward_roles(&plan.negatives, specs, &trained_on(specs), &r.flags);
@@ -641,6 +661,7 @@ fn manifest(plan: &EvalPlan, m: &Model, r: &Rewards, specs: &[NegativeSpec]) -> 
             m.sd.frame_rate()
                 .map(|f| vec![format!("fps={f}")])
                 .unwrap_or_default(),
+            size_options(&plan.sizes),
         ]
         .concat(),
         precision: plan.precision.name().to_string(),

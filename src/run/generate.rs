@@ -58,6 +58,9 @@ pub struct GeneratePlan {
     pub frames: Option<usize>,
     /// A clip's playback rate.
     pub fps: u32,
+    /// SDXL's size conditioning (the image's size by default).
+    #[serde(default)]
+    pub sizes: crate::family::roles::SizeConditioning,
     /// Latents to start from instead of seeded noise (row i for image i).
     pub init_latents: Option<PathBuf>,
     pub adapt: Option<AdaptPlan>,
@@ -128,6 +131,7 @@ pub fn generate(
         sd.check_prompt(&p.text)?;
     }
     sd.set_fps(plan.fps)?;
+    sd.set_size_conditioning(plan.sizes)?;
     // lvdm's uniform spacing can visit more timesteps than asked: count what runs.
     sd.scheduler.set_timesteps(plan.steps)?;
     let visited = sd.scheduler.len();

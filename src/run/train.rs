@@ -128,7 +128,13 @@ pub fn train(
     let objective = Objective::new(rewards);
     objective.check_optimisable()?;
     let init = match &cfg.init {
-        Init::Null => sd.no_negative()?,
+        Init::Null => {
+            progress.note(&format!(
+                "the negative starts from what the pipeline uses without one: {}",
+                sd.encoder.no_negative_label()
+            ));
+            sd.no_negative()?
+        }
         Init::Prompt(t) => sd.encode(t)?,
         Init::File(p) => sd.negative(&crate::embedding::NegativeEmbedding::load(p)?, p)?,
     };

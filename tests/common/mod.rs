@@ -343,6 +343,8 @@ pub fn is_pipeline_case(dir: &Path) -> bool {
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     match meta["kind"].as_str() {
         Some("videocrafter") => dir.join("model").is_dir(),
+        // SDXL cases have their own runner and tensors (tests/parity.rs `run_sdxl_case`).
+        Some("sdxl") => false,
         None | Some("pipeline") | Some("controlnet") | Some("text2video") => {
             dir.join("pipeline").is_dir()
         }

@@ -155,6 +155,7 @@ impl ExperimentPlan {
             steps: Some(20),
             guidance_scale: Some(7.5),
             fps: None,
+            sizes: Default::default(),
             frames: None,
             height: Some(32),
             width: Some(32),

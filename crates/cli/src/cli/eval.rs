@@ -43,6 +43,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub sampler: SamplerArgs,
     #[command(flatten)]
+    pub sizes: super::SizeArgs,
+    #[command(flatten)]
     pub control: super::control::ControlArgs,
     /// Prompt file: PartiPrompts .tsv (Prompt and Category columns), HPSv2-style .json
     /// ({style: [prompts]}) or a list, or plain text (one per line).
@@ -168,6 +170,7 @@ fn plan_of_flags(args: &EvalArgs) -> Result<EvalPlan> {
         guidance_scale: args.guidance_scale,
         frames: args.frames,
         fps: args.fps,
+        sizes: args.sizes.conditioning(),
         height: args.height,
         width: args.width,
         adapt: args.adapt.settings(),

@@ -20,6 +20,8 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampler: SamplerArgs,
     #[command(flatten)]
+    pub sizes: super::SizeArgs,
+    #[command(flatten)]
     pub control: super::control::ControlArgs,
     /// A prompt; repeat for several.
     #[arg(long)]
@@ -167,6 +169,7 @@ fn plan(
         batch_size: args.batch_size,
         frames: sd.frames(args.frames).map_err(lib)?,
         fps: args.fps.unwrap_or(defaults.fps),
+        sizes: args.sizes.conditioning(),
         init_latents: args.init_latents.clone(),
         adapt,
         out: args.out.clone(),

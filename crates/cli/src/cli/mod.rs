@@ -146,6 +146,40 @@ impl ModelArgs {
     }
 }
 
+/// SDXL's size conditioning, as diffusers' pipeline arguments (pixels).
+#[derive(clap::Args, Clone, Default)]
+pub struct SizeArgs {
+    /// SDXL: the original_size it is conditioned on, HEIGHT,WIDTH (default: the image's).
+    #[arg(long, value_parser = parse_pair)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL: the target_size it is conditioned on, HEIGHT,WIDTH (default: the image's).
+    #[arg(long, value_parser = parse_pair)]
+    pub target_size: Option<(usize, usize)>,
+    /// SDXL: crops_coords_top_left, TOP,LEFT (default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    pub crops_coords_top_left: Option<(usize, usize)>,
+}
+
+impl SizeArgs {
+    pub fn conditioning(&self) -> reneg::family::roles::SizeConditioning {
+        reneg::family::roles::SizeConditioning {
+            original: self.original_size,
+            target: self.target_size,
+            crops_top_left: self.crops_coords_top_left.unwrap_or((0, 0)),
+        }
+    }
+}
+
+/// `A,B` as two non-negative integers.
+pub fn parse_pair(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("`{s}`: expected two integers as A,B (e.g. 1024,1024)");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    Ok((
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    ))
+}
+
 /// The sampler options of `generate` and `eval`.
 #[derive(clap::Args, Clone)]
 pub struct SamplerArgs {
