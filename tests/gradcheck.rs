@@ -780,3 +780,107 @@ fn lvdm_ddim_x0_with_scale_arr() {
         );
     }
 }
+
+/// A tiny SDXL-style UNet: the first level without attention, two transformer layers in the
+/// second (and the mid block), `text_time` added conditioning of a pooled embedding of 6.
+fn tiny_sdxl_unet(seed: u64) -> reneg::models::unet::UNet2DConditionModel {
+    let cfg = reneg::models::unet::UNetConfig::from_value(
+        json!({
+            "block_out_channels": [8, 16, 16],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 1, 2],
+            "attention_head_dim": [2, 2, 4],
+            "norm_num_groups": 4,
+            "cross_attention_dim": 12,
+            "use_linear_projection": true,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 4,
+            "projection_class_embeddings_input_dim": 30,
+            "in_channels": 4,
+            "out_channels": 4
+        }),
+        Path::new("<test sdxl unet config>"),
+    )
+    .unwrap();
+    reneg::models::unet::UNet2DConditionModel::new(cfg, &random_vb(seed)).unwrap()
+}
+
+/// The nearest resize to a skip's size (diffusers' `forward_upsample_size`): odd sizes, up
+/// and by non-integer factors.
+#[test]
+fn nearest_resize_to_any_size() {
+    for (i, (h, w, oh, ow)) in [(3, 4, 5, 7), (2, 3, 4, 6), (4, 4, 7, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        assert_gradient(
+            &format!("upsample_nearest_to {h}x{w} -> {oh}x{ow}"),
+            |x| nn::upsample_nearest_to(x, oh, ow).unwrap(),
+            &randn(160 + i as u64, &[1, 2, h, w]),
+        );
+    }
+}
+
+/// SDXL's added conditioning (pooled text and size ids through `add_embedding`), and the
+/// whole SDXL denoiser at an odd latent size wrt both parts of the conditioning and the
+/// latents; the size ids change the output.
+#[test]
+fn sdxl_text_time_embedding_and_denoiser() {
+    use reneg::conditioning::Conditioning;
+    use reneg::family::roles::{Branch, Denoiser, SizeConditioning};
+    use reneg::family::sdxl::SdxlDenoiser;
+    let unet = tiny_sdxl_unet(170);
+    let ids = [
+        [40.0, 56.0, 0.0, 0.0, 40.0, 56.0],
+        [96.0, 80.0, 8.0, 4.0, 40.0, 56.0],
+    ];
+    assert_gradient(
+        "sdxl text_time embedding wrt pooled",
+        |p| unet.text_time_embedding(p, &ids).unwrap(),
+        &randn(171, &[2, 6]),
+    );
+    let mut d = SdxlDenoiser {
+        unet,
+        sizes: SizeConditioning::default(),
+        vae_scale: 8,
+    };
+    let (ctx, pooled) = (randn(172, &[2, 5, 12]), randn(173, &[2, 6]));
+    let x = randn(174, &[2, 4, 5, 7]);
+    let run = |d: &SdxlDenoiser, x: &Tensor, c: &Tensor, p: &Tensor| {
+        let cond = Conditioning {
+            embeds: c.clone(),
+            pooled: Some(p.clone()),
+            mask: None,
+        };
+        d.forward(x, 321.0, &cond, Branch::Both).unwrap()
+    };
+    assert_gradient(
+        "sdxl denoiser (5x7) wrt text",
+        |c| run(&d, &x, c, &pooled),
+        &ctx,
+    );
+    assert_gradient(
+        "sdxl denoiser (5x7) wrt pooled",
+        |p| run(&d, &x, &ctx, p),
+        &pooled,
+    );
+    assert_gradient(
+        "sdxl denoiser (5x7) wrt sample",
+        |s| run(&d, s, &ctx, &pooled),
+        &x,
+    );
+    let plain = run(&d, &x, &ctx, &pooled);
+    d.sizes = SizeConditioning {
+        original: Some((96, 80)),
+        target: None,
+        crops_top_left: (8, 4),
+    };
+    let sized = run(&d, &x, &ctx, &pooled);
+    let diff = max_abs(&(plain - sized).unwrap());
+    assert!(
+        diff > 1e-3,
+        "the size ids do not change the output ({diff:e})"
+    );
+}

@@ -214,6 +214,26 @@ struct Report {
 }
 
 impl Report {
+    /// A scalar that is a sum of terms of both signs (the loss), its error relative to the sum
+    /// of the terms' magnitudes `terms`: where the terms cancel, f32's rounding of the sum is
+    /// a fraction of `terms`, not of the small result (PyTorch's own f32 loss of sdxl-tiny-vpred
+    /// is 6.4e-5 from its f64 one relative to the loss, 1.4e-4 for ours).
+    fn sum(&mut self, name: &str, got: &Tensor, want: &Tensor, terms: f64, tol: f64) {
+        let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let (g, w) = (scalar(got), scalar(want));
+        let e = (g - w).abs() / terms.max(w.abs()).max(1e-30);
+        self.errors.push((name.to_string(), e));
+        let ok = e < tol;
+        println!(
+            "  {name:<30} err {e:.3e} of the sum of |terms| {terms:.3e} (tol {tol:.0e}) {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok && self.strict {
+            self.failures
+                .push(format!("{}: {name} err {e:.3e} >= {tol:.0e}", self.case));
+        }
+    }
+
     fn tensor(&mut self, name: &str, got: &Tensor, want: &Tensor, tol: f64) {
         if got.dims() != want.dims() {
             self.failures.push(format!(
@@ -718,13 +738,22 @@ fn run_sdxl_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
         .predict_x0(&e("grad_latents_in"), i, &pc, &neg, case.guidance_scale)
         .unwrap();
     report.tensor("x0_pred", &x0, &want("x0_pred"), FORWARD_TOL);
-    let loss = (sd.decode(&x0).unwrap() * e("reward_weight"))
+    let terms = (sd.decode(&x0).unwrap() * e("reward_weight")).unwrap();
+    let loss = terms.sum_all().unwrap().neg().unwrap();
+    let scale = terms.abs().unwrap().sum_all().unwrap();
+    let scale = scale
+        .to_dtype(DType::F64)
         .unwrap()
-        .sum_all()
-        .unwrap()
-        .neg()
+        .to_scalar::<f64>()
         .unwrap();
-    report.tensor("loss", &loss, &want("loss"), FORWARD_TOL);
+    // Measured: at most 1.6e-7 of the terms' sum on the committed SDXL cases; a case given
+    // through RENEG_PARITY_DIRS keeps the forward tolerance.
+    let tol = if report.measured_bounds {
+        2e-6
+    } else {
+        FORWARD_TOL
+    };
+    report.sum("loss", &loss, &want("loss"), scale, tol);
     let grads = loss.backward().unwrap();
     report.tensor(
         "grad_negative_prompt_embeds",
@@ -990,6 +1019,7 @@ fn run_cases(dev: &Device, dtype: DType, pipelines_only: bool) {
     } else {
         [
             &common::COMMITTED_PIPELINE_CASES[..],
+            &common::COMMITTED_SDXL_CASES[..],
             &common::COMMITTED_REWARD_CASES[..],
         ]
         .concat()

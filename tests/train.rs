@@ -195,6 +195,95 @@ fn training_step_gradient_equals_each_parity_case() {
     );
 }
 
+/// SDXL's training step: the gradient reaches both learned parts of the negative (embeddings
+/// and pooled embedding), as diffusers' autograd gives them, in both backward arrangements.
+#[test]
+fn sdxl_training_step_gradient_equals_each_parity_case() {
+    use reneg::conditioning::Conditioning;
+    use reneg::family::roles::SizeConditioning;
+    let mut ran = vec![];
+    for dir in common::parity_case_dirs() {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        if meta["kind"] != "sdxl" {
+            continue;
+        }
+        let exp: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let mut sd = common::load_case_pipeline(&dir, DType::F32, &Device::Cpu);
+        sd.guidance_rescale = meta["guidance_rescale"].as_f64().unwrap_or(0.0);
+        let pair = |k: &str| {
+            meta[k].as_array().map(|a| {
+                (
+                    a[0].as_u64().unwrap() as usize,
+                    a[1].as_u64().unwrap() as usize,
+                )
+            })
+        };
+        sd.set_size_conditioning(SizeConditioning {
+            original: pair("original_size"),
+            target: pair("target_size"),
+            crops_top_left: pair("crops_coords_top_left").unwrap_or((0, 0)),
+        })
+        .unwrap();
+        let objective = Objective {
+            rewards: vec![(Box::new(LinearReward(exp["reward_weight"].clone())), 1.0)],
+            pixels: Pixels::Raw,
+        };
+        let negative = Conditioning {
+            embeds: exp["negative_prompt_embeds"].clone(),
+            pooled: Some(exp["negative_pooled_prompt_embeds"].clone()),
+            mask: None,
+        };
+        for backward in [Backward::Staged, Backward::OnePass] {
+            let s = Sampling {
+                steps: meta["num_inference_steps"].as_u64().unwrap() as usize,
+                guidance_scale: meta["guidance_scale"].as_f64().unwrap(),
+                height: meta["height"].as_u64().unwrap() as usize,
+                width: meta["width"].as_u64().unwrap() as usize,
+                frames: None,
+                backward,
+                loss_scale: 1.0,
+            };
+            let r = reneg_gradient_from(
+                &mut sd,
+                &objective,
+                &negative,
+                &[meta["prompt"].as_str().unwrap().to_string()],
+                exp["init_latents"].clone(),
+                &[0],
+                meta["grad_step_index"].as_u64().unwrap() as usize,
+                &s,
+            )
+            .unwrap();
+            assert_eq!(r.grad.len(), 2, "an SDXL negative has two learned parts");
+            for (got, name) in r.grad.iter().zip([
+                "grad_negative_prompt_embeds",
+                "grad_negative_pooled_prompt_embeds",
+            ]) {
+                let want = &exp[name];
+                let err = max_abs_diff(got, want) / max_abs(want).max(1e-30);
+                println!(
+                    "{} ({backward:?}): training-step {name} max rel err {err:.3e}",
+                    dir.display()
+                );
+                let tol = if common::is_committed_case(&dir) {
+                    2e-4
+                } else {
+                    1e-3
+                };
+                assert!(err < tol, "{}: {name} {err}", dir.display());
+            }
+        }
+        ran.push(dir.clone());
+    }
+    let missing = common::missing_cases(&common::COMMITTED_SDXL_CASES, &ran);
+    assert!(
+        missing.is_empty(),
+        "committed cases that did not run: {missing:?}"
+    );
+}
+
 fn prompt_file(name: &str) -> Vec<String> {
     reneg::prompts::load(&Path::new("tests/fixtures/train").join(name))
         .unwrap()

@@ -158,6 +158,9 @@ pub fn negatives(sd: &Pipeline, specs: &[NegativeSpec]) -> Result<Vec<Negative>>
                 NegativeSpec::Embedding(p) | NegativeSpec::PerSample(p) => {
                     sd.negative(&crate::embedding::NegativeEmbedding::load(p)?, p)?
                 }
+                // null: what the pipeline uses without a negative (SDXL: zeros under
+                // force_zeros_for_empty_prompt; the others: the null text "").
+                NegativeSpec::Null => sd.no_negative()?,
                 text => sd.encode(text.text().unwrap_or(""))?,
             };
             Ok(Negative {

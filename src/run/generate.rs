@@ -26,6 +26,9 @@ pub const PLAN: &str = "generate.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Negative {
+    /// None given: what the family's pipeline uses then (the null text "", or SDXL's zeros
+    /// under `force_zeros_for_empty_prompt`).
+    None,
     /// A negative prompt ("" is the null text).
     Prompt(String),
     /// A negative-embedding file (every part it has).
@@ -99,6 +102,7 @@ impl GeneratePlan {
     /// The negative's label in parameters and records.
     fn negative_label(&self) -> String {
         match &self.negative {
+            Negative::None => String::new(),
             Negative::Prompt(t) => t.clone(),
             Negative::Embedding(p) => format!("embedding:{}", p.display()),
         }
@@ -137,6 +141,7 @@ pub fn generate(
     let visited = sd.scheduler.len();
     let latent_shape = sd.latent_shape(plan.height, plan.width, plan.frames)?;
     let negative = match &plan.negative {
+        Negative::None => sd.no_negative()?,
         Negative::Prompt(t) => sd.encode(t)?,
         Negative::Embedding(p) => sd.negative(&NegativeEmbedding::load(p)?, p)?,
     };

@@ -268,6 +268,12 @@ pub const COMMITTED_PIPELINE_CASES: [&str; 10] = [
     "videocrafter2-tiny",
     "videocrafter2-tiny-f16",
 ];
+pub const COMMITTED_SDXL_CASES: [&str; 4] = [
+    "sdxl-tiny",
+    "sdxl-tiny-empty",
+    "sdxl-tiny-vpred",
+    "sdxl-tiny-zeros",
+];
 pub const COMMITTED_REWARD_CASES: [&str; 4] = [
     "reward-aesthetic",
     "reward-hfclip",

@@ -29,7 +29,8 @@ pub struct GenerateArgs {
     /// A prompt file: .txt (one per line), .tsv with a Prompt column, or .json list.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Negative prompt (default: null text, the empty prompt).
+    /// Negative prompt (default: none, i.e. what the model's pipeline uses without one: the
+    /// null text "", or SDXL's zeros when its folder says force_zeros_for_empty_prompt).
     #[arg(long, conflicts_with = "negative_embedding")]
     pub negative_prompt: Option<String>,
     /// A learned negative embedding (.safetensors, or a PyTorch .bin/.pt such as the official ReNeg files).
@@ -150,7 +151,8 @@ fn plan(
     let steps = args.steps.unwrap_or(defaults.steps);
     let negative = match (&args.negative_embedding, &args.negative_prompt) {
         (Some(path), _) => Negative::Embedding(path.clone()),
-        (None, text) => Negative::Prompt(text.clone().unwrap_or_default()),
+        (None, Some(text)) => Negative::Prompt(text.clone()),
+        (None, None) => Negative::None,
     };
     let adapt = (!args.reward.is_empty()).then(|| AdaptPlan {
         config: args.adapt.config(steps),
