@@ -43,17 +43,16 @@ pub fn read(path: &Path) -> Result<HashMap<String, Tensor>> {
     if crate::torch_file::is_zip(&map) {
         return crate::torch_file::read_state_dict_selected(&map, path, select_weights);
     }
-    if map.starts_with(b"\x80") {
-        return Err(Error::file(
-            path,
-            "a PyTorch file in the legacy (pre-1.6, non-zip) format; re-save it with a current torch.save, or convert it to .safetensors",
-        ));
-    }
+    // A bare pickle (protocol 2-5 opcode first) is torch.save's legacy format; a safetensors
+    // header length may start with the same byte, so that is told only when it is not one.
+    let legacy = map.len() > 1 && map[0] == 0x80 && (2..=5).contains(&map[1]);
     drop(map);
     candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-        Error::file(
-            path,
-            format!("neither a safetensors file nor a PyTorch (torch.save) checkpoint ({e})"),
-        )
+        let what = if legacy {
+            "a PyTorch file in the legacy (pre-1.6, non-zip) format; re-save it with a current torch.save, or convert it to .safetensors".to_string()
+        } else {
+            format!("neither a safetensors file nor a PyTorch (torch.save) checkpoint ({e})")
+        };
+        Error::file(path, what)
     })
 }
