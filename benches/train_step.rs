@@ -6,6 +6,10 @@
 //! and a linear reward, then the negative branch of the UNet). Prints one JSON line; peak RSS is the process's VmHWM,
 //! so run one case per process (tools/bench.sh does, beside tools/bench_reference.py).
 //!
+//! `sdxl32` is SDXL base's UNet (random weights, 2.6 B parameters) and the VAE at 32x32 latents,
+//! batch 1, the same two timings with SDXL's conditioning (embeddings and pooled, both in the
+//! gradient) and guidance 5.
+//!
 //! `conv` times the CPU 3x3 convolution kernels (`nn::cpu_conv`) alone, im2col + gemm against
 //! Winograd F(4x4, 3x3), forward and input gradient, over the SD UNet's and decoder's shapes
 //! and smaller ones: the measurement behind `Algo::Auto`'s choice. One JSON line per shape.
@@ -274,11 +278,46 @@ const SD15_VAE: &str = r#"{"block_out_channels": [128, 256, 512, 512], "layers_p
   "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
   "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215}"#;
 
+/// SDXL base 1.0's UNet config (diffusers' `unet/config.json`).
+const SDXL_UNET: &str = r#"{"block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
+  "cross_attention_dim": 2048, "use_linear_projection": true, "addition_embed_type": "text_time",
+  "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+  "sample_size": 128, "norm_num_groups": 32}"#;
+
+/// A prompt encoder of a given shape that is never asked to encode (the benches' conditioning
+/// is random): it lets SDXL's pipeline be built without its two text encoders.
+struct ShapeOnly(reneg::conditioning::Shape);
+
+impl reneg::family::roles::PromptEncoder for ShapeOnly {
+    fn encode(&self, _: &str) -> reneg::Result<Conditioning> {
+        Err(reneg::Error::Invalid("the bench encodes no text".into()))
+    }
+    fn shape(&self) -> reneg::conditioning::Shape {
+        self.0
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// The DDIM schedule of SD (and SDXL) that the gradient step is taken on.
+fn sd_schedule(p: &Path) -> SchedulerConfig {
+    SchedulerConfig::from_value(
+        json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1}),
+        p,
+    )
+    .unwrap()
+}
+
+/// A `full` case: SD1.5's UNet and VAE with random weights.
 fn full(latent: usize, batch: usize) {
     let dev = bench_device();
     let precision = bench_precision(&dev);
     let dtype = precision.weight_dtype();
-    let gpu = dev.is_cuda();
     let mem = GpuMemory::start(&dev);
     let p = Path::new("<bench config>");
     let vb = |seed| Vb::new(Weights::random(seed, dtype, &dev));
@@ -298,23 +337,80 @@ fn full(latent: usize, batch: usize) {
         &vb(3),
     )
     .unwrap();
-    let sched = SchedulerConfig::from_value(
-        json!({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-        "clip_sample": false, "set_alpha_to_one": false, "steps_offset": 1}),
-        p,
-    )
-    .unwrap();
     let sd = Pipeline::from_parts(
         ClipTokenizer::embedded("<|endoftext|>").unwrap(),
         te,
         unet,
         vae,
-        sched,
+        sd_schedule(p),
         p,
         dtype,
         &dev,
     )
     .unwrap();
+    let case = if batch == 1 {
+        format!("full{latent}")
+    } else {
+        format!("full{latent}x{batch}")
+    };
+    measure(sd, &case, latent, batch, (768, None), 7.5, (precision, &mem));
+}
+
+/// `sdxl32`: SDXL base's UNet (2.6 B parameters) and the VAE with random weights at 32x32
+/// latents, batch 1, guidance 5 (diffusers' SDXL default): the negative is both parts, the
+/// size ids the image's (256, 256, 0, 0, 256, 256).
+fn sdxl(latent: usize) {
+    use reneg::family::roles::SizeConditioning;
+    use reneg::family::sd::VaeDecoder;
+    use reneg::family::sdxl::SdxlDenoiser;
+    let dev = bench_device();
+    let precision = bench_precision(&dev);
+    let dtype = precision.weight_dtype();
+    let mem = GpuMemory::start(&dev);
+    let p = Path::new("<bench config>");
+    let vb = |seed| Vb::new(Weights::random(seed, dtype, &dev));
+    let unet = UNet2DConditionModel::new(
+        UNetConfig::from_value(serde_json::from_str(SDXL_UNET).unwrap(), p).unwrap(),
+        &vb(1),
+    )
+    .unwrap();
+    let mut vae_cfg: serde_json::Value = serde_json::from_str(SD15_VAE).unwrap();
+    vae_cfg["scaling_factor"] = json!(0.13025);
+    let vae = AutoencoderKL::new(VaeConfig::from_value(vae_cfg, p).unwrap(), &vb(2)).unwrap();
+    let shape = reneg::conditioning::Shape {
+        tokens: 77,
+        width: 2048,
+        pooled: Some(1280),
+        mask: false,
+    };
+    let denoiser = SdxlDenoiser {
+        unet,
+        sizes: SizeConditioning::default(),
+        vae_scale: 8,
+    };
+    let roles: reneg::family::Roles = (
+        Box::new(ShapeOnly(shape)),
+        Box::new(denoiser),
+        Box::new(VaeDecoder::new(vae, dtype, &dev)),
+    );
+    let sd = Pipeline::from_roles(roles, sd_schedule(p), p, dtype, &dev).unwrap();
+    measure(sd, &format!("sdxl{latent}"), latent, 1, (2048, Some(1280)), 5.0, (precision, &mem));
+}
+
+/// Times a pipeline's sampling evaluation and gradient step on random conditioning of
+/// `width` (and pooled `pooled`) at `latent`x`latent`, and prints the case's JSON line.
+fn measure(
+    sd: Pipeline,
+    case: &str,
+    latent: usize,
+    b: usize,
+    (width, pooled): (usize, Option<usize>),
+    guidance: f64,
+    (precision, mem): (Precision, &GpuMemory),
+) {
+    let dev = sd.device().clone();
+    let dtype = precision.weight_dtype();
+    let gpu = dev.is_cuda();
     let mut sd = sd;
     set_branch_mode(&mut sd);
     sd.set_checkpointing(bench_checkpointing());
@@ -324,20 +420,29 @@ fn full(latent: usize, batch: usize) {
     let grad_step = 3;
     assert_eq!(sd.scheduler.timestep(grad_step).unwrap(), 201.0);
     let sd = sd;
-    let b = batch;
     // Between models everything is in the activation dtype (f32 under bf16/fp16 autocast).
     let act = sd.dtype();
-    let cond = reneg::rng::randn(10, &[b, 77, 768], act, &dev).unwrap();
-    let neg = reneg::rng::randn(11, &[1, 77, 768], act, &dev).unwrap();
+    let cond = reneg::rng::randn(10, &[b, 77, width], act, &dev).unwrap();
+    let neg = reneg::rng::randn(11, &[1, 77, width], act, &dev).unwrap();
+    let pooled_of = |seed, n| pooled.map(|p| reneg::rng::randn(seed, &[n, p], act, &dev).unwrap());
+    let (cond_pooled, neg_pooled) = (pooled_of(14, b), pooled_of(15, 1));
     let negs = neg
-        .broadcast_as((b, 77, 768))
+        .broadcast_as((b, 77, width))
         .unwrap()
         .contiguous()
         .unwrap();
+    let conditioning = |embeds: Tensor, pooled: Option<Tensor>| Conditioning {
+        embeds,
+        pooled,
+        mask: None,
+    };
+    let negs_pooled = neg_pooled
+        .as_ref()
+        .map(|t| t.broadcast_as((b, t.dim(1).unwrap())).unwrap().contiguous().unwrap());
     let (cond_c, neg_c, negs_c) = (
-        Conditioning::from(cond.clone()),
-        Conditioning::from(neg.clone()),
-        Conditioning::from(negs.clone()),
+        conditioning(cond.clone(), cond_pooled),
+        conditioning(neg.clone(), neg_pooled),
+        conditioning(negs.clone(), negs_pooled),
     );
     let x = reneg::rng::randn(12, &[b, 4, latent, latent], act, &dev).unwrap();
     let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], act, &dev).unwrap();
@@ -345,14 +450,14 @@ fn full(latent: usize, batch: usize) {
     let weights_gpu_mb = mem.peak_mb();
     mem.reset();
     let sample_s = time(&dev, reps(if gpu { 5 } else { 2 }), || {
-        sd.guided_eps(&x, 501.0, &cond_c, &negs_c, 7.5).unwrap();
+        sd.guided_eps(&x, 501.0, &cond_c, &negs_c, guidance).unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
     if std::env::var_os("RENEG_BENCH_SAMPLING_ONLY").is_some() {
         // For profiles of the sampling evaluation alone.
         println!(
             "{}",
-            json!({"impl": "reneg", "sample_eval_s": sample_s, "peak_rss_mb": rss_after_sampling})
+            json!({"impl": "reneg", "case": case, "sample_eval_s": sample_s, "peak_rss_mb": rss_after_sampling})
         );
         return;
     }
@@ -373,26 +478,21 @@ fn full(latent: usize, batch: usize) {
             &cond_c,
             &x,
             grad_step,
-            (7.5, backward, 1.0),
+            (guidance, backward, 1.0),
         )
         .unwrap();
     });
     let gpu_grad_mb = mem.peak_mb();
-    if std::env::var_os("RENEG_BENCH_PHASES").is_some() {
+    if std::env::var_os("RENEG_BENCH_PHASES").is_some() && pooled.is_none() {
         phases(&sd, &x, &negs, &objective);
     }
-    let case = if b == 1 {
-        format!("full{latent}")
-    } else {
-        format!("full{latent}x{b}")
-    };
     let mut out = json!({"impl": "reneg", "case": case, "batch": b, "sample_eval_s": sample_s, "grad_step_s": grad_s,
            // The paper's step: 30 DDIM steps, the gradient at one of the last 10 (24.5 sampling
            // evaluations before it on average).
            "train_step_s": 24.5 * sample_s + grad_s,
            "peak_rss_sampling_mb": rss_after_sampling, "peak_rss_mb": peak_rss_mb(),
            "backward": format!("{backward:?}"),
-           "precision": precision.name(), "checkpointing": sd.unet().unwrap().checkpointing(),
+           "precision": precision.name(), "checkpointing": bench_checkpointing(),
            "commit": commit(),
            "device": format!("{:?}", dev.location()), "dtype": format!("{dtype:?}")});
     out["peak_mem_mib"] = json!(peak_rss_mb());
@@ -526,9 +626,10 @@ fn main() {
         match (case.as_str(), full_case) {
         ("tiny", _) => tiny(),
         ("conv", _) => conv(),
+        ("sdxl32", _) => sdxl(32),
         (_, Some((n, b))) => full(n, b),
         (other, None) => eprintln!(
-            "unknown case {other}: tiny, conv, full16, full32, full64, or fullNxB for batch B (full64x4)"
+            "unknown case {other}: tiny, conv, full16, full32, full64, fullNxB for batch B (full64x4), or sdxl32"
         ),
     }
     };
