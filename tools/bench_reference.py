@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch / diffusers reference for benches/train_step.rs: the same cases, shapes and step.
 
-    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB
+    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB | sdxl32
     python3 tools/bench_reference.py full64x4 --device cuda [--precision f32|tf32|bf16|fp16] [--batch B]
 
 (the venv of tools/gen_parity.py: torch 2.15.0, diffusers 0.42.1, transformers 5.23.0). Prints one JSON
@@ -16,6 +16,10 @@ line like the Rust bench; peak RSS is this process's ru_maxrss, so run one case 
           carrying the graph, x0 (DDIM, epsilon), VAE decode, linear reward, backward to the negative.
   fullNxB the same for a batch of B latents and prompts (--batch B does the same): the sampling evaluation
           is the UNet on 2B latents, the gradient step is for B prompts with one shared negative.
+  sdxl32  the same two timings for SDXL base 1.0's UNet (its diffusers config, 2.57 B parameters, random init;
+          10.3 GB in f32) and the same VAE with scaling factor 0.13025 at 32x32 latents, batch 1, guidance 5.0,
+          no text encoder: random embeds [1, 77, 2048] and pooled [1, 1280] for prompt and negative, size ids
+          (256, 256, 0, 0, 256, 256) for both branches; the gradient reaches the negative's embeds and pooled.
 
 On a GPU (--device cuda, as RENEG_BENCH_DEVICE=cuda for benches/train_step.rs) each timing synchronizes the
 device, the repetitions are 5 (sampling) and 3 (gradient step), and the line adds peak_gpu_mb (the largest
@@ -172,10 +176,29 @@ def tiny():
     return {"impl": "pytorch", "case": "tiny", "step_s": s, "peak_rss_mb": peak_rss_mb()}
 
 
-def full(n, b=1):
-    from diffusers import UNet2DConditionModel, AutoencoderKL, DDIMScheduler
+# The VAE of the full cases: SD's (diffusers' config of stable-diffusion-v1-5/vae; SDXL's has the same layout).
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
 
-    gpu = DEV.type == "cuda"
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json: its keys that shape the model;
+# the file's others equal UNet2DConditionModel's defaults): 2.57 B parameters.
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), norm_num_groups=32, cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    flip_sin_to_cos=True, freq_shift=0,
+)
+
+
+def full(n, b=1):
+    """A fullN / fullNxB case: SD1.5's UNet and VAE."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL
+
     mem = GpuMemory()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -184,10 +207,32 @@ def full(n, b=1):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
+    vae = AutoencoderKL(**SD_VAE)
+    case = f"full{n}" if b == 1 else f"full{n}x{b}"
+    return measure(unet, vae, 0.18215, case, n, b, (768, None), 7.5, mem)
+
+
+def sdxl(n, b=1):
+    """The sdxlN case: SDXL base's UNet and the VAE (scaling factor 0.13025), guidance 5 (diffusers' SDXL
+    default), the size ids of an 8n x 8n image generated at its own size: (8n, 8n, 0, 0, 8n, 8n)."""
+    from diffusers import UNet2DConditionModel, AutoencoderKL
+
+    mem = GpuMemory()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    vae = AutoencoderKL(**SD_VAE, scaling_factor=0.13025)
+    case = f"sdxl{n}" if b == 1 else f"sdxl{n}x{b}"
+    return measure(unet, vae, 0.13025, case, n, b, (2048, 1280), 5.0, mem)
+
+
+def measure(unet, vae, scale, case, n, b, widths, g, mem):
+    """Times one guided no-grad UNet evaluation (a sampling step) and the gradient step on seeded random
+    conditioning of width widths[0] (and, for SDXL, pooled embeddings of width widths[1] with the size ids) at
+    n x n latents, batch b, guidance g; returns the case's JSON line."""
+    from diffusers import DDIMScheduler
+
+    gpu = DEV.type == "cuda"
+    width, pooled = widths
     for m in (unet, vae):
         m.requires_grad_(False).eval().to(DEV)
         if DTYPE != torch.float32:
@@ -201,29 +246,40 @@ def full(n, b=1):
     sched.set_timesteps(30)
     # Under autocast the inputs stay f32 (as reneg keeps everything between models in f32).
     act = torch.float32 if PRECISION in ("bf16", "fp16") else DTYPE
-    cond = torch.randn(b, 77, 768).to(DEV, act)
-    neg = torch.randn(1, 77, 768).to(DEV, act)
+    cond = torch.randn(b, 77, width).to(DEV, act)
+    cond_pooled = torch.randn(b, pooled).to(DEV, act) if pooled else None
+    neg = torch.randn(1, 77, width).to(DEV, act)
+    neg_pooled = torch.randn(1, pooled).to(DEV, act) if pooled else None
     x = torch.randn(b, 4, n, n).to(DEV, act)
     w = torch.randn(b, 3, 8 * n, 8 * n).to(DEV, act)
-    g = 7.5
+    # SDXL's size ids (original size, crop top-left, target size) of an 8n x 8n image, the same for both branches.
+    time_ids = torch.tensor([[8 * n, 8 * n, 0, 0, 8 * n, 8 * n]], dtype=act, device=DEV)
     weights_gpu = mem.take()
     if gpu:
         torch.cuda.reset_peak_memory_stats(DEV)
 
+    def eps(latents, t, embeds, pooled_embeds):
+        extra = {}
+        if pooled:
+            extra["added_cond_kwargs"] = {"text_embeds": pooled_embeds, "time_ids": time_ids.expand(len(latents), -1)}
+        return unet(latents, t, encoder_hidden_states=embeds, **extra).sample
+
     def sample_eval():
         with torch.no_grad(), autocast():
-            out = unet(torch.cat([x, x]), 501, encoder_hidden_states=torch.cat([neg.expand(b, -1, -1), cond])).sample
+            out = eps(torch.cat([x, x]), 501, torch.cat([neg.expand(b, -1, -1), cond]),
+                      torch.cat([neg_pooled.expand(b, -1), cond_pooled]) if pooled else None)
             u, c = out.chunk(2)
             return u + g * (c - u)
 
     def grad_step():
         v = neg.clone().requires_grad_(True)
+        vp = neg_pooled.clone().requires_grad_(True) if pooled else None
         with autocast():
             with torch.no_grad():
-                c = unet(x, 201, encoder_hidden_states=cond).sample
-            u = unet(x, 201, encoder_hidden_states=v.expand(b, -1, -1)).sample
+                c = eps(x, 201, cond, cond_pooled)
+            u = eps(x, 201, v.expand(b, -1, -1), vp.expand(b, -1) if pooled else None)
             x0 = sched.step(u.float() + g * (c.float() - u.float()), 201, x).pred_original_sample
-            img = vae.decode(x0 / 0.18215).sample.float()
+            img = vae.decode(x0 / scale).sample.float()
             loss = -(w * img).sum() / b
         loss.backward()
 
@@ -232,11 +288,11 @@ def full(n, b=1):
     if os.environ.get("RENEG_BENCH_SAMPLING_ONLY"):
         # As benches/train_step.rs: the sampling evaluation alone, for interleaved A/B runs.
         mem._stop = True
-        return {"impl": "pytorch", "sample_eval_s": s, "peak_rss_mb": rss_sampling}
+        return {"impl": "pytorch", "case": case, "sample_eval_s": s, "peak_rss_mb": rss_sampling}
     gpu_sampling = mem.take()
     gs = timed(reps(3 if gpu else 1), grad_step)
     gpu_grad = mem.take()
-    out = {"impl": "pytorch", "case": f"full{n}" if b == 1 else f"full{n}x{b}", "batch": b,
+    out = {"impl": "pytorch", "case": case, "batch": b,
            "sample_eval_s": s, "grad_step_s": gs, "train_step_s": 24.5 * s + gs,
            "peak_rss_sampling_mb": rss_sampling, "peak_rss_mb": peak_rss_mb(),
            "device": str(DEV), "dtype": str(DTYPE).removeprefix("torch."), "precision": PRECISION,
@@ -256,7 +312,7 @@ def full(n, b=1):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="PyTorch / diffusers side of benches/train_step.rs")
-    ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN or fullNxB (N latents, B batch)")
+    ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN, fullNxB (N latents, B batch) or sdxl32")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--batch", type=int, default=None, help="batch size of a full case (default 1)")
     ap.add_argument("--precision", default=None, choices=["f32", "tf32", "bf16", "fp16"])
@@ -275,6 +331,9 @@ if __name__ == "__main__":
         if DEV.type != "cpu" or DTYPE != torch.float32:
             sys.exit("the tiny case runs on the CPU in f32 only")
         result = tiny()
+    elif case.startswith("sdxl"):
+        n, _, b = case.removeprefix("sdxl").partition("x")
+        result = sdxl(int(n), args.batch or int(b or 1))
     else:
         n, _, b = case.removeprefix("full").partition("x")
         result = full(int(n), args.batch or int(b or 1))
