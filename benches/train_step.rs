@@ -353,7 +353,15 @@ fn full(latent: usize, batch: usize) {
     } else {
         format!("full{latent}x{batch}")
     };
-    measure(sd, &case, latent, batch, (768, None), 7.5, (precision, &mem));
+    measure(
+        sd,
+        &case,
+        latent,
+        batch,
+        (768, None),
+        7.5,
+        (precision, &mem),
+    );
 }
 
 /// `sdxl32`: SDXL base's UNet (2.6 B parameters) and the VAE with random weights at 32x32
@@ -394,7 +402,15 @@ fn sdxl(latent: usize) {
         Box::new(VaeDecoder::new(vae, dtype, &dev)),
     );
     let sd = Pipeline::from_roles(roles, sd_schedule(p), p, dtype, &dev).unwrap();
-    measure(sd, &format!("sdxl{latent}"), latent, 1, (2048, Some(1280)), 5.0, (precision, &mem));
+    measure(
+        sd,
+        &format!("sdxl{latent}"),
+        latent,
+        1,
+        (2048, Some(1280)),
+        5.0,
+        (precision, &mem),
+    );
 }
 
 /// Times a pipeline's sampling evaluation and gradient step on random conditioning of
@@ -436,9 +452,12 @@ fn measure(
         pooled,
         mask: None,
     };
-    let negs_pooled = neg_pooled
-        .as_ref()
-        .map(|t| t.broadcast_as((b, t.dim(1).unwrap())).unwrap().contiguous().unwrap());
+    let negs_pooled = neg_pooled.as_ref().map(|t| {
+        t.broadcast_as((b, t.dim(1).unwrap()))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    });
     let (cond_c, neg_c, negs_c) = (
         conditioning(cond.clone(), cond_pooled),
         conditioning(neg.clone(), neg_pooled),
@@ -450,7 +469,8 @@ fn measure(
     let weights_gpu_mb = mem.peak_mb();
     mem.reset();
     let sample_s = time(&dev, reps(if gpu { 5 } else { 2 }), || {
-        sd.guided_eps(&x, 501.0, &cond_c, &negs_c, guidance).unwrap();
+        sd.guided_eps(&x, 501.0, &cond_c, &negs_c, guidance)
+            .unwrap();
     });
     let rss_after_sampling = peak_rss_mb();
     if std::env::var_os("RENEG_BENCH_SAMPLING_ONLY").is_some() {
