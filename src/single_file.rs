@@ -168,12 +168,14 @@ fn convert_unet(
     let layers = (entries - downsamplers.len()) / levels;
     let mut channels = vec![];
     let mut attention = vec![];
-    let mut transformer_depth = 1;
+    // Per level (SDXL's differ: 1, 2, 10); 1 where a level has no transformers.
+    let mut transformer_depth = vec![];
     let mut context_dim = 0;
     let mut linear_proj = false;
     let mut idx = 1;
     for level in 0..levels {
         let mut level_attn = false;
+        transformer_depth.push(1);
         for j in 0..layers {
             let p = format!("input_blocks.{idx}.");
             move_prefix(
@@ -195,7 +197,7 @@ fn convert_unet(
                     &format!("down_blocks.{level}.attentions.{j}."),
                     same,
                 );
-                transformer_depth = indices(&u, &format!("{p}1.transformer_blocks.")).len();
+                transformer_depth[level] = indices(&u, &format!("{p}1.transformer_blocks.")).len();
                 context_dim = dim(
                     &u,
                     &format!("{p}1.transformer_blocks.0.attn2.to_k.weight"),
@@ -307,7 +309,22 @@ fn convert_unet(
         .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
         .collect();
     debug_assert_eq!(time_dim, 4 * model_channels);
-    let cfg = json!({
+    // SDXL's added conditioning (`label_emb`: pooled text and size ids).
+    move_prefix(
+        &u,
+        &mut out,
+        "label_emb.0.0.",
+        "add_embedding.linear_1.",
+        same,
+    );
+    move_prefix(
+        &u,
+        &mut out,
+        "label_emb.0.2.",
+        "add_embedding.linear_2.",
+        same,
+    );
+    let mut cfg = json!({
         "_class_name": "UNet2DConditionModel",
         "in_channels": in_channels,
         "out_channels": out_channels,
@@ -315,7 +332,11 @@ fn convert_unet(
         "down_block_types": down,
         "up_block_types": up,
         "layers_per_block": layers,
-        "transformer_layers_per_block": transformer_depth,
+        "transformer_layers_per_block": if transformer_depth.iter().all(|&d| d == transformer_depth[0]) {
+            json!(transformer_depth[0])
+        } else {
+            json!(transformer_depth)
+        },
         "cross_attention_dim": context_dim,
         "attention_head_dim": heads,
         "use_linear_projection": linear_proj,
@@ -324,6 +345,13 @@ fn convert_unet(
         "flip_sin_to_cos": true,
         "freq_shift": 0,
     });
+    if u.contains_key("label_emb.0.0.weight") {
+        // SDXL: six size ids of 256 sinusoid channels each after the pooled embedding.
+        cfg["addition_embed_type"] = json!("text_time");
+        cfg["addition_time_embed_dim"] = json!(256);
+        cfg["projection_class_embeddings_input_dim"] =
+            json!(dim(&u, "label_emb.0.0.weight", 1, file)?);
+    }
     Ok((out, cfg))
 }
 
@@ -483,12 +511,121 @@ pub(crate) fn convert_vae(
     Ok((out, cfg))
 }
 
+const SDXL_TEXT: &str = "conditioner.embedders.0.transformer.";
+const SDXL_TEXT_2: &str = "conditioner.embedders.1.model.";
+
+/// Whether a checkpoint is SDXL's original layout (`conditioner.embedders.*`).
+pub fn is_sdxl<'a>(mut keys: impl Iterator<Item = &'a String>) -> bool {
+    keys.any(|k| k.starts_with("conditioner.embedders."))
+}
+
+/// An original SDXL checkpoint (`sd_xl_base_1.0.safetensors`) converted: each component's
+/// tensors under diffusers / transformers names, and their configs.
+pub struct SdxlConverted {
+    pub unet: HashMap<String, Tensor>,
+    pub vae: HashMap<String, Tensor>,
+    pub text_encoder: HashMap<String, Tensor>,
+    /// With `text_projection.weight` (open_clip's `[width, proj]` matrix, transposed).
+    pub text_encoder_2: HashMap<String, Tensor>,
+    pub unet_config: Value,
+    pub vae_config: Value,
+    pub text_config: Value,
+    pub text_config_2: Value,
+    pub scheduler_config: Value,
+}
+
+/// Converts an original SDXL checkpoint: the UNet as SD's (heads of width 64, per-level
+/// transformer depth, `label_emb` as `add_embedding`), the VAE with SDXL's scaling factor,
+/// CLIP ViT-L as transformers stores it, OpenCLIP bigG with all its blocks (the pipeline reads
+/// the penultimate one and the pooled output) and its projection. `overrides.config_dir` (a
+/// diffusers SDXL folder) replaces the inferred configs and the scheduler's.
+pub fn convert_sdxl(
+    all: &HashMap<String, Tensor>,
+    path: &Path,
+    overrides: &Overrides,
+) -> Result<SdxlConverted> {
+    if !has_prefix(all, SDXL_TEXT_2) || !has_prefix(all, SDXL_TEXT) {
+        return Err(Error::file(
+            path,
+            "is a Stable Diffusion XL checkpoint without both text encoders (conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*): not a complete model",
+        ));
+    }
+    let (unet, mut unet_config) = convert_unet(all, Base::Sd2, path)?;
+    let (vae, mut vae_config) = convert_vae(all, path)?;
+    vae_config["scaling_factor"] = json!(0.13025);
+    let t1 = strip(all, SDXL_TEXT);
+    let mut text_config = transformers_text_config(&t1, path)?;
+    let t2 = strip(all, SDXL_TEXT_2);
+    let width = dim(&t2, "token_embedding.weight", 1, path)?;
+    let tower = OpenClipText {
+        blocks_used: indices(&t2, "transformer.resblocks.").len(),
+        heads: (width / 64).max(1),
+        hidden_act: "gelu",
+    };
+    let (mut text_encoder_2, mut text_config_2) = convert_open_clip_text(&t2, &tower, path)?;
+    let proj = t2.get("text_projection").ok_or_else(|| Error::Weight {
+        file: path.to_path_buf(),
+        name: format!("{SDXL_TEXT_2}text_projection"),
+        problem: "is missing".into(),
+    })?;
+    text_config_2["projection_dim"] = json!(proj.dim(1)?);
+    text_encoder_2.insert("text_projection.weight".into(), proj.t()?.contiguous()?);
+    let mut scheduler_config = json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+        "num_train_timesteps": 1000, "steps_offset": 1, "timestep_spacing": "leading",
+        "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": false,
+    });
+    if let Some(dir) = &overrides.config_dir {
+        let read = |rel: &str| -> Result<Option<Value>> {
+            let p = dir.join(rel);
+            if p.is_file() {
+                read_json(&p).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        for (rel, cfg) in [
+            ("unet/config.json", &mut unet_config),
+            ("vae/config.json", &mut vae_config),
+            ("text_encoder/config.json", &mut text_config),
+            ("text_encoder_2/config.json", &mut text_config_2),
+            ("scheduler/scheduler_config.json", &mut scheduler_config),
+        ] {
+            if let Some(c) = read(rel)? {
+                *cfg = c;
+            }
+        }
+    }
+    if let Some(p) = &overrides.prediction_type {
+        scheduler_config["prediction_type"] = json!(p);
+    }
+    Ok(SdxlConverted {
+        unet,
+        vae,
+        text_encoder: t1,
+        text_encoder_2,
+        unet_config,
+        vae_config,
+        text_config,
+        text_config_2,
+        scheduler_config,
+    })
+}
+
 /// SD1: transformers' CLIPTextModel under `cond_stage_model.transformer.` already.
 fn convert_text_sd1(
     all: &HashMap<String, Tensor>,
     file: &Path,
 ) -> Result<(HashMap<String, Tensor>, Value)> {
     let t = strip(all, SD1_TEXT);
+    let cfg = transformers_text_config(&t, file)?;
+    Ok((t, cfg))
+}
+
+/// The config of a CLIP ViT text model stored in transformers' names (`text_model.*`), read
+/// off its shapes: OpenAI's quick GELU and heads of width 64.
+fn transformers_text_config(t: &HashMap<String, Tensor>, file: &Path) -> Result<Value> {
     let p = "text_model.";
     let hidden = dim(
         &t,
@@ -497,15 +634,15 @@ fn convert_text_sd1(
         file,
     )?;
     let cfg = json!({
-        "vocab_size": dim(&t, &format!("{p}embeddings.token_embedding.weight"), 0, file)?,
+        "vocab_size": dim(t, &format!("{p}embeddings.token_embedding.weight"), 0, file)?,
         "hidden_size": hidden,
-        "intermediate_size": dim(&t, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0, file)?,
-        "num_hidden_layers": indices(&t, &format!("{p}encoder.layers.")).len(),
+        "intermediate_size": dim(t, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0, file)?,
+        "num_hidden_layers": indices(t, &format!("{p}encoder.layers.")).len(),
         "num_attention_heads": (hidden / 64).max(1),
-        "max_position_embeddings": dim(&t, &format!("{p}embeddings.position_embedding.weight"), 0, file)?,
+        "max_position_embeddings": dim(t, &format!("{p}embeddings.position_embedding.weight"), 0, file)?,
         "hidden_act": "quick_gelu",
     });
-    Ok((t, cfg))
+    Ok(cfg)
 }
 
 /// SD2: OpenCLIP's text tower; SD2 conditions on the penultimate layer, so the last
@@ -615,6 +752,11 @@ pub fn convert_tensors(
         Base::Sd1
     } else if all.contains_key(&format!("{SD2_TEXT}token_embedding.weight")) {
         Base::Sd2
+    } else if is_sdxl(all.keys()) {
+        return Err(Error::file(
+            path,
+            "is a Stable Diffusion XL checkpoint (conditioner.embedders.*): convert_sdxl reads it (--model loads it)",
+        ));
     } else {
         let what = crate::family::Family::other_single_file(all.keys())
             .map_or(String::new(), |name| {
@@ -722,6 +864,9 @@ pub fn load_tensors(
     use crate::tokenizer::ClipTokenizer;
     use crate::weights::{Vb, Weights};
 
+    if is_sdxl(all.keys()) {
+        return crate::family::sdxl::load_single_file(all, path, overrides, dtype, device, loras);
+    }
     // VideoCrafter's LatentDiffusion shares SD's prefixes; its temporal layers tell it apart.
     if crate::family::videocrafter::is_lvdm(all.keys()) {
         use crate::family::videocrafter::{load, Files};

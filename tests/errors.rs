@@ -40,7 +40,7 @@ fn unsupported_unet_config_values_are_named() {
     for (key, value) in [
         ("resnet_time_scale_shift", json!("scale_shift")),
         ("class_embed_type", json!("timestep")),
-        ("addition_embed_type", json!("text_time")),
+        ("addition_embed_type", json!("text_image")),
         ("only_cross_attention", json!(true)),
         ("time_embedding_type", json!("fourier")),
         ("conv_in_kernel", json!(5)),
@@ -271,14 +271,19 @@ fn pipeline_folders_of_other_families_are_refused_by_class() {
             .err()
             .map(|e| e.to_string())
     };
-    let sdxl = folder_naming(SD15, "StableDiffusionXLPipeline");
-    let msg = load(&sdxl).expect("an SDXL class is refused");
+    let pixart = folder_naming(SD15, "PixArtAlphaPipeline");
+    let msg = load(&pixart).expect("a PixArt class is refused");
     assert!(
-        msg.contains("StableDiffusionXLPipeline")
+        msg.contains("PixArtAlphaPipeline")
             && msg.contains("model_index.json")
-            && msg.contains("StableDiffusionPipeline, StableDiffusionControlNetPipeline"),
+            && msg.contains("StableDiffusionPipeline, StableDiffusionControlNetPipeline")
+            && msg.contains("StableDiffusionXLPipeline"),
         "{msg}"
     );
+    // SDXL's class over an SD 1.5 folder: refused for what the folder lacks.
+    let sdxl = folder_naming(SD15, "StableDiffusionXLPipeline");
+    let msg = load(&sdxl).expect("an SDXL class over an SD 1.5 folder is refused");
+    assert!(msg.contains("text_encoder_2"), "{msg}");
     let video = folder_naming(SD15, "TextToVideoSDPipeline");
     let msg = load(&video).expect("a video class over an image UNet is refused");
     assert!(

@@ -196,3 +196,36 @@ fn single_file_controlnets_convert_to_the_diffusers_folders_tensors() {
         }
     }
 }
+
+/// An original SDXL single file (`tools/gen_single_file.py`: the inverse of diffusers'
+/// conversion, checked there with `from_single_file`) loads, with the folder's configs, to
+/// exactly the folder's image; the config inferred from its tensors alone has SDXL's
+/// structure: per-level transformer depth, `text_time` from `label_emb`, both encoders.
+#[test]
+fn sdxl_single_file_matches_the_folder_and_its_structure_is_inferred() {
+    let dir = case("sdxl-tiny");
+    let file = dir.join("single_file.safetensors");
+    let ov = Overrides {
+        config_dir: Some(dir.join("pipeline")),
+        prediction_type: None,
+    };
+    let mut single = single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap();
+    let mut folder = Pipeline::load(&dir.join("pipeline"), DType::F32, &Device::Cpu).unwrap();
+    assert_same_image(&mut single, &mut folder, &dir);
+    let all = reneg::model_file::read(&file).unwrap();
+    let c = single_file::convert_sdxl(&all, &file, &Overrides::default()).unwrap();
+    let u = &c.unet_config;
+    assert_eq!(
+        u["transformer_layers_per_block"],
+        serde_json::json!([1, 1, 2])
+    );
+    assert_eq!(u["addition_embed_type"], "text_time");
+    assert_eq!(u["projection_class_embeddings_input_dim"], 72);
+    assert_eq!(u["down_block_types"][0], "DownBlock2D");
+    assert_eq!(c.text_config_2["projection_dim"], 24);
+    assert_eq!(
+        c.text_config_2["num_hidden_layers"], 3,
+        "every bigG block is kept"
+    );
+    assert_eq!(c.vae_config["scaling_factor"], 0.13025);
+}

@@ -45,11 +45,7 @@ const PIPELINES: [(&str, Family); 5] = [
 
 /// Single-file layouts reneg recognises but does not run: (a key prefix only that layout has,
 /// its name).
-const OTHER_SINGLE_FILES: [(&str, &str); 3] = [
-    (
-        "conditioner.embedders.",
-        "a Stable Diffusion XL checkpoint (sd_xl_base layout: conditioner.embedders.*)",
-    ),
+const OTHER_SINGLE_FILES: [(&str, &str); 2] = [
     (
         "model.diffusion_model.x_embedder.",
         "a diffusion-transformer checkpoint (PixArt layout: x_embedder, t_embedder)",

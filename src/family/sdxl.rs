@@ -196,6 +196,97 @@ fn load_text_encoder(dir: &Path, dtype: DType, device: &Device) -> Result<(ClipT
     Ok((ClipTextModel::new(cfg, &vb)?, vb))
 }
 
+/// The models of an SDXL pipeline, loaded from a folder or converted from a single file.
+struct Models {
+    tokenizers: (ClipTokenizer, ClipTokenizer),
+    text_encoder: ClipTextModel,
+    text_encoder_2: ClipTextModel,
+    /// `text_encoder_2.text_projection` and its output width.
+    projection: (Linear, usize),
+    unet: UNet2DConditionModel,
+    /// The VAE and the dtype its weights were loaded in (f32 where diffusers upcasts).
+    vae: (AutoencoderKL, DType),
+    force_zeros: bool,
+}
+
+/// The VAE's dtype: diffusers decodes a half-precision VAE in f32 when its config says
+/// `force_upcast` (true by default).
+fn vae_dtype(config: &serde_json::Value, dtype: DType) -> DType {
+    let upcast = config["force_upcast"].as_bool().unwrap_or(true);
+    if upcast && dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// text_encoder_2's projection (`projection_dim` of its config) under `vb`.
+fn projection(
+    te2: &ClipTextModel,
+    cfg2: &serde_json::Value,
+    vb: &Vb,
+    file: &Path,
+) -> Result<(Linear, usize)> {
+    let dim = cfg2["projection_dim"].as_u64().ok_or_else(|| {
+        Error::file(
+            file,
+            "projection_dim is missing (CLIPTextModelWithProjection's)",
+        )
+    })? as usize;
+    let p = Linear::new(te2.hidden_size(), dim, false, &vb.pp("text_projection"))?;
+    Ok((p, dim))
+}
+
+/// The roles of loaded models, checking that they fit one another (`root` names the model).
+fn roles(m: Models, root: &Path, device: &Device) -> Result<Roles> {
+    let unet_cfg = m.unet.config();
+    if unet_cfg.addition_embed_type.as_deref() != Some("text_time") {
+        return Err(Error::file(
+            root,
+            "its UNet is not an SDXL UNet (addition_embed_type is not text_time)",
+        ));
+    }
+    let encoder = SdxlEncoder {
+        tokenizer: m.tokenizers.0,
+        tokenizer_2: m.tokenizers.1,
+        text_encoder: m.text_encoder,
+        text_encoder_2: m.text_encoder_2,
+        text_projection: m.projection.0,
+        pooled_dim: m.projection.1,
+        force_zeros: m.force_zeros,
+        device: device.clone(),
+    };
+    let width = encoder.shape().width;
+    if unet_cfg.context_dim() != width {
+        return Err(Error::file(
+            root,
+            format!(
+                "the text encoders give {width} wide embeddings; the UNet's cross_attention_dim is {}",
+                unet_cfg.context_dim()
+            ),
+        ));
+    }
+    let (vae, vae_dtype) = m.vae;
+    let vae_scale = vae.config().downscale();
+    let decoder = VaeDecoder::new(vae, vae_dtype, device);
+    let denoiser = SdxlDenoiser {
+        unet: m.unet,
+        sizes: SizeConditioning::default(),
+        vae_scale,
+    };
+    Ok((Box::new(encoder), Box::new(denoiser), Box::new(decoder)))
+}
+
+fn no_loras(loras: &[crate::lora::Lora], root: &Path) -> Result<()> {
+    if loras.is_empty() {
+        return Ok(());
+    }
+    Err(Error::file(
+        root,
+        "is an SDXL model: reneg does not merge LoRAs into SDXL yet; drop --lora",
+    ))
+}
+
 /// The roles of a `StableDiffusionXLPipeline` folder.
 pub fn load_folder(
     root: &Path,
@@ -203,12 +294,7 @@ pub fn load_folder(
     device: &Device,
     loras: &[crate::lora::Lora],
 ) -> Result<Roles> {
-    if !loras.is_empty() {
-        return Err(Error::file(
-            root,
-            "is an SDXL model: reneg does not merge LoRAs into SDXL yet; drop --lora",
-        ));
-    }
+    no_loras(loras, root)?;
     let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
     let force_zeros = index
         .get("force_zeros_for_empty_prompt")
@@ -224,77 +310,102 @@ pub fn load_folder(
     }
     let (text_encoder_2, vb2) = load_text_encoder(&te2_dir, dtype, device)?;
     let cfg2: serde_json::Value = read_json(&te2_dir.join("config.json"))?;
-    let projection_dim = cfg2["projection_dim"].as_u64().ok_or_else(|| {
-        Error::file(
-            te2_dir.join("config.json"),
-            "projection_dim is missing (CLIPTextModelWithProjection's)",
-        )
-    })? as usize;
-    let text_projection = Linear::new(
-        text_encoder_2.hidden_size(),
-        projection_dim,
-        false,
-        &vb2.pp("text_projection"),
-    )?;
-    let encoder = SdxlEncoder {
-        tokenizer: ClipTokenizer::from_dir(&root.join("tokenizer"))?,
-        tokenizer_2: ClipTokenizer::from_dir(&root.join("tokenizer_2"))?,
-        text_encoder,
-        text_encoder_2,
-        text_projection,
-        pooled_dim: projection_dim,
-        force_zeros,
-        device: device.clone(),
-    };
-
+    let projection = projection(&text_encoder_2, &cfg2, &vb2, &te2_dir.join("config.json"))?;
     let unet_dir = root.join("unet");
     let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
-    if unet_cfg.addition_embed_type.as_deref() != Some("text_time") {
-        return Err(Error::file(
-            unet_dir.join("config.json"),
-            "is not an SDXL UNet (addition_embed_type is not text_time), but model_index.json names StableDiffusionXLPipeline",
-        ));
-    }
     let unet_vb = Vb::new(Weights::load(
         &weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?,
         dtype,
         device,
     )?);
     let unet = UNet2DConditionModel::new(unet_cfg, &unet_vb)?;
-    let width = encoder.shape().width;
-    if unet.config().context_dim() != width {
-        return Err(Error::file(
-            root,
-            format!(
-                "the text encoders give {width} wide embeddings; the UNet's cross_attention_dim is {}",
-                unet.config().context_dim()
-            ),
-        ));
-    }
-
-    // diffusers decodes a half-precision VAE in f32 when its config says force_upcast.
     let vae_dir = root.join("vae");
-    let vae_raw: serde_json::Value = read_json(&vae_dir.join("config.json"))?;
-    let upcast = vae_raw["force_upcast"].as_bool().unwrap_or(true);
-    let vae_dtype = if upcast && dtype == DType::F16 {
-        DType::F32
-    } else {
-        dtype
-    };
+    let vd = vae_dtype(&read_json(&vae_dir.join("config.json"))?, dtype);
     let vae = AutoencoderKL::new(
         VaeConfig::load(&vae_dir.join("config.json"))?,
         &Vb::new(Weights::load(
             &weights_file(&vae_dir, DIFFUSERS_WEIGHTS)?,
-            vae_dtype,
+            vd,
             device,
         )?),
     )?;
-    let vae_scale = vae.config().downscale();
-    let decoder = VaeDecoder::new(vae, vae_dtype, device);
-    let denoiser = SdxlDenoiser {
+    let models = Models {
+        tokenizers: (
+            ClipTokenizer::from_dir(&root.join("tokenizer"))?,
+            ClipTokenizer::from_dir(&root.join("tokenizer_2"))?,
+        ),
+        text_encoder,
+        text_encoder_2,
+        projection,
         unet,
-        sizes: SizeConditioning::default(),
-        vae_scale,
+        vae: (vae, vd),
+        force_zeros,
     };
-    Ok((Box::new(encoder), Box::new(denoiser), Box::new(decoder)))
+    roles(models, root, device)
+}
+
+/// An original SDXL single file (`sd_xl_base_1.0.safetensors`; `all` its tensors), converted
+/// by `single_file::convert_sdxl`; tokenizers from the override folder, else the CLIP
+/// vocabulary built in (padded with "<|endoftext|>" and "!" as SDXL ships them).
+pub fn load_single_file(
+    all: std::collections::HashMap<String, Tensor>,
+    path: &Path,
+    overrides: &crate::single_file::Overrides,
+    dtype: DType,
+    device: &Device,
+    loras: &[crate::lora::Lora],
+) -> Result<crate::Pipeline> {
+    use crate::scheduler::SchedulerConfig;
+    no_loras(loras, path)?;
+    let c = crate::single_file::convert_sdxl(&all, path, overrides)?;
+    drop(all);
+    let label = |what: &str| std::path::PathBuf::from(format!("{} ({what})", path.display()));
+    let vb = |t, what: &str, dtype| Vb::new(Weights::from_tensors(t, &label(what), dtype, device));
+    let text_encoder = ClipTextModel::new(
+        ClipTextConfig::from_value(c.text_config, &label("text encoder config"))?,
+        &vb(c.text_encoder, "text encoder", dtype),
+    )?;
+    let vb2 = vb(c.text_encoder_2, "text encoder 2", dtype);
+    let text_encoder_2 = ClipTextModel::new(
+        ClipTextConfig::from_value(c.text_config_2.clone(), &label("text encoder 2 config"))?,
+        &vb2,
+    )?;
+    let projection = projection(
+        &text_encoder_2,
+        &c.text_config_2,
+        &vb2,
+        &label("text encoder 2 config"),
+    )?;
+    let unet = UNet2DConditionModel::new(
+        UNetConfig::from_value(c.unet_config, &label("unet config"))?,
+        &vb(c.unet, "unet", dtype),
+    )?;
+    let vd = vae_dtype(&c.vae_config, dtype);
+    let vae = AutoencoderKL::new(
+        VaeConfig::from_value(c.vae_config, &label("vae config"))?,
+        &vb(c.vae, "vae", vd),
+    )?;
+    let tok = |rel: &str, pad: &str| -> Result<ClipTokenizer> {
+        match overrides
+            .config_dir
+            .as_ref()
+            .map(|d| d.join(rel))
+            .filter(|d| d.is_dir())
+        {
+            Some(d) => ClipTokenizer::from_dir(&d),
+            None => ClipTokenizer::embedded(pad),
+        }
+    };
+    let models = Models {
+        tokenizers: (tok("tokenizer", "<|endoftext|>")?, tok("tokenizer_2", "!")?),
+        text_encoder,
+        text_encoder_2,
+        projection,
+        unet,
+        vae: (vae, vd),
+        force_zeros: true,
+    };
+    let roles = roles(models, path, device)?;
+    let scheduler = SchedulerConfig::from_value(c.scheduler_config, &label("scheduler config"))?;
+    crate::Pipeline::from_roles(roles, scheduler, path, dtype, device)
 }

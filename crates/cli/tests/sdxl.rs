@@ -244,7 +244,7 @@ fn bad_inputs_on_sdxl_get_one_line_and_exit_code_2() {
         ],
         &["SDXL", "--lora"],
     );
-    // An original-layout SDXL single file.
+    // An original-layout SDXL single file missing its second text encoder.
     let single = dir.join("sd_xl_base_1.0.safetensors");
     let w = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
     candle_core::safetensors::save(
