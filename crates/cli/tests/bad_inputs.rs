@@ -89,10 +89,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     let text = std::fs::read_to_string(&index).unwrap();
     std::fs::write(
         &index,
-        text.replace(
-            "\"StableDiffusionPipeline\"",
-            "\"PixArtAlphaPipeline\"",
-        ),
+        text.replace("\"StableDiffusionPipeline\"", "\"PixArtAlphaPipeline\""),
     )
     .unwrap();
     let emb = |name: &str, t: Tensor| save(&d.join(name), t);
