@@ -627,12 +627,7 @@ fn convert_text_sd1(
 /// off its shapes: OpenAI's quick GELU and heads of width 64.
 fn transformers_text_config(t: &HashMap<String, Tensor>, file: &Path) -> Result<Value> {
     let p = "text_model.";
-    let hidden = dim(
-        &t,
-        &format!("{p}embeddings.token_embedding.weight"),
-        1,
-        file,
-    )?;
+    let hidden = dim(t, &format!("{p}embeddings.token_embedding.weight"), 1, file)?;
     let cfg = json!({
         "vocab_size": dim(t, &format!("{p}embeddings.token_embedding.weight"), 0, file)?,
         "hidden_size": hidden,
