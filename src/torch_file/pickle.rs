@@ -286,16 +286,7 @@ fn parse(data: &[u8]) -> PickleResult<Value> {
             b'J' => stack.push(Value::Int(r.u32()? as i32 as i64)),
             0x8a => {
                 let n = r.u8()? as usize;
-                let bytes = r.take(n)?;
-                if n > 8 {
-                    return Err("integer too large".into());
-                }
-                let mut buf = [0u8; 8];
-                buf[..n].copy_from_slice(bytes);
-                if n > 0 && bytes[n - 1] & 0x80 != 0 {
-                    buf[n..].fill(0xff);
-                }
-                stack.push(Value::Int(i64::from_le_bytes(buf)));
+                stack.push(Value::Int(long_le(r.take(n)?)?));
             }
             b'G' => stack.push(Value::Float(f64::from_be_bytes(
                 r.take(8)?.try_into().unwrap(),
@@ -356,16 +347,7 @@ fn parse(data: &[u8]) -> PickleResult<Value> {
             }
             0x8b => {
                 let n = r.u32()? as usize;
-                let bytes = r.take(n)?;
-                if n > 8 {
-                    return Err("integer too large".into());
-                }
-                let mut buf = [0u8; 8];
-                buf[..n].copy_from_slice(bytes);
-                if n > 0 && bytes[n - 1] & 0x80 != 0 {
-                    buf[n..].fill(0xff);
-                }
-                stack.push(Value::Int(i64::from_le_bytes(buf)));
+                stack.push(Value::Int(long_le(r.take(n)?)?));
             }
             // Sets are kept as lists: nothing here needs their semantics.
             0x8f => stack.push(Value::List(vec![])),
@@ -513,6 +495,20 @@ fn parse(data: &[u8]) -> PickleResult<Value> {
         (Some(_), false) => Err("unexpected extra values in the pickle".into()),
         (None, _) => Err("empty pickle".into()),
     }
+}
+
+/// A LONG1/LONG4 integer: little-endian two's complement of at most 8 bytes.
+fn long_le(bytes: &[u8]) -> PickleResult<i64> {
+    let n = bytes.len();
+    if n > 8 {
+        return Err("integer too large".into());
+    }
+    let mut buf = [0u8; 8];
+    buf[..n].copy_from_slice(bytes);
+    if n > 0 && bytes[n - 1] & 0x80 != 0 {
+        buf[n..].fill(0xff);
+    }
+    Ok(i64::from_le_bytes(buf))
 }
 
 fn push_global(stack: &mut Vec<Value>, module: String, name: String) -> PickleResult<()> {

@@ -9,45 +9,25 @@ macro_rules! repo {
     };
 }
 
+mod support;
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use support::{ok, refused};
 
 const SDXL: &str = repo!("tests/fixtures/parity/sdxl-tiny/pipeline");
 const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
 const SD15_EMB: &str = repo!("../shared/data/reneg-official/sd1.5_reneg_emb.bin");
 const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
 
+/// A fresh folder for this file's `tag`.
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("reneg-sdxl-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::tempdir(&format!("sdxl-{tag}"))
 }
 
-fn reneg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_reneg"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reneg(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{args:?}: {err}");
-    String::from_utf8_lossy(&o.stdout).to_string() + &err
-}
-
-fn refused(args: &[&str], needles: &[&str]) {
-    let o = reneg(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert_eq!(lines.len(), 1, "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{n:?} not in {err}");
-    }
+/// Writes `tensors` as a safetensors file.
+fn save(path: &Path, tensors: Vec<(String, Tensor)>) {
+    candle_core::safetensors::save(&tensors.into_iter().collect(), path).unwrap();
 }
 
 fn png(path: &Path) -> Vec<u8> {
@@ -192,13 +172,7 @@ fn bad_inputs_on_sdxl_get_one_line_and_exit_code_2() {
     // A negative of the right width without its pooled part.
     let only = dir.join("no-pooled.safetensors");
     let t = Tensor::zeros((1, 77, 72), DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &[("negative_prompt_embeds".to_string(), t)]
-            .into_iter()
-            .collect(),
-        &only,
-    )
-    .unwrap();
+    save(&only, vec![("negative_prompt_embeds".to_string(), t)]);
     refused(
         &[
             "generate",
@@ -220,16 +194,13 @@ fn bad_inputs_on_sdxl_get_one_line_and_exit_code_2() {
         Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
         Tensor::zeros((32, 4), DType::F32, &Device::Cpu).unwrap(),
     );
-    candle_core::safetensors::save(
-        &[
+    save(
+        &lora,
+        vec![
             (format!("{key}.lora_down.weight"), down),
             (format!("{key}.lora_up.weight"), up),
-        ]
-        .into_iter()
-        .collect(),
-        &lora,
-    )
-    .unwrap();
+        ],
+    );
     refused(
         &[
             "generate",
@@ -247,16 +218,8 @@ fn bad_inputs_on_sdxl_get_one_line_and_exit_code_2() {
     // An original-layout SDXL single file missing its second text encoder.
     let single = dir.join("sd_xl_base_1.0.safetensors");
     let w = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
-    candle_core::safetensors::save(
-        &[(
-            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight".to_string(),
-            w,
-        )]
-        .into_iter()
-        .collect(),
-        &single,
-    )
-    .unwrap();
+    let name = "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight";
+    save(&single, vec![(name.to_string(), w)]);
     refused(
         &[
             "generate",

@@ -11,46 +11,20 @@ macro_rules! repo {
     };
 }
 
+mod support;
+
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
+use support::{ok, refused};
 
 const CASE: &str = repo!("tests/fixtures/parity/videocrafter2-tiny/model");
 const SD21_EMB: &str = repo!("../shared/data/reneg-official/sd2.1_reneg_emb.bin");
 const EVIL: &str = repo!("tests/fixtures/videocrafter/evil");
 
+/// A fresh folder for this file's `tag`.
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("reneg-vc-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn reneg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_reneg"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = reneg(args);
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(o.status.success(), "{args:?}: {err}");
-    String::from_utf8_lossy(&o.stdout).to_string() + &err
-}
-
-/// One line on stderr, exit code 2, every needle in it.
-fn refused(args: &[&str], needles: &[&str]) {
-    let o = reneg(args);
-    let err = String::from_utf8_lossy(&o.stderr);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
-    assert_eq!(lines.len(), 1, "{err}");
-    for n in needles {
-        assert!(err.contains(n), "{n:?} not in {err}");
-    }
+    support::tempdir(&format!("vc-{tag}"))
 }
 
 fn randn(seed: u64, shape: &[usize], scale: f64) -> Tensor {

@@ -211,6 +211,15 @@ pub fn load(
         ));
     }
     let skip = usize::from(cfg.text.layer == "penultimate");
+    if layers <= skip {
+        return Err(Error::file(
+            file,
+            format!(
+                "has {layers} text blocks: too few for the {} layer",
+                cfg.text.layer
+            ),
+        ));
+    }
     let tower = OpenClipText {
         blocks_used: layers - skip,
         heads,
