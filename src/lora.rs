@@ -4,6 +4,9 @@
 //! text encoder), which AUTOMATIC1111 and ComfyUI load, and diffusers/PEFT's
 //! (`unet.<module>.lora_A.weight` / `lora_B.weight`, or `.lora.down/.lora.up`;
 //! `text_encoder.` for the text encoder), whose alpha is the rank unless the file says.
+//! SDXL's LoRAs name its two text encoders `lora_te1_`/`lora_te2_` (diffusers:
+//! `text_encoder.`/`text_encoder_2.`), and kohya's name its UNet's modules as the original
+//! (sgm) UNet does (`input_blocks_4_1_...`), which [`sgm_module`] maps to diffusers' names.
 //! A module the model does not have is an error naming the file and the module: a LoRA for
 //! another architecture is refused, never half applied.
 
@@ -17,11 +20,25 @@ use std::path::{Path, PathBuf};
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
+}
+
+impl Component {
+    fn label(self) -> &'static str {
+        match self {
+            Component::Unet => "UNet",
+            Component::TextEncoder => "text encoder",
+            Component::TextEncoder2 => "second text encoder (SDXL's text_encoder_2)",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Module {
     component: Component,
+    /// The key prefix the file names the module with (`lora_te_`, `unet.`, ...).
+    prefix: &'static str,
     /// kohya's underscored path, or the dotted module path.
     name: String,
     dotted: bool,
@@ -37,6 +54,18 @@ pub struct Lora {
     pub scale: f64,
     modules: Vec<Module>,
 }
+
+/// The key prefixes of the layouts read: (prefix, component, whether the module path is
+/// dotted). Longer prefixes first (`text_encoder_2.` before `text_encoder.`).
+const PREFIXES: [(&str, Component, bool); 7] = [
+    ("lora_unet_", Component::Unet, false),
+    ("lora_te_", Component::TextEncoder, false),
+    ("lora_te1_", Component::TextEncoder, false),
+    ("lora_te2_", Component::TextEncoder2, false),
+    ("unet.", Component::Unet, true),
+    ("text_encoder_2.", Component::TextEncoder2, true),
+    ("text_encoder.", Component::TextEncoder, true),
+];
 
 /// `FILE` or `FILE:SCALE` (scale 1 by default).
 pub fn parse_spec(spec: &str) -> std::result::Result<(PathBuf, f64), String> {
@@ -63,30 +92,18 @@ impl Lora {
                 format!("not a safetensors LoRA ({e}); convert .pt LoRAs to safetensors"),
             )
         })?;
-        let mut parts: HashMap<(Component, String, bool), [Option<Tensor>; 3]> = HashMap::new();
+        let mut parts: HashMap<(Component, &'static str, String, bool), [Option<Tensor>; 3]> =
+            HashMap::new();
         for (key, t) in tensors {
-            let (component, rest, dotted) = if let Some(r) = key.strip_prefix("lora_unet_") {
-                (Component::Unet, r, false)
-            } else if let Some(r) = key.strip_prefix("lora_te_") {
-                (Component::TextEncoder, r, false)
-            } else if let Some(r) = key.strip_prefix("unet.") {
-                (Component::Unet, r, true)
-            } else if let Some(r) = key.strip_prefix("text_encoder.") {
-                (Component::TextEncoder, r, true)
-            } else if key.starts_with("lora_te1_")
-                || key.starts_with("lora_te2_")
-                || key.starts_with("text_encoder_2.")
-            {
+            let Some(&(prefix, component, dotted)) =
+                PREFIXES.iter().find(|(p, _, _)| key.starts_with(p))
+            else {
                 return Err(Error::file(
                     file,
-                    format!("{key}: a LoRA for SDXL's two text encoders; reneg runs SD 1.x/2.x"),
-                ));
-            } else {
-                return Err(Error::file(
-                    file,
-                    format!("{key}: not a LoRA key of a layout reneg reads (kohya lora_unet_/lora_te_, diffusers/PEFT unet./text_encoder.)"),
+                    format!("{key}: not a LoRA key of a layout reneg reads (kohya lora_unet_/lora_te_/lora_te1_/lora_te2_, diffusers/PEFT unet./text_encoder./text_encoder_2.)"),
                 ));
             };
+            let rest = &key[prefix.len()..];
             let (name, slot) = [
                 (".lora_down.weight", 0),
                 (".lora_up.weight", 1),
@@ -102,11 +119,11 @@ impl Lora {
                 Error::file(file, format!("{key}: not a LoRA down, up or alpha tensor"))
             })?;
             parts
-                .entry((component, name.to_string(), dotted))
+                .entry((component, prefix, name.to_string(), dotted))
                 .or_default()[slot] = Some(t);
         }
         let mut modules = Vec::new();
-        for ((component, name, dotted), [down, up, alpha]) in parts {
+        for ((component, prefix, name, dotted), [down, up, alpha]) in parts {
             let (Some(down), Some(up)) = (down, up) else {
                 return Err(Error::file(
                     file,
@@ -126,6 +143,7 @@ impl Lora {
             };
             modules.push(Module {
                 component,
+                prefix,
                 name,
                 dotted,
                 down: down.to_dtype(DType::F32)?,
@@ -146,11 +164,24 @@ impl Lora {
 
     /// Adds this LoRA's deltas for `component` to `tensors` (the component's state dict,
     /// diffusers or transformers names); returns how many weights changed.
-    pub fn merge(&self, component: Component, tensors: &mut impl StateDict) -> Result<usize> {
+    pub fn merge(&self, component: Component, tensors: &mut dyn StateDict) -> Result<usize> {
         // kohya names a module by its path with '.' as '_' (the text encoder's with its
         // "text_model." prefix); index the model's weights both ways.
         let mut by_underscore: HashMap<String, String> = HashMap::new();
-        for name in tensors.names() {
+        let names = tensors.names();
+        if component == Component::Unet {
+            // kohya's SDXL LoRAs name the UNet's modules as the original UNet does.
+            let blocks = UnetBlocks::of(&names);
+            for name in &names {
+                if let Some(sgm) = name
+                    .strip_suffix(".weight")
+                    .and_then(|m| blocks.sgm_module(m))
+                {
+                    by_underscore.insert(sgm.replace('.', "_"), name.clone());
+                }
+            }
+        }
+        for name in &names {
             if let Some(module) = name.strip_suffix(".weight") {
                 by_underscore.insert(module.replace('.', "_"), name.clone());
                 if !module.starts_with("text_model.") {
@@ -164,9 +195,12 @@ impl Lora {
         let mut changed = 0;
         for m in self.modules.iter().filter(|m| m.component == component) {
             let target = if m.dotted {
+                // transformers 5 writes CLIP text models without `text_model.`, LoRAs saved
+                // beside them too; older files and models have it: either meets either.
+                let bare = m.name.strip_prefix("text_model.").unwrap_or(&m.name);
                 [
-                    format!("{}.weight", m.name),
-                    format!("text_model.{}.weight", m.name),
+                    format!("{bare}.weight"),
+                    format!("text_model.{bare}.weight"),
                 ]
                 .into_iter()
                 .find(|k| tensors.has(k))
@@ -179,10 +213,7 @@ impl Lora {
                     format!(
                         "module {} is not in this model's {}: a LoRA for another architecture",
                         m.name,
-                        match component {
-                            Component::Unet => "UNet",
-                            Component::TextEncoder => "text encoder",
-                        }
+                        component.label()
                     ),
                 ));
             };
@@ -212,7 +243,6 @@ impl Lora {
     }
 }
 
-/// Merges every LoRA's `component` modules into `tensors`.
 /// A component's weights by name, as a LoRA merge reads and changes them: a state dict in
 /// memory, or a mapped checkpoint ([`crate::weights::Weights`]) that reads only what is merged.
 pub trait StateDict {
@@ -255,9 +285,169 @@ impl StateDict for crate::weights::Weights {
     }
 }
 
-pub fn merge_all(loras: &[Lora], component: Component, tensors: &mut impl StateDict) -> Result<()> {
+/// Merges every LoRA into the components of a model (each with its weights), refusing a
+/// LoRA with modules for a component the model does not have (an SDXL LoRA's second text
+/// encoder on SD) and, on a model with two text encoders, kohya's one-encoder `lora_te_`
+/// keys (an SD 1.x/2.x LoRA, whose text modules would land on SDXL's CLIP-L unnoticed).
+pub fn merge_all(loras: &[Lora], model: &mut [(Component, &mut dyn StateDict)]) -> Result<()> {
+    let has = |c: Component| model.iter().any(|(m, _)| *m == c);
     for l in loras {
-        l.merge(component, tensors)?;
+        for m in &l.modules {
+            if !has(m.component) {
+                return Err(Error::file(
+                    &l.file,
+                    format!(
+                        "{}{}: a module of a {} this model does not have (a LoRA for SDXL)",
+                        m.prefix,
+                        m.name,
+                        m.component.label()
+                    ),
+                ));
+            }
+            if m.prefix == "lora_te_" && has(Component::TextEncoder2) {
+                return Err(Error::file(
+                    &l.file,
+                    format!(
+                        "lora_te_{}: an SD 1.x/2.x LoRA (one text encoder); SDXL's LoRAs name lora_te1_ and lora_te2_",
+                        m.name
+                    ),
+                ));
+            }
+        }
+    }
+    for l in loras {
+        for (component, tensors) in model.iter_mut() {
+            l.merge(*component, &mut **tensors)?;
+        }
     }
     Ok(())
+}
+
+/// The layout of a diffusers UNet's blocks, read from its weights' names: what the original
+/// (sgm) UNet numbers its `input_blocks`/`output_blocks` by.
+struct UnetBlocks {
+    /// Resnets per down block (`layers_per_block`).
+    layers: usize,
+    /// Up blocks that have attentions (their upsampler is `.2.` in the original, else `.1.`).
+    up_with_attention: Vec<usize>,
+}
+
+impl UnetBlocks {
+    fn of(names: &[String]) -> Self {
+        let index_after = |prefix: &str, n: &str| -> Option<usize> {
+            n.strip_prefix(prefix)?.split('.').next()?.parse().ok()
+        };
+        let layers = names
+            .iter()
+            .filter_map(|n| index_after("down_blocks.0.resnets.", n))
+            .max()
+            .map_or(0, |m| m + 1);
+        let mut up_with_attention: Vec<usize> = names
+            .iter()
+            .filter(|n| n.contains(".attentions."))
+            .filter_map(|n| index_after("up_blocks.", n))
+            .collect();
+        up_with_attention.sort_unstable();
+        up_with_attention.dedup();
+        Self {
+            layers,
+            up_with_attention,
+        }
+    }
+
+    /// The original UNet's path of the diffusers module `m` (dotted, no `.weight`), as
+    /// single-file checkpoints and kohya's SDXL LoRAs name it; None for a path it does not map.
+    fn sgm_module(&self, m: &str) -> Option<String> {
+        let l = self.layers;
+        let p: Vec<&str> = m.split('.').collect();
+        let num = |i: usize| -> Option<usize> { p.get(i)?.parse().ok() };
+        let rest = |i: usize| p.get(i..).map(|r| r.join(".")).unwrap_or_default();
+        let resnet = |r: &str| -> String {
+            let (head, tail) = r.split_once('.').unwrap_or((r, ""));
+            let head = match head {
+                "norm1" => "in_layers.0",
+                "conv1" => "in_layers.2",
+                "time_emb_proj" => "emb_layers.1",
+                "norm2" => "out_layers.0",
+                "conv2" => "out_layers.3",
+                "conv_shortcut" => "skip_connection",
+                other => other,
+            };
+            if tail.is_empty() {
+                head.to_string()
+            } else {
+                format!("{head}.{tail}")
+            }
+        };
+        let joined = |prefix: String, r: String| -> String {
+            if r.is_empty() {
+                prefix
+            } else {
+                format!("{prefix}.{r}")
+            }
+        };
+        Some(match p[0] {
+            "conv_in" => joined("input_blocks.0.0".into(), rest(1)),
+            "conv_norm_out" => joined("out.0".into(), rest(1)),
+            "conv_out" => joined("out.2".into(), rest(1)),
+            "time_embedding" | "add_embedding" => {
+                let base = if p[0] == "time_embedding" {
+                    "time_embed"
+                } else {
+                    "label_emb.0"
+                };
+                let k = match *p.get(1)? {
+                    "linear_1" => 0,
+                    "linear_2" => 2,
+                    _ => return None,
+                };
+                joined(format!("{base}.{k}"), rest(2))
+            }
+            "down_blocks" => {
+                let b = num(1)?;
+                match *p.get(2)? {
+                    "resnets" => joined(
+                        format!("input_blocks.{}.0", 1 + b * (l + 1) + num(3)?),
+                        resnet(&rest(4)),
+                    ),
+                    "attentions" => joined(
+                        format!("input_blocks.{}.1", 1 + b * (l + 1) + num(3)?),
+                        rest(4),
+                    ),
+                    "downsamplers" => {
+                        joined(format!("input_blocks.{}.0.op", (b + 1) * (l + 1)), rest(5))
+                    }
+                    _ => return None,
+                }
+            }
+            "mid_block" => match *p.get(1)? {
+                "resnets" => joined(format!("middle_block.{}", 2 * num(2)?), resnet(&rest(3))),
+                "attentions" => joined("middle_block.1".into(), rest(3)),
+                _ => return None,
+            },
+            "up_blocks" => {
+                let b = num(1)?;
+                match *p.get(2)? {
+                    "resnets" => joined(
+                        format!("output_blocks.{}.0", b * (l + 1) + num(3)?),
+                        resnet(&rest(4)),
+                    ),
+                    "attentions" => joined(
+                        format!("output_blocks.{}.1", b * (l + 1) + num(3)?),
+                        rest(4),
+                    ),
+                    "upsamplers" => {
+                        let k = if self.up_with_attention.contains(&b) {
+                            2
+                        } else {
+                            1
+                        };
+                        joined(format!("output_blocks.{}.{k}", b * (l + 1) + l), rest(4))
+                    }
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        })
+    }
 }

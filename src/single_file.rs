@@ -878,12 +878,16 @@ pub fn load_tensors(
         return load(&Files::of_file(path, config), all, dtype, device, loras);
     }
     let mut c = convert_tensors(all, path, overrides)?;
-    crate::lora::merge_all(loras, crate::lora::Component::Unet, &mut c.unet)?;
-    crate::lora::merge_all(
-        loras,
-        crate::lora::Component::TextEncoder,
-        &mut c.text_encoder,
-    )?;
+    {
+        use crate::lora::{merge_all, Component};
+        merge_all(
+            loras,
+            &mut [
+                (Component::Unet, &mut c.unet),
+                (Component::TextEncoder, &mut c.text_encoder),
+            ],
+        )?;
+    }
     let label = |what: &str| PathBuf::from(format!("{} ({what})", path.display()));
     let vb = |t: HashMap<String, Tensor>, what: &str| {
         Vb::new(Weights::from_tensors(t, &label(what), dtype, device))

@@ -53,6 +53,15 @@ fn merged_loras_give_diffusers_fused_outputs_in_both_layouts() {
     }
 }
 
+/// The error of loading the tiny SD pipeline with the LoRA in `p`.
+fn refusal(p: &Path) -> String {
+    let lora = Lora::load(p, 1.0).unwrap();
+    Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
+        .err()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn loras_for_other_models_are_refused_by_name() {
     let dir = std::env::temp_dir().join(format!("reneg-lora-{}", std::process::id()));
@@ -81,11 +90,7 @@ fn loras_for_other_models_are_refused_by_name() {
             ),
         ],
     );
-    let lora = Lora::load(&p, 1.0).unwrap();
-    let e = Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refusal(&p);
     assert!(
         e.contains("other.safetensors")
             && e.contains("down_blocks_2")
@@ -100,22 +105,27 @@ fn loras_for_other_models_are_refused_by_name() {
             ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", t(&[320, 4])),
         ],
     );
-    let lora = Lora::load(&p, 1.0).unwrap();
-    let e = Pipeline::load_with_loras(Path::new(PIPE), DType::F32, &Device::Cpu, &[lora])
-        .err()
-        .unwrap()
-        .to_string();
+    let e = refusal(&p);
     assert!(e.contains("wide.safetensors") && e.contains("to_q"), "{e}");
-    // SDXL's two text encoders.
+    // SDXL's second text encoder has no place in SD: refused, not left out.
     let p = write(
         "xl.safetensors",
-        &[(
-            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
-            t(&[4, 32]),
-        )],
+        &[
+            (
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                t(&[4, 32]),
+            ),
+            (
+                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+                t(&[37, 4]),
+            ),
+        ],
     );
-    let e = Lora::load(&p, 1.0).unwrap_err().to_string();
-    assert!(e.contains("SDXL"), "{e}");
+    let e = refusal(&p);
+    assert!(
+        e.contains("xl.safetensors") && e.contains("lora_te2_") && e.contains("SDXL"),
+        "{e}"
+    );
     assert_eq!(
         parse_spec("a/b.safetensors:0.5").unwrap(),
         ("a/b.safetensors".into(), 0.5)

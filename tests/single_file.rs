@@ -229,3 +229,98 @@ fn sdxl_single_file_matches_the_folder_and_its_structure_is_inferred() {
     );
     assert_eq!(c.vae_config["scaling_factor"], 0.13025);
 }
+
+/// A kohya LoRA naming every UNet module of `file` (an original single file) as the original
+/// UNet does (`lora_unet_input_blocks_4_1_..._to_q`, as kohya writes SDXL LoRAs), rank 2 with
+/// seeded values, and a copy of `file` with each delta already added to its weight: the
+/// single-file converter (checked against diffusers' own) is then the reference of where each
+/// original name lands among diffusers' names.
+fn original_names_lora(file: &Path, out: &Path) -> (PathBuf, PathBuf) {
+    let mut all = reneg::model_file::read(file).unwrap();
+    let mut lora: Vec<(String, Tensor)> = Vec::new();
+    let mut keys: Vec<String> = all.keys().cloned().collect();
+    keys.sort();
+    for (i, key) in keys.iter().enumerate() {
+        let Some(module) = key
+            .strip_prefix("model.diffusion_model.")
+            .and_then(|k| k.strip_suffix(".weight"))
+        else {
+            continue;
+        };
+        let w = all[key].to_dtype(DType::F32).unwrap();
+        if w.rank() < 2 {
+            continue; // norms: LoRAs do not adapt them
+        }
+        let dims = w.dims().to_vec();
+        let (r, out_dim) = (2, dims[0]);
+        let mut down_shape = dims.clone();
+        down_shape[0] = r;
+        let mut up_shape = vec![out_dim, r];
+        up_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
+        let scale = |t: Tensor| (t * 0.05).unwrap().to_dtype(DType::F32).unwrap();
+        let down = scale(common::randn(2 * i as u64, &down_shape));
+        let up = scale(common::randn(2 * i as u64 + 1, &up_shape));
+        let delta = up
+            .flatten_from(1)
+            .unwrap()
+            .matmul(&down.flatten_from(1).unwrap())
+            .unwrap()
+            .reshape(dims.as_slice())
+            .unwrap();
+        all.insert(key.clone(), (w + delta).unwrap());
+        let name = format!("lora_unet_{}", module.replace('.', "_"));
+        lora.push((format!("{name}.lora_down.weight"), down));
+        lora.push((format!("{name}.lora_up.weight"), up));
+    }
+    assert!(
+        lora.len() > 40,
+        "the file has few UNet modules: {}",
+        lora.len()
+    );
+    std::fs::create_dir_all(out).unwrap();
+    let (lora_file, merged) = (out.join("lora.safetensors"), out.join("merged.safetensors"));
+    candle_core::safetensors::save(&lora.into_iter().collect(), &lora_file).unwrap();
+    candle_core::safetensors::save(&all, &merged).unwrap();
+    (lora_file, merged)
+}
+
+/// kohya's SDXL LoRAs name UNet modules as the original UNet does; merged into the folder
+/// and into the single file they give exactly the image of the single file whose weights had
+/// the deltas added before conversion. SD 1.5's tiny model covers an up block without
+/// attention whose upsampler is the original's `.1.` (SDXL's are `.2.`).
+#[test]
+fn kohya_original_unet_names_land_where_the_single_file_converter_puts_them() {
+    use reneg::lora::Lora;
+    for name in ["sdxl-tiny", "sd15-tiny"] {
+        let dir = case(name);
+        let file = dir.join("single_file.safetensors");
+        let tmp =
+            std::env::temp_dir().join(format!("reneg-sgm-lora-{name}-{}", std::process::id()));
+        let (lora_file, merged) = original_names_lora(&file, &tmp);
+        let ov = Overrides {
+            config_dir: Some(dir.join("pipeline")),
+            prediction_type: None,
+        };
+        let lora = || vec![Lora::load(&lora_file, 1.0).unwrap()];
+        let mut reference = single_file::load(&merged, &ov, DType::F32, &Device::Cpu).unwrap();
+        let mut single =
+            single_file::load_with_loras(&file, &ov, DType::F32, &Device::Cpu, &lora()).unwrap();
+        let mut folder =
+            Pipeline::load_with_loras(&dir.join("pipeline"), DType::F32, &Device::Cpu, &lora())
+                .unwrap();
+        let plain = image(
+            &mut single_file::load(&file, &ov, DType::F32, &Device::Cpu).unwrap(),
+            &dir,
+        );
+        let want = image(&mut reference, &dir);
+        assert!(
+            max_abs_diff(&plain, &want) > 1e-3,
+            "{name}: the LoRA's deltas do not change the image"
+        );
+        for (what, sd) in [("single file", &mut single), ("folder", &mut folder)] {
+            let d = max_abs_diff(&image(sd, &dir), &want);
+            assert!(d < 1e-5, "{name} {what} + LoRA differs by {d}");
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+}

@@ -178,6 +178,21 @@ plants = [
  ("11d lvdm's uniform timesteps cut to the steps asked", "src/scheduler/schedule.rs",
   """        TimestepSpacing::Uniform => (0..t)""", """        TimestepSpacing::Uniform => (0..t / steps * steps)""",
   T("--test", "parity", "--test", "videocrafter")),
+ ("12a SDXL's pooled embedding at the end of text with an inversion in the prompt", "src/family/sdxl.rs",
+  """                PromptSyntax::Plain => self.added_token_ids(c2)?,""", """                PromptSyntax::Plain => ids_2.clone(),""",
+  T("--test", "sdxl_extras")),
+ ("12b the original UNet's upsampler index always .2.", "src/lora.rs",
+  """let k = if self.up_with_attention.contains(&b) {""", """let k = if true {""",
+  T("--test", "single_file", "--", "kohya")),
+ ("12c A1111 emphasis on the two encoders' concatenation", "src/family/sdxl.rs",
+  """            embeds.push(Tensor::cat(&[&h1, &h2], 2)?);""", """            embeds.push(c.emphasize(Tensor::cat(&[&h1.clone(), &h2], 2)?)?); let _ = (h1, h2);""",
+  T("--test", "sdxl_extras")),
+ ("12d SDXL clip skip read one layer late", "src/models/clip_text.rs",
+  """        let read = self.layers.len() - 1 - self.clip_skip;""", """        let read = self.layers.len() - 1 - self.clip_skip.saturating_sub(1);""",
+  T("--test", "sdxl_extras")),
+ ("12e a transformers-4 PEFT text key misses a transformers-5 model", "src/lora.rs",
+  """                let bare = m.name.strip_prefix("text_model.").unwrap_or(&m.name);""", """                let bare = m.name.as_str();""",
+  T("--test", "sdxl_extras", "--", "transformers_4")),
 ]
 
 

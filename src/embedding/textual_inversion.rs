@@ -4,6 +4,9 @@
 //! `emb_params` safetensors both UIs load, and diffusers' `learned_embeds.bin` / safetensors
 //! (`{token: vector}`). PyTorch files are read without running code.
 //!
+//! SDXL's embeddings (e.g. negativeXL) hold one set of vectors per text encoder, `clip_l` for
+//! the first (CLIP ViT-L) and `clip_g` for the second (OpenCLIP bigG), in one safetensors file.
+//!
 //! A prompt names an embedding by its name as a word (`easynegative, blurry`) or ComfyUI's
 //! `embedding:easynegative`; the name's place in the token sequence takes the `n` vectors.
 
@@ -16,8 +19,12 @@ use std::path::Path;
 pub struct TextualInversion {
     /// The name prompts use (matched as a whole word, ignoring ASCII case).
     pub name: String,
-    /// `[n, width]` f32 on the CPU: one input token embedding per vector.
+    /// `[n, width]` f32 on the CPU: one input token embedding per vector (SDXL's: `clip_l`,
+    /// for the first text encoder).
     pub vectors: Tensor,
+    /// SDXL's `clip_g` `[n, width_2]`, for the second text encoder; None for a one-encoder
+    /// embedding.
+    pub vectors_2: Option<Tensor>,
 }
 
 /// A file's tensors as `(name, tensor)`, from safetensors or a `torch.save` dict.
@@ -49,18 +56,42 @@ impl TextualInversion {
     /// Loads the embedding in `path` under `name`.
     pub fn load(path: &Path, name: &str) -> Result<Self> {
         let tensors = tensors_of(path)?;
+        let get = |k: &str| tensors.iter().find(|(n, _)| n == k).map(|(_, t)| t);
+        if let (Some(l), Some(g)) = (get("clip_l"), get("clip_g")) {
+            let vectors = Self::vectors(l, path)?;
+            let vectors_2 = Self::vectors(g, path)?;
+            if vectors.dim(0)? != vectors_2.dim(0)? {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "clip_l holds {} vectors and clip_g {}; an SDXL embedding has as many of each",
+                        vectors.dim(0)?,
+                        vectors_2.dim(0)?
+                    ),
+                ));
+            }
+            return Self::named(name, vectors, Some(vectors_2), path);
+        }
+        if let Some(k) = ["clip_l", "clip_g"].into_iter().find(|k| get(k).is_some()) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "holds {k} without {}: an SDXL embedding needs both parts",
+                    if k == "clip_l" { "clip_g" } else { "clip_l" }
+                ),
+            ));
+        }
         // A1111 .pt: string_to_param.<token>; UIs' safetensors: emb_params; diffusers: the
         // only tensor, keyed by its token.
-        let pick = tensors
-            .iter()
-            .find(|(k, _)| k == "emb_params")
+        let pick = get("emb_params")
             .or_else(|| {
                 tensors
                     .iter()
                     .find(|(k, _)| k.starts_with("string_to_param."))
+                    .map(|(_, t)| t)
             })
-            .or_else(|| (tensors.len() == 1).then(|| &tensors[0]));
-        let Some((_, t)) = pick else {
+            .or_else(|| (tensors.len() == 1).then(|| &tensors[0].1));
+        let Some(t) = pick else {
             let names: Vec<&str> = tensors.iter().map(|(k, _)| k.as_str()).collect();
             return Err(Error::file(
                 path,
@@ -69,6 +100,11 @@ impl TextualInversion {
                 ),
             ));
         };
+        Self::named(name, Self::vectors(t, path)?, None, path)
+    }
+
+    /// `t` as `[n, width]` f32 vectors (a single vector may be stored as `[width]`).
+    fn vectors(t: &Tensor, path: &Path) -> Result<Tensor> {
         if !matches!(
             t.dtype(),
             DType::F32 | DType::F16 | DType::BF16 | DType::F64
@@ -97,6 +133,10 @@ impl TextualInversion {
         if vectors.elem_count() == 0 {
             return Err(Error::file(path, "holds no vectors"));
         }
+        Ok(vectors.to_dtype(DType::F32)?)
+    }
+
+    fn named(name: &str, vectors: Tensor, vectors_2: Option<Tensor>, path: &Path) -> Result<Self> {
         if !name_is_valid(name) {
             return Err(Error::file(
                 path,
@@ -105,7 +145,8 @@ impl TextualInversion {
         }
         Ok(Self {
             name: name.to_string(),
-            vectors: vectors.to_dtype(DType::F32)?,
+            vectors,
+            vectors_2,
         })
     }
 

@@ -7,6 +7,7 @@
 //! Adding a family: a variant here with its pipeline classes, a module beside `sd.rs` that
 //! loads its roles, and one arm in [`Family::load_folder`] (docs/ARCHITECTURE.md's checklist).
 
+pub mod clip_prompt;
 pub mod roles;
 pub mod sd;
 pub mod sdxl;

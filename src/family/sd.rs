@@ -71,13 +71,18 @@ pub fn load_folder(
     let te_dir = root.join("text_encoder");
     let te_cfg = ClipTextConfig::load(&te_dir.join("config.json"))?;
     let mut te_w = Weights::load(&weights_file(&te_dir, TRANSFORMERS_WEIGHTS)?, dtype, device)?;
-    merge_all(loras, Component::TextEncoder, &mut te_w)?;
-    let text_encoder = ClipTextModel::new(te_cfg, &Vb::new(te_w))?;
-
     let unet_dir = root.join("unet");
     let unet_cfg = UNetConfig::load(&unet_dir.join("config.json"))?;
     let mut unet_w = Weights::load(&weights_file(&unet_dir, DIFFUSERS_WEIGHTS)?, dtype, device)?;
-    merge_all(loras, Component::Unet, &mut unet_w)?;
+    merge_all(
+        loras,
+        &mut [
+            (Component::TextEncoder, &mut te_w),
+            (Component::Unet, &mut unet_w),
+        ],
+    )?;
+    let text_encoder = ClipTextModel::new(te_cfg, &Vb::new(te_w))?;
+
     if let Some(f) = family {
         f.check_unet(root, unet_cfg.video)?;
     }
@@ -173,88 +178,23 @@ impl ClipEncoder {
     /// names of textual-inversion embeddings take their vectors' places, and a text without
     /// syntax, names or more than 75 tokens is encoded exactly as transformers does.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
-        use crate::embedding::textual_inversion::{split, Piece};
-        use crate::prompt_syntax::{is_plain, parse, Part, PromptSyntax};
-        let a1111 = self.prompt_syntax == PromptSyntax::A1111;
-        let names: Vec<&str> = self
-            .textual_inversions
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect();
-        let tok = &self.tokenizer;
-        let chunk_len = tok.max_len() - 2;
-        // Split even without embeddings loaded: `embedding:NAME` must name a loaded one.
-        let has_names = split(text, &names)
-            .map_err(Error::Invalid)?
-            .iter()
-            .any(|p| matches!(p, Piece::Embedding(_)));
-        if !has_names && (!a1111 || (is_plain(text) && tok.tokens(text).len() <= chunk_len)) {
-            return self.text_encoder.forward(&self.tokenize(text)?);
-        }
-        let parts = if a1111 {
-            parse(text)
-        } else {
-            vec![Part::Text(text.to_string(), 1.0)]
+        use super::clip_prompt::{chunks, Encoding};
+        let list = match chunks(
+            text,
+            &self.tokenizer,
+            &self.textual_inversions,
+            self.prompt_syntax,
+        )? {
+            Encoding::Plain => return self.text_encoder.forward(&self.tokenize(text)?),
+            Encoding::Chunks(list) => list,
         };
-        // Tokens with their weights and (for embeddings) vectors; None marks BREAK.
-        let mut items: Vec<Option<(u32, f64, Option<Tensor>)>> = Vec::new();
-        for part in parts {
-            match part {
-                Part::Break => items.push(None),
-                Part::Text(t, w) => {
-                    for piece in split(&t, &names).map_err(Error::Invalid)? {
-                        match piece {
-                            Piece::Text(t) => items
-                                .extend(tok.tokens(t).into_iter().map(|id| Some((id, w, None)))),
-                            Piece::Embedding(j) => {
-                                let ti = &self.textual_inversions[j];
-                                for k in 0..ti.len() {
-                                    // A placeholder id; its input embedding is replaced.
-                                    items.push(Some((tok.bos_id(), w, Some(ti.vectors.get(k)?))));
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let chunks = if a1111 {
-            chunk_tokens(items, chunk_len, tok.tokens(",").first().copied())
-        } else {
-            // One chunk, cut at 75 tokens as the tokenizer cuts a plain prompt.
-            vec![items.into_iter().flatten().take(chunk_len).collect()]
-        };
-        let mut outs = Vec::with_capacity(chunks.len());
-        for chunk in chunks {
-            let mut ids = vec![tok.bos_id()];
-            let mut weights = vec![1f32];
-            let mut overrides: Vec<(usize, Tensor)> = Vec::new();
-            for (id, w, v) in chunk {
-                if let Some(v) = v {
-                    overrides.push((ids.len(), v));
-                }
-                ids.push(id);
-                weights.push(w as f32);
-            }
-            ids.push(tok.eos_id());
-            ids.resize(tok.max_len(), tok.pad_id());
-            weights.resize(tok.max_len(), 1.0);
-            let n = ids.len();
-            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let mut outs = Vec::with_capacity(list.len());
+        for chunk in &list {
+            let overrides = chunk.overrides(|t| Some(&t.vectors), &self.textual_inversions)?;
             let z = self
                 .text_encoder
-                .forward_with_token_embeddings(&ids, &overrides)?;
-            let z = if weights.iter().all(|&w| w == 1.0) {
-                z
-            } else {
-                // A1111: scale each token's output, then the chunk back to its mean.
-                let w = Tensor::from_vec(weights, (1, n, 1), &self.device)?.to_dtype(z.dtype())?;
-                let before = z.mean_all()?;
-                let scaled = z.broadcast_mul(&w)?;
-                let after = scaled.mean_all()?;
-                scaled.broadcast_mul(&(before / after)?)?
-            };
-            outs.push(z);
+                .forward_with_token_embeddings(&chunk.ids_tensor(&self.device)?, &overrides)?;
+            outs.push(chunk.emphasize(z)?);
         }
         Ok(Tensor::cat(&outs, 1)?)
     }
@@ -263,46 +203,13 @@ impl ClipEncoder {
     /// equal by appending the empty prompt's chunk to the shorter ones, as A1111 pads the
     /// shorter of prompt and negative, and concatenated along the batch: `[sum b_i, L, D]`.
     pub fn cat_contexts(&self, contexts: &[&Tensor]) -> Result<Tensor> {
-        let longest = contexts
-            .iter()
-            .map(|t| t.dim(1))
-            .collect::<candle_core::Result<Vec<_>>>()?
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-        if contexts
-            .iter()
-            .all(|t| t.dim(1).is_ok_and(|l| l == longest))
-        {
-            return Ok(Tensor::cat(contexts, 0)?);
-        }
-        let empty = match self.empty_chunk.get() {
-            Some(e) => e.clone(),
-            None => {
-                let e = self.text_encoder.forward(&self.tokenize("")?)?;
-                self.empty_chunk.get_or_init(|| e).clone()
+        super::clip_prompt::pad_and_cat(contexts, || {
+            if let Some(e) = self.empty_chunk.get() {
+                return Ok(e.clone());
             }
-        };
-        let chunk = empty.dim(1)?;
-        let padded = contexts
-            .iter()
-            .map(|t| {
-                let (b, l, _) = t.dims3()?;
-                if l == longest {
-                    return Ok((*t).clone());
-                }
-                if (longest - l) % chunk != 0 {
-                    return Err(Error::Invalid(format!(
-                        "prompt embeddings of {l} and {longest} tokens cannot be padded to one length in chunks of {chunk}"
-                    )));
-                }
-                let fill = empty
-                    .to_dtype(t.dtype())?
-                    .repeat((b, (longest - l) / chunk, 1))?;
-                Ok(Tensor::cat(&[*t, &fill], 1)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&padded, 0)?)
+            let e = self.text_encoder.forward(&self.tokenize("")?)?;
+            Ok(self.empty_chunk.get_or_init(|| e).clone())
+        })
     }
 }
 
@@ -327,18 +234,17 @@ impl PromptEncoder for ClipEncoder {
     }
 
     fn check_prompt(&self, text: &str) -> Result<()> {
-        let names: Vec<&str> = self
-            .textual_inversions
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect();
-        crate::embedding::textual_inversion::split(text, &names)
-            .map(|_| ())
-            .map_err(Error::Invalid)
+        super::clip_prompt::check(text, &self.textual_inversions)
     }
 
     /// Replaces one of the same name; refuses vectors of another width (another family's).
     fn add_textual_inversion(&mut self, ti: TextualInversion, path: &Path) -> Result<()> {
+        if ti.vectors_2.is_some() {
+            return Err(Error::file(
+                path,
+                "is an SDXL embedding (clip_l and clip_g parts); this model has one text encoder",
+            ));
+        }
         let width = self.text_encoder.hidden_size();
         if ti.width() != width {
             return Err(Error::file(
@@ -653,64 +559,6 @@ impl Decoder for VaeDecoder {
     fn as_any(&self) -> &dyn Any {
         self
     }
-}
-
-/// A1111's chunking: tokens (id, weight, vector) into chunks of at most `len`. A full chunk
-/// ends after its last comma when that comma is within the last 20 tokens (the rest moves
-/// to the next chunk); `None` (BREAK) ends a chunk; a textual-inversion embedding's vectors
-/// stay in one chunk. An empty prompt is one empty chunk.
-type Token = (u32, f64, Option<Tensor>);
-
-fn chunk_tokens(items: Vec<Option<Token>>, len: usize, comma: Option<u32>) -> Vec<Vec<Token>> {
-    const COMMA_BACKTRACK: usize = 20;
-    let mut chunks: Vec<Vec<Token>> = Vec::new();
-    let mut chunk: Vec<Token> = Vec::new();
-    let mut last_comma: Option<usize> = None;
-    let mut i = 0;
-    while i < items.len() {
-        let Some(item) = &items[i] else {
-            chunks.push(std::mem::take(&mut chunk));
-            last_comma = None;
-            i += 1;
-            continue;
-        };
-        if Some(item.0) == comma && item.2.is_none() {
-            last_comma = Some(chunk.len());
-        } else if chunk.len() == len {
-            if let Some(c) = last_comma.filter(|&c| len - c <= COMMA_BACKTRACK) {
-                let moved = chunk.split_off(c + 1);
-                chunks.push(std::mem::replace(&mut chunk, moved));
-                last_comma = None;
-            }
-        }
-        if chunk.len() == len {
-            chunks.push(std::mem::take(&mut chunk));
-            last_comma = None;
-        }
-        if item.2.is_some() {
-            // An embedding's vectors are not split across chunks.
-            let run = items[i..]
-                .iter()
-                .take_while(|t| t.as_ref().is_some_and(|t| t.2.is_some()))
-                .count()
-                .min(len);
-            if chunk.len() + run > len {
-                chunks.push(std::mem::take(&mut chunk));
-                last_comma = None;
-            }
-            for t in items[i..i + run].iter().flatten() {
-                chunk.push(t.clone());
-            }
-            i += run;
-            continue;
-        }
-        chunk.push(item.clone());
-        i += 1;
-    }
-    if !chunk.is_empty() || chunks.is_empty() {
-        chunks.push(chunk);
-    }
-    chunks
 }
 
 impl crate::Pipeline {

@@ -173,6 +173,16 @@ impl ClipTextModel {
         input_ids: &Tensor,
         overrides: &[(usize, Tensor)],
     ) -> Result<Tensor> {
+        let xs = self.embed(input_ids, overrides)?;
+        let xs = self.layers(xs, self.layers.len() - self.clip_skip)?;
+        // Prompt embeddings leave the model in f32 under autocast (`crate::precision`).
+        let out = self.final_layer_norm.forward(&xs)?;
+        Ok(out.to_dtype(crate::precision::activation_dtype(out.dtype()))?)
+    }
+
+    /// Token plus position embeddings of `input_ids` `[b, n]`, the token embeddings at the
+    /// positions of `overrides` replaced (of the first sequence, counting along the batch).
+    fn embed(&self, input_ids: &Tensor, overrides: &[(usize, Tensor)]) -> Result<Tensor> {
         let (b, n) = input_ids.dims2()?;
         if n > self.cfg.max_position_embeddings {
             return Err(crate::Error::Invalid(format!(
@@ -204,11 +214,7 @@ impl ClipTextModel {
         }
         let tok = tok.reshape((b, n, self.cfg.hidden_size))?;
         let pos = self.position_embedding.narrow(0, 0, n)?;
-        let xs = tok.broadcast_add(&pos)?;
-        let xs = self.layers(xs, self.layers.len() - self.clip_skip)?;
-        // Prompt embeddings leave the model in f32 under autocast (`crate::precision`).
-        let out = self.final_layer_norm.forward(&xs)?;
-        Ok(out.to_dtype(crate::precision::activation_dtype(out.dtype()))?)
+        Ok(tok.broadcast_add(&pos)?)
     }
 
     /// The first `count` layers on the embedded tokens `xs`, with the causal mask.
@@ -226,32 +232,38 @@ impl ClipTextModel {
     }
 
     /// SDXL's two readings of one pass: the hidden state entering the last layer
-    /// (transformers' `hidden_states[-2]`, no final layer norm), and the last layer's output
-    /// through the final layer norm (whose end-of-text row is the pooled output).
+    /// (transformers' `hidden_states[-2]`, no final layer norm; with clip skip s, the one s
+    /// layers earlier, diffusers' SDXL `hidden_states[-(s + 2)]`), and the last layer's output
+    /// through the final layer norm (whose end-of-text row is the pooled output, whatever the
+    /// clip skip). `overrides` replace input token embeddings as in
+    /// [`Self::forward_with_token_embeddings`].
     ///
     /// # Shapes
     /// `input_ids`: `[b, n]` -> (`[b, n, hidden]`, `[b, n, hidden]`)
-    pub fn penultimate_and_last(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, n) = input_ids.dims2()?;
-        if n > self.cfg.max_position_embeddings || self.layers.len() < 2 {
-            return Err(crate::Error::Invalid(format!(
-                "an SDXL text encoder needs at most {} tokens and two layers",
-                self.cfg.max_position_embeddings
-            )));
+    pub fn penultimate_and_last(
+        &self,
+        input_ids: &Tensor,
+        overrides: &[(usize, Tensor)],
+    ) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() < 2 {
+            return Err(crate::Error::Invalid(
+                "an SDXL text encoder needs at least two layers".into(),
+            ));
         }
-        let ids = input_ids.to_dtype(DType::U32)?.flatten_all()?;
-        let tok =
-            self.token_embedding
-                .index_select(&ids, 0)?
-                .reshape((b, n, self.cfg.hidden_size))?;
-        let xs = tok.broadcast_add(&self.position_embedding.narrow(0, 0, n)?)?;
-        let pen = self.layers(xs, self.layers.len() - 1)?;
-        let last = self.layers[self.layers.len() - 1].forward(
-            &pen,
-            Some(&causal_mask(n, pen.dtype(), pen.device())?),
-            self.cfg.num_attention_heads,
-            self.cfg.hidden_act,
-        )?;
+        let xs = self.embed(input_ids, overrides)?;
+        let n = xs.dim(1)?;
+        let read = self.layers.len() - 1 - self.clip_skip;
+        let pen = self.layers(xs, read)?;
+        let mask = causal_mask(n, pen.dtype(), pen.device())?;
+        let mut last = pen.clone();
+        for layer in &self.layers[read..] {
+            last = layer.forward(
+                &last,
+                Some(&mask),
+                self.cfg.num_attention_heads,
+                self.cfg.hidden_act,
+            )?;
+        }
         let last = self.final_layer_norm.forward(&last)?;
         let f32 = |t: Tensor| t.to_dtype(crate::precision::activation_dtype(t.dtype()));
         Ok((f32(pen)?, f32(last)?))

@@ -18,6 +18,10 @@ use support::{ok, refused};
 const SDXL: &str = repo!("tests/fixtures/parity/sdxl-tiny/pipeline");
 const SD15: &str = repo!("tests/fixtures/parity/sd15-tiny/pipeline");
 const SD15_EMB: &str = repo!("../shared/data/reneg-official/sd1.5_reneg_emb.bin");
+const EXTRAS_SD15_LORA: &str = repo!("tests/fixtures/sdxl_extras/sd15_lora.safetensors");
+const EXTRAS_SD15_TI: &str = repo!("tests/fixtures/sdxl_extras/sd15_only.safetensors");
+const NEGXL: &str = repo!("tests/fixtures/sdxl_extras/negxl.safetensors");
+const KOHYA_XL: &str = repo!("tests/fixtures/sdxl_extras/kohya.safetensors");
 const AESTHETIC: &str = repo!("tests/fixtures/parity/reward-aesthetic/reward");
 
 /// A fresh folder for this file's `tag`.
@@ -122,6 +126,50 @@ fn train_learns_both_parts_from_zeros_and_generate_applies_them() {
     );
 }
 
+/// A community-style negative (two-part textual inversion) in the negative prompt, a kohya
+/// SDXL LoRA, A1111 syntax and clip skip on one run: each changes the image (their numbers
+/// against diffusers are tests/sdxl_extras.rs's), and the run records them.
+#[test]
+fn sdxl_inversions_loras_syntax_and_clip_skip_run_from_the_cli() {
+    let image = |out: &Path| png(&out.join("00000-seed1.png"));
+    let ti = format!("negxl={NEGXL}");
+    let lora = format!("{KOHYA_XL}:0.7");
+    // Each option against the same negative prompt without it.
+    for (tag, negative, option) in [
+        ("ti", "blurry, negxl", ["--embedding", ti.as_str()]),
+        ("lora", "blurry", ["--lora", lora.as_str()]),
+        ("a1111", "(blurry:1.5)", ["--prompt-syntax", "a1111"]),
+        ("skip", "blurry", ["--clip-skip", "1"]),
+    ] {
+        let without = generate(&format!("{tag}-without"), &["--negative-prompt", negative]);
+        let with = generate(
+            &format!("{tag}-with"),
+            &["--negative-prompt", negative, option[0], option[1]],
+        );
+        assert_ne!(
+            image(&with),
+            image(&without),
+            "{tag} did not change the image"
+        );
+    }
+    // The name must be loaded: a negative naming an unknown embedding is refused.
+    let o = tempdir("extras-unknown");
+    refused(
+        &[
+            "generate",
+            "--model",
+            SDXL,
+            "--prompt",
+            "x",
+            "--negative-prompt",
+            "embedding:negxl",
+            "--out",
+            o.to_str().unwrap(),
+        ],
+        &["negxl", "--embedding"],
+    );
+}
+
 #[test]
 fn size_conditioning_changes_the_image_and_is_recorded() {
     let plain = generate("sizes-plain", &[]);
@@ -187,34 +235,26 @@ fn bad_inputs_on_sdxl_get_one_line_and_exit_code_2() {
         ],
         &["no-pooled.safetensors", "pooled"],
     );
-    // A LoRA (SDXL LoRAs are not merged yet).
-    let lora = dir.join("lora.safetensors");
-    let key = "lora_unet_down_blocks_1_attentions_0_proj_in";
-    let (down, up) = (
-        Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros((32, 4), DType::F32, &Device::Cpu).unwrap(),
-    );
-    save(
-        &lora,
-        vec![
-            (format!("{key}.lora_down.weight"), down),
-            (format!("{key}.lora_up.weight"), up),
-        ],
-    );
-    refused(
-        &[
-            "generate",
-            "--model",
-            SDXL,
-            "--prompt",
-            "x",
+    // An SD 1.5 LoRA (kohya's one-encoder lora_te_) and an SD 1.5 textual inversion.
+    for (flag, file, words) in [
+        (
             "--lora",
-            lora.to_str().unwrap(),
-            "--out",
-            o,
-        ],
-        &["SDXL", "--lora"],
-    );
+            EXTRAS_SD15_LORA,
+            &["sd15_lora.safetensors", "SD 1.x/2.x"][..],
+        ),
+        (
+            "--embedding",
+            EXTRAS_SD15_TI,
+            &["sd15_only.safetensors", "clip_g"][..],
+        ),
+    ] {
+        refused(
+            &[
+                "generate", "--model", SDXL, "--prompt", "x", flag, file, "--out", o,
+            ],
+            words,
+        );
+    }
     // An original-layout SDXL single file missing its second text encoder.
     let single = dir.join("sd_xl_base_1.0.safetensors");
     let w = Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();

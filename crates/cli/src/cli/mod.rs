@@ -99,13 +99,13 @@ pub struct ModelArgs {
     #[arg(long)]
     pub prediction_type: Option<String>,
     /// A textual-inversion embedding (A1111 .pt, emb_params .safetensors, diffusers
-    /// learned_embeds) that prompts and negative prompts may use by name, as NAME=FILE or FILE
-    /// (the name is the file's stem); write the name as a word or as embedding:NAME. Repeat
-    /// for several.
+    /// learned_embeds; for SDXL a clip_l + clip_g .safetensors) that prompts and negative
+    /// prompts may use by name, as NAME=FILE or FILE (the name is the file's stem); write the
+    /// name as a word or as embedding:NAME. Repeat for several.
     #[arg(long = "embedding", value_name = "NAME=FILE")]
     pub embeddings: Vec<String>,
-    /// A LoRA (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder at
-    /// load, FILE or FILE:SCALE (scale 1 by default); repeat for several.
+    /// A LoRA (kohya or diffusers/PEFT safetensors) merged into the UNet and text encoder(s)
+    /// at load, FILE or FILE:SCALE (scale 1 by default); repeat for several.
     #[arg(long)]
     pub lora: Vec<String>,
     /// How prompts are read: plain (diffusers: cut at 75 tokens, brackets are text) or a1111
@@ -116,7 +116,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// Leave out the text encoder's last N layers (diffusers' clip_skip; 1 is AUTOMATIC1111's
-    /// "Clip skip 2").
+    /// "Clip skip 2"; SDXL's encoders read hidden_states[-(N + 2)], as diffusers').
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
 }
