@@ -10,6 +10,10 @@
 //! batch 1, the same two timings with SDXL's conditioning (embeddings and pooled, both in the
 //! gradient) and guidance 5.
 //!
+//! `pixart32` is PixArt-α 512's transformer (random weights, 611 M parameters) and the VAE at
+//! 32x32 latents, batch 1, guidance 4.5, captions [1, 120, 4096] with masks keeping 20 rows
+//! (prompt) and 1 (negative, the mask of "").
+//!
 //! `conv` times the CPU 3x3 convolution kernels (`nn::cpu_conv`) alone, im2col + gemm against
 //! Winograd F(4x4, 3x3), forward and input gradient, over the SD UNet's and decoder's shapes
 //! and smaller ones: the measurement behind `Algo::Auto`'s choice. One JSON line per shape.
@@ -358,7 +362,7 @@ fn full(latent: usize, batch: usize) {
         &case,
         latent,
         batch,
-        (768, None),
+        Text::clip(768, None),
         7.5,
         (precision, &mem),
     );
@@ -407,23 +411,108 @@ fn sdxl(latent: usize) {
         &format!("sdxl{latent}"),
         latent,
         1,
-        (2048, Some(1280)),
+        Text::clip(2048, Some(1280)),
         5.0,
         (precision, &mem),
     );
 }
 
+/// A case's text side: tokens and width of the embeddings, the pooled width (SDXL), and
+/// (PixArt) how many rows the prompt's and the negative's attention masks keep.
+struct Text {
+    tokens: usize,
+    width: usize,
+    pooled: Option<usize>,
+    mask: Option<(usize, usize)>,
+}
+
+impl Text {
+    fn clip(width: usize, pooled: Option<usize>) -> Self {
+        Self {
+            tokens: 77,
+            width,
+            pooled,
+            mask: None,
+        }
+    }
+}
+
+/// PixArt-XL-2-512x512's transformer config (diffusers' `PixArtTransformer2DModel`, 611 M
+/// parameters).
+const PIXART_512: &str = r#"{"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4,
+    "out_channels": 8, "num_layers": 28, "sample_size": 64, "patch_size": 2, "caption_channels": 4096,
+    "cross_attention_dim": 1152, "norm_type": "ada_norm_single", "norm_eps": 1e-6,
+    "attention_bias": true, "num_embeds_ada_norm": 1000}"#;
+
+/// `pixart32`: PixArt-α 512's transformer and the VAE with random weights at 32x32 latents,
+/// batch 1, guidance 4.5 (its pipeline's default): T5-sized captions [1, 120, 4096], the
+/// prompt's mask keeping 20 rows, the negative's 1 (the mask of "").
+fn pixart(latent: usize) {
+    use reneg::family::pixart::PixArtDenoiser;
+    use reneg::family::sd::VaeDecoder;
+    use reneg::models::pixart::{PixArtConfig, PixArtTransformer2DModel};
+    let dev = bench_device();
+    let precision = bench_precision(&dev);
+    let dtype = precision.weight_dtype();
+    let mem = GpuMemory::start(&dev);
+    let p = Path::new("<bench config>");
+    let vb = |seed| Vb::new(Weights::random(seed, dtype, &dev));
+    let cfg: PixArtConfig = serde_json::from_str(PIXART_512).unwrap();
+    let transformer = PixArtTransformer2DModel::new(cfg, &vb(1)).unwrap();
+    let vae = AutoencoderKL::new(
+        VaeConfig::from_value(serde_json::from_str(SD15_VAE).unwrap(), p).unwrap(),
+        &vb(2),
+    )
+    .unwrap();
+    let shape = reneg::conditioning::Shape {
+        tokens: 120,
+        width: 4096,
+        pooled: None,
+        mask: true,
+    };
+    let roles: reneg::family::Roles = (
+        Box::new(ShapeOnly(shape)),
+        Box::new(PixArtDenoiser {
+            transformer,
+            vae_scale: 8,
+        }),
+        Box::new(VaeDecoder::new(vae, dtype, &dev)),
+    );
+    let sd = Pipeline::from_roles(roles, sd_schedule(p), p, dtype, &dev).unwrap();
+    let text = Text {
+        tokens: 120,
+        width: 4096,
+        pooled: None,
+        mask: Some((20, 1)),
+    };
+    measure(
+        sd,
+        &format!("pixart{latent}"),
+        latent,
+        1,
+        text,
+        4.5,
+        (precision, &mem),
+    );
+}
+
 /// Times a pipeline's sampling evaluation and gradient step on random conditioning of
-/// `width` (and pooled `pooled`) at `latent`x`latent`, and prints the case's JSON line.
+/// `text`'s shape at `latent`x`latent`, and prints the case's JSON line.
 fn measure(
     sd: Pipeline,
     case: &str,
     latent: usize,
     b: usize,
-    (width, pooled): (usize, Option<usize>),
+    text: Text,
     guidance: f64,
     (precision, mem): (Precision, &GpuMemory),
 ) {
+    let Text {
+        tokens,
+        width,
+        pooled,
+        mask,
+    } = text;
     let dev = sd.device().clone();
     let dtype = precision.weight_dtype();
     let gpu = dev.is_cuda();
@@ -438,30 +527,48 @@ fn measure(
     let sd = sd;
     // Between models everything is in the activation dtype (f32 under bf16/fp16 autocast).
     let act = sd.dtype();
-    let cond = reneg::rng::randn(10, &[b, 77, width], act, &dev).unwrap();
-    let neg = reneg::rng::randn(11, &[1, 77, width], act, &dev).unwrap();
+    let cond = reneg::rng::randn(10, &[b, tokens, width], act, &dev).unwrap();
+    let neg = reneg::rng::randn(11, &[1, tokens, width], act, &dev).unwrap();
+    // A mask keeping the first `keep` rows of each of `n` sequences.
+    let mask_of = |keep: usize, n: usize| {
+        let row: Vec<f32> = (0..tokens)
+            .map(|i| if i < keep { 1.0 } else { 0.0 })
+            .collect();
+        Tensor::from_vec(row, (1, tokens), &dev)
+            .unwrap()
+            .to_dtype(act)
+            .unwrap()
+            .repeat((n, 1))
+            .unwrap()
+    };
+    let (cond_mask, neg_mask) = match mask {
+        Some((c, n)) => (Some(mask_of(c, b)), Some(mask_of(n, 1))),
+        None => (None, None),
+    };
     let pooled_of = |seed, n| pooled.map(|p| reneg::rng::randn(seed, &[n, p], act, &dev).unwrap());
     let (cond_pooled, neg_pooled) = (pooled_of(14, b), pooled_of(15, 1));
     let negs = neg
-        .broadcast_as((b, 77, width))
+        .broadcast_as((b, tokens, width))
         .unwrap()
         .contiguous()
         .unwrap();
-    let conditioning = |embeds: Tensor, pooled: Option<Tensor>| Conditioning {
-        embeds,
-        pooled,
-        mask: None,
-    };
+    let conditioning =
+        |embeds: Tensor, pooled: Option<Tensor>, mask: Option<Tensor>| Conditioning {
+            embeds,
+            pooled,
+            mask,
+        };
     let negs_pooled = neg_pooled.as_ref().map(|t| {
         t.broadcast_as((b, t.dim(1).unwrap()))
             .unwrap()
             .contiguous()
             .unwrap()
     });
+    let negs_mask = neg_mask.as_ref().map(|m| m.repeat((b, 1)).unwrap());
     let (cond_c, neg_c, negs_c) = (
-        conditioning(cond.clone(), cond_pooled),
-        conditioning(neg.clone(), neg_pooled),
-        conditioning(negs.clone(), negs_pooled),
+        conditioning(cond.clone(), cond_pooled, cond_mask),
+        conditioning(neg.clone(), neg_pooled, neg_mask),
+        conditioning(negs.clone(), negs_pooled, negs_mask),
     );
     let x = reneg::rng::randn(12, &[b, 4, latent, latent], act, &dev).unwrap();
     let w = reneg::rng::randn(13, &[b, 3, latent * 8, latent * 8], act, &dev).unwrap();
@@ -503,7 +610,7 @@ fn measure(
         .unwrap();
     });
     let gpu_grad_mb = mem.peak_mb();
-    if std::env::var_os("RENEG_BENCH_PHASES").is_some() && pooled.is_none() {
+    if std::env::var_os("RENEG_BENCH_PHASES").is_some() && pooled.is_none() && mask.is_none() {
         phases(&sd, &x, &negs, &objective);
     }
     let mut out = json!({"impl": "reneg", "case": case, "batch": b, "sample_eval_s": sample_s, "grad_step_s": grad_s,
@@ -647,9 +754,10 @@ fn main() {
         ("tiny", _) => tiny(),
         ("conv", _) => conv(),
         ("sdxl32", _) => sdxl(32),
+        ("pixart32", _) => pixart(32),
         (_, Some((n, b))) => full(n, b),
         (other, None) => eprintln!(
-            "unknown case {other}: tiny, conv, full16, full32, full64, fullNxB for batch B (full64x4), or sdxl32"
+            "unknown case {other}: tiny, conv, full16, full32, full64, fullNxB for batch B (full64x4), sdxl32 or pixart32"
         ),
     }
     };

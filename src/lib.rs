@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod single_file;
 pub mod source;
+pub mod t5_tokenizer;
 pub mod tokenizer;
 pub mod torch_file;
 pub mod train;

@@ -277,7 +277,21 @@ impl Pipeline {
         e: &crate::embedding::NegativeEmbedding,
         source: &Path,
     ) -> Result<Conditioning> {
-        e.check_fits(&self.encoder.shape(), source)?;
+        let shape = self.encoder.shape();
+        e.check_fits(&shape, source)?;
+        if shape.mask && e.mask.is_none() {
+            // check_fits let it through: its rows are T5's output for "" (the official
+            // PixArt file), which only the mask of "" reads as it was made.
+            let mut e = e.clone();
+            e.mask = e.mask_of_empty()?;
+            eprintln!(
+                "{}: no {}; rows 1-{} are bitwise equal (T5's output for \"\"), so it takes the mask of \"\" (row 0 only)",
+                source.display(),
+                crate::conditioning::Part::Mask.name(true),
+                e.tokens() - 1
+            );
+            return e.conditioning(self.dtype(), self.device());
+        }
         e.conditioning(self.dtype(), self.device())
     }
 

@@ -131,8 +131,9 @@ impl Lazy {
 pub struct Weights {
     /// Tensors in memory: a converted checkpoint's, or ones changed after load (LoRA merges).
     tensors: HashMap<String, Tensor>,
-    /// The mapped file, when loaded from one; `tensors` overrides it by name.
-    lazy: Option<Lazy>,
+    /// The mapped file(s), when loaded from them (the shards of a sharded checkpoint);
+    /// `tensors` overrides them by name.
+    lazy: Vec<Lazy>,
     file: PathBuf,
     dtype: DType,
     device: Device,
@@ -159,7 +160,7 @@ impl Weights {
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
             tensors: HashMap::new(),
-            lazy: None,
+            lazy: Vec::new(),
             file: PathBuf::from(format!("<random weights, seed {seed}>")),
             dtype,
             device: device.clone(),
@@ -175,7 +176,7 @@ impl Weights {
     pub fn trainable(seed: u64, dtype: DType, device: &Device) -> Self {
         Self {
             tensors: HashMap::new(),
-            lazy: None,
+            lazy: Vec::new(),
             file: PathBuf::from(format!("<trainable weights, seed {seed}>")),
             dtype,
             device: device.clone(),
@@ -248,6 +249,56 @@ impl Weights {
         Self::from_lazy(Lazy::parse(Bytes::Mapped(map), path)?, path, dtype, device)
     }
 
+    /// A sharded checkpoint: its `*.safetensors.index.json` (`weight_map`: tensor name to
+    /// shard file beside it), every shard mapped and checked to hold the tensors the index
+    /// gives it. Errors name the index and the shard.
+    pub fn load_sharded(index: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let v: serde_json::Value = crate::error::read_json(index)?;
+        let map = v["weight_map"].as_object().ok_or_else(|| {
+            Error::file(index, "has no weight_map: not a sharded safetensors index")
+        })?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shards: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        if shards.is_empty() || shards.len() > map.len() {
+            return Err(Error::file(index, "its weight_map names no shard files"));
+        }
+        let mut w = Self::from_tensors(HashMap::new(), index, dtype, device);
+        for shard in shards {
+            if shard.contains('/') || shard.contains('\\') || shard.starts_with('.') {
+                return Err(Error::file(
+                    index,
+                    format!("names the shard {shard:?} outside its folder"),
+                ));
+            }
+            let path = dir.join(shard);
+            if !path.is_file() {
+                return Err(Error::file(
+                    &path,
+                    format!("shard named by {} not found", index.display()),
+                ));
+            }
+            w.lazy.push(Lazy::parse(
+                Bytes::Mapped(crate::io::map_file(&path)?),
+                &path,
+            )?);
+        }
+        for (name, shard) in map {
+            let held = w.lazy.iter().any(|l| l.entries.contains_key(name));
+            if !held {
+                return Err(Error::file(
+                    index,
+                    format!(
+                        "maps {name} to {}, which does not hold it",
+                        shard.as_str().unwrap_or("?")
+                    ),
+                ));
+            }
+        }
+        Ok(w)
+    }
+
     /// A safetensors file already in memory, read the same way as [`Weights::load`].
     pub fn from_bytes(bytes: &[u8], path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_lazy(
@@ -260,7 +311,7 @@ impl Weights {
 
     fn from_lazy(lazy: Lazy, path: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let mut w = Self::from_tensors(HashMap::new(), path, dtype, device);
-        w.lazy = Some(lazy);
+        w.lazy = vec![lazy];
         Ok(w)
     }
 
@@ -273,7 +324,7 @@ impl Weights {
     ) -> Self {
         Self {
             tensors,
-            lazy: None,
+            lazy: Vec::new(),
             file: path.to_path_buf(),
             dtype,
             device: device.clone(),
@@ -295,11 +346,7 @@ impl Weights {
     }
 
     fn stored(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-            || self
-                .lazy
-                .as_ref()
-                .is_some_and(|l| l.entries.contains_key(name))
+        self.tensors.contains_key(name) || self.lazy.iter().any(|l| l.entries.contains_key(name))
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -316,8 +363,8 @@ impl Weights {
         }
         match self
             .lazy
-            .as_ref()
-            .and_then(|l| Some((l, l.entries.get(name)?)))
+            .iter()
+            .find_map(|l| Some((l, l.entries.get(name)?)))
         {
             Some((l, e)) => l.read(e),
             None => Err(Error::Weight {
@@ -390,8 +437,11 @@ impl Weights {
         let t = match self.tensors.get(name) {
             Some(t) => t.clone(),
             None => {
-                let lazy = self.lazy.as_ref().ok_or_else(missing)?;
-                let e = lazy.entries.get(name).ok_or_else(missing)?;
+                let (lazy, e) = self
+                    .lazy
+                    .iter()
+                    .find_map(|l| Some((l, l.entries.get(name)?)))
+                    .ok_or_else(missing)?;
                 // Checked before the bytes are read.
                 check_shape(&e.shape)?;
                 let t = lazy.read(e)?;

@@ -271,13 +271,21 @@ fn pipeline_folders_of_other_families_are_refused_by_class() {
             .err()
             .map(|e| e.to_string())
     };
-    let pixart = folder_naming(SD15, "PixArtAlphaPipeline");
-    let msg = load(&pixart).expect("a PixArt class is refused");
+    let flux = folder_naming(SD15, "FluxPipeline");
+    let msg = load(&flux).expect("a Flux class is refused");
     assert!(
-        msg.contains("PixArtAlphaPipeline")
+        msg.contains("FluxPipeline")
             && msg.contains("model_index.json")
             && msg.contains("StableDiffusionPipeline, StableDiffusionControlNetPipeline")
-            && msg.contains("StableDiffusionXLPipeline"),
+            && msg.contains("StableDiffusionXLPipeline")
+            && msg.contains("PixArtAlphaPipeline"),
+        "{msg}"
+    );
+    // PixArt's class over an SD 1.5 folder: its CLIP text encoder is no T5.
+    let pixart = folder_naming(SD15, "PixArtAlphaPipeline");
+    let msg = load(&pixart).expect("a PixArt class over an SD 1.5 folder is refused");
+    assert!(
+        msg.contains("text_encoder/config.json") && msg.contains("T5"),
         "{msg}"
     );
     // SDXL's class over an SD 1.5 folder: refused for what the folder lacks.

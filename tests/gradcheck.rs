@@ -884,3 +884,88 @@ fn sdxl_text_time_embedding_and_denoiser() {
         "the size ids do not change the output ({diff:e})"
     );
 }
+
+/// A tiny PixArt-α transformer (`sample_size` 8, or 128 for the 1024 model's resolution and
+/// aspect-ratio conditions; 3 heads of 4: the size embedders take a third of 12, the sin-cos
+/// table a quarter).
+fn tiny_pixart(seed: u64, sample_size: usize) -> reneg::models::pixart::PixArtTransformer2DModel {
+    use reneg::models::pixart::{PixArtConfig, PixArtTransformer2DModel};
+    let cfg: PixArtConfig = serde_json::from_value(json!({
+        "num_attention_heads": 3,
+        "attention_head_dim": 4,
+        "in_channels": 4,
+        "out_channels": 8,
+        "num_layers": 2,
+        "sample_size": sample_size,
+        "patch_size": 2,
+        "caption_channels": 5,
+        "cross_attention_dim": 12
+    }))
+    .unwrap();
+    PixArtTransformer2DModel::new(cfg, &random_vb(seed)).unwrap()
+}
+
+/// PixArt's denoiser (patch embedding and position table, adaLN-single, the caption
+/// projection, self-attention, the masked cross-attention, the modulated output and
+/// unpatchify, the learned variance left out) wrt the caption and the latents, with and
+/// without the 1024 model's conditions; rows the mask leaves out get no gradient.
+#[test]
+fn pixart_denoiser_wrt_caption_and_latents() {
+    use reneg::conditioning::Conditioning;
+    use reneg::family::pixart::PixArtDenoiser;
+    use reneg::family::roles::{Branch, Denoiser};
+    let mask = Tensor::from_vec(
+        vec![1.0f64, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+        (2, 5),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (seed, size) in [(180u64, 8usize), (190, 128)] {
+        let d = PixArtDenoiser {
+            transformer: tiny_pixart(seed, size),
+            vae_scale: 8,
+        };
+        let run = |x: &Tensor, c: &Tensor| {
+            let cond = Conditioning {
+                embeds: c.clone(),
+                pooled: None,
+                mask: Some(mask.clone()),
+            };
+            d.forward(x, 421.0, &cond, Branch::Both).unwrap()
+        };
+        let (x, c) = (randn(seed + 1, &[2, 4, 4, 6]), randn(seed + 2, &[2, 5, 5]));
+        assert_eq!(
+            run(&x, &c).dims(),
+            &[2, 4, 4, 6],
+            "the variance half is left out"
+        );
+        assert_gradient(
+            &format!("pixart denoiser (sample_size {size}) wrt caption"),
+            |c| run(&x, c),
+            &c,
+        );
+        assert_gradient(
+            &format!("pixart denoiser (sample_size {size}) wrt latents"),
+            |x| run(x, &c),
+            &x,
+        );
+        // Masked rows: nothing flows back to them.
+        let cv = candle_core::Var::from_tensor(&c).unwrap();
+        let g = run(&x, cv.as_tensor())
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g.get(cv.as_tensor()).unwrap();
+        let outside = g
+            .broadcast_mul(&(1.0 - &mask).unwrap().unsqueeze(2).unwrap())
+            .unwrap();
+        assert_eq!(
+            common::max_abs(&outside),
+            0.0,
+            "gradient on masked caption rows"
+        );
+    }
+}

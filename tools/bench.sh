@@ -14,7 +14,7 @@ cargo bench --bench train_step --no-run >/dev/null 2>&1
 nproc | sed 's/^/# cores: /'
 for c in $cases; do
   RENEG_BENCH_PHASES=1 cargo bench --quiet --bench train_step -- "$c" 2>&1 | grep -E "^(\{|phase)"
-  if [[ $c == full* || $c == sdxl* ]]; then
+  if [[ $c == full* || $c == sdxl* || $c == pixart* ]]; then
     RENEG_BENCH_BACKWARD=one-pass cargo bench --quiet --bench train_step -- "$c" 2>&1 | grep -E "^\{"
   fi
   "$py" tools/bench_reference.py "$c" 2>/dev/null | grep '^{'

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch / diffusers reference for benches/train_step.rs: the same cases, shapes and step.
 
-    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB | sdxl32
+    /work/pyref/bin/python tools/bench_reference.py CASE      # tiny | full16 | full32 | full64 | fullNxB | sdxl32 | pixart32
     python3 tools/bench_reference.py full64x4 --device cuda [--precision f32|tf32|bf16|fp16] [--batch B]
 
 (the venv of tools/gen_parity.py: torch 2.15.0, diffusers 0.42.1, transformers 5.23.0). Prints one JSON
@@ -20,6 +20,12 @@ line like the Rust bench; peak RSS is this process's ru_maxrss, so run one case 
           10.3 GB in f32) and the same VAE with scaling factor 0.13025 at 32x32 latents, batch 1, guidance 5.0,
           no text encoder: random embeds [1, 77, 2048] and pooled [1, 1280] for prompt and negative, size ids
           (256, 256, 0, 0, 256, 256) for both branches; the gradient reaches the negative's embeds and pooled.
+
+  pixart32  PixArt-alpha 512's transformer (PixArt-XL-2-512x512's diffusers config: 28 layers of 1152, 611 M
+          parameters, random init) and the SD VAE (scaling factor 0.18215) at 32x32 latents, batch 1, guidance 4.5:
+          captions [1, 120, 4096] with attention masks keeping 20 rows (prompt) and 1 (negative: the mask of "");
+          the guided output is the first 4 of the 8 channels (learned sigma); the gradient reaches the negative's
+          embeddings, its mask fixed.
 
 On a GPU (--device cuda, as RENEG_BENCH_DEVICE=cuda for benches/train_step.rs) each timing synchronizes the
 device, the repetitions are 5 (sampling) and 3 (gradient step), and the line adds peak_gpu_mb (the largest
@@ -225,7 +231,26 @@ def sdxl(n, b=1):
     return measure(unet, vae, 0.13025, case, n, b, (2048, 1280), 5.0, mem)
 
 
-def measure(unet, vae, scale, case, n, b, widths, g, mem):
+PIXART_512 = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=64,
+    patch_size=2, caption_channels=4096, cross_attention_dim=1152, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True, num_embeds_ada_norm=1000,
+)
+
+
+def pixart(n, b=1):
+    """The pixartN case: PixArt-alpha 512's transformer and the SD VAE, guidance 4.5 (its pipeline's default)."""
+    from diffusers import PixArtTransformer2DModel, AutoencoderKL
+
+    mem = GpuMemory()
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(**PIXART_512)
+    vae = AutoencoderKL(**SD_VAE)
+    case = f"pixart{n}" if b == 1 else f"pixart{n}x{b}"
+    return measure(transformer, vae, 0.18215, case, n, b, (4096, None), 4.5, mem, tokens=120, masks=(20, 1))
+
+
+def measure(unet, vae, scale, case, n, b, widths, g, mem, tokens=77, masks=None):
     """Times one guided no-grad UNet evaluation (a sampling step) and the gradient step on seeded random
     conditioning of width widths[0] (and, for SDXL, pooled embeddings of width widths[1] with the size ids) at
     n x n latents, batch b, guidance g; returns the case's JSON line."""
@@ -246,9 +271,9 @@ def measure(unet, vae, scale, case, n, b, widths, g, mem):
     sched.set_timesteps(30)
     # Under autocast the inputs stay f32 (as reneg keeps everything between models in f32).
     act = torch.float32 if PRECISION in ("bf16", "fp16") else DTYPE
-    cond = torch.randn(b, 77, width).to(DEV, act)
+    cond = torch.randn(b, tokens, width).to(DEV, act)
     cond_pooled = torch.randn(b, pooled).to(DEV, act) if pooled else None
-    neg = torch.randn(1, 77, width).to(DEV, act)
+    neg = torch.randn(1, tokens, width).to(DEV, act)
     neg_pooled = torch.randn(1, pooled).to(DEV, act) if pooled else None
     x = torch.randn(b, 4, n, n).to(DEV, act)
     w = torch.randn(b, 3, 8 * n, 8 * n).to(DEV, act)
@@ -258,7 +283,20 @@ def measure(unet, vae, scale, case, n, b, widths, g, mem):
     if gpu:
         torch.cuda.reset_peak_memory_stats(DEV)
 
-    def eps(latents, t, embeds, pooled_embeds):
+    def mask_of(keep, rows):
+        m = torch.zeros(rows, tokens, device=DEV)
+        m[:, :keep] = 1
+        return m
+
+    def eps(latents, t, embeds, pooled_embeds, rows=None):
+        """`rows`: per batch row, "neg" or "prompt" (PixArt's mask of that caption)."""
+        if masks:
+            # PixArt: each caption's mask, the timestep as a tensor, the noise half of the learned-sigma output.
+            m = torch.stack([mask_of(masks[1] if r == "neg" else masks[0], 1)[0] for r in rows])
+            ts = torch.full((len(latents),), t, device=DEV)
+            out = unet(latents, encoder_hidden_states=embeds, timestep=ts, encoder_attention_mask=m,
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            return out.chunk(2, dim=1)[0]
         extra = {}
         if pooled:
             extra["added_cond_kwargs"] = {"text_embeds": pooled_embeds, "time_ids": time_ids.expand(len(latents), -1)}
@@ -267,7 +305,8 @@ def measure(unet, vae, scale, case, n, b, widths, g, mem):
     def sample_eval():
         with torch.no_grad(), autocast():
             out = eps(torch.cat([x, x]), 501, torch.cat([neg.expand(b, -1, -1), cond]),
-                      torch.cat([neg_pooled.expand(b, -1), cond_pooled]) if pooled else None)
+                      torch.cat([neg_pooled.expand(b, -1), cond_pooled]) if pooled else None,
+                      ["neg"] * b + ["prompt"] * b)
             u, c = out.chunk(2)
             return u + g * (c - u)
 
@@ -276,8 +315,8 @@ def measure(unet, vae, scale, case, n, b, widths, g, mem):
         vp = neg_pooled.clone().requires_grad_(True) if pooled else None
         with autocast():
             with torch.no_grad():
-                c = eps(x, 201, cond, cond_pooled)
-            u = eps(x, 201, v.expand(b, -1, -1), vp.expand(b, -1) if pooled else None)
+                c = eps(x, 201, cond, cond_pooled, ["prompt"] * b)
+            u = eps(x, 201, v.expand(b, -1, -1), vp.expand(b, -1) if pooled else None, ["neg"] * b)
             x0 = sched.step(u.float() + g * (c.float() - u.float()), 201, x).pred_original_sample
             img = vae.decode(x0 / scale).sample.float()
             loss = -(w * img).sum() / b
@@ -312,7 +351,7 @@ def measure(unet, vae, scale, case, n, b, widths, g, mem):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="PyTorch / diffusers side of benches/train_step.rs")
-    ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN, fullNxB (N latents, B batch) or sdxl32")
+    ap.add_argument("case", nargs="?", default="tiny", help="tiny, fullN, fullNxB (N latents, B batch), sdxl32 or pixart32")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--batch", type=int, default=None, help="batch size of a full case (default 1)")
     ap.add_argument("--precision", default=None, choices=["f32", "tf32", "bf16", "fp16"])
@@ -331,6 +370,9 @@ if __name__ == "__main__":
         if DEV.type != "cpu" or DTYPE != torch.float32:
             sys.exit("the tiny case runs on the CPU in f32 only")
         result = tiny()
+    elif case.startswith("pixart"):
+        n, _, b = case.removeprefix("pixart").partition("x")
+        result = pixart(int(n), args.batch or int(b or 1))
     elif case.startswith("sdxl"):
         n, _, b = case.removeprefix("sdxl").partition("x")
         result = sdxl(int(n), args.batch or int(b or 1))

@@ -46,6 +46,10 @@ pub struct Stats {
     pub row_norm_max: f64,
     /// The text encoders whose output width this embedding has.
     pub fits: String,
+    /// How many rows at the end (row 1 onwards at most) are bitwise equal to one another:
+    /// L - 1 is the shape of T5's output for "" (`</s>` then padding), the official PixArt
+    /// file's, which then takes the mask of "".
+    pub identical_trailing_rows: usize,
 }
 
 /// Which text encoder produces embeddings of width `d`.
@@ -266,7 +270,37 @@ impl NegativeEmbedding {
             row_norm_median: norms[norms.len() / 2],
             row_norm_max: norms[norms.len() - 1],
             fits: encoder_for_width(self.width()).into(),
+            identical_trailing_rows: self.identical_trailing_rows()?,
         })
+    }
+
+    /// How many of the last rows (not row 0) are bitwise equal to the last one; 0 for a
+    /// one-row embedding, 1 when the last row is unlike the one before.
+    pub fn identical_trailing_rows(&self) -> Result<usize> {
+        let rows: Vec<Vec<u32>> = self
+            .tensor
+            .squeeze(0)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|r| r.into_iter().map(f32::to_bits).collect())
+            .collect();
+        let Some(last) = rows.last().filter(|_| rows.len() > 1) else {
+            return Ok(0);
+        };
+        Ok(rows[1..].iter().rev().take_while(|r| *r == last).count())
+    }
+
+    /// The mask of "" (`[1, L]`: 1 on row 0, `</s>`; 0 on the padding) when this negative has
+    /// no mask and rows 1 to L - 1 are bitwise equal, the shape of T5's output for "" (the
+    /// official PixArt file); None otherwise.
+    pub fn mask_of_empty(&self) -> Result<Option<Tensor>> {
+        let l = self.tokens();
+        if self.mask.is_some() || l < 2 || self.identical_trailing_rows()? != l - 1 {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; l];
+        m[0] = 1.0;
+        Ok(Some(Tensor::from_vec(m, (1, l), &Device::Cpu)?))
     }
 
     /// Refuses a negative that the model's encoder (making conditionings of `shape`) could
@@ -301,6 +335,42 @@ impl NegativeEmbedding {
                     encoder_for_width(width)
                 ),
             ));
+        }
+        if shape.mask {
+            match &self.mask {
+                None if self.mask_of_empty()?.is_none() => {
+                    return Err(Error::file(
+                        source,
+                        format!(
+                            "has no {} part; this model's cross-attention needs one of [1, {tokens}] (1 on the rows to attend, 0 on padding): add it to the file (diffusers refuses a negative without it too)",
+                            Part::Mask.name(true)
+                        ),
+                    ))
+                }
+                None => {}
+                Some(m) => {
+                    if m.dims() != [1, tokens] {
+                        return Err(Error::file(
+                            source,
+                            format!(
+                                "{} is {:?}; this model needs [1, {tokens}], one value per row of the embeddings",
+                                Part::Mask.name(true),
+                                m.dims()
+                            ),
+                        ));
+                    }
+                    let v = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    if v.iter().any(|&x| x != 0.0 && x != 1.0) || !v.contains(&1.0) {
+                        return Err(Error::file(
+                            source,
+                            format!(
+                                "{} must hold 0 and 1, with at least one 1",
+                                Part::Mask.name(true)
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         if let Some(p) = shape.pooled {
             match &self.pooled {

@@ -8,6 +8,7 @@
 //! loads its roles, and one arm in [`Family::load_folder`] (docs/ARCHITECTURE.md's checklist).
 
 pub mod clip_prompt;
+pub mod pixart;
 pub mod roles;
 pub mod sd;
 pub mod sdxl;
@@ -31,17 +32,20 @@ pub enum Family {
     TextToVideoSd,
     /// Stable Diffusion XL: two CLIP encoders, a pooled embedding, size conditioning.
     Sdxl,
+    /// PixArt-α: T5's encoder and an attention mask, a diffusion transformer.
+    PixArt,
 }
 
 /// The pipeline classes of `model_index.json` that each family reads. The ControlNet and
 /// img2img pipelines save the same components as `StableDiffusionPipeline` (a ControlNet
 /// folder's `controlnet/` is read by `--controlnet`).
-const PIPELINES: [(&str, Family); 5] = [
+const PIPELINES: [(&str, Family); 6] = [
     ("StableDiffusionPipeline", Family::StableDiffusion),
     ("StableDiffusionControlNetPipeline", Family::StableDiffusion),
     ("StableDiffusionImg2ImgPipeline", Family::StableDiffusion),
     ("TextToVideoSDPipeline", Family::TextToVideoSd),
     ("StableDiffusionXLPipeline", Family::Sdxl),
+    ("PixArtAlphaPipeline", Family::PixArt),
 ];
 
 /// Single-file layouts reneg recognises but does not run: (a key prefix only that layout has,
@@ -64,6 +68,7 @@ impl Family {
             Family::StableDiffusion => "Stable Diffusion 1.x/2.x (StableDiffusionPipeline)",
             Family::TextToVideoSd => "text-to-video (TextToVideoSDPipeline: ModelScope, ZeroScope)",
             Family::Sdxl => "Stable Diffusion XL (StableDiffusionXLPipeline)",
+            Family::PixArt => "PixArt-α (PixArtAlphaPipeline)",
         }
     }
 
@@ -104,6 +109,7 @@ impl Family {
         match family {
             Some(Family::TextToVideoSd) => video_sd::load_folder(root, dtype, device, loras),
             Some(Family::Sdxl) => sdxl::load_folder(root, dtype, device, loras),
+            Some(Family::PixArt) => pixart::load_folder(root, dtype, device, loras),
             Some(Family::StableDiffusion) | None => {
                 let (e, d, v) = sd::load_folder(root, dtype, device, loras, family)?;
                 Ok((Box::new(e), Box::new(d), Box::new(v)))

@@ -36,6 +36,25 @@ pub fn weights_file(dir: &Path, candidates: &[&str]) -> Result<PathBuf> {
         })
 }
 
+/// A component's weights: one of `candidates`, or a sharded checkpoint's index beside them
+/// (`<candidate>.index.json`, as T5-XXL ships in PixArt's folders).
+pub fn load_weights(
+    dir: &Path,
+    candidates: &[&str],
+    dtype: DType,
+    device: &Device,
+) -> Result<Weights> {
+    if let Some(index) = candidates
+        .iter()
+        .filter(|c| !dir.join(c).is_file())
+        .map(|c| dir.join(format!("{c}.index.json")))
+        .find(|p| p.is_file())
+    {
+        return Weights::load_sharded(&index, dtype, device);
+    }
+    Weights::load(&weights_file(dir, candidates)?, dtype, device)
+}
+
 pub const DIFFUSERS_WEIGHTS: &[&str] = &[
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",

@@ -274,6 +274,12 @@ pub const COMMITTED_SDXL_CASES: [&str; 4] = [
     "sdxl-tiny-vpred",
     "sdxl-tiny-zeros",
 ];
+pub const COMMITTED_PIXART_CASES: [&str; 4] = [
+    "pixart-tiny",
+    "pixart-tiny-1024",
+    "pixart-tiny-ddim",
+    "pixart-tiny-empty",
+];
 pub const COMMITTED_REWARD_CASES: [&str; 4] = [
     "reward-aesthetic",
     "reward-hfclip",
@@ -349,8 +355,8 @@ pub fn is_pipeline_case(dir: &Path) -> bool {
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     match meta["kind"].as_str() {
         Some("videocrafter") => dir.join("model").is_dir(),
-        // SDXL cases have their own runner and tensors (tests/parity.rs `run_sdxl_case`).
-        Some("sdxl") => false,
+        // SDXL and PixArt cases have their own runners and tensors (tests/parity.rs).
+        Some("sdxl") | Some("pixart") => false,
         None | Some("pipeline") | Some("controlnet") | Some("text2video") => {
             dir.join("pipeline").is_dir()
         }

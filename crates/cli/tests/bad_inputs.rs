@@ -84,12 +84,12 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
     std::fs::write(d.join("bad-config.toml"), "steps = \"many\"\n").unwrap();
     std::fs::write(d.join("unknown-key.toml"), "stepz = 3\n").unwrap();
     // A pipeline folder of a family reneg does not run (its class in model_index.json).
-    common::copy_dir(Path::new(SD15), &d.join("pixart-class"));
-    let index = d.join("pixart-class/model_index.json");
+    common::copy_dir(Path::new(SD15), &d.join("flux-class"));
+    let index = d.join("flux-class/model_index.json");
     let text = std::fs::read_to_string(&index).unwrap();
     std::fs::write(
         &index,
-        text.replace("\"StableDiffusionPipeline\"", "\"PixArtAlphaPipeline\""),
+        text.replace("\"StableDiffusionPipeline\"", "\"FluxPipeline\""),
     )
     .unwrap();
     let emb = |name: &str, t: Tensor| save(&d.join(name), t);
@@ -149,7 +149,7 @@ fn every_bad_input_exits_2_with_one_line_and_leaves_nothing_behind() {
         (format!("generate --model {} --prompt x --out {{out}}", p("no-groups")), "norm_num_groups".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("no-unet-config")), "config.json".into()),
         (format!("generate --model {AESTHETIC} --prompt x --out {{out}}"), "model_index.json".into()),
-        (format!("generate --model {} --prompt x --out {{out}}", p("pixart-class")), "names the pipeline PixArtAlphaPipeline".into()),
+        (format!("generate --model {} --prompt x --out {{out}}", p("flux-class")), "names the pipeline FluxPipeline".into()),
         (format!("generate --model {SD15} --prompt x --guidance-rescale 1.5 --out {{out}}"), "--guidance-rescale".into()),
         (format!("train --model {SD15} --reward aesthetic --reward-model {AESTHETIC} --prompts {} --guidance-rescale 1.5 --out {{out}}", p("prompts.txt")), "guidance_rescale".into()),
         (format!("generate --model {} --prompt x --out {{out}}", p("garbage.safetensors")), "garbage.safetensors".into()),

@@ -91,6 +91,13 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
             s.row_norm_min, s.row_norm_median, s.row_norm_max, s.row0_norm
         );
         println!("fits      {}", s.fits);
+        let l = s.shape.get(1).copied().unwrap_or(0);
+        if emb.mask.is_none() && l > 1 && s.identical_trailing_rows == l - 1 {
+            println!(
+                "rows      1-{} bitwise equal: the shape of T5's output for \"\" (</s> then padding); PixArt reads it with the mask of \"\" (row 0 only)",
+                l - 1
+            );
+        }
         // The other parts of a negative (SDXL's pooled embedding, PixArt's mask).
         for (name, t) in emb.parts().iter().skip(1) {
             println!("part      {name} {:?}", t.dims());

@@ -1,0 +1,192 @@
+//! PixArt-α's text side: T5's sentencepiece tokenizer from `tokenizer.json` and from
+//! `spiece.model` alone against transformers (`tests/fixtures/t5_tokenizer/cases.json`, made
+//! by `tools/gen_pixart_parity.py`, where sentencepiece itself and transformers agree on every
+//! row), and the T5 v1.1 encoder against transformers' on the parity cases' prompts.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
+use reneg::models::t5::{T5Config, T5EncoderModel};
+use reneg::t5_tokenizer::T5Tokenizer;
+use reneg::weights::{Vb, Weights};
+use std::path::Path;
+
+const TOK: &str = "tests/fixtures/t5_tokenizer";
+
+fn cases() -> Vec<serde_json::Value> {
+    serde_json::from_str::<Vec<serde_json::Value>>(
+        &std::fs::read_to_string(Path::new(TOK).join("cases.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Both sources give transformers' ids and masks on every text (capitals, runs of spaces,
+/// NBSP, composed and decomposed accents, full-width letters, emoji as <unk>, a text past L).
+#[test]
+fn t5_tokenizer_from_either_file_matches_transformers() {
+    let dir = std::env::temp_dir().join(format!("reneg-spiece-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["spiece.model", "tokenizer_config.json"] {
+        std::fs::copy(Path::new(TOK).join(f), dir.join(f)).unwrap();
+    }
+    let from_json = T5Tokenizer::from_dir(Path::new(TOK)).unwrap();
+    let from_spiece = T5Tokenizer::from_dir(&dir).unwrap();
+    assert_eq!(from_json.vocab_size(), 610);
+    assert_eq!(from_spiece.vocab_size(), 610);
+    let all = cases();
+    assert!(all.len() >= 15);
+    for c in &all {
+        let text = c["text"].as_str().unwrap();
+        let want = ids(&c["ids_padded_to_L"]);
+        let mask = ids(&c["attention_mask"]);
+        for (what, tok) in [
+            ("tokenizer.json", &from_json),
+            ("spiece.model", &from_spiece),
+        ] {
+            let e = tok.encode(text, want.len()).unwrap();
+            assert_eq!(e.ids, want, "{what}: {text:?}");
+            assert_eq!(e.mask, mask, "{what}: {text:?}");
+        }
+        // Unpadded: the pieces and </s>.
+        let unpadded = ids(&c["ids"]);
+        let e = from_spiece.encode(text, unpadded.len()).unwrap();
+        assert_eq!(e.ids, unpadded, "{text:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_folder_without_a_tokenizer_file_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("reneg-notok-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let e = T5Tokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(
+        e.contains("reneg-notok") && e.contains("spiece.model"),
+        "{e}"
+    );
+    std::fs::write(dir.join("spiece.model"), b"\x0a\x05hello").unwrap();
+    let e = T5Tokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(
+        e.contains("spiece.model") && e.contains("sentencepiece"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// transformers' bidirectional buckets (32 buckets, distance 128), written out from its
+/// formula: exact up to 7 either way, logarithmic beyond, the far ones in the last bucket.
+#[test]
+fn relative_position_buckets_follow_transformers() {
+    let b = |r| T5EncoderModel::bucket(r, 32, 128);
+    assert_eq!((b(0), b(-1), b(-7), b(1), b(7)), (0, 1, 7, 17, 23));
+    // 8 + trunc(ln(n / 8) / ln(16) * 8): n = 8 -> 8, 16 -> 10, 32 -> 12, 127 -> 15, 1000 -> 15.
+    assert_eq!(
+        (b(-8), b(-16), b(-32), b(-127), b(-1000)),
+        (8, 10, 12, 15, 15)
+    );
+    assert_eq!((b(16), b(1000)), (26, 31));
+}
+
+/// The encoder on the parity cases' prompts and negatives, run with their masks: every row,
+/// padding rows included, as transformers' `T5EncoderModel`.
+#[test]
+fn t5_encoder_matches_transformers_on_the_parity_cases() {
+    for case in [
+        "pixart-tiny",
+        "pixart-tiny-empty",
+        "pixart-tiny-ddim",
+        "pixart-tiny-1024",
+    ] {
+        let dir = Path::new("tests/fixtures/parity").join(case);
+        let exp =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let te = dir.join("pipeline/text_encoder");
+        let cfg = T5Config::load(&te.join("config.json")).unwrap();
+        let vb = Vb::new(
+            Weights::load(&te.join("model.safetensors"), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let model = T5EncoderModel::new(cfg, &vb).unwrap();
+        for (ids, mask, embeds) in [
+            ("prompt_input_ids", "prompt_attention_mask", "prompt_embeds"),
+            (
+                "negative_input_ids",
+                "negative_prompt_attention_mask",
+                "negative_prompt_embeds",
+            ),
+        ] {
+            let out = model.forward(&exp[ids], Some(&exp[mask])).unwrap();
+            let want: &Tensor = &exp[embeds];
+            let rel = max_abs_diff(&out, want) / common::max_abs(want);
+            assert!(rel < 1e-5, "{case} {embeds}: relative difference {rel}");
+        }
+    }
+}
+
+/// T5-XXL ships in shards (`model-0000k-of-0000n.safetensors` with
+/// `model.safetensors.index.json`): the same encoder from two shards of the tiny one gives
+/// the same output; a shard that is missing, or does not hold what the index says, is refused
+/// naming it.
+#[test]
+fn a_sharded_t5_loads_as_the_single_file() {
+    use reneg::family::sd::{load_weights, TRANSFORMERS_WEIGHTS};
+    let src = Path::new("tests/fixtures/parity/pixart-tiny/pipeline/text_encoder");
+    let all = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dir = std::env::temp_dir().join(format!("reneg-shards-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let tensors: std::collections::HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), all[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join(&file)).unwrap();
+        for n in part.iter() {
+            map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = dir.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
+    let cfg = T5Config::load(&dir.join("config.json")).unwrap();
+    let sharded = load_weights(&dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu).unwrap();
+    let sharded = T5EncoderModel::new(cfg.clone(), &Vb::new(sharded)).unwrap();
+    let single = Weights::load(&src.join("model.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    let single = T5EncoderModel::new(cfg, &Vb::new(single)).unwrap();
+    let ids = Tensor::new(&[[3u32, 98, 6, 3, 79, 1, 0, 0]], &Device::Cpu).unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &sharded.forward(&ids, None).unwrap(),
+            &single.forward(&ids, None).unwrap()
+        ),
+        0.0
+    );
+    // A shard gone.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_weights(&dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model-00002-of-00002.safetensors") && e.contains("not found"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
