@@ -14,16 +14,27 @@ const ROWS_PER_GRID: usize = 8;
 const MAX_GRID_PROMPTS: usize = 48;
 const GAP: usize = 4;
 
+/// The label column left of the rows, and a line of the header band over the columns, in
+/// pixels.
+const LABEL: usize = 180;
+const LINE: usize = 17;
+
 /// Grids of the first seed's images under `dir/grids/`; returns their paths relative to `dir`.
-/// A missing image (an unfinished unit) is a grey cell.
+/// The header names the negatives and numbers the columns, each row is labelled with its
+/// prompt (shortened, in the shipped font), so a grid explains itself pasted on its own. A
+/// missing image (an unfinished unit) is a grey cell.
 pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
     let (cw, ch) = (m.width, m.height);
     let cols = m.negatives.len();
     let prompts = m.prompts.len().min(MAX_GRID_PROMPTS);
+    let w = LABEL + cols * (cw + GAP) + GAP;
+    let legend = legend_lines(m, w);
+    // The legend's lines, then the columns' numbers.
+    let header = LINE * (legend.len() + 1) + GAP;
     let mut out = vec![];
     for (g, start) in (0..prompts).step_by(ROWS_PER_GRID).enumerate() {
         let rows = ROWS_PER_GRID.min(prompts - start);
-        let (w, h) = (cols * (cw + GAP) + GAP, rows * (ch + GAP) + GAP);
+        let h = header + rows * (ch + GAP) + GAP;
         let mut img = Rgb {
             width: w,
             height: h,
@@ -35,7 +46,7 @@ pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
                 let cell = read_png(&file)
                     .ok()
                     .filter(|i| i.width == cw && i.height == ch);
-                let (x0, y0) = (GAP + c * (cw + GAP), GAP + r * (ch + GAP));
+                let (x0, y0) = (LABEL + GAP + c * (cw + GAP), header + GAP + r * (ch + GAP));
                 for y in 0..ch {
                     let dst = 3 * ((y0 + y) * w + x0);
                     match &cell {
@@ -47,10 +58,111 @@ pub fn write_grids(dir: &Path, m: &Manifest) -> Result<Vec<String>> {
             }
         }
         let rel = format!("grids/grid_{g:02}.png");
+        label_grid(&mut img, m, (start, rows), &legend, header)
+            .map_err(|e| Error::file(dir.join(&rel), format!("cannot draw its labels: {e}")))?;
         write_png(&img, &dir.join(&rel), None)?;
         out.push(rel);
     }
     Ok(out)
+}
+
+/// The header's legend for a grid `w` pixels wide: "columns: 1 = NEG · 2 = NEG ...", wrapped
+/// (at most 4 lines).
+fn legend_lines(m: &Manifest, w: usize) -> Vec<String> {
+    let text = m
+        .negatives
+        .iter()
+        .enumerate()
+        .map(|(c, n)| format!("{} = {n}", c + 1))
+        .collect::<Vec<_>>()
+        .join(" · ");
+    // About 7 px a character at 12 px.
+    wrap(&format!("columns: {text}"), (w - 2 * GAP) / 7, 4)
+}
+
+/// Draws the legend and each column's number in the header band (`header` pixels high), and
+/// the prompts (rows `start..start + rows`) left of the rows, wrapped to the label column and
+/// cut with an ellipsis.
+fn label_grid(
+    img: &mut Rgb,
+    m: &Manifest,
+    (start, rows): (usize, usize),
+    legend: &[String],
+    header: usize,
+) -> std::result::Result<(), String> {
+    let (w, h) = (img.width as u32, img.height as u32);
+    let (cw, ch) = (m.width, m.height);
+    let root = BitMapBackend::with_buffer(&mut img.data, (w, h)).into_drawing_area();
+    let err = |e: DrawingAreaErrorKind<_>| e.to_string();
+    for (k, line) in legend.iter().enumerate() {
+        let y = (GAP + LINE * k) as i32;
+        root.draw(&Text::new(
+            line.clone(),
+            (GAP as i32, y),
+            crate::chart::text(12.0),
+        ))
+        .map_err(err)?;
+    }
+    for c in 0..m.negatives.len() {
+        let x = (LABEL + GAP + c * (cw + GAP)) as i32;
+        let y = (header - LINE) as i32;
+        root.draw(&Text::new(
+            format!("{}", c + 1),
+            (x, y),
+            crate::chart::text(13.0),
+        ))
+        .map_err(err)?;
+    }
+    let line_chars = (LABEL - 2 * GAP) / 7;
+    for r in 0..rows {
+        let y0 = (header + GAP + r * (ch + GAP)) as i32;
+        let text = &m.prompts[start + r].text;
+        let max_lines = (ch / 16).clamp(1, 6);
+        for (k, line) in wrap(text, line_chars, max_lines).iter().enumerate() {
+            root.draw(&Text::new(
+                line.clone(),
+                (GAP as i32, y0 + 16 * k as i32),
+                crate::chart::text(12.0),
+            ))
+            .map_err(err)?;
+        }
+    }
+    root.present().map_err(err)
+}
+
+/// `text` in lines of at most `width` characters (words kept whole where they fit), at most
+/// `lines` of them, the last ending in an ellipsis when text is left over.
+pub fn wrap(text: &str, width: usize, lines: usize) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        let fits =
+            cur.chars().count() + word.chars().count() + usize::from(!cur.is_empty()) <= width;
+        if !fits && !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    let cut = out.len() > lines;
+    out.truncate(lines);
+    let out: Vec<String> = out
+        .into_iter()
+        .map(|l| crate::chart::shorten(&l, width))
+        .collect();
+    match (cut, out.split_last()) {
+        (true, Some((last, rest))) => {
+            let mut v = rest.to_vec();
+            v.push(crate::chart::shorten(&format!("{last} …"), width));
+            v
+        }
+        _ => out,
+    }
 }
 
 /// One panel per reward: a bar per negative (mean) with its 95% interval as a whisker; the

@@ -4,6 +4,7 @@
 //! bookkeeping, so a merged set of shards and an unsharded run give the same report.
 
 pub mod grid;
+pub mod html;
 pub mod negative;
 pub mod output;
 pub mod report;

@@ -11,7 +11,7 @@ use crate::models::unet::sinusoid;
 use crate::nn::conv::Conv2d;
 use crate::nn::{attention, Linear};
 use crate::weights::Vb;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// The keys of `PixArtTransformer2DModel`'s config.json reneg reads.
@@ -135,9 +135,7 @@ struct Block {
 
 /// A layer norm without affine parameters (eps `eps`), statistics in f32.
 fn norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let dim = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
-    crate::nn::norm::LayerNorm::from_tensors(ones.clone(), ones.zeros_like()?, eps).forward(x)
+    crate::nn::norm::layer_norm_plain(x, eps)
 }
 
 /// `x (1 + scale) + shift`, scale and shift `[b, 1, D]`.

@@ -84,6 +84,13 @@ impl LayerNorm {
     }
 }
 
+/// `torch.nn.LayerNorm(dim, elementwise_affine=False)`: the normalisation alone (statistics in
+/// f32 for half-precision inputs, rounded once to the input's dtype).
+pub fn layer_norm_plain(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let x = super::at_least_f32(xs)?;
+    normalize_last(&x, eps)?.to_dtype(xs.dtype())
+}
+
 /// `torch.nn.GroupNorm(groups, channels)` with affine weight and bias.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {

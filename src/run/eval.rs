@@ -465,9 +465,10 @@ fn copy_image(from: &Path, to: &Path) -> Result<()> {
     crate::io::write_atomic(to, &bytes)
 }
 
-/// Writes the report of `dir` (every record there; a shard's covers its own units).
-pub fn report(dir: &Path, manifest: &Manifest) -> Result<crate::eval::report::Report> {
-    crate::eval::output::write(dir, manifest, eval::load_records(dir)?)
+/// Writes the report of `dir` (every record there; a shard's covers its own units), the page's
+/// images inside it when `embed`.
+pub fn report(dir: &Path, manifest: &Manifest, embed: bool) -> Result<crate::eval::report::Report> {
+    crate::eval::output::write(dir, manifest, eval::load_records(dir)?, embed)
 }
 
 /// The model as a plan sets it up, with its ControlNets' images.

@@ -34,6 +34,10 @@ pub struct MergeArgs {
     /// Where the merged images, results and report go.
     #[arg(long)]
     pub out: PathBuf,
+    /// Put the images inside report.html (one file to send; larger) instead of referencing
+    /// them beside it.
+    #[arg(long)]
+    pub embed_images: bool,
 }
 
 #[derive(clap::Args)]
@@ -87,6 +91,10 @@ pub struct EvalArgs {
     /// The frame rate VideoCrafter2 clips are conditioned on and saved at (default 28).
     #[arg(long)]
     pub fps: Option<u32>,
+    /// Put the images inside report.html (one file to send; larger) instead of referencing
+    /// them beside it.
+    #[arg(long)]
+    pub embed_images: bool,
     /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
@@ -199,11 +207,11 @@ pub(crate) fn evaluate(args: EvalArgs) -> Result<()> {
     if let Some(out) = &args.out {
         plan.out = out.clone();
     }
-    run_plan(&plan, &args.device)
+    run_plan(&plan, &args.device, args.embed_images)
 }
 
 /// Runs `plan` on the device `--device` names and prints its report.
-pub(crate) fn run_plan(plan: &EvalPlan, device_spec: &str) -> Result<()> {
+pub(crate) fn run_plan(plan: &EvalPlan, device_spec: &str, embed: bool) -> Result<()> {
     let device = device(device_spec)?;
     let mut bar = super::progress::Progress::new(
         0,
@@ -212,12 +220,12 @@ pub(crate) fn run_plan(plan: &EvalPlan, device_spec: &str) -> Result<()> {
     );
     let load = reneg_mini::rewards::load_choice;
     let manifest = run::run(plan, &device, &load, &mut bar).map_err(lib)?;
-    report(&plan.out, &manifest, plan.shard)
+    report(&plan.out, &manifest, plan.shard, embed)
 }
 
 /// Writes the report of `dir` and prints where it is; a shard's report covers its own units.
-fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
-    let r = run::report(dir, manifest).map_err(lib)?;
+fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>, embed: bool) -> Result<()> {
+    let r = run::report(dir, manifest, embed).map_err(lib)?;
     let note = match shard {
         Some(s) => format!(
             " (shard {}/{}: merge the shards with `reneg eval merge`)",
@@ -226,7 +234,7 @@ fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
         None => String::new(),
     };
     println!(
-        "{}: {}/{} unit(s) complete{note}",
+        "{} (and report.html): {}/{} unit(s) complete{note}",
         dir.join("report.md").display(),
         r.units_complete,
         r.units_planned
@@ -249,5 +257,5 @@ fn report(dir: &Path, manifest: &Manifest, shard: Option<Shard>) -> Result<()> {
 
 pub fn merge(args: MergeArgs) -> Result<()> {
     let manifest = run::merge(&args.dirs, &args.out).map_err(lib)?;
-    report(&args.out, &manifest, None)
+    report(&args.out, &manifest, None, args.embed_images)
 }

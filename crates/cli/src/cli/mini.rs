@@ -163,7 +163,7 @@ fn run_eval(plan: &EvalPlan, shards: usize, device: &str) -> Result<()> {
     reneg::io::write_atomic(&file, text.as_bytes()).map_err(lib)?;
     if shards <= 1 {
         println!("reneg eval --plan {} --device {device}", file.display());
-        return super::eval::run_plan(plan, device);
+        return super::eval::run_plan(plan, device, false);
     }
     let exe = std::env::current_exe().map_err(|e| {
         anyhow::anyhow!("cannot find this program to run the evaluation's shards: {e}")
@@ -207,6 +207,7 @@ fn run_eval(plan: &EvalPlan, shards: usize, device: &str) -> Result<()> {
     super::eval::merge(super::eval::MergeArgs {
         dirs,
         out: out.to_path_buf(),
+        embed_images: false,
     })
 }
 

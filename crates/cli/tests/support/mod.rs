@@ -29,6 +29,7 @@ pub fn ok(args: &[&str]) -> String {
 }
 
 /// Runs `args`, asserting exit code 2 and one line on stderr holding every needle.
+#[allow(dead_code)] // not every test binary has a bad input
 pub fn refused(args: &[&str], needles: &[&str]) {
     let o = reneg(args);
     let err = String::from_utf8_lossy(&o.stderr);
