@@ -219,6 +219,12 @@ impl Pipeline {
         self.encoder.set_clip_skip(skip).map_err(|e| self.refuse(e))
     }
 
+    pub fn set_text_cache(&mut self, file: &Path) -> Result<()> {
+        self.encoder
+            .set_text_cache(file)
+            .map_err(|e| self.refuse(e))
+    }
+
     pub fn set_prompt_syntax(&mut self, syntax: crate::prompt_syntax::PromptSyntax) -> Result<()> {
         self.encoder
             .set_prompt_syntax(syntax)

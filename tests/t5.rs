@@ -190,3 +190,71 @@ fn a_sharded_t5_loads_as_the_single_file() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--text-cache`: encodings written by one run are read by the next, whose T5 is then never
+/// read (its weights stay on disk) while every prompt is cached; a new prompt loads it and is
+/// added. A cache of another encoder (the 1024 case's T5 is 40 wide) is refused by name.
+#[test]
+fn the_text_cache_spares_t5_and_refuses_another_encoders() {
+    use reneg::family::pixart::T5Encoder;
+    let pipe = Path::new("tests/fixtures/parity/pixart-tiny/pipeline");
+    let dir = std::env::temp_dir().join(format!("reneg-text-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = dir.join("t5.safetensors");
+    let load = || reneg::Pipeline::load(pipe, DType::F32, &Device::Cpu).unwrap();
+    let enc = |sd: &reneg::Pipeline| -> bool {
+        sd.encoder
+            .as_any()
+            .downcast_ref::<T5Encoder>()
+            .unwrap()
+            .is_loaded()
+    };
+    let mut first = load();
+    first.set_text_cache(&cache).unwrap();
+    let a = first.encode("A red fox").unwrap();
+    let b = first.encode("").unwrap();
+    assert!(enc(&first) && cache.is_file());
+    let mut second = load();
+    second.set_text_cache(&cache).unwrap();
+    // The key is the preprocessed text: case and outer spaces do not matter, as for T5.
+    let a2 = second.encode("  a red FOX ").unwrap();
+    let b2 = second.encode("").unwrap();
+    assert!(
+        !enc(&second),
+        "T5 was read although every prompt was cached"
+    );
+    assert_eq!(max_abs_diff(&a.embeds, &a2.embeds), 0.0);
+    assert_eq!(
+        max_abs_diff(a.mask.as_ref().unwrap(), a2.mask.as_ref().unwrap()),
+        0.0
+    );
+    assert_eq!(max_abs_diff(&b.embeds, &b2.embeds), 0.0);
+    second.encode("a boat on a lake").unwrap();
+    assert!(enc(&second));
+    let mut third = load();
+    third.set_text_cache(&cache).unwrap();
+    third.encode("a boat on a lake").unwrap();
+    assert!(!enc(&third), "the new prompt was not added to the file");
+    let mut other = reneg::Pipeline::load(
+        Path::new("tests/fixtures/parity/pixart-tiny-1024/pipeline"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = other.set_text_cache(&cache).err().unwrap().to_string();
+    assert!(
+        e.contains("t5.safetensors") && e.contains("another text encoder"),
+        "{e}"
+    );
+    // SD has no use for it, and says so.
+    let mut sd15 = reneg::Pipeline::load(
+        Path::new("tests/fixtures/parity/sd15-tiny/pipeline"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = sd15.set_text_cache(&cache).err().unwrap().to_string();
+    assert!(e.contains("--text-cache"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

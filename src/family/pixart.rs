@@ -35,12 +35,20 @@ pub const DEFAULTS: Defaults = Defaults {
 
 /// T5's tokenizer and encoder. Each distinct prompt runs T5 once: its conditioning is kept
 /// (T5-XXL is the largest model of the pipeline, and training encodes the same prompts at
-/// every step).
+/// every step), and with a text cache ([`PromptEncoder::set_text_cache`]) written to a file
+/// and read back by later runs. T5's weights are read on the first prompt that needs them, so
+/// a run whose prompts are all cached never holds them.
 pub struct T5Encoder {
     pub tokenizer: T5Tokenizer,
-    pub text_encoder: T5EncoderModel,
+    pub config: T5Config,
     pub max_length: usize,
+    model: std::sync::OnceLock<T5EncoderModel>,
+    load: Box<dyn Fn() -> Result<T5EncoderModel> + Send + Sync>,
+    /// What identifies the encoder in a cache file (its config and weights' sizes).
+    fingerprint: String,
+    /// Encodings by [`Self::key`] of their text.
     cache: Mutex<HashMap<String, Conditioning>>,
+    cache_file: Option<std::path::PathBuf>,
     device: Device,
 }
 
@@ -62,24 +70,74 @@ impl T5Encoder {
             Tensor::from_vec(mask, (1, n), device)?,
         ))
     }
+
+    /// The encoder, read on first use.
+    pub fn model(&self) -> Result<&T5EncoderModel> {
+        if let Some(m) = self.model.get() {
+            return Ok(m);
+        }
+        let m = (self.load)()?;
+        Ok(self.model.get_or_init(|| m))
+    }
+
+    /// Whether T5's weights have been read (a run whose prompts are all cached never does).
+    pub fn is_loaded(&self) -> bool {
+        self.model.get().is_some()
+    }
+
+    /// The cache file's key of `text`: what T5 is given (the preprocessed text) and the
+    /// prompt length.
+    fn key(&self, text: &str) -> String {
+        use sha2::Digest;
+        let digest =
+            sha2::Sha256::digest(format!("{}\n{}", self.max_length, Self::preprocess(text)));
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Writes every cached encoding to the cache file (atomically).
+    fn save_cache(&self, file: &Path, cache: &HashMap<String, Conditioning>) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (k, c) in cache {
+            tensors.push((
+                format!("{k}.embeds"),
+                c.embeds.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+            ));
+            if let Some(m) = &c.mask {
+                tensors.push((
+                    format!("{k}.mask"),
+                    m.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                ));
+            }
+        }
+        let mut meta = HashMap::new();
+        meta.insert("encoder".to_string(), self.fingerprint.clone());
+        let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let bytes = crate::io::safetensors_f32(&refs, meta, "cannot write the text cache")
+            .map_err(|e| Error::file(file, e.to_string()))?;
+        crate::io::write_atomic(file, &bytes)
+    }
 }
 
 impl PromptEncoder for T5Encoder {
     /// `[1, L, D]` embeddings (every row, as T5 gives them with the mask) and the `[1, L]`
     /// mask.
     fn encode(&self, text: &str) -> Result<Conditioning> {
-        if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(text).cloned()) {
+        let key = self.key(text);
+        if let Some(c) = self.cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(c);
         }
         let (ids, mask) = self.tokenize(text, &self.device)?;
-        let embeds = self.text_encoder.forward(&ids, Some(&mask))?;
+        let embeds = self.model()?.forward(&ids, Some(&mask))?;
         let c = Conditioning {
             mask: Some(mask.to_device(embeds.device())?),
             embeds,
             pooled: None,
         };
         if let Ok(mut m) = self.cache.lock() {
-            m.insert(text.to_string(), c.clone());
+            m.insert(key, c.clone());
+            if let Some(f) = &self.cache_file {
+                self.save_cache(f, &m)?;
+            }
         }
         Ok(c)
     }
@@ -87,10 +145,77 @@ impl PromptEncoder for T5Encoder {
     fn shape(&self) -> Shape {
         Shape {
             tokens: self.max_length,
-            width: self.text_encoder.config().d_model,
+            width: self.config.d_model,
             pooled: None,
             mask: true,
         }
+    }
+
+    /// Reads the encodings `file` holds (none when it does not exist yet); every new one is
+    /// added to it. A file made by another encoder is refused by name.
+    fn set_text_cache(&mut self, file: &Path) -> Result<()> {
+        self.cache_file = Some(file.to_path_buf());
+        if !file.exists() {
+            return Ok(());
+        }
+        let bytes =
+            std::fs::read(file).map_err(|e| Error::file(file, format!("cannot read: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+            Error::file(
+                file,
+                format!("not a text cache ({e}); delete it or name another file"),
+            )
+        })?;
+        let made_by = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("encoder").cloned())
+            .unwrap_or_default();
+        if made_by != self.fingerprint {
+            return Err(Error::file(
+                file,
+                "is a text cache of another text encoder (or max_length); delete it or name another file",
+            ));
+        }
+        let mut tensors = candle_core::safetensors::load_buffer(&bytes, &self.device)
+            .map_err(|e| Error::file(file, format!("not a text cache ({e})")))?;
+        let keys: Vec<String> = tensors
+            .keys()
+            .filter_map(|k| k.strip_suffix(".embeds").map(str::to_string))
+            .collect();
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| Error::Invalid("text cache lock poisoned".into()))?;
+        for k in keys {
+            let embeds = tensors.remove(&format!("{k}.embeds")).expect("listed");
+            let mask = tensors.remove(&format!("{k}.mask")).ok_or_else(|| {
+                Error::file(
+                    file,
+                    format!("the encoding {k} has no mask: not a text cache of reneg's"),
+                )
+            })?;
+            if embeds.dims() != [1, self.max_length, self.config.d_model]
+                || mask.dims() != [1, self.max_length]
+            {
+                return Err(Error::file(
+                    file,
+                    format!(
+                        "the encoding {k} is {:?}: not this encoder's",
+                        embeds.dims()
+                    ),
+                ));
+            }
+            cache.insert(
+                k,
+                Conditioning {
+                    embeds,
+                    pooled: None,
+                    mask: Some(mask),
+                },
+            );
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -168,35 +293,51 @@ pub fn load_folder(
     }
     let te_dir = root.join("text_encoder");
     let te_cfg = T5Config::load(&te_dir.join("config.json"))?;
-    let mut te_w = load_weights(&te_dir, TRANSFORMERS_WEIGHTS, dtype, device)?;
-    let stored = ["shared.weight", "encoder.embed_tokens.weight"]
-        .iter()
-        .find_map(|n| te_w.stored_tensor(n).ok())
-        .map(|t| t.dtype());
-    if let Some(half @ (DType::BF16 | DType::F16)) = stored {
-        te_w = load_weights(&te_dir, TRANSFORMERS_WEIGHTS, half, device)?;
-    }
-    let text_encoder = T5EncoderModel::new(te_cfg, &Vb::new(te_w))?;
     let tokenizer = T5Tokenizer::from_dir(&root.join("tokenizer"))?;
-    if tokenizer.vocab_size() > text_encoder.config().vocab_size {
+    if tokenizer.vocab_size() > te_cfg.vocab_size {
         return Err(Error::file(
             root.join("tokenizer"),
             format!(
                 "gives ids up to {}, past the T5 encoder's vocab_size {}",
                 tokenizer.vocab_size(),
-                text_encoder.config().vocab_size
+                te_cfg.vocab_size
             ),
         ));
     }
+    // The weights are checked (mapped, headers read) now and read on first use.
+    let te_w = load_weights(&te_dir, TRANSFORMERS_WEIGHTS, dtype, device)?;
+    let stored = ["shared.weight", "encoder.embed_tokens.weight"]
+        .iter()
+        .find_map(|n| te_w.stored_tensor(n).ok())
+        .map(|t| t.dtype());
+    drop(te_w);
+    // T5 stays in its stored dtype where that is half precision.
+    let te_dtype = match stored {
+        Some(half @ (DType::BF16 | DType::F16)) => half,
+        _ => dtype,
+    };
+    let fingerprint = format!(
+        "{} {:?}",
+        std::fs::read_to_string(te_dir.join("config.json"))
+            .unwrap_or_default()
+            .trim(),
+        te_dtype
+    );
+    let load = {
+        let (dir, cfg, dev) = (te_dir.clone(), te_cfg.clone(), device.clone());
+        Box::new(move || {
+            let w = load_weights(&dir, TRANSFORMERS_WEIGHTS, te_dtype, &dev)?;
+            T5EncoderModel::new(cfg.clone(), &Vb::new(w))
+        })
+    };
     let tr_dir = root.join("transformer");
     let cfg = PixArtConfig::load(&tr_dir.join("config.json"))?;
-    if cfg.caption_channels != text_encoder.config().d_model {
+    if cfg.caption_channels != te_cfg.d_model {
         return Err(Error::file(
             tr_dir.join("config.json"),
             format!(
                 "caption_channels {} does not match the T5 encoder's d_model {}",
-                cfg.caption_channels,
-                text_encoder.config().d_model
+                cfg.caption_channels, te_cfg.d_model
             ),
         ));
     }
@@ -208,9 +349,13 @@ pub fn load_folder(
     let vae_scale = vae.config().downscale();
     let encoder = T5Encoder {
         tokenizer,
-        text_encoder,
+        config: te_cfg,
         max_length: MAX_SEQUENCE_LENGTH,
+        model: std::sync::OnceLock::new(),
+        load,
+        fingerprint,
         cache: Mutex::new(HashMap::new()),
+        cache_file: None,
         device: device.clone(),
     };
     let denoiser = PixArtDenoiser {

@@ -58,6 +58,11 @@ pub trait PromptEncoder: Send + Sync {
     fn set_clip_skip(&mut self, _skip: usize) -> Result<()> {
         Err(unsupported("clip skip values"))
     }
+    /// A file of prompt encodings to read and extend (`--text-cache`): for an encoder costly
+    /// enough to keep out of memory when every prompt is in it (PixArt's T5-XXL).
+    fn set_text_cache(&mut self, _file: &Path) -> Result<()> {
+        Err(unsupported("text-encoding caches (--text-cache)"))
+    }
     fn set_prompt_syntax(&mut self, syntax: PromptSyntax) -> Result<()> {
         match syntax {
             PromptSyntax::Plain => Ok(()),

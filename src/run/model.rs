@@ -36,6 +36,10 @@ pub struct ModelPlan {
     pub vae: Option<PathBuf>,
     #[serde(default)]
     pub clip_skip: usize,
+    /// A file of prompt encodings read and extended (PixArt: T5 is then loaded only for a
+    /// prompt not in it). It changes no image, so it is not among [`Self::options`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_cache: Option<PathBuf>,
 }
 
 impl ModelPlan {
@@ -111,6 +115,9 @@ impl ModelPlan {
         }
         if self.clip_skip != 0 {
             sd.set_clip_skip(self.clip_skip)?;
+        }
+        if let Some(f) = &self.text_cache {
+            sd.set_text_cache(f)?;
         }
         sd.set_prompt_syntax(self.prompt_syntax)?;
         for spec in &self.embeddings {

@@ -119,6 +119,10 @@ pub struct ModelArgs {
     /// "Clip skip 2"; SDXL's encoders read hidden_states[-(N + 2)], as diffusers').
     #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// A file of prompt encodings to reuse and extend (PixArt-α: T5-XXL, 19 GB in f32, is
+    /// loaded only when a prompt is not in it, and each new encoding is added).
+    #[arg(long)]
+    pub text_cache: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -134,6 +138,7 @@ impl ModelArgs {
             prompt_syntax: self.prompt_syntax,
             vae: self.vae.clone(),
             clip_skip: self.clip_skip,
+            text_cache: self.text_cache.clone(),
         })
     }
 
