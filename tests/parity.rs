@@ -569,6 +569,54 @@ struct SdxlCase {
     crops_coords_top_left: Option<[usize; 2]>,
 }
 
+/// Sets the sampler's `steps` and checks its timesteps against the case's, exactly.
+fn set_case_timesteps(sd: &mut Pipeline, steps: usize, exp: &HashMap<String, Tensor>, dir: &Path) {
+    sd.scheduler.set_timesteps(steps).unwrap();
+    let ts: Vec<f32> = sd.scheduler.timesteps().iter().map(|&t| t as f32).collect();
+    let want_ts: Vec<f32> = exp["timesteps"]
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ts, want_ts, "{}: timesteps", dir.display());
+    println!("  {:<30} exact", "timesteps");
+}
+
+/// The whole sampling loop from the case's `init_latents` under (prompt, negative)
+/// conditionings: the final latents, the latents entering `grad_step`, and the decoded image
+/// of the reference's final latents.
+fn sampling_loop(
+    sd: &mut Pipeline,
+    (pc, nc): (&Conditioning, &Conditioning),
+    g: f64,
+    grad_step: usize,
+    expected: &Expected,
+    report: &mut Report,
+) {
+    let (e, want) = (|n: &str| expected.input(n), |n: &str| expected.want(n));
+    let mut x = sd.start_latents(e("init_latents")).unwrap();
+    let mut at_grad = None;
+    for i in 0..sd.scheduler.len() {
+        if i == grad_step {
+            at_grad = Some(x.clone());
+        }
+        x = sd.sample_step(&x, i, pc, nc, g, &[0]).unwrap();
+    }
+    report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
+    report.tensor(
+        "grad_latents_in",
+        &at_grad.unwrap(),
+        &want("grad_latents_in"),
+        FORWARD_TOL,
+    );
+    report.tensor(
+        "image",
+        &sd.decode(&e("final_latents")).unwrap(),
+        &want("image"),
+        FORWARD_TOL,
+    );
+}
+
 #[derive(serde::Deserialize)]
 struct PixArtCase {
     prompt: String,
@@ -630,17 +678,7 @@ fn run_pixart_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) 
             FORWARD_TOL,
         );
     }
-    sd.scheduler
-        .set_timesteps(case.num_inference_steps)
-        .unwrap();
-    let ts: Vec<f32> = sd.scheduler.timesteps().iter().map(|&t| t as f32).collect();
-    let want_ts: Vec<f32> = exp["timesteps"]
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(ts, want_ts, "{}: timesteps", dir.display());
-    println!("  {:<30} exact", "timesteps");
+    set_case_timesteps(&mut sd, case.num_inference_steps, exp, dir);
     let mask = |n: &str| Some(expected.input(n).to_dtype(DType::F32).unwrap());
     let pc = Conditioning {
         embeds: e("prompt_embeds"),
@@ -652,28 +690,13 @@ fn run_pixart_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) 
         pooled: None,
         mask: mask("negative_prompt_attention_mask"),
     };
-    let mut x = sd.start_latents(e("init_latents")).unwrap();
-    let mut at_grad = None;
-    for i in 0..sd.scheduler.len() {
-        if i == case.grad_step_index {
-            at_grad = Some(x.clone());
-        }
-        x = sd
-            .sample_step(&x, i, &pc, &nc, case.guidance_scale, &[0])
-            .unwrap();
-    }
-    report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
-    report.tensor(
-        "grad_latents_in",
-        &at_grad.unwrap(),
-        &want("grad_latents_in"),
-        FORWARD_TOL,
-    );
-    report.tensor(
-        "image",
-        &sd.decode(&e("final_latents")).unwrap(),
-        &want("image"),
-        FORWARD_TOL,
+    sampling_loop(
+        &mut sd,
+        (&pc, &nc),
+        case.guidance_scale,
+        case.grad_step_index,
+        &expected,
+        report,
     );
     // The transformer's raw output, both halves, at the gradient step.
     let i = case.grad_step_index;
@@ -861,17 +884,7 @@ fn run_sdxl_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
     );
 
     // The sampler's timesteps (and Euler's sigmas through the step), from the folder's class.
-    sd.scheduler
-        .set_timesteps(case.num_inference_steps)
-        .unwrap();
-    let ts: Vec<f32> = sd.scheduler.timesteps().iter().map(|&t| t as f32).collect();
-    let want_ts: Vec<f32> = exp["timesteps"]
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_eq!(ts, want_ts, "{}: timesteps", dir.display());
-    println!("  {:<30} exact", "timesteps");
+    set_case_timesteps(&mut sd, case.num_inference_steps, exp, dir);
 
     let cond = |k: &str| Conditioning {
         embeds: e(&format!("{k}prompt_embeds")),
@@ -879,28 +892,13 @@ fn run_sdxl_case(dir: &Path, dev: &Device, dtype: DType, report: &mut Report) {
         mask: None,
     };
     let (pc, nc) = (cond(""), cond("negative_"));
-    let mut x = sd.start_latents(e("init_latents")).unwrap();
-    let mut at_grad = None;
-    for i in 0..sd.scheduler.len() {
-        if i == case.grad_step_index {
-            at_grad = Some(x.clone());
-        }
-        x = sd
-            .sample_step(&x, i, &pc, &nc, case.guidance_scale, &[0])
-            .unwrap();
-    }
-    report.tensor("final_latents", &x, &want("final_latents"), FORWARD_TOL);
-    report.tensor(
-        "grad_latents_in",
-        &at_grad.unwrap(),
-        &want("grad_latents_in"),
-        FORWARD_TOL,
-    );
-    report.tensor(
-        "image",
-        &sd.decode(&e("final_latents")).unwrap(),
-        &want("image"),
-        FORWARD_TOL,
+    sampling_loop(
+        &mut sd,
+        (&pc, &nc),
+        case.guidance_scale,
+        case.grad_step_index,
+        &expected,
+        report,
     );
 
     // The UNet at the gradient step on [negative, prompt], and its added embedding.

@@ -193,6 +193,31 @@ plants = [
  ("12e a transformers-4 PEFT text key misses a transformers-5 model", "src/lora.rs",
   """                let bare = m.name.strip_prefix("text_model.").unwrap_or(&m.name);""", """                let bare = m.name.as_str();""",
   T("--test", "sdxl_extras", "--", "transformers_4")),
+ ("13a PixArt's cross-attention mask left out", "src/models/pixart.rs",
+  """        let bias = match mask {
+            Some(m) => Some(""", """        let bias = match None::<&Tensor> {
+            Some(m) => Some(""",
+  T("--test", "parity", "--", "parity_cases")),
+ ("13b learned sigma: the variance half taken for the noise", "src/family/pixart.rs",
+  """            out.narrow(1, 0, c)?""", """            out.narrow(1, c, c)?""",
+  T("--test", "parity", "--test", "gradcheck")),
+ ("13c T5 without its padding mask", "src/models/t5.rs",
+  """            bias = bias.broadcast_add(&additive)?;""", """            let _ = additive;""",
+  T("--test", "t5", "--test", "parity", "--", "t5_encoder", "parity_cases")),
+ ("13d spiece.model read without the dummy prefix", "src/t5_tokenizer.rs",
+  """            PrependScheme::Always
+""", """            PrependScheme::Never
+""",
+  T("--test", "t5")),
+ ("13e the official PixArt embedding given an all-ones mask", "src/embedding/mod.rs",
+  """        m[0] = 1.0;""", """        m.iter_mut().for_each(|v| *v = 1.0);""",
+  T("-p", "reneg-cli", "--test", "pixart")),
+ ("14a the page's sort by the largest gain reversed", "src/eval/html.rs",
+  """      var sign = state.sort === 'desc' ? -1 : 1;""", """      var sign = state.sort === 'desc' ? 1 : -1;""",
+  T("-p", "reneg-cli", "--test", "report_page")),
+ ("14b the page's data block not guarded against </script>", "src/eval/html.rs",
+  r"""    v.to_string().replace('<', "\\u003c")""", """    v.to_string()""",
+  T("-p", "reneg-cli", "--test", "report_page")),
 ]
 
 
