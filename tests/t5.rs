@@ -178,6 +178,12 @@ fn a_sharded_t5_loads_as_the_single_file() {
         ),
         0.0
     );
+    // The fp16 variant's index name, as transformers writes it, is found too.
+    let fp16 = dir.join("model.safetensors.index.fp16.json");
+    std::fs::rename(&index, &fp16).unwrap();
+    let w = load_weights(&dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(w.file(), fp16.as_path());
+    std::fs::rename(&fp16, &index).unwrap();
     // A shard gone.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let e = load_weights(&dir, TRANSFORMERS_WEIGHTS, DType::F32, &Device::Cpu)

@@ -37,7 +37,8 @@ pub fn weights_file(dir: &Path, candidates: &[&str]) -> Result<PathBuf> {
 }
 
 /// A component's weights: one of `candidates`, or a sharded checkpoint's index beside them
-/// (`<candidate>.index.json`, as T5-XXL ships in PixArt's folders).
+/// (`<candidate>.index.json`, as T5-XXL ships in PixArt's folders; the fp16 variant's
+/// `model.safetensors.index.fp16.json`).
 pub fn load_weights(
     dir: &Path,
     candidates: &[&str],
@@ -47,7 +48,10 @@ pub fn load_weights(
     if let Some(index) = candidates
         .iter()
         .filter(|c| !dir.join(c).is_file())
-        .map(|c| dir.join(format!("{c}.index.json")))
+        .map(|c| match c.strip_suffix(".fp16.safetensors") {
+            Some(stem) => dir.join(format!("{stem}.safetensors.index.fp16.json")),
+            None => dir.join(format!("{c}.index.json")),
+        })
         .find(|p| p.is_file())
     {
         return Weights::load_sharded(&index, dtype, device);
