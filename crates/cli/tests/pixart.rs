@@ -150,13 +150,25 @@ fn the_official_embedding_inspects_imports_and_generates_with_the_mask_of_empty(
         "{shown}"
     );
     let imported = dir.join("official.safetensors");
-    ok(&[
+    let said = ok(&[
         "embedding",
         "import",
         OFFICIAL,
         "--out",
         imported.to_str().unwrap(),
     ]);
+    // Imported with the mask it is read with, and saying so.
+    assert!(said.contains("the mask of \"\""), "{said}");
+    let parts = candle_core::safetensors::load(&imported, &Device::Cpu).unwrap();
+    let mask: Vec<f32> = parts["negative_prompt_attention_mask"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        (mask.len(), mask[0], mask.iter().sum::<f32>()),
+        (120, 1.0, 1.0)
+    );
     let log = generate(
         &model,
         &dir.join("official"),

@@ -120,6 +120,17 @@ pub fn run(cmd: EmbeddingCommand) -> Result<()> {
             tool_metadata(&mut emb);
             emb.metadata
                 .insert("source".into(), file.display().to_string());
+            // A T5-XXL-wide negative without a mask whose rows 1.. are T5's output for "" (the
+            // official PixArt file): written with the mask it is read with.
+            if emb.width() == 4096 {
+                if let Some(mask) = emb.mask_of_empty().map_err(lib)? {
+                    emb.mask = Some(mask);
+                    println!(
+                        "added negative_prompt_attention_mask: the mask of \"\" (rows 1-{} are bitwise equal, T5's output for \"\")",
+                        emb.tokens() - 1
+                    );
+                }
+            }
             if let Some(b) = base_model {
                 emb.metadata.insert("base_model".into(), b);
             }
