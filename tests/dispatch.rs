@@ -131,6 +131,11 @@ fn generic_path_matches_the_fused_kernels_op_by_op() {
             &seq,
         ),
         (
+            "gelu tanh",
+            Box::new(|x| nn::activation::gelu_tanh(x).unwrap()),
+            &seq,
+        ),
+        (
             "attention, 3 heads, blocks of 2 queries",
             Box::new(|x| {
                 let (q, k, v) = (

@@ -100,6 +100,11 @@ fn fused_gelu_and_geglu() {
     let x = (randn(65, &[2, 3, 8]) * 2.5).unwrap();
     assert_gradient("gelu, fused", |x| nn::cpu_gelu::gelu(x).unwrap(), &x);
     assert_gradient("geglu, fused", |h| nn::cpu_gelu::geglu(h).unwrap(), &x);
+    assert_gradient(
+        "gelu tanh, fused",
+        |x| nn::cpu_gelu::gelu_tanh(x).unwrap(),
+        &x,
+    );
 }
 
 /// Trainable weights (issue 8 trains models): the gradient with respect to the weights

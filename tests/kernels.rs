@@ -533,12 +533,26 @@ fn fused_gelu_and_geglu_match_the_composed_ops() {
     );
     let want_geglu = (a * composed_gelu(&b)).unwrap();
     let want_gelu = composed_gelu(&h64);
+    // The tanh approximation written out (transformers' gelu_new).
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let u = (((h64.powf(3.0).unwrap() * 0.044715).unwrap() + &h64).unwrap() * k).unwrap();
+    let want_tanh = ((&h64 * 0.5).unwrap() * (u.tanh().unwrap() + 1.0).unwrap()).unwrap();
     let h32 = h64.to_dtype(DType::F32).unwrap();
     for (name, got, want) in [
         ("gelu f64", cpu_gelu::gelu(&h64).unwrap(), &want_gelu),
         ("geglu f64", cpu_gelu::geglu(&h64).unwrap(), &want_geglu),
         ("gelu f32", cpu_gelu::gelu(&h32).unwrap(), &want_gelu),
         ("geglu f32", cpu_gelu::geglu(&h32).unwrap(), &want_geglu),
+        (
+            "gelu tanh f64",
+            cpu_gelu::gelu_tanh(&h64).unwrap(),
+            &want_tanh,
+        ),
+        (
+            "gelu tanh f32",
+            cpu_gelu::gelu_tanh(&h32).unwrap(),
+            &want_tanh,
+        ),
     ] {
         assert_eq!(got.dims(), want.dims(), "{name}");
         // Relative to the largest output (|geglu| reaches about 100 here).

@@ -103,10 +103,11 @@ fn gelu_derivative(xs: &Tensor) -> Result<Tensor> {
 
 /// GELU's tanh approximation, composed for an exact backward (as [`gelu_erf`]).
 pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
-    // Without a graph, candle's one-pass kernel of the same formula (the composition below
-    // makes eight passes over the feed-forward's widest activation).
-    if !dispatch::tracked(xs) {
-        return xs.gelu();
+    // The fused kernel and its fused backward on the CPU (the composition below makes eight
+    // passes over the feed-forward's widest activation, and keeps their graph).
+    let plan = dispatch::plan(&[xs], &[]);
+    if plan.fused && xs.rank() > 0 {
+        return super::cpu_gelu::gelu_tanh(xs);
     }
     let k = (2.0 / std::f64::consts::PI).sqrt();
     let inner = ((xs + (xs.powf(3.0)? * 0.044715)?)? * k)?;

@@ -5,6 +5,9 @@
 //! from the input row, with the vectorisable Φ of [`normal_cdf_f32`](super::cpu_kernel).
 //!
 //! gelu(x) = x Φ(x), gelu'(x) = Φ(x) + x φ(x), φ the standard normal density.
+//! The tanh approximation (transformers' `gelu_new`, diffusers' `gelu-approximate`, PixArt's
+//! and T5's): x (1 + tanh u) / 2 with u = √(2/π) (x + 0.044715 x³), tanh from the vectorised
+//! exp (libm's scalar `tanhf` took a sixth of PixArt's sampling step).
 //! geglu([a | b]) = a gelu(b) over the last dimension, halves a and b.
 //!
 //! f32 and f64 on the CPU; `nn::dispatch` decides when they run.
@@ -40,6 +43,51 @@ simd_fn! {
     }
 }
 
+/// tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|): no overflow for any u.
+#[inline(always)]
+fn tanh_fast<T: Float>(u: T) -> T {
+    let e = (-(u.abs() + u.abs())).exp_fast();
+    let t = (T::one() - e) / (T::one() + e);
+    if u < T::zero() {
+        -t
+    } else {
+        t
+    }
+}
+
+/// (u, tanh u) of GELU(tanh)'s inner argument at x.
+#[inline(always)]
+fn tanh_inner<T: Float>(x: T) -> (T, T) {
+    let k = T::from_f64((2.0 / std::f64::consts::PI).sqrt());
+    let u = k * (x + T::from_f64(0.044715) * x * x * x);
+    (u, tanh_fast(u))
+}
+
+simd_fn! {
+    /// `out = x (1 + tanh u) / 2`.
+    fn gelu_tanh_row<T: Float>(out: &mut [T], x: &[T]) {
+        let half = T::from_f64(0.5);
+        for (o, &x) in out.iter_mut().zip(x) {
+            let (_, t) = tanh_inner(x);
+            *o = half * x * (T::one() + t);
+        }
+    }
+}
+
+simd_fn! {
+    /// `dx = g ((1 + t) / 2 + x (1 - t²) u'(x) / 2)`, u' = √(2/π) (1 + 3 · 0.044715 x²).
+    fn gelu_tanh_grad_row<T: Float>(dx: &mut [T], g: &[T], x: &[T]) {
+        let half = T::from_f64(0.5);
+        let k = T::from_f64((2.0 / std::f64::consts::PI).sqrt());
+        let c = T::from_f64(3.0 * 0.044715);
+        for ((d, &g), &x) in dx.iter_mut().zip(g).zip(x) {
+            let (_, t) = tanh_inner(x);
+            let du = k * (T::one() + c * x * x);
+            *d = g * (half * (T::one() + t) + half * x * (T::one() - t * t) * du);
+        }
+    }
+}
+
 simd_fn! {
     /// `out = a gelu(b)` for the row `h = [a | b]` (out has the length of a half).
     fn geglu_row<T: Float>(out: &mut [T], h: &[T]) {
@@ -67,6 +115,7 @@ simd_fn! {
 #[derive(Clone, Copy)]
 enum Kind {
     Gelu,
+    GeluTanh,
     Geglu,
 }
 
@@ -74,7 +123,7 @@ impl Kind {
     /// Output elements per input row of `n`.
     fn out_len(self, n: usize) -> usize {
         match self {
-            Kind::Gelu => n,
+            Kind::Gelu | Kind::GeluTanh => n,
             Kind::Geglu => n / 2,
         }
     }
@@ -91,6 +140,7 @@ impl Kernel1 for Forward {
         let rows = rows.with_min_len(super::min_rows(n));
         match self.0 {
             Kind::Gelu => rows.for_each(|(o, x)| gelu_row(o, x)),
+            Kind::GeluTanh => rows.for_each(|(o, x)| gelu_tanh_row(o, x)),
             Kind::Geglu => rows.for_each(|(o, h)| geglu_row(o, h)),
         }
         Ok(out)
@@ -101,6 +151,7 @@ impl CustomOp1 for Forward {
     fn name(&self) -> &'static str {
         match self.0 {
             Kind::Gelu => "cpu-gelu",
+            Kind::GeluTanh => "cpu-gelu-tanh",
             Kind::Geglu => "cpu-geglu",
         }
     }
@@ -128,6 +179,7 @@ impl Backward {
         let rows = rows.with_min_len(super::min_rows(n));
         match self.0 {
             Kind::Gelu => rows.for_each(|(d, (g, x))| gelu_grad_row(d, g, x)),
+            Kind::GeluTanh => rows.for_each(|(d, (g, x))| gelu_tanh_grad_row(d, g, x)),
             Kind::Geglu => rows.for_each(|(d, (g, h))| geglu_grad_row(d, g, h)),
         }
         dx
@@ -138,6 +190,7 @@ impl CustomOp2 for Backward {
     fn name(&self) -> &'static str {
         match self.0 {
             Kind::Gelu => "cpu-gelu-backward",
+            Kind::GeluTanh => "cpu-gelu-tanh-backward",
             Kind::Geglu => "cpu-geglu-backward",
         }
     }
@@ -179,6 +232,11 @@ fn fused(xs: &Tensor, kind: Kind) -> Result<Tensor> {
 /// Exact GELU, `x Φ(x)`, fused (CPU, f32 or f64, rank 1 or more).
 pub fn gelu(xs: &Tensor) -> Result<Tensor> {
     fused(xs, Kind::Gelu)
+}
+
+/// GELU's tanh approximation, fused (CPU, f32 or f64, rank 1 or more).
+pub fn gelu_tanh(xs: &Tensor) -> Result<Tensor> {
+    fused(xs, Kind::GeluTanh)
 }
 
 /// GEGLU's product `a gelu(b)` for `h = [a | b]` split in halves over the last dimension (as
