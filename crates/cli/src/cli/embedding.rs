@@ -109,45 +109,50 @@ fn inspect(file: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `embedding import`: a negative from another tool's file into safetensors with its
+/// provenance; the official PixArt file gets the mask it is read with.
+fn import(file: &Path, out: &Path, base_model: Option<String>) -> Result<()> {
+    let mut emb = NegativeEmbedding::load(file).map_err(lib)?;
+    tool_metadata(&mut emb);
+    emb.metadata
+        .insert("source".into(), file.display().to_string());
+    // A T5-XXL-wide negative without a mask whose rows 1.. are T5's output for "" (the
+    // official PixArt file): written with the mask it is read with.
+    if emb.width() == 4096 {
+        if let Some(mask) = emb.mask_of_empty().map_err(lib)? {
+            emb.mask = Some(mask);
+            println!(
+                "added negative_prompt_attention_mask: the mask of \"\" (rows 1-{} are bitwise equal, T5's output for \"\")",
+                emb.tokens() - 1
+            );
+        }
+    }
+    if let Some(b) = base_model {
+        emb.metadata.insert("base_model".into(), b);
+    }
+    if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        return Err(user(format!(
+            "{}: import writes safetensors; use a .safetensors name (or `embedding export --format pt`)",
+            out.display()
+        )));
+    }
+    emb.save_safetensors(out).map_err(lib)?;
+    println!(
+        "{} {:?} -> {}",
+        file.display(),
+        emb.tensor.dims(),
+        out.display()
+    );
+    Ok(())
+}
+
 pub fn run(cmd: EmbeddingCommand) -> Result<()> {
     match cmd {
         EmbeddingCommand::Import {
             file,
             out,
             base_model,
-        } => {
-            let mut emb = NegativeEmbedding::load(&file).map_err(lib)?;
-            tool_metadata(&mut emb);
-            emb.metadata
-                .insert("source".into(), file.display().to_string());
-            // A T5-XXL-wide negative without a mask whose rows 1.. are T5's output for "" (the
-            // official PixArt file): written with the mask it is read with.
-            if emb.width() == 4096 {
-                if let Some(mask) = emb.mask_of_empty().map_err(lib)? {
-                    emb.mask = Some(mask);
-                    println!(
-                        "added negative_prompt_attention_mask: the mask of \"\" (rows 1-{} are bitwise equal, T5's output for \"\")",
-                        emb.tokens() - 1
-                    );
-                }
-            }
-            if let Some(b) = base_model {
-                emb.metadata.insert("base_model".into(), b);
-            }
-            if out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-                return Err(user(format!(
-                    "{}: import writes safetensors; use a .safetensors name (or `embedding export --format pt`)",
-                    out.display()
-                )));
-            }
-            emb.save_safetensors(&out).map_err(lib)?;
-            println!(
-                "{} {:?} -> {}",
-                file.display(),
-                emb.tensor.dims(),
-                out.display()
-            );
-        }
+        } => import(&file, &out, base_model)?,
         EmbeddingCommand::Export { file, format, out } => {
             let mut emb = NegativeEmbedding::load(&file).map_err(lib)?;
             tool_metadata(&mut emb);
