@@ -126,7 +126,8 @@ fn t5_encoder_matches_transformers_on_the_parity_cases() {
             let out = model.forward(&exp[ids], Some(&exp[mask])).unwrap();
             let want: &Tensor = &exp[embeds];
             let rel = max_abs_diff(&out, want) / common::max_abs(want);
-            assert!(rel < 1e-5, "{case} {embeds}: relative difference {rel}");
+            // Measured: at most 4.3e-7 over the eight encodings.
+            assert!(rel < 2e-6, "{case} {embeds}: relative difference {rel}");
         }
     }
 }
