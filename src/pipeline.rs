@@ -225,6 +225,12 @@ impl Pipeline {
             .map_err(|e| self.refuse(e))
     }
 
+    pub fn set_max_length(&mut self, tokens: usize) -> Result<()> {
+        self.encoder
+            .set_max_length(tokens)
+            .map_err(|e| self.refuse(e))
+    }
+
     pub fn set_prompt_syntax(&mut self, syntax: crate::prompt_syntax::PromptSyntax) -> Result<()> {
         self.encoder
             .set_prompt_syntax(syntax)

@@ -151,6 +151,18 @@ impl PromptEncoder for T5Encoder {
         }
     }
 
+    /// Prompts of `tokens` tokens from now on (encodings of another length, cached or not, are
+    /// kept apart: the length is part of their key).
+    fn set_max_length(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::Invalid(
+                "--max-sequence-length 0: a prompt needs at least one token (its </s>)".into(),
+            ));
+        }
+        self.max_length = tokens;
+        Ok(())
+    }
+
     /// Reads the encodings `file` holds (none when it does not exist yet); every new one is
     /// added to it. A file made by another encoder is refused by name.
     fn set_text_cache(&mut self, file: &Path) -> Result<()> {
@@ -195,9 +207,9 @@ impl PromptEncoder for T5Encoder {
                     format!("the encoding {k} has no mask: not a text cache of reneg's"),
                 )
             })?;
-            if embeds.dims() != [1, self.max_length, self.config.d_model]
-                || mask.dims() != [1, self.max_length]
-            {
+            // Any prompt length: encodings of other lengths are keyed apart (see `key`).
+            let rows = embeds.dims().get(1).copied().unwrap_or(0);
+            if embeds.dims() != [1, rows, self.config.d_model] || mask.dims() != [1, rows] {
                 return Err(Error::file(
                     file,
                     format!(

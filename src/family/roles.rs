@@ -63,6 +63,11 @@ pub trait PromptEncoder: Send + Sync {
     fn set_text_cache(&mut self, _file: &Path) -> Result<()> {
         Err(unsupported("text-encoding caches (--text-cache)"))
     }
+    /// The prompt length in tokens (diffusers' `max_sequence_length`, for an encoder whose
+    /// pipeline takes one: PixArt's T5, 120 by default, PixArt-Sigma's 300).
+    fn set_max_length(&mut self, _tokens: usize) -> Result<()> {
+        Err(unsupported("prompt lengths (--max-sequence-length)"))
+    }
     fn set_prompt_syntax(&mut self, syntax: PromptSyntax) -> Result<()> {
         match syntax {
             PromptSyntax::Plain => Ok(()),

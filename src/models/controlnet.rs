@@ -273,6 +273,7 @@ impl ControlNetModel {
         let xs = self.encoder.conv_in.forward(sample)?;
         let cond = self.cond.forward(&image.to_dtype(xs.dtype())?)?;
         let xs = (xs + cond)?;
+        let context = &crate::nn::context::stable(context)?;
         let (xs, skips) = self.encoder.forward_down(&xs, &temb, context, 1)?;
         let mid = self.encoder.mid.forward(&xs, &temb, context, 1)?;
         let n = skips.len();

@@ -8,6 +8,7 @@
 
 use crate::error::{read_json, Error, Result};
 use crate::models::unet::sinusoid;
+use crate::nn::context::Memo;
 use crate::nn::conv::Conv2d;
 use crate::nn::{attention, Linear};
 use crate::weights::Vb;
@@ -131,6 +132,22 @@ struct Block {
     attn2: [Linear; 4],
     ff_in: Linear,
     ff_out: Linear,
+    /// attn2's keys and values of the last stable caption (`nn::context`).
+    kv: Memo<(Tensor, Tensor)>,
+}
+
+/// How many leading keys of a `[b, L]` mask some row attends (one past the last 1 of any
+/// row); None when a row attends none, whose softmax spreads evenly over all L keys.
+fn attended_prefix(mask: &Tensor) -> candle_core::Result<Option<usize>> {
+    let rows = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut keys = 0;
+    for row in &rows {
+        match row.iter().rposition(|&m| m != 0.0) {
+            Some(last) => keys = keys.max(last + 1),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(keys))
 }
 
 /// A layer norm without affine parameters (eps `eps`), statistics in f32.
@@ -155,6 +172,8 @@ pub struct PixArtTransformer2DModel {
     scale_shift_table: Tensor,
     proj_out: Linear,
     cfg: PixArtConfig,
+    /// The caption projection of the last stable caption.
+    caption_memo: Memo<Tensor>,
 }
 
 /// A model's additional conditions: the image's (height, width) in pixels.
@@ -194,6 +213,7 @@ impl PixArtTransformer2DModel {
                     attn2: attn(b.pp("attn2"), ctx)?,
                     ff_in: Linear::new(d, 4 * d, true, &b.pp("ff").pp("net").pp(0).pp("proj"))?,
                     ff_out: Linear::new(4 * d, d, true, &b.pp("ff").pp("net").pp(2))?,
+                    kv: Memo::default(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -213,6 +233,7 @@ impl PixArtTransformer2DModel {
             scale_shift_table: vb.get(&[2, d], "scale_shift_table")?,
             proj_out: Linear::new(d, p * p * cfg.out_channels(), true, &vb.pp("proj_out"))?,
             cfg,
+            caption_memo: Memo::default(),
         })
     }
 
@@ -311,18 +332,28 @@ impl PixArtTransformer2DModel {
             .broadcast_add(&self.position_table(gh, gw, dtype, dev)?)?;
         let e = self.embedded_timestep(&vec![t; b], resolution, dtype, dev)?;
         let t6 = self.adaln.forward(&e.silu()?)?.reshape((b, 6, d))?;
-        let caption = caption.to_dtype(dtype)?;
-        let ctx = self.caption_2.forward(&crate::nn::activation::gelu_tanh(
-            &self.caption_1.forward(&caption)?,
-        )?)?;
+        // The same caption at every step: projected once, as are each block's keys and values
+        // (nn::context).
+        let caption = crate::nn::context::stable(&caption.to_dtype(dtype)?)?;
+        let ctx = self.caption_memo.get_or(&caption, || {
+            self.caption_2.forward(&crate::nn::activation::gelu_tanh(
+                &self.caption_1.forward(&caption)?,
+            )?)
+        })?;
         let l = ctx.dim(1)?;
-        // [b * heads, 1, L] additive bias on the keys of the cross-attention.
+        // Keys past the last one any row attends carry exp(-10000) = 0 in every row, so they
+        // are left out (T5's padding: 119 of the 120 rows for the negative of "").
+        let keys = match mask {
+            Some(m) => attended_prefix(m)?.unwrap_or(l),
+            None => l,
+        };
+        // [b * heads, 1, keys] additive bias on the keys of the cross-attention.
         let bias = match mask {
             Some(m) => Some(
-                ((1.0 - m.to_dtype(DType::F32)?.to_device(dev)?)? * -10000.0)?
-                    .reshape((b, 1, 1, l))?
-                    .broadcast_as((b, heads, 1, l))?
-                    .reshape((b * heads, 1, l))?,
+                ((1.0 - m.to_dtype(DType::F32)?.to_device(dev)?.narrow(1, 0, keys)?)? * -10000.0)?
+                    .reshape((b, 1, 1, keys))?
+                    .broadcast_as((b, heads, 1, keys))?
+                    .reshape((b * heads, 1, keys))?,
             ),
             None => None,
         };
@@ -345,13 +376,11 @@ impl PixArtTransformer2DModel {
             xs = (xs + a.broadcast_mul(&gate_msa)?)?;
             // PixArt's cross-attention has no norm before it.
             let [q, k, v, o] = &blk.attn2;
-            let a = attention(
-                &q.forward(&xs)?,
-                &k.forward(&ctx)?,
-                &v.forward(&ctx)?,
-                heads,
-                bias.as_ref(),
-            )?;
+            let (k, v) = blk
+                .kv
+                .get_or(&caption, || Ok((k.forward(&ctx)?, v.forward(&ctx)?)))?;
+            let (k, v) = (k.narrow(1, 0, keys)?, v.narrow(1, 0, keys)?);
+            let a = attention(&q.forward(&xs)?, &k, &v, heads, bias.as_ref())?;
             xs = (&xs + o.forward(&a)?)?;
             let y = modulate(&norm(&xs, eps)?, &shift_mlp, &scale_mlp)?;
             let f = blk
@@ -374,5 +403,28 @@ impl PixArtTransformer2DModel {
             .permute((0, 5, 1, 3, 2, 4))?
             .contiguous()?
             .reshape((b, c, h, w))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attended_prefix;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn keys_past_every_rows_last_attended_one_are_left_out_unless_a_row_attends_none() {
+        let mask = |rows: &[[f32; 5]]| {
+            let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+            Tensor::from_vec(flat, (rows.len(), 5), &Device::Cpu).unwrap()
+        };
+        let t5 = mask(&[[1., 0., 0., 0., 0.], [1., 1., 1., 0., 0.]]);
+        assert_eq!(attended_prefix(&t5).unwrap(), Some(3));
+        // Not a prefix: the last attended key counts.
+        let holes = mask(&[[0., 1., 0., 1., 0.], [1., 0., 0., 0., 0.]]);
+        assert_eq!(attended_prefix(&holes).unwrap(), Some(4));
+        assert_eq!(attended_prefix(&mask(&[[1.; 5]])).unwrap(), Some(5));
+        // A row attending no key spreads over all of them: nothing is left out.
+        let none = mask(&[[1., 1., 0., 0., 0.], [0.; 5]]);
+        assert_eq!(attended_prefix(&none).unwrap(), None);
     }
 }

@@ -2,6 +2,7 @@
 //! `BasicTransformerBlock` with self-attention, cross-attention and a GEGLU feed-forward).
 
 use crate::error::Result;
+use crate::nn::context::Memo;
 use crate::nn::{attention, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::weights::Vb;
 use candle_core::Tensor;
@@ -14,6 +15,8 @@ pub struct CrossAttention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// The keys and values of the last stable context (`nn::context`).
+    kv: Memo<(Tensor, Tensor)>,
 }
 
 impl CrossAttention {
@@ -31,20 +34,19 @@ impl CrossAttention {
             to_v: Linear::new(context_dim, inner, false, &vb.pp("to_v"))?,
             to_out: Linear::new(inner, query_dim, true, &vb.pp("to_out").pp(0))?,
             heads,
+            kv: Memo::default(),
         })
     }
 
     /// # Shapes
     /// `xs`: `[b, n, query_dim]`, `context`: `[b, m, context_dim]` (None: self-attention)
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let ctx = context.unwrap_or(xs);
-        let out = attention(
-            &self.to_q.forward(xs)?,
-            &self.to_k.forward(ctx)?,
-            &self.to_v.forward(ctx)?,
-            self.heads,
-            None,
-        )?;
+        let project = |ctx: &Tensor| Ok((self.to_k.forward(ctx)?, self.to_v.forward(ctx)?));
+        let (k, v) = match context {
+            Some(ctx) => self.kv.get_or(ctx, || project(ctx))?,
+            None => project(xs)?,
+        };
+        let out = attention(&self.to_q.forward(xs)?, &k, &v, self.heads, None)?;
         self.to_out.forward(&out)
     }
 }

@@ -1221,6 +1221,8 @@ impl UNet2DConditionModel {
         added: Option<&Tensor>,
         frames: usize,
     ) -> Result<Tensor> {
+        // The same text at every step: its keys and values are projected once (nn::context).
+        let context = &crate::nn::context::stable(context)?;
         let temb = self.time_embedding_each(timesteps, sample.dtype(), sample.device())?;
         let temb = match added {
             Some(a) => (temb + a.to_dtype(sample.dtype())?)?,

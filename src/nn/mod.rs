@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod attach;
+pub mod context;
 pub mod conv;
 pub mod cpu_attention;
 pub mod cpu_conv;

@@ -36,6 +36,9 @@ pub struct ModelPlan {
     pub vae: Option<PathBuf>,
     #[serde(default)]
     pub clip_skip: usize,
+    /// The prompt length in tokens where the pipeline takes one (PixArt: 120 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<usize>,
     /// A file of prompt encodings read and extended (PixArt: T5 is then loaded only for a
     /// prompt not in it). It changes no image, so it is not among [`Self::options`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +67,9 @@ impl ModelPlan {
         }
         if self.prompt_syntax != PromptSyntax::Plain {
             v.push("prompt_syntax=a1111".into());
+        }
+        if let Some(n) = self.max_sequence_length {
+            v.push(format!("max_sequence_length={n}"));
         }
         v
     }
@@ -115,6 +121,9 @@ impl ModelPlan {
         }
         if self.clip_skip != 0 {
             sd.set_clip_skip(self.clip_skip)?;
+        }
+        if let Some(n) = self.max_sequence_length {
+            sd.set_max_length(n)?;
         }
         if let Some(f) = &self.text_cache {
             sd.set_text_cache(f)?;

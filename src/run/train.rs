@@ -80,6 +80,7 @@ fn model(cfg: &mut TrainConfig, setup: &Setup, progress: &mut dyn Progress) -> R
         model_config: setup.single_file.config_dir.clone(),
         prediction_type: setup.single_file.prediction_type.clone(),
         loras: cfg.loras.clone(),
+        max_sequence_length: cfg.max_sequence_length,
         ..super::model::ModelPlan::of(&cfg.model)
     };
     let mut sd = plan.load(dtype, &setup.device)?;

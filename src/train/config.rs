@@ -134,6 +134,9 @@ pub struct TrainConfig {
     /// Frames per video, for a text-to-video model (required there, refused elsewhere).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frames: Option<usize>,
+    /// PixArt: the prompt length in tokens (diffusers' max_sequence_length; 120 by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<usize>,
 }
 
 fn is_one(v: &f64) -> bool {

@@ -439,3 +439,87 @@ fn eval_adapts_per_sample_and_encode_writes_the_mask() {
     let n = mask.iter().sum::<f32>() as usize;
     assert!(n > 1 && mask[..n].iter().all(|&m| m == 1.0) && mask[n..].iter().all(|&m| m == 0.0));
 }
+
+/// `--max-sequence-length` (diffusers' max_sequence_length): prompts and negatives of that
+/// many tokens, as a pipeline called with it (PixArt-Sigma's is 300); a negative of the
+/// default 120 rows is then refused by name.
+#[test]
+fn max_sequence_length_sets_the_prompt_length() {
+    let dir = tempdir("length");
+    let enc = |len: &str, out: &Path| {
+        let mut args = vec![
+            "embedding",
+            "encode",
+            "--model",
+            PIXART,
+            "--text",
+            "a red cube",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if !len.is_empty() {
+            args.extend(["--max-sequence-length", len]);
+        }
+        ok(&args);
+        candle_core::safetensors::load(out, &Device::Cpu).unwrap()
+    };
+    let short = enc("9", &dir.join("short.safetensors"));
+    let long = enc("", &dir.join("long.safetensors"));
+    let (e9, m9) = (
+        &short["negative_prompt_embeds"],
+        &short["negative_prompt_attention_mask"],
+    );
+    assert_eq!(e9.dims()[..2], [1, 9]);
+    assert_eq!(long["negative_prompt_embeds"].dims()[..2], [1, 120]);
+    // "a red cube" + </s> is 4 tokens or more, and fewer than 9: the shorter mask is the
+    // longer one cut at 9, and the embeddings the same where both attend.
+    let mask = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap();
+    let (m9, m120) = (mask(m9), mask(&long["negative_prompt_attention_mask"]));
+    assert_eq!(
+        m9.to_vec1::<f32>().unwrap(),
+        m120.narrow(0, 0, 9).unwrap().to_vec1::<f32>().unwrap()
+    );
+    let kept = m9.sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
+    assert!((2..9).contains(&kept), "{kept} tokens kept");
+    let rows = |t: &Tensor| t.narrow(1, 0, kept).unwrap().flatten_all().unwrap();
+    let diff = (rows(e9) - rows(&long["negative_prompt_embeds"]))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-5, "{diff}");
+    // Generate takes the 9-row negative with the same length, and refuses the 120-row one.
+    let out = dir.join("gen");
+    let short_neg = dir.join("short.safetensors");
+    generate(
+        Path::new(PIXART),
+        &out,
+        &[
+            "--max-sequence-length",
+            "9",
+            "--negative-embedding",
+            short_neg.to_str().unwrap(),
+        ],
+    );
+    assert!(!png(&out).is_empty());
+    let long_neg = dir.join("long.safetensors");
+    refused(
+        &[
+            "generate",
+            "--model",
+            PIXART,
+            "--prompt",
+            "x",
+            "--max-sequence-length",
+            "9",
+            "--negative-embedding",
+            long_neg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["long.safetensors", "120", "9"],
+    );
+}

@@ -123,6 +123,10 @@ pub struct ModelArgs {
     /// loaded only when a prompt is not in it, and each new encoding is added).
     #[arg(long)]
     pub text_cache: Option<PathBuf>,
+    /// PixArt: the prompt length in tokens (diffusers' max_sequence_length; default 120, as
+    /// PixArt-α; PixArt-Sigma's pipeline uses 300). Negatives must have as many rows.
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
 }
 
 impl ModelArgs {
@@ -139,6 +143,7 @@ impl ModelArgs {
             vae: self.vae.clone(),
             clip_skip: self.clip_skip,
             text_cache: self.text_cache.clone(),
+            max_sequence_length: self.max_sequence_length,
         })
     }
 

@@ -97,6 +97,9 @@ pub struct TrainArgs {
     /// frame, so memory grows with it).
     #[arg(long)]
     pub frames: Option<usize>,
+    /// PixArt: the prompt length in tokens (diffusers' max_sequence_length; default 120).
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
     /// Image height in pixels (default: the model's).
     #[arg(long)]
     pub height: Option<usize>,
@@ -207,6 +210,7 @@ fn plain_overrides(a: &TrainArgs, t: &mut toml::Table) {
     put("height", uint(a.height));
     put("width", uint(a.width));
     put("frames", uint(a.frames));
+    put("max_sequence_length", uint(a.max_sequence_length));
     put("seed", int(a.seed));
     put("max_grad_norm", float(a.max_grad_norm));
     put("max_bad_steps", int(a.max_bad_steps));

@@ -1,0 +1,103 @@
+//! A sampling run's steps reuse the keys and values of its text (`nn::context`): the numbers
+//! are those of projecting them again, bit for bit, on an SD, an SDXL and a PixArt pipeline;
+//! and a negative rewritten in place (a `Var` the optimiser steps, seen through one detached
+//! view) is projected again, not taken from the last step.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use reneg::conditioning::Conditioning;
+use reneg::nn::context::{forget_all, reuses};
+use std::path::Path;
+
+/// The tests of this file one at a time: `forget_all` is process-wide.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn case(name: &str) -> (reneg::Pipeline, Tensor) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(name);
+    let sd = common::load_case_pipeline(&dir, DType::F32, &Device::Cpu);
+    let x = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("init_latents")
+        .unwrap();
+    (sd, x)
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+#[test]
+fn a_runs_steps_reuse_the_texts_keys_and_values_with_the_same_numbers() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    for name in ["sd15-tiny", "sdxl-tiny", "pixart-tiny"] {
+        let (sd, x) = case(name);
+        let cond = sd.encode("a red fox in the snow").unwrap();
+        let neg = sd.encode("blurry, low quality").unwrap();
+        forget_all();
+        let before = reuses();
+        sd.guided_eps(&x, 801.0, &cond, &neg, 5.0).unwrap();
+        let kept = sd.guided_eps(&x, 401.0, &cond, &neg, 5.0).unwrap();
+        assert!(reuses() > before, "{name}: the second step reused nothing");
+        forget_all();
+        let fresh = sd.guided_eps(&x, 401.0, &cond, &neg, 5.0).unwrap();
+        assert!(
+            bits(&kept) == bits(&fresh),
+            "{name}: reuse changed the numbers"
+        );
+        // Another negative at the next step: its own keys and values.
+        let other = sd.encode("oversaturated").unwrap();
+        let switched = sd.guided_eps(&x, 401.0, &cond, &other, 5.0).unwrap();
+        forget_all();
+        let want = sd.guided_eps(&x, 401.0, &cond, &other, 5.0).unwrap();
+        assert!(bits(&switched) == bits(&want), "{name}: a stale negative");
+        assert!(
+            bits(&switched) != bits(&kept),
+            "{name}: the negative changes nothing"
+        );
+    }
+}
+
+#[test]
+fn a_negative_rewritten_in_place_is_projected_again() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (sd, x) = case("sd15-tiny");
+    let cond = sd.encode("a red fox in the snow").unwrap();
+    let neg = sd.encode("blurry, low quality").unwrap();
+    let var = Var::from_tensor(&neg.embeds).unwrap();
+    // One view for every step, as a loop holding it across optimiser steps would.
+    let view = Conditioning {
+        embeds: var.as_detached_tensor(),
+        ..neg.clone()
+    };
+    let first = sd.guided_eps(&x, 401.0, &cond, &view, 5.0).unwrap();
+    let moved = (&neg.embeds * 1.5).unwrap();
+    var.set(&moved).unwrap();
+    let second = sd.guided_eps(&x, 401.0, &cond, &view, 5.0).unwrap();
+    forget_all();
+    let want = sd
+        .guided_eps(
+            &x,
+            401.0,
+            &cond,
+            &Conditioning {
+                embeds: moved,
+                ..neg
+            },
+            5.0,
+        )
+        .unwrap();
+    assert!(
+        bits(&second) == bits(&want),
+        "the old negative's keys were reused"
+    );
+    assert!(bits(&second) != bits(&first));
+}
