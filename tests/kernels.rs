@@ -261,6 +261,51 @@ fn fused_group_norm_matches_the_composed_ops() {
     }
 }
 
+/// The one-pass layer norm (`nn::cpu_layer_norm`) of `LayerNorm` and of PixArt's modulated
+/// norm (an affine per batch element) against candle's composed ops (`RENEG_KERNELS=generic`).
+#[test]
+fn fused_layer_norm_matches_the_composed_ops() {
+    use reneg::nn::dispatch::{with_kernels, Kernels};
+    use reneg::nn::norm::{layer_norm_modulated, LayerNorm};
+    for (i, dims) in [vec![2, 5, 7], vec![3, 1, 16], vec![1, 4, 33]]
+        .iter()
+        .enumerate()
+    {
+        let (b, d, seed) = (dims[0], dims[2], 300 + 10 * i as u64);
+        // Non-zero mean and a large scale: the statistics must not lose digits.
+        let x = ((randn(seed, dims) * 30.0).unwrap() + 7.0).unwrap();
+        let (shift, scale) = (randn(seed + 1, &[b, 1, d]), randn(seed + 2, &[b, 1, d]));
+        let (w, bias) = (randn(seed + 3, &[d]), randn(seed + 4, &[d]));
+        let ln = |w: &candle_core::Tensor, bias: &candle_core::Tensor| {
+            LayerNorm::from_tensors(w.clone(), bias.clone(), 1e-5)
+        };
+        let modulated = |x: &candle_core::Tensor, sh: &candle_core::Tensor, sc| {
+            layer_norm_modulated(x, sh, sc, 1e-6).unwrap()
+        };
+        let generic = |f: &dyn Fn() -> candle_core::Tensor| with_kernels(Kernels::Generic, f);
+        let pairs = [
+            (
+                modulated(&x, &shift, &scale),
+                generic(&|| modulated(&x, &shift, &scale)),
+            ),
+            (
+                ln(&w, &bias).forward(&x).unwrap(),
+                generic(&|| ln(&w, &bias).forward(&x).unwrap()),
+            ),
+        ];
+        for (fused, composed) in &pairs {
+            let e = max_abs_diff(fused, composed) / max_abs(composed);
+            assert!(e < 1e-12, "{dims:?}: relative error {e:e}");
+        }
+        // f32 against the f64 reference.
+        let f32 = |t: &candle_core::Tensor| t.to_dtype(DType::F32).unwrap();
+        let got = modulated(&f32(&x), &f32(&shift), &f32(&scale));
+        let e =
+            max_abs_diff(&got.to_dtype(DType::F64).unwrap(), &pairs[0].1) / max_abs(&pairs[0].1);
+        assert!(e < 1e-6, "{dims:?} f32: relative error {e:e}");
+    }
+}
+
 #[test]
 fn fused_softmax_matches_the_composed_ops() {
     for (i, dims) in [vec![2, 3, 7], vec![5, 1], vec![4, 6, 33]]

@@ -10,6 +10,7 @@ use crate::error::{read_json, Error, Result};
 use crate::models::unet::sinusoid;
 use crate::nn::context::Memo;
 use crate::nn::conv::Conv2d;
+use crate::nn::norm::layer_norm_modulated;
 use crate::nn::{attention, Linear};
 use crate::weights::Vb;
 use candle_core::{DType, Device, Tensor};
@@ -148,16 +149,6 @@ fn attended_prefix(mask: &Tensor) -> candle_core::Result<Option<usize>> {
         }
     }
     Ok(Some(keys))
-}
-
-/// A layer norm without affine parameters (eps `eps`), statistics in f32.
-fn norm(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    crate::nn::norm::layer_norm_plain(x, eps)
-}
-
-/// `x (1 + scale) + shift`, scale and shift `[b, 1, D]`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
 pub struct PixArtTransformer2DModel {
@@ -364,7 +355,7 @@ impl PixArtTransformer2DModel {
             let part = |i: usize| m.narrow(1, i, 1);
             let (shift_msa, scale_msa, gate_msa) = (part(0)?, part(1)?, part(2)?);
             let (shift_mlp, scale_mlp, gate_mlp) = (part(3)?, part(4)?, part(5)?);
-            let y = modulate(&norm(&xs, eps)?, &shift_msa, &scale_msa)?;
+            let y = layer_norm_modulated(&xs, &shift_msa, &scale_msa, eps)?;
             let [q, k, v, o] = &blk.attn1;
             let a = o.forward(&attention(
                 &q.forward(&y)?,
@@ -382,7 +373,7 @@ impl PixArtTransformer2DModel {
             let (k, v) = (k.narrow(1, 0, keys)?, v.narrow(1, 0, keys)?);
             let a = attention(&q.forward(&xs)?, &k, &v, heads, bias.as_ref())?;
             xs = (&xs + o.forward(&a)?)?;
-            let y = modulate(&norm(&xs, eps)?, &shift_mlp, &scale_mlp)?;
+            let y = layer_norm_modulated(&xs, &shift_mlp, &scale_mlp, eps)?;
             let f = blk
                 .ff_out
                 .forward(&crate::nn::activation::gelu_tanh(&blk.ff_in.forward(&y)?)?)?;
@@ -396,7 +387,7 @@ impl PixArtTransformer2DModel {
         let (shift, scale) = (m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?);
         let y = self
             .proj_out
-            .forward(&modulate(&norm(&xs, eps)?, &shift, &scale)?)?;
+            .forward(&layer_norm_modulated(&xs, &shift, &scale, eps)?)?;
         let c = self.cfg.out_channels();
         // nhwpqc -> nchpwq
         Ok(y.reshape((b, gh, gw, p, p, c))?

@@ -14,6 +14,7 @@ pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod cpu_gelu;
 mod cpu_kernel;
+pub mod cpu_layer_norm;
 pub mod cpu_linear;
 pub mod cpu_norm;
 pub mod cpu_softmax;

@@ -29,6 +29,14 @@ fn normalize_last(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
                 .broadcast_mul(&rstd)
         });
     }
+    if dispatch::plan(&[xs], &[]).fused {
+        let d = xs.dim(D::Minus1)?;
+        let (ones, zeros) = (
+            Tensor::ones(d, xs.dtype(), xs.device())?,
+            Tensor::zeros(d, xs.dtype(), xs.device())?,
+        );
+        return super::cpu_layer_norm::layer_norm(xs, &ones, &zeros, eps);
+    }
     let n = xs.dim(D::Minus1)? as f64;
     let mean = (xs.sum_keepdim(D::Minus1)? / n)?;
     let centered = xs.broadcast_sub(&mean)?;
@@ -79,6 +87,10 @@ impl LayerNorm {
             self.weight.to_dtype(x.dtype())?,
             self.bias.to_dtype(x.dtype())?,
         );
+        let plan = dispatch::plan(&[&x], &[&w, &b]);
+        if plan.fused && plan.grad == Grad::None {
+            return super::cpu_layer_norm::layer_norm(&x, &w, &b, self.eps)?.to_dtype(xs.dtype());
+        }
         let normed = normalize_last(&x, self.eps)?;
         affine(&normed, &w, &b, &w)?.to_dtype(xs.dtype())
     }
@@ -89,6 +101,25 @@ impl LayerNorm {
 pub fn layer_norm_plain(xs: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let x = super::at_least_f32(xs)?;
     normalize_last(&x, eps)?.to_dtype(xs.dtype())
+}
+
+/// PixArt's (adaLN's) modulated norm `layer_norm_plain(x) (1 + scale) + shift`, `x`
+/// `[b, n, d]`, `shift` and `scale` `[b, 1, d]`: one pass per row without a graph on the CPU.
+pub fn layer_norm_modulated(
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let plan = dispatch::plan(&[x, shift, scale], &[]);
+    if plan.fused && plan.grad == Grad::None {
+        let (b, _, d) = x.dims3()?;
+        let w = (scale + 1.0)?.reshape((b, d))?;
+        return super::cpu_layer_norm::layer_norm(x, &w, &shift.reshape((b, d))?, eps);
+    }
+    layer_norm_plain(x, eps)?
+        .broadcast_mul(&(scale + 1.0)?)?
+        .broadcast_add(shift)
 }
 
 /// `torch.nn.GroupNorm(groups, channels)` with affine weight and bias.
