@@ -91,7 +91,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
         || w.elem_count() != groups * d
         || b.elem_count() != w.elem_count()
         || groups == 0
-        || rows % groups != 0
+        || !rows.is_multiple_of(groups)
     {
         candle_core::bail!(
             "layer-norm-rows: x {:?} with an affine of {:?} and {:?}",
