@@ -593,7 +593,8 @@ fn measure(
         println!(
             "{}",
             json!({"impl": "reneg", "case": case, "sample_eval_s": sample_s,
-                   "sample_eval_fresh_s": sample_fresh_s, "peak_rss_mb": rss_after_sampling})
+                   "sample_eval_fresh_s": sample_fresh_s, "peak_rss_mb": rss_after_sampling,
+                   "context_lookups_reuses": reneg::nn::context::counts()})
         );
         return;
     }

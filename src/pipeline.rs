@@ -225,6 +225,11 @@ impl Pipeline {
             .map_err(|e| self.refuse(e))
     }
 
+    /// Encodes a run's prompts ahead of sampling ([`PromptEncoder::encode_ahead`]).
+    pub fn encode_ahead(&self, texts: &[&str]) -> Result<()> {
+        self.encoder.encode_ahead(texts)
+    }
+
     pub fn set_max_length(&mut self, tokens: usize) -> Result<()> {
         self.encoder
             .set_max_length(tokens)

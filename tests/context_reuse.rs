@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use reneg::conditioning::Conditioning;
-use reneg::nn::context::{forget_all, reuses};
+use reneg::nn::context::{counts, forget_all};
 use std::path::Path;
 
 /// The tests of this file one at a time: `forget_all` is process-wide.
@@ -43,10 +43,16 @@ fn a_runs_steps_reuse_the_texts_keys_and_values_with_the_same_numbers() {
         let cond = sd.encode("a red fox in the snow").unwrap();
         let neg = sd.encode("blurry, low quality").unwrap();
         forget_all();
-        let before = reuses();
         sd.guided_eps(&x, 801.0, &cond, &neg, 5.0).unwrap();
+        let (lookups, reuses) = counts();
         let kept = sd.guided_eps(&x, 401.0, &cond, &neg, 5.0).unwrap();
-        assert!(reuses() > before, "{name}: the second step reused nothing");
+        let (lookups, reuses) = (counts().0 - lookups, counts().1 - reuses);
+        // Every cross-attention of both branches asks, and each gets its kept keys.
+        assert!(lookups >= 4, "{name}: {lookups} lookups");
+        assert_eq!(
+            reuses, lookups,
+            "{name}: layers that projected the text again"
+        );
         forget_all();
         let fresh = sd.guided_eps(&x, 401.0, &cond, &neg, 5.0).unwrap();
         assert!(

@@ -265,3 +265,55 @@ fn the_text_cache_spares_t5_and_refuses_another_encoders() {
     assert!(e.contains("--text-cache"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run encodes its prompts ahead (`Pipeline::encode_ahead`) and T5 is let go before
+/// sampling: the prompts are then served from what was kept, equal to before, and a text
+/// not encoded ahead reads T5 again.
+#[test]
+fn t5_is_let_go_once_a_runs_prompts_are_encoded() {
+    use reneg::family::pixart::T5Encoder;
+    let pipe = Path::new("tests/fixtures/parity/pixart-tiny/pipeline");
+    let sd = reneg::Pipeline::load(pipe, DType::F32, &Device::Cpu).unwrap();
+    let loaded = |sd: &reneg::Pipeline| {
+        sd.encoder
+            .as_any()
+            .downcast_ref::<T5Encoder>()
+            .unwrap()
+            .is_loaded()
+    };
+    let direct = sd.encode("a red fox").unwrap();
+    assert!(loaded(&sd));
+    sd.encode_ahead(&["a red fox", "a blue whale"]).unwrap();
+    assert!(
+        !loaded(&sd),
+        "T5 still held after the run's prompts were encoded"
+    );
+    let kept = sd.encode("a blue whale").unwrap();
+    assert!(!loaded(&sd), "a prompt encoded ahead read T5 again");
+    let again = sd.encode("a red fox").unwrap();
+    assert_eq!(
+        again
+            .embeds
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        direct
+            .embeds
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+    let other = sd.encode("a green frog").unwrap();
+    assert!(loaded(&sd), "a new text needs T5");
+    assert_ne!(
+        other
+            .embeds
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        kept.embeds.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+}

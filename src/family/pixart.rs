@@ -42,7 +42,9 @@ pub struct T5Encoder {
     pub tokenizer: T5Tokenizer,
     pub config: T5Config,
     pub max_length: usize,
-    model: std::sync::OnceLock<T5EncoderModel>,
+    /// Read on first use; let go once a run's prompts are all encoded
+    /// ([`PromptEncoder::encode_ahead`]).
+    model: Mutex<Option<std::sync::Arc<T5EncoderModel>>>,
     load: Box<dyn Fn() -> Result<T5EncoderModel> + Send + Sync>,
     /// What identifies the encoder in a cache file (its config and weights' sizes).
     fingerprint: String,
@@ -71,18 +73,25 @@ impl T5Encoder {
         ))
     }
 
-    /// The encoder, read on first use.
-    pub fn model(&self) -> Result<&T5EncoderModel> {
-        if let Some(m) = self.model.get() {
-            return Ok(m);
+    /// The encoder, read on first use (and again after [`PromptEncoder::encode_ahead`] let
+    /// it go, for a text that was not encoded ahead).
+    pub fn model(&self) -> Result<std::sync::Arc<T5EncoderModel>> {
+        let mut slot = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = &*slot {
+            return Ok(m.clone());
         }
-        let m = (self.load)()?;
-        Ok(self.model.get_or_init(|| m))
+        let m = std::sync::Arc::new((self.load)()?);
+        *slot = Some(m.clone());
+        Ok(m)
     }
 
-    /// Whether T5's weights have been read (a run whose prompts are all cached never does).
+    /// Whether T5's weights are held (a run whose prompts are all cached never reads them; a
+    /// run lets them go once its prompts are encoded).
     pub fn is_loaded(&self) -> bool {
-        self.model.get().is_some()
+        self.model
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// The cache file's key of `text`: what T5 is given (the preprocessed text) and the
@@ -140,6 +149,16 @@ impl PromptEncoder for T5Encoder {
             }
         }
         Ok(c)
+    }
+
+    /// Encodes each text not cached yet, then lets T5 go: T5-XXL (9.5 GB in bf16, 19 GB in
+    /// f32) is not held through the sampling that follows.
+    fn encode_ahead(&self, texts: &[&str]) -> Result<()> {
+        for t in texts {
+            self.encode(t)?;
+        }
+        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
     }
 
     fn shape(&self) -> Shape {
@@ -363,7 +382,7 @@ pub fn load_folder(
         tokenizer,
         config: te_cfg,
         max_length: MAX_SEQUENCE_LENGTH,
-        model: std::sync::OnceLock::new(),
+        model: Mutex::new(None),
         load,
         fingerprint,
         cache: Mutex::new(HashMap::new()),

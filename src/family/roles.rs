@@ -46,6 +46,13 @@ pub trait PromptEncoder: Send + Sync {
     /// The shape of one prompt's conditioning.
     fn shape(&self) -> Shape;
 
+    /// Encodes `texts` now, all of a run's prompts, so that an encoder costly to hold can be
+    /// let go before sampling (PixArt's T5-XXL); later `encode` calls for them are served
+    /// from what it kept. The others keep their small encoders: nothing to do.
+    fn encode_ahead(&self, _texts: &[&str]) -> Result<()> {
+        Ok(())
+    }
+
     /// An error if `text` could not be encoded (e.g. it names an embedding that is not
     /// loaded), without encoding it.
     fn check_prompt(&self, _text: &str) -> Result<()> {

@@ -14,14 +14,20 @@
 
 use candle_core::{Result, Tensor, TensorId};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-/// How many times a [`Memo`] gave back a kept value, over the process (tests check that a
-/// run's steps do reuse).
+/// How many times a [`Memo`] was asked for the value of a stable context, and how many of
+/// those it gave back a kept one, over the process (tests check that every layer of a run's
+/// later steps reuses).
+static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
 static REUSES: AtomicUsize = AtomicUsize::new(0);
 
-pub fn reuses() -> usize {
-    REUSES.load(Ordering::Relaxed)
+/// (lookups, reuses) so far.
+pub fn counts() -> (usize, usize) {
+    (
+        LOOKUPS.load(Ordering::Relaxed),
+        REUSES.load(Ordering::Relaxed),
+    )
 }
 
 /// The contexts [`stable`] handed out, the most recent last: a few are in use at once (the
@@ -99,22 +105,23 @@ pub fn forget_all() {
 }
 
 /// What a layer computed from the last stable contexts it saw: two, for the guidance
-/// branches run side by side (each with its own context, through the same layers). Cloning a
-/// layer gives the clone an empty memo.
-pub struct Memo<T>(Mutex<Vec<(TensorId, T)>>);
+/// branches run side by side (each with its own context, through the same layers). A clone
+/// of a layer shares its memo: blocks are cloned into the closures of checkpointing and of
+/// each call (`UNetBlock::layer`), and a clone is the same layer, its weights shared.
+pub struct Memo<T>(Arc<Mutex<Vec<(TensorId, T)>>>);
 
 /// Values a memo keeps at most.
 const MEMO_KEEP: usize = 2;
 
 impl<T> Default for Memo<T> {
     fn default() -> Self {
-        Self(Mutex::new(Vec::new()))
+        Self(Arc::new(Mutex::new(Vec::new())))
     }
 }
 
 impl<T> Clone for Memo<T> {
     fn clone(&self) -> Self {
-        Self::default()
+        Self(self.0.clone())
     }
 }
 
@@ -131,6 +138,7 @@ impl<T: Clone> Memo<T> {
         if !is_stable(key) {
             return compute();
         }
+        LOOKUPS.fetch_add(1, Ordering::Relaxed);
         {
             let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((_, v)) = kept.iter().find(|(id, _)| *id == key.id()) {
@@ -194,6 +202,8 @@ mod tests {
         assert_eq!(memo.get_or(&view, || f(4.0)).unwrap(), 4.0, "not stable");
         assert_eq!(memo.get_or(&view, || f(5.0)).unwrap(), 5.0, "never kept");
         assert_eq!(calls.get(), 4);
+        // A clone of a layer is the same layer: it shares what was kept.
+        assert_eq!(memo.clone().get_or(&b, || f(7.0)).unwrap(), 3.0, "a clone");
         forget_all();
         assert!(!is_stable(&b));
         assert_eq!(memo.get_or(&b, || f(6.0)).unwrap(), 6.0, "forgotten");

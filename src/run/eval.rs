@@ -255,8 +255,11 @@ pub fn evaluate(
             run.out.display()
         ));
     }
-    progress.begin(todo.len() as u64, "evaluation image");
     let m = run.manifest;
+    // The prompts encoded now (the negatives were): a costly encoder is let go before sampling.
+    let texts: Vec<&str> = m.prompts.iter().map(|p| p.text.as_str()).collect();
+    sd.encode_ahead(&texts)?;
+    progress.begin(todo.len() as u64, "evaluation image");
     for &(p, seed, j) in &todo {
         progress.status(&format!(
             "prompt {}/{} seed {seed} negative {}",

@@ -134,6 +134,12 @@ pub fn generate(
     for p in &plan.prompts {
         sd.check_prompt(&p.text)?;
     }
+    // Every text of the run encoded now: a costly encoder (T5-XXL) is let go before sampling.
+    let mut texts: Vec<&str> = plan.prompts.iter().map(|p| p.text.as_str()).collect();
+    if let Negative::Prompt(t) = &plan.negative {
+        texts.push(t);
+    }
+    sd.encode_ahead(&texts)?;
     sd.set_fps(plan.fps)?;
     sd.set_size_conditioning(plan.sizes)?;
     // lvdm's uniform spacing can visit more timesteps than asked: count what runs.

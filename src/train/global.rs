@@ -212,6 +212,13 @@ pub fn train_in_group(
     if prompts.is_empty() {
         return Err(Error::Invalid("the training prompt list is empty".into()));
     }
+    // Every prompt encoded now: a costly encoder (T5-XXL) is let go before training samples.
+    let texts: Vec<&str> = prompts
+        .iter()
+        .chain(val_prompts)
+        .map(String::as_str)
+        .collect();
+    sd.encode_ahead(&texts)?;
     let paths = RunPaths {
         out: cfg.out.clone(),
     };
