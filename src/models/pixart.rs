@@ -419,3 +419,41 @@ mod tests {
         assert_eq!(attended_prefix(&none).unwrap(), None);
     }
 }
+
+#[cfg(test)]
+mod published_config {
+    use super::PixArtConfig;
+
+    /// PixArt-XL-2-1024-MS's transformer/config.json as its repo publishes it: written by an
+    /// older diffusers under the class name `Transformer2DModel`, with that class's every key
+    /// (most of which PixArt does not use). reneg reads the keys, not the class name.
+    const PUBLISHED_1024: &str = r#"{
+      "_class_name": "Transformer2DModel", "_diffusers_version": "0.22.0.dev0",
+      "activation_fn": "gelu-approximate", "attention_bias": true, "attention_head_dim": 72,
+      "attention_type": "default", "caption_channels": 4096, "cross_attention_dim": 1152,
+      "double_self_attention": false, "dropout": 0.0, "in_channels": 4,
+      "norm_elementwise_affine": false, "norm_eps": 1e-06, "norm_num_groups": 32,
+      "norm_type": "ada_norm_single", "num_attention_heads": 16, "num_embeds_ada_norm": 1000,
+      "num_layers": 28, "num_vector_embeds": null, "only_cross_attention": false,
+      "out_channels": 8, "patch_size": 2, "sample_size": 128, "upcast_attention": false,
+      "use_linear_projection": false}"#;
+
+    #[test]
+    fn the_published_transformer2dmodel_config_reads_as_pixart() {
+        let dir = std::env::temp_dir().join(format!("reneg-pixart-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, PUBLISHED_1024).unwrap();
+        let cfg = PixArtConfig::load(&path).unwrap();
+        assert_eq!(cfg.inner_dim(), 1152);
+        assert_eq!(
+            (cfg.num_layers, cfg.patch_size, cfg.out_channels()),
+            (28, 2, 8)
+        );
+        assert!(
+            cfg.additional_conditions(),
+            "the 1024 model's size conditions"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
