@@ -6,6 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
+use common::bits;
 use reneg::conditioning::Conditioning;
 use reneg::nn::context::{counts, forget_all};
 use std::path::Path;
@@ -23,16 +24,6 @@ fn case(name: &str) -> (reneg::Pipeline, Tensor) {
         .remove("init_latents")
         .unwrap();
     (sd, x)
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect()
 }
 
 #[test]

@@ -404,18 +404,9 @@ fn every_instruction_set_copy_gives_the_same_bits() {
             cpu_conv::Algo::Im2col,
         )
         .unwrap();
-        let bits = |t: &candle_core::Tensor| -> Vec<u32> {
-            t.flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        };
         [sm, gn, conv, dx, im2col_dx]
             .iter()
-            .map(bits)
+            .map(common::bits)
             .collect::<Vec<_>>()
     };
     force_simd_level(1);

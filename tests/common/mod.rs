@@ -41,6 +41,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     max_abs(&(a - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
+/// The bits of an f32 tensor's elements, for comparisons that must be exact.
+pub fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
 pub fn random_vb(seed: u64) -> Vb {
     random_vb_dtype(seed, DType::F64)
 }
