@@ -98,3 +98,32 @@ fn a_negative_rewritten_in_place_is_projected_again() {
     );
     assert!(bits(&second) != bits(&first));
 }
+
+/// A model whose weights are being trained (the miniature world's UNet, a `Var` per tensor)
+/// never keeps keys and values: the optimiser changes `to_k` between calls with the same text.
+#[test]
+fn trainable_weights_are_never_kept_across_calls() {
+    use reneg::models::unet::UNet2DConditionModel;
+    use reneg::weights::{Vb, Weights};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let weights = Weights::trainable(7, DType::F32, &Device::Cpu);
+    let vb = Vb::new(weights);
+    let unet = UNet2DConditionModel::new(common::tiny_unet_config(false), &vb).unwrap();
+    let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let (x, ctx) = (
+        f32(common::randn(1, &[1, 4, 8, 8])),
+        f32(common::randn(2, &[1, 5, 12])),
+    );
+    let first = unet.forward(&x, 500.0, &ctx).unwrap();
+    let vars = vb.vars();
+    let (name, to_k) = vars
+        .iter()
+        .find(|(n, _)| n.contains("attn2.to_k"))
+        .expect("a cross-attention's key projection");
+    to_k.set(&(to_k.as_tensor() * 2.0).unwrap()).unwrap();
+    let second = unet.forward(&x, 500.0, &ctx).unwrap();
+    forget_all();
+    let want = unet.forward(&x, 500.0, &ctx).unwrap();
+    assert!(bits(&second) == bits(&want), "{name}: old keys reused");
+    assert!(bits(&second) != bits(&first), "{name} changes nothing");
+}
