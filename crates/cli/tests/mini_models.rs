@@ -310,8 +310,10 @@ fn largest_difference(got: &[Record], want: &[Record]) -> f64 {
 }
 
 /// How far a rerun's score may lie from the committed one (scores are x100). The pipeline is
-/// deterministic: on the machine that made the committed run the rerun is bit for bit
-/// (measured difference 0). On another CPU the matrix kernels may sum in another order; the
+/// deterministic: on the machine that made the committed run the rerun was bit for bit
+/// (measured difference 0) until the one-pass layer norm (`nn::cpu_layer_norm`, statistics in
+/// f64) changed the rounding of every transformer block: 1.0e-3 since, on the same machine
+/// (benches/results/tests-f07f8ce.txt). On another CPU the matrix kernels may sum in another order; the
 /// device-generic kernels (RENEG_KERNELS=generic), which sum in another order, moved the
 /// scores of these units, transfer included, by at most 4.3e-4 (measured on the fourth world's
 /// committed run, benches/results/mini-reproduction-generic.txt; 1.2e-3 on the third's, at
