@@ -324,17 +324,8 @@ impl PixArtTransformer2DModel {
         let e = self.embedded_timestep(&vec![t; b], resolution, dtype, dev)?;
         let t6 = self.adaln.forward(&e.silu()?)?.reshape((b, 6, d))?;
         // The same caption at every step: projected once, as are each block's keys and values
-        // (nn::context), unless those projections have trainable weights.
-        let caption = caption.to_dtype(dtype)?;
-        let trainable = [&self.caption_1, &self.caption_2]
-            .into_iter()
-            .chain(self.blocks.iter().flat_map(|b| [&b.attn2[1], &b.attn2[2]]))
-            .any(Linear::trainable);
-        let caption = if trainable {
-            caption
-        } else {
-            crate::nn::context::stable(&caption)?
-        };
+        // (nn::context).
+        let caption = crate::nn::context::stable(&caption.to_dtype(dtype)?)?;
         let ctx = self.caption_memo.get_or(&caption, || {
             self.caption_2.forward(&crate::nn::activation::gelu_tanh(
                 &self.caption_1.forward(&caption)?,

@@ -42,10 +42,8 @@ impl CrossAttention {
     /// `xs`: `[b, n, query_dim]`, `context`: `[b, m, context_dim]` (None: self-attention)
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let project = |ctx: &Tensor| Ok((self.to_k.forward(ctx)?, self.to_v.forward(ctx)?));
-        let frozen = !(self.to_k.trainable() || self.to_v.trainable());
         let (k, v) = match context {
-            Some(ctx) if frozen => self.kv.get_or(ctx, || project(ctx))?,
-            Some(ctx) => project(ctx)?,
+            Some(ctx) => self.kv.get_or(ctx, || project(ctx))?,
             None => project(xs)?,
         };
         let out = attention(&self.to_q.forward(xs)?, &k, &v, self.heads, None)?;

@@ -131,9 +131,29 @@ impl<T> std::fmt::Debug for Memo<T> {
     }
 }
 
-impl<T: Clone> Memo<T> {
+/// A value a [`Memo`] may keep: one off every graph. Keys and values computed by trainable
+/// weights (a `Var` per tensor, as the miniature world's UNet trains) carry a graph and change
+/// with the optimiser between calls with the same text: they are never kept.
+pub trait Keepable: Clone {
+    fn on_graph(&self) -> bool;
+}
+
+impl Keepable for Tensor {
+    fn on_graph(&self) -> bool {
+        tracked(self)
+    }
+}
+
+impl Keepable for (Tensor, Tensor) {
+    fn on_graph(&self) -> bool {
+        tracked(&self.0) || tracked(&self.1)
+    }
+}
+
+impl<T: Keepable> Memo<T> {
     /// `compute()`'s value for the context `key`: kept from an earlier call when `key` is the
-    /// same stable context, computed (and kept, if `key` is stable) otherwise.
+    /// same stable context, computed (and kept, if `key` is stable and the value is off every
+    /// graph) otherwise.
     pub fn get_or(&self, key: &Tensor, compute: impl FnOnce() -> Result<T>) -> Result<T> {
         if !is_stable(key) {
             return compute();
@@ -151,6 +171,9 @@ impl<T: Clone> Memo<T> {
         }
         // Computed without the lock: the other branch may use the layer meanwhile.
         let v = compute()?;
+        if v.on_graph() {
+            return Ok(v);
+        }
         let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if kept.len() >= MEMO_KEEP {
             kept.remove(0);
@@ -164,6 +187,12 @@ impl<T: Clone> Memo<T> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    impl Keepable for f32 {
+        fn on_graph(&self) -> bool {
+            false
+        }
+    }
 
     #[test]
     fn equal_contexts_share_one_stable_tensor_and_a_changed_var_does_not() {

@@ -51,13 +51,6 @@ impl Linear {
         self.weight_t.dims().first().copied().unwrap_or(0)
     }
 
-    /// Whether the weights carry a graph (a `Var`, as in the weight-gradient checks): what is
-    /// computed from them then cannot be kept across calls (`nn::context`).
-    pub fn trainable(&self) -> bool {
-        super::dispatch::tracked(&self.weight_t)
-            || self.bias.as_ref().is_some_and(super::dispatch::tracked)
-    }
-
     /// # Shapes
     /// `[..., in]` -> `[..., out]`
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {

@@ -134,12 +134,6 @@ pub fn generate(
     for p in &plan.prompts {
         sd.check_prompt(&p.text)?;
     }
-    // Every text of the run encoded now: a costly encoder (T5-XXL) is let go before sampling.
-    let mut texts: Vec<&str> = plan.prompts.iter().map(|p| p.text.as_str()).collect();
-    if let Negative::Prompt(t) = &plan.negative {
-        texts.push(t);
-    }
-    sd.encode_ahead(&texts)?;
     sd.set_fps(plan.fps)?;
     sd.set_size_conditioning(plan.sizes)?;
     // lvdm's uniform spacing can visit more timesteps than asked: count what runs.
@@ -151,6 +145,10 @@ pub fn generate(
         Negative::Prompt(t) => sd.encode(t)?,
         Negative::Embedding(p) => sd.negative(&NegativeEmbedding::load(p)?, p)?,
     };
+    // The prompts encoded now, after the negative (without one, PixArt's is T5's ""): a costly
+    // encoder (T5-XXL) is let go before sampling.
+    let texts: Vec<&str> = plan.prompts.iter().map(|p| p.text.as_str()).collect();
+    sd.encode_ahead(&texts)?;
     let n = plan.prompts.len() * plan.images_per_prompt;
     let init = match &plan.init_latents {
         Some(p) => Some(load_init_latents(p, &latent_shape, n)?),

@@ -212,7 +212,13 @@ pub fn train_in_group(
     if prompts.is_empty() {
         return Err(Error::Invalid("the training prompt list is empty".into()));
     }
-    // Every prompt encoded now: a costly encoder (T5-XXL) is let go before training samples.
+    // Validation's baseline, what the pipeline uses without a negative (PixArt: T5's ""),
+    // encoded now with every prompt: a costly encoder (T5-XXL) is let go before training samples.
+    let null_negative = if val_prompts.is_empty() {
+        None
+    } else {
+        Some(sd.no_negative()?)
+    };
     let texts: Vec<&str> = prompts
         .iter()
         .chain(val_prompts)
@@ -404,7 +410,10 @@ pub fn train_in_group(
             && (done % cfg.val_every == 0 || done == cfg.steps)
         {
             if null_val.is_none() {
-                let null = sd.no_negative()?;
+                let null = match &null_negative {
+                    Some(n) => n.clone(),
+                    None => sd.no_negative()?,
+                };
                 null_val = Some(mean(&validation_rewards(
                     sd, objective, &null, &val_list, &val_seeds, &sampling, cfg,
                 )?));
