@@ -35,7 +35,8 @@
 //! For profiles: `RENEG_BENCH_SAMPLING_ONLY=1` stops a `full` case after the sampling
 //! evaluation, `RENEG_BENCH_PHASES=1` prints the gradient step's phases, and
 //! `RENEG_BENCH_OUTSIDE_POOL=1` / `RENEG_BENCH_RETURN_MEMORY=1` undo the binary's run-time
-//! settings (`reneg::runtime`) for A/B runs.
+//! settings (`reneg::runtime`) for A/B runs, and `RENEG_BENCH_UNPACKED=1` keeps frozen linear
+//! weights unpacked (`nn::cpu_packed`).
 
 use candle_core::{Device, Tensor, Var};
 use reneg::conditioning::Conditioning;
@@ -760,6 +761,10 @@ fn main() {
         let (n, b) = (n.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
         ([16, 32, 64].contains(&n) && b > 0).then_some((n, b))
     });
+    // RENEG_BENCH_UNPACKED=1: frozen linear weights stay tensors that gemm packs per call (A/B).
+    if std::env::var("RENEG_BENCH_UNPACKED").as_deref() == Ok("1") {
+        reneg::nn::cpu_packed::disable();
+    }
     let run = move || {
         match (case.as_str(), full_case) {
         ("tiny", _) => tiny(),

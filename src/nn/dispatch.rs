@@ -12,6 +12,9 @@
 //! | CPU f16/bf16, CUDA, Metal| any      | candle ops (device-generic)| candle ops, input-only if frozen    |
 //! | CPU, f32/f64             | generic  | candle ops (device-generic)| candle ops, input-only if frozen    |
 //!
+//! On the CPU the fused linear keeps a frozen f32 weight in the gemm micro-kernel's panels,
+//! packed once when the layer is built ([`super::cpu_packed`]; where the CPU has AVX-512).
+//!
 //! "Input-only" means the op attaches its own backward ([`super::attach`]) that computes the
 //! gradient with respect to its activation input alone: candle's autograd would also compute
 //! the gradients of frozen weights and keep every intermediate of a composed op.

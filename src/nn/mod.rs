@@ -17,6 +17,7 @@ mod cpu_kernel;
 pub mod cpu_layer_norm;
 pub mod cpu_linear;
 pub mod cpu_norm;
+pub mod cpu_packed;
 pub mod cpu_softmax;
 pub mod dispatch;
 pub mod linear;

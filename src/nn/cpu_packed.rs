@@ -1,0 +1,435 @@
+//! Frozen f32 linear weights kept in the AVX-512 gemm micro-kernel's own panel layout.
+//!
+//! gemm (the crate candle and [`super::cpu_linear`] call) repacks the weight into panels on
+//! every call: it reads `Wᵀ` row by row, 64 outputs at a time from rows `4 x out` bytes apart,
+//! and writes the panel before its micro-kernel reads it. For SDXL's 1280-wide layers at 64
+//! tokens (its 8x8 level at 32x32 latents, batch 1), that packing and the strided reads
+//! behind it halve the throughput: the weights are used by few rows each, so the micro-kernel
+//! waits on them (110-125 GFLOP/s against 200-220 here; `benches/results/packed-gemm-*.txt`).
+//! Frozen weights never change, so they are packed once, when the layer is built, and every
+//! call streams them sequentially.
+//!
+//! The layout: panels of [`MR`] = 64 outputs, each `[in][64]` contiguous (the last panel padded
+//! with zeros), 64-byte aligned. A call runs gemm's own AVX-512 micro-kernel on each tile of
+//! (panel, [`NR`] = 6 rows of activations), the threads splitting the tiles.
+//!
+//! Only where the CPU has AVX-512 ([`available`]); elsewhere the layer keeps `Wᵀ` as a tensor
+//! and gemm packs it as before. The input gradient (`dy W`, no gradient for the frozen weight)
+//! packs `W` for its call from the panels (the weight is kept once, in one orientation).
+
+use super::cpu_kernel::contiguous;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use std::sync::Arc;
+
+/// Outputs per panel: the micro-kernel's 4 vectors of 16 f32.
+pub const MR: usize = 64;
+/// Activation rows per tile: the micro-kernel's 6 broadcast columns.
+pub const NR: usize = 6;
+/// Inputs per pass over a tile: a panel's `kc x 64` slice (128 KB) stays in L2 while every
+/// tile of its rows passes it.
+const KC: usize = 512;
+
+/// One cache line of f32, so that the panels start on a line (an unaligned panel reads five
+/// lines for every four).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+static DISABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Layers built after this keep `Wᵀ` as a tensor, as on a CPU without AVX-512 (for A/B runs:
+/// the benchmark's `RENEG_BENCH_UNPACKED=1`).
+pub fn disable() {
+    DISABLED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether layers built now pack their frozen f32 weights: the CPU runs the AVX-512
+/// micro-kernel (checked once) and [`disable`] was not called.
+pub fn available() -> bool {
+    !DISABLED.load(std::sync::atomic::Ordering::Relaxed) && avx512()
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A frozen `[in, out]` f32 weight (`Wᵀ`) in panels of [`MR`] outputs.
+pub struct PackedWeight {
+    /// Inputs (`in`).
+    k: usize,
+    /// Outputs (`out`).
+    n: usize,
+    /// `panels x k x MR` f32, as lines.
+    data: Vec<Line>,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PackedWeight[{}, {}]", self.k, self.n)
+    }
+}
+
+impl PackedWeight {
+    /// Packs `w_t`, `[k, n]` row-major.
+    pub fn pack(w_t: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(
+            w_t.len(),
+            k * n,
+            "PackedWeight::pack: {} values for [{k}, {n}]",
+            w_t.len()
+        );
+        let panels = n.div_ceil(MR);
+        let mut data = vec![Line([0.0; 16]); panels * k * MR / 16];
+        let flat = floats_mut(&mut data);
+        for ib in 0..panels {
+            let width = MR.min(n - ib * MR);
+            for p in 0..k {
+                let dst = &mut flat[(ib * k + p) * MR..][..width];
+                dst.copy_from_slice(&w_t[p * n + ib * MR..][..width]);
+            }
+        }
+        Self { k, n, data }
+    }
+
+    /// `(in, out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    /// `Wᵀ` back as `[k, n]` row-major.
+    pub fn unpacked(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let flat = floats(&self.data);
+        let mut out = Vec::with_capacity(k * n);
+        for p in 0..k {
+            for ib in 0..n.div_ceil(MR) {
+                out.extend_from_slice(&flat[(ib * k + p) * MR..][..MR.min(n - ib * MR)]);
+            }
+        }
+        out
+    }
+
+    /// `x[rows x k] W^T + bias`, `[rows, n]` row-major.
+    pub fn forward(&self, x: &[f32], rows: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        assert_eq!(
+            x.len(),
+            rows * k,
+            "PackedWeight::forward: {} values for [{rows}, {k}]",
+            x.len()
+        );
+        if let Some(b) = bias {
+            assert_eq!(
+                b.len(),
+                n,
+                "PackedWeight::forward: {} bias values for {n} outputs",
+                b.len()
+            );
+        }
+        if rows == 0 || n == 0 {
+            return Vec::new();
+        }
+        if k == 0 {
+            return match bias {
+                Some(b) => b.repeat(rows),
+                None => vec![0.0; rows * n],
+            };
+        }
+        let mut out = Vec::with_capacity(rows * n);
+        assert!(avx512(), "PackedWeight::forward needs AVX-512");
+        // SAFETY: AVX-512 is present (checked); `out` has room for rows x n, every element of
+        // which `run_tiles` writes (each tile by one thread, its first pass writing without
+        // reading); x is rows x k and the panels hold k x MR values per panel.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            run_tiles(self, x, rows, bias, out.as_mut_ptr());
+            out.set_len(rows * n);
+        }
+        out
+    }
+
+    /// `dy[rows x n] W`, `[rows, k]`: the input's gradient, by [`Self::forward`] on `W`
+    /// packed for this call (read from the panels in 64 x 64 blocks, one copy, freed after).
+    pub fn input_grad(&self, dy: &[f32], rows: usize) -> Vec<f32> {
+        self.transposed().forward(dy, rows, None)
+    }
+
+    /// `W` (`[n, k]`, this matrix's transpose) in panels of its own.
+    fn transposed(&self) -> PackedWeight {
+        use rayon::prelude::*;
+        let (k, n) = (self.k, self.n);
+        let src = floats(&self.data);
+        let mut data = vec![Line([0.0; 16]); k.div_ceil(MR) * n * MR / 16];
+        if data.is_empty() {
+            return PackedWeight { k: n, n: k, data };
+        }
+        // Output panel `pb` (inputs pb*64..) is `[n][64]`: row i of it is column i of the 64
+        // rows of this matrix's panels that hold inputs pb*64...
+        floats_mut(&mut data)
+            .par_chunks_mut(n * MR)
+            .enumerate()
+            .for_each(|(pb, panel)| {
+                for ib in 0..n.div_ceil(MR) {
+                    let width = MR.min(n - ib * MR);
+                    for j in 0..MR.min(k - pb * MR) {
+                        let row = &src[(ib * k + pb * MR + j) * MR..][..width];
+                        for (ii, &v) in row.iter().enumerate() {
+                            panel[(ib * MR + ii) * MR + j] = v;
+                        }
+                    }
+                }
+            });
+        PackedWeight { k: n, n: k, data }
+    }
+}
+
+fn floats(lines: &[Line]) -> &[f32] {
+    // SAFETY: Line is repr(C) over [f32; 16] with no padding (64 bytes, align 64).
+    unsafe { std::slice::from_raw_parts(lines.as_ptr().cast(), lines.len() * 16) }
+}
+
+fn floats_mut(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: as in `floats`.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr().cast(), lines.len() * 16) }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the threads write disjoint tiles of the output (see `run_tiles`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn thread_count() -> usize {
+    match super::cpu_conv::threads() {
+        Parallelism::None => 1,
+        Parallelism::Rayon(n) => n.max(1),
+    }
+}
+
+/// Every (panel, strip) tile of `out = x Wᵀ (+ bias)`, over `KC`-deep passes; the tiles,
+/// panel by panel, split into one contiguous range per thread, so a tile is one thread's. The
+/// micro-kernel broadcasts `x` from its rows in place (6 rows a tile, each read in order), so
+/// the activations are not copied; the first pass writes a tile (onto its bias, copied in
+/// first) and the later ones add to it.
+///
+/// # Safety
+/// AVX-512 must be present; `x` is `rows x k`, `bias` has `n` values, `out` has room for
+/// `rows x n`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn run_tiles(w: &PackedWeight, x: &[f32], rows: usize, bias: Option<&[f32]>, out: *mut f32) {
+    use gemm_f32::microkernel::avx512f::f32::UKR;
+    let (k, n) = (w.k, w.n);
+    let (panels, n_strips) = (n.div_ceil(MR), rows.div_ceil(NR));
+    let tiles = panels * n_strips;
+    // Small products stay on the calling thread (no wake-up), as gemm does below its threshold.
+    let threads = if rows * k * n < 48 * 48 * 256 {
+        1
+    } else {
+        thread_count().min(tiles)
+    };
+    let passes = k.div_ceil(KC);
+    let kc = k.div_ceil(passes);
+    let lhs = floats(&w.data);
+    let dst = SendPtr(out);
+    let work = move |t: usize| {
+        let dst = dst;
+        let (from, to) = (tiles * t / threads, tiles * (t + 1) / threads);
+        let mut p0 = 0;
+        while p0 < k {
+            let depth = kc.min(k - p0);
+            for tile in from..to {
+                let (ib, s) = (tile / n_strips, tile % n_strips);
+                let m = MR.min(n - ib * MR);
+                let cols = NR.min(rows - s * NR);
+                let tile_dst = dst.0.add(s * NR * n + ib * MR);
+                // 0: write, 1: add onto what is there (the bias, or an earlier pass).
+                let mut accumulate = u8::from(p0 > 0);
+                if let (0, Some(b)) = (p0, bias) {
+                    for c in 0..cols {
+                        std::ptr::copy_nonoverlapping(
+                            b.as_ptr().add(ib * MR),
+                            tile_dst.add(c * n),
+                            m,
+                        );
+                    }
+                    accumulate = 1;
+                }
+                let kernel = UKR[m.div_ceil(16) - 1][cols - 1];
+                kernel(
+                    m,
+                    cols,
+                    depth,
+                    tile_dst,
+                    lhs.as_ptr().add((ib * k + p0) * MR),
+                    x.as_ptr().add(s * NR * k + p0),
+                    n as isize,
+                    1,
+                    MR as isize,
+                    1,
+                    k as isize,
+                    1.0,
+                    1.0,
+                    accumulate,
+                    false,
+                    false,
+                    false,
+                    std::ptr::null(),
+                );
+            }
+            p0 += depth;
+        }
+    };
+    if threads == 1 {
+        work(0);
+    } else {
+        rayon::scope(|scope| {
+            for t in 1..threads {
+                scope.spawn(move |_| work(t));
+            }
+            work(0);
+        });
+    }
+}
+
+/// The forward as a candle op: x (and the bias) on the CPU in f32, the weight in the op.
+struct Forward(Arc<PackedWeight>);
+
+impl Forward {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = xl.shape().dims2()?;
+        let (kw, n) = self.0.dims();
+        if k != kw {
+            candle_core::bail!("linear: input has {k} features, the weight takes {kw}")
+        }
+        let bias = bias
+            .map(|(b, bl)| contiguous(b.as_slice::<f32>()?, bl))
+            .transpose()?;
+        if let Some(b) = bias {
+            if b.len() != n {
+                candle_core::bail!("linear: bias of {} values for {n} outputs", b.len())
+            }
+        }
+        let x = contiguous(x.as_slice::<f32>()?, xl)?;
+        Ok((
+            CpuStorage::F32(self.0.forward(x, rows, bias)),
+            Shape::from((rows, n)),
+        ))
+    }
+}
+
+impl CustomOp1 for Forward {
+    fn name(&self) -> &'static str {
+        "cpu-packed-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(x, xl, None)
+    }
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "cpu-packed-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(x, xl, Some((b, bl)))
+    }
+}
+
+/// The input gradient as a candle op: `dy` on the CPU in f32.
+struct InputGrad(Arc<PackedWeight>);
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "cpu-packed-linear-input-grad"
+    }
+
+    fn cpu_fwd(&self, dy: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, n) = l.shape().dims2()?;
+        let (k, nw) = self.0.dims();
+        if n != nw {
+            candle_core::bail!("linear backward: gradient has {n} features, the weight gives {nw}")
+        }
+        let dy = contiguous(dy.as_slice::<f32>()?, l)?;
+        Ok((
+            CpuStorage::F32(self.0.input_grad(dy, rows)),
+            Shape::from((rows, k)),
+        ))
+    }
+}
+
+/// `x2 Wᵀ + bias` for `x2`: `[rows, in]` f32 on the CPU, without a graph.
+pub fn linear(x2: &Tensor, w: &Arc<PackedWeight>, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x2 = x2.detach().contiguous()?;
+    let op = Forward(w.clone());
+    match bias {
+        Some(b) => x2.apply_op2_no_bwd(&b.detach().contiguous()?, &op),
+        None => x2.apply_op1_no_bwd(&op),
+    }
+}
+
+/// `dy W` for `dy`: `[rows, out]` f32 on the CPU, without a graph.
+pub fn input_grad(dy: &Tensor, w: &Arc<PackedWeight>) -> Result<Tensor> {
+    dy.detach()
+        .contiguous()?
+        .apply_op1_no_bwd(&InputGrad(w.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / 16_777_216.0 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unpacking_gives_the_weight_back() {
+        for (k, n) in [(3, 5), (7, 64), (5, 130), (0, 4), (4, 0)] {
+            let w = values(k * n, 7);
+            assert_eq!(PackedWeight::pack(&w, k, n).unpacked(), w, "[{k}, {n}]");
+        }
+    }
+
+    #[test]
+    fn the_transposed_panels_hold_the_transpose() {
+        for (k, n) in [(3, 5), (70, 64), (130, 65), (0, 4), (4, 0)] {
+            let w = values(k * n, 9);
+            let t = PackedWeight::pack(&w, k, n).transposed();
+            assert_eq!(t.dims(), (n, k));
+            let want: Vec<f32> = (0..n)
+                .flat_map(|i| (0..k).map(move |p| (i, p)))
+                .map(|(i, p)| w[p * n + i])
+                .collect();
+            assert_eq!(t.unpacked(), want, "[{k}, {n}]");
+        }
+    }
+}
