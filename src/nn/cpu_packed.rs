@@ -145,51 +145,45 @@ impl PackedWeight {
                 None => vec![0.0; rows * n],
             };
         }
-        let mut out = Vec::with_capacity(rows * n);
-        assert!(avx512(), "PackedWeight::forward needs AVX-512");
-        // SAFETY: AVX-512 is present (checked); `out` has room for rows x n, every element of
-        // which `run_tiles` writes (each tile by one thread, its first pass writing without
-        // reading); x is rows x k and the panels hold k x MR values per panel.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            run_tiles(self, x, rows, bias, out.as_mut_ptr());
-            out.set_len(rows * n);
-        }
-        out
+        run(Source::Panels(self), x, rows, bias)
     }
 
-    /// `dy[rows x n] W`, `[rows, k]`: the input's gradient, by [`Self::forward`] on `W`
-    /// packed for this call (read from the panels in 64 x 64 blocks, one copy, freed after).
+    /// `dy[rows x n] W`, `[rows, k]`: the input's gradient. The tiles read `W` from the
+    /// panels, transposed a 64 x [`KC`] chunk at a time into a buffer of each thread's (as gemm
+    /// packs), so the weight is not copied whole.
     pub fn input_grad(&self, dy: &[f32], rows: usize) -> Vec<f32> {
-        self.transposed().forward(dy, rows, None)
+        let (k, n) = (self.k, self.n);
+        assert_eq!(
+            dy.len(),
+            rows * n,
+            "PackedWeight::input_grad: {} values for [{rows}, {n}]",
+            dy.len()
+        );
+        if rows == 0 || k == 0 {
+            return Vec::new();
+        }
+        if n == 0 {
+            return vec![0.0; rows * k];
+        }
+        run(Source::Transposed(self), dy, rows, None)
     }
 
-    /// `W` (`[n, k]`, this matrix's transpose) in panels of its own.
-    fn transposed(&self) -> PackedWeight {
-        use rayon::prelude::*;
-        let (k, n) = (self.k, self.n);
-        let src = floats(&self.data);
-        let mut data = vec![Line([0.0; 16]); k.div_ceil(MR) * n * MR / 16];
-        if data.is_empty() {
-            return PackedWeight { k: n, n: k, data };
-        }
-        // Output panel `pb` (inputs pb*64..) is `[n][64]`: row i of it is column i of the 64
-        // rows of this matrix's panels that hold inputs pb*64...
-        floats_mut(&mut data)
-            .par_chunks_mut(n * MR)
-            .enumerate()
-            .for_each(|(pb, panel)| {
-                for ib in 0..n.div_ceil(MR) {
-                    let width = MR.min(n - ib * MR);
-                    for j in 0..MR.min(k - pb * MR) {
-                        let row = &src[(ib * k + pb * MR + j) * MR..][..width];
-                        for (ii, &v) in row.iter().enumerate() {
-                            panel[(ib * MR + ii) * MR + j] = v;
-                        }
-                    }
+    /// Writes into `buf` the chunk `p0..p0 + depth` (outputs of this matrix; a multiple of 64
+    /// from `p0`, itself one) of panel `pb` of the transpose (inputs `pb*64..`), as `[depth][64]`.
+    fn transposed_chunk(&self, pb: usize, p0: usize, depth: usize, buf: &mut [f32]) {
+        let (k, src) = (self.k, floats(&self.data));
+        let rows = MR.min(k - pb * MR);
+        for ib in p0 / MR..(p0 + depth).div_ceil(MR) {
+            // Inputs pb*64.. of panel ib: `rows` consecutive rows of 64 outputs (16 KB).
+            let block = &src[(ib * k + pb * MR) * MR..][..rows * MR];
+            let width = MR.min(self.n - ib * MR);
+            let out = &mut buf[(ib * MR - p0) * MR..];
+            for (j, row) in block.chunks_exact(MR).enumerate() {
+                for (ii, &v) in row[..width].iter().enumerate() {
+                    out[ii * MR + j] = v;
                 }
-            });
-        PackedWeight { k: n, n: k, data }
+            }
+        }
     }
 }
 
@@ -216,19 +210,77 @@ fn thread_count() -> usize {
     }
 }
 
-/// Every (panel, strip) tile of `out = x Wᵀ (+ bias)`, over `KC`-deep passes; the tiles,
-/// panel by panel, split into one contiguous range per thread, so a tile is one thread's. The
-/// micro-kernel broadcasts `x` from its rows in place (6 rows a tile, each read in order), so
-/// the activations are not copied; the first pass writes a tile (onto its bias, copied in
-/// first) and the later ones add to it.
+/// Where the tiles' panels come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The weight's panels, read in place: `x Wᵀ`.
+    Panels(&'a PackedWeight),
+    /// The transpose, chunk by chunk into a buffer: `dy W`.
+    Transposed(&'a PackedWeight),
+}
+
+impl Source<'_> {
+    /// (outputs, depth) of the product.
+    fn dims(self) -> (usize, usize) {
+        match self {
+            Source::Panels(w) => (w.n, w.k),
+            Source::Transposed(w) => (w.k, w.n),
+        }
+    }
+
+    /// Passes over the depth: balanced for the panels (any start), 512 deep for the transpose
+    /// (its chunks start on a panel of the weight).
+    fn pass_depth(self) -> usize {
+        let depth = self.dims().1;
+        match self {
+            Source::Panels(_) => depth.div_ceil(depth.div_ceil(KC)),
+            Source::Transposed(_) => KC,
+        }
+    }
+
+    /// The `depth x MR` chunk from `p0` of output panel `ib`, with `MR` between its steps.
+    fn chunk(self, ib: usize, p0: usize, depth: usize, buf: &mut Vec<f32>) -> *const f32 {
+        match self {
+            Source::Panels(w) => floats(&w.data)[(ib * w.k + p0) * MR..].as_ptr(),
+            Source::Transposed(w) => {
+                buf.resize(KC * MR, 0.0);
+                w.transposed_chunk(ib, p0, depth, buf);
+                buf.as_ptr()
+            }
+        }
+    }
+}
+
+/// `x[rows x depth]` times the source's matrix (+ bias): `[rows, outputs]`, on AVX-512.
+fn run(src: Source, x: &[f32], rows: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let n = src.dims().0;
+    let mut out = Vec::with_capacity(rows * n);
+    assert!(avx512(), "nn::cpu_packed needs AVX-512");
+    // SAFETY: AVX-512 is present (checked); `out` has room for rows x n, every element of
+    // which `run_tiles` writes (each tile by one thread, its first pass writing without
+    // reading); x is rows x depth and each chunk holds depth x MR values.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        run_tiles(src, x, rows, bias, out.as_mut_ptr());
+        out.set_len(rows * n);
+    }
+    out
+}
+
+/// Every (panel, 6 rows) tile of the product; the tiles, panel by panel, split into one
+/// contiguous range per thread, so a tile is one thread's. For each panel a thread takes the
+/// depth in passes: the panel's chunk (128 KB) stays in L2 while each of the thread's tiles
+/// of that panel passes it. The micro-kernel broadcasts `x` from its rows in place (6 rows a
+/// tile, each read in order), so the activations are not copied; the first pass writes a tile
+/// (onto its bias, copied in first) and the later ones add to it.
 ///
 /// # Safety
-/// AVX-512 must be present; `x` is `rows x k`, `bias` has `n` values, `out` has room for
-/// `rows x n`.
+/// AVX-512 must be present; `x` is `rows x depth`, `bias` has one value per output, `out` has
+/// room for `rows x outputs`, and rows, outputs and depth are not 0.
 #[cfg(target_arch = "x86_64")]
-unsafe fn run_tiles(w: &PackedWeight, x: &[f32], rows: usize, bias: Option<&[f32]>, out: *mut f32) {
+unsafe fn run_tiles(src: Source, x: &[f32], rows: usize, bias: Option<&[f32]>, out: *mut f32) {
     use gemm_f32::microkernel::avx512f::f32::UKR;
-    let (k, n) = (w.k, w.n);
+    let (n, k) = src.dims();
     let (panels, n_strips) = (n.div_ceil(MR), rows.div_ceil(NR));
     let tiles = panels * n_strips;
     // Small products stay on the calling thread (no wake-up), as gemm does below its threshold.
@@ -237,56 +289,61 @@ unsafe fn run_tiles(w: &PackedWeight, x: &[f32], rows: usize, bias: Option<&[f32
     } else {
         thread_count().min(tiles)
     };
-    let passes = k.div_ceil(KC);
-    let kc = k.div_ceil(passes);
-    let lhs = floats(&w.data);
+    let kc = src.pass_depth();
     let dst = SendPtr(out);
     let work = move |t: usize| {
         let dst = dst;
+        let mut buf = Vec::new();
         let (from, to) = (tiles * t / threads, tiles * (t + 1) / threads);
-        let mut p0 = 0;
-        while p0 < k {
-            let depth = kc.min(k - p0);
-            for tile in from..to {
-                let (ib, s) = (tile / n_strips, tile % n_strips);
-                let m = MR.min(n - ib * MR);
-                let cols = NR.min(rows - s * NR);
-                let tile_dst = dst.0.add(s * NR * n + ib * MR);
-                // 0: write, 1: add onto what is there (the bias, or an earlier pass).
-                let mut accumulate = u8::from(p0 > 0);
-                if let (0, Some(b)) = (p0, bias) {
-                    for c in 0..cols {
-                        std::ptr::copy_nonoverlapping(
-                            b.as_ptr().add(ib * MR),
-                            tile_dst.add(c * n),
-                            m,
-                        );
+        let mut first = from;
+        while first < to {
+            let ib = first / n_strips;
+            let last = to.min((ib + 1) * n_strips);
+            let m = MR.min(n - ib * MR);
+            let mut p0 = 0;
+            while p0 < k {
+                let depth = kc.min(k - p0);
+                let lhs = src.chunk(ib, p0, depth, &mut buf);
+                for s in first - ib * n_strips..last - ib * n_strips {
+                    let cols = NR.min(rows - s * NR);
+                    let tile_dst = dst.0.add(s * NR * n + ib * MR);
+                    // 0: write, 1: add onto what is there (the bias, or an earlier pass).
+                    let mut accumulate = u8::from(p0 > 0);
+                    if let (0, Some(b)) = (p0, bias) {
+                        for c in 0..cols {
+                            std::ptr::copy_nonoverlapping(
+                                b.as_ptr().add(ib * MR),
+                                tile_dst.add(c * n),
+                                m,
+                            );
+                        }
+                        accumulate = 1;
                     }
-                    accumulate = 1;
+                    let kernel = UKR[m.div_ceil(16) - 1][cols - 1];
+                    kernel(
+                        m,
+                        cols,
+                        depth,
+                        tile_dst,
+                        lhs,
+                        x.as_ptr().add(s * NR * k + p0),
+                        n as isize,
+                        1,
+                        MR as isize,
+                        1,
+                        k as isize,
+                        1.0,
+                        1.0,
+                        accumulate,
+                        false,
+                        false,
+                        false,
+                        std::ptr::null(),
+                    );
                 }
-                let kernel = UKR[m.div_ceil(16) - 1][cols - 1];
-                kernel(
-                    m,
-                    cols,
-                    depth,
-                    tile_dst,
-                    lhs.as_ptr().add((ib * k + p0) * MR),
-                    x.as_ptr().add(s * NR * k + p0),
-                    n as isize,
-                    1,
-                    MR as isize,
-                    1,
-                    k as isize,
-                    1.0,
-                    1.0,
-                    accumulate,
-                    false,
-                    false,
-                    false,
-                    std::ptr::null(),
-                );
+                p0 += depth;
             }
-            p0 += depth;
+            first = last;
         }
     };
     if threads == 1 {
@@ -420,16 +477,23 @@ mod tests {
     }
 
     #[test]
-    fn the_transposed_panels_hold_the_transpose() {
-        for (k, n) in [(3, 5), (70, 64), (130, 65), (0, 4), (4, 0)] {
+    fn the_transposed_chunks_hold_the_transpose() {
+        for (k, n) in [(3, 5), (70, 64), (130, 1100), (64, 513)] {
             let w = values(k * n, 9);
-            let t = PackedWeight::pack(&w, k, n).transposed();
-            assert_eq!(t.dims(), (n, k));
-            let want: Vec<f32> = (0..n)
-                .flat_map(|i| (0..k).map(move |p| (i, p)))
-                .map(|(i, p)| w[p * n + i])
-                .collect();
-            assert_eq!(t.unpacked(), want, "[{k}, {n}]");
+            let packed = PackedWeight::pack(&w, k, n);
+            let mut buf = vec![f32::NAN; KC * MR];
+            for pb in 0..k.div_ceil(MR) {
+                for p0 in (0..n).step_by(KC) {
+                    let depth = KC.min(n - p0);
+                    packed.transposed_chunk(pb, p0, depth, &mut buf);
+                    for d in 0..depth {
+                        for j in 0..MR.min(k - pb * MR) {
+                            let want = w[(pb * MR + j) * n + p0 + d];
+                            assert_eq!(buf[d * MR + j], want, "[{k}, {n}] panel {pb} from {p0}");
+                        }
+                    }
+                }
+            }
         }
     }
 }
