@@ -5,7 +5,7 @@
 //! and writes the panel before its micro-kernel reads it. For SDXL's 1280-wide layers at 64
 //! tokens (its 8x8 level at 32x32 latents, batch 1), that packing and the strided reads
 //! behind it halve the throughput: the weights are used by few rows each, so the micro-kernel
-//! waits on them (110-125 GFLOP/s against 200-220 here; `benches/results/packed-gemm-*.txt`).
+//! waits on them (110-125 GFLOP/s against 200-220 here; `benches/results/packed-gemm-session6.txt`).
 //! Frozen weights never change, so they are packed once, when the layer is built, and every
 //! call streams them sequentially.
 //!
