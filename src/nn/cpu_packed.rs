@@ -80,22 +80,25 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs `w_t`, `[k, n]` row-major.
-    pub fn pack(w_t: &[f32], k: usize, n: usize) -> Self {
+    /// Packs `w`, the `[n, k]` (`[out, in]`) weight as stored, row-major: each panel reads 64
+    /// of its rows, so the layer needs no transposed copy first.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(
-            w_t.len(),
+            w.len(),
             k * n,
-            "PackedWeight::pack: {} values for [{k}, {n}]",
-            w_t.len()
+            "PackedWeight::pack: {} values for [{n}, {k}]",
+            w.len()
         );
         let panels = n.div_ceil(MR);
         let mut data = vec![Line([0.0; 16]); panels * k * MR / 16];
         let flat = floats_mut(&mut data);
         for ib in 0..panels {
-            let width = MR.min(n - ib * MR);
-            for p in 0..k {
-                let dst = &mut flat[(ib * k + p) * MR..][..width];
-                dst.copy_from_slice(&w_t[p * n + ib * MR..][..width]);
+            let panel = &mut flat[ib * k * MR..][..k * MR];
+            for r in 0..MR.min(n - ib * MR) {
+                let row = &w[(ib * MR + r) * k..][..k];
+                for (p, &v) in row.iter().enumerate() {
+                    panel[p * MR + r] = v;
+                }
             }
         }
         Self { k, n, data }
@@ -471,8 +474,12 @@ mod tests {
     #[test]
     fn unpacking_gives_the_weight_back() {
         for (k, n) in [(3, 5), (7, 64), (5, 130), (0, 4), (4, 0)] {
-            let w = values(k * n, 7);
-            assert_eq!(PackedWeight::pack(&w, k, n).unpacked(), w, "[{k}, {n}]");
+            let w_t = values(k * n, 7);
+            let w: Vec<f32> = (0..n)
+                .flat_map(|i| (0..k).map(move |p| p * n + i))
+                .map(|j| w_t[j])
+                .collect();
+            assert_eq!(PackedWeight::pack(&w, n, k).unpacked(), w_t, "[{k}, {n}]");
         }
     }
 
@@ -480,7 +487,11 @@ mod tests {
     fn the_transposed_chunks_hold_the_transpose() {
         for (k, n) in [(3, 5), (70, 64), (130, 1100), (64, 513)] {
             let w = values(k * n, 9);
-            let packed = PackedWeight::pack(&w, k, n);
+            let w_out_in: Vec<f32> = (0..n)
+                .flat_map(|i| (0..k).map(move |p| p * n + i))
+                .map(|j| w[j])
+                .collect();
+            let packed = PackedWeight::pack(&w_out_in, n, k);
             let mut buf = vec![f32::NAN; KC * MR];
             for pb in 0..k.div_ceil(MR) {
                 for p0 in (0..n).step_by(KC) {

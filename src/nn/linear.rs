@@ -48,12 +48,11 @@ fn stored(weight: &Tensor) -> Weight {
         && dispatch::kernels() == dispatch::Kernels::Auto
         && cpu_packed::available();
     if packable {
-        let w_t = transposed(weight);
-        if let (Ok((k, n)), Ok(values)) = (
-            w_t.dims2(),
-            w_t.flatten_all().and_then(|t| t.to_vec1::<f32>()),
+        if let (Ok((n, k)), Ok(values)) = (
+            weight.dims2(),
+            weight.flatten_all().and_then(|t| t.to_vec1::<f32>()),
         ) {
-            return Weight::Packed(Arc::new(PackedWeight::pack(&values, k, n)));
+            return Weight::Packed(Arc::new(PackedWeight::pack(&values, n, k)));
         }
     }
     Weight::Tensor(transposed(weight))
@@ -165,7 +164,7 @@ impl Linear {
     ) -> candle_core::Result<Tensor> {
         let bias: Vec<&Tensor> = self.bias.iter().collect();
         let plan = dispatch::plan(&[xs], &bias);
-        if !plan.fused || plan.grad == Grad::All || xs.dtype() != DType::F32 {
+        if !plan.fused || plan.grad == Grad::All {
             return self.unpacked(&self.weight.tensor()?, xs, x2);
         }
         let value = cpu_packed::linear(x2, p, self.bias.as_ref())?;
